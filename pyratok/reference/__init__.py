@@ -1,0 +1,5 @@
+"""Readable pure-PyTorch versions of every pyratok op: the test oracle and benchmark baseline."""
+
+from pyratok.reference import binary_quantize
+
+__all__ = ["binary_quantize"]

@@ -1,0 +1,33 @@
+"""Shared test setup: the backends present on this machine, devices, tolerances."""
+
+import os
+
+import torch
+
+# Triton kernels run on the CPU under the interpreter; it must be chosen before triton
+# is imported anywhere.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import pyratok  # noqa: E402
+
+CPU_BACKENDS = pyratok.available_backends("cpu")
+FAST_CPU_BACKENDS = [b for b in CPU_BACKENDS if b != "reference"]
+HAS_CUDA = torch.cuda.is_available()
+CUDA_BACKENDS = pyratok.available_backends("cuda") if HAS_CUDA else []
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
+
+
+def pytest_report_header(config):
+    return [f"pyratok backends on cpu: {CPU_BACKENDS}; cuda: {CUDA_BACKENDS or 'no device'}"]
+
+
+def backend_dtypes(backend: str):
+    """Float dtypes a backend is tested in (the Triton interpreter has no bfloat16)."""
+    dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        dtypes.remove(torch.bfloat16)
+    return dtypes
