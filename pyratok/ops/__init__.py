@@ -16,11 +16,13 @@ from pyratok.ops.binary_quantize import (  # noqa: E402
     residual_binary_quantize,
     unpack_bits,
 )
+from pyratok.ops.causal_conv3d import causal_conv3d  # noqa: E402
 
 __all__ = [
     "BinaryQuantized",
     "binary_quantize",
     "bits_to_indices",
+    "causal_conv3d",
     "indices_to_bits",
     "indices_to_codes",
     "lsb_to_msb",

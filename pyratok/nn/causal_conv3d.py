@@ -1,0 +1,86 @@
+"""CausalConv3d module and the explicit StreamCache a network threads through."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from pyratok.ops.causal_conv3d import _pair, _triple, causal_conv3d
+
+
+class StreamCache:
+    """Per-module streaming state for causal convolutions, keyed by module (not by call order).
+
+    Pass one StreamCache to every forward call of a network while feeding it consecutive
+    chunks of a clip; each CausalConv3d reads and replaces its own entry.
+    """
+
+    def __init__(self):
+        self._state: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+
+    def get(self, module: nn.Module) -> Optional[torch.Tensor]:
+        entry = self._state.get(id(module))
+        return None if entry is None else entry[1]
+
+    def set(self, module: nn.Module, value: torch.Tensor) -> None:
+        self._state[id(module)] = (module, value)  # keep the module alive so its id stays unique
+
+    def reset(self) -> None:
+        self._state.clear()
+
+    def __contains__(self, module: nn.Module) -> bool:
+        return id(module) in self._state
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d that only looks into the past along time (see pyratok.ops.causal_conv3d).
+
+    Parameters ``weight`` (out, in, kt, kh, kw) and ``bias`` have nn.Conv3d's names and
+    shapes, so an nn.Conv3d state dict loads as is.  ``padding`` is the spatial zero
+    padding (ph, pw); the temporal padding is always causal.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, dilation=1, padding=0,
+                 bias: bool = True, time_pad_mode: str = "zeros", backend: Optional[str] = None):
+        super().__init__()
+        self.kernel_size = _triple(kernel_size, "kernel_size")
+        self.stride = _triple(stride, "stride")
+        self.dilation = _triple(dilation, "dilation")
+        self.padding = _pair(padding, "padding")
+        self.time_pad_mode = time_pad_mode
+        self.backend = backend
+        conv = nn.Conv3d(in_channels, out_channels, self.kernel_size, bias=bias)  # default init
+        self.weight = conv.weight
+        self.bias = conv.bias
+
+    def forward(self, x: torch.Tensor, cache: Optional[StreamCache] = None) -> torch.Tensor:
+        prev = cache.get(self) if cache is not None else None
+        y, new = causal_conv3d(x, self.weight, self.bias, self.stride, self.dilation, self.padding,
+                               self.time_pad_mode, prev, self.backend)
+        if cache is not None:
+            cache.set(self, new)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight.shape[1]}, {self.weight.shape[0]}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, dilation={self.dilation}, padding={self.padding}, "
+                f"time_pad_mode={self.time_pad_mode!r}")
+
+
+def run_chunked(module: nn.Module, x: torch.Tensor, chunks: Sequence[int], cache: Optional[StreamCache] = None,
+                dim: int = 2) -> torch.Tensor:
+    """Runs ``module(chunk, cache=cache)`` over consecutive chunks of x along ``dim`` (time)
+    and concatenates the outputs; equals the whole-clip output for causal modules."""
+    if sum(chunks) != x.shape[dim]:
+        raise ValueError(f"chunks: {list(chunks)} sum to {sum(chunks)}, but x has {x.shape[dim]} frames")
+    cache = StreamCache() if cache is None else cache
+    outs, start = [], 0
+    for n in chunks:
+        outs.append(module(x.narrow(dim, start, n), cache=cache))
+        start += n
+    return torch.cat(outs, dim=dim)
