@@ -38,7 +38,7 @@ def _extensions():
 
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
     sources = rel("csrc/core/*_cpu.cpp") + rel("csrc/torch/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]  # torch >= 2.10 headers are C++20
     macros = []
     if _cuda_wanted(torch.version.cuda is not None):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("PYRATOK_CUDA_ARCH", "9.0"))
@@ -47,7 +47,7 @@ def _extensions():
             "pyratok._C",
             sources + rel("csrc/core/*.cu"),
             define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -112,8 +112,9 @@ template <>
 struct Format<DType::F16> {
   using bits = uint16_t;
   using work = float;
-  // +0 and NaN (exponent all ones, mantissa != 0) are not positive; +inf is.
-  static PYRATOK_HD bool positive(bits h) { return !(h & 0x8000u) && h != 0 && h <= 0x7C00u; }
+  // x > 0 on the bits: 0 < h <= +inf, i.e. (h - 1) < 0x7C00 unsigned (one compare; -0, NaN and
+  // every negative value wrap above it).
+  static PYRATOK_HD bool positive(bits h) { return (bits)(h - 1u) < 0x7C00u; }
   static PYRATOK_HD bits negate(bits h) { return (bits)(h ^ 0x8000u); }
   static PYRATOK_HD work load(bits h) { return half_to_float(h); }
   static PYRATOK_HD bits store(work w) { return float_to_half(w); }
@@ -123,7 +124,7 @@ template <>
 struct Format<DType::BF16> {
   using bits = uint16_t;
   using work = float;
-  static PYRATOK_HD bool positive(bits h) { return !(h & 0x8000u) && h != 0 && h <= 0x7F80u; }
+  static PYRATOK_HD bool positive(bits h) { return (bits)(h - 1u) < 0x7F80u; }
   static PYRATOK_HD bits negate(bits h) { return (bits)(h ^ 0x8000u); }
   static PYRATOK_HD work load(bits h) { return bf16_to_float(h); }
   static PYRATOK_HD bits store(work w) { return float_to_bf16(w); }
@@ -133,7 +134,7 @@ template <>
 struct Format<DType::F32> {
   using bits = uint32_t;
   using work = float;
-  static PYRATOK_HD bool positive(bits u) { return !(u & 0x80000000u) && u != 0 && u <= 0x7F800000u; }
+  static PYRATOK_HD bool positive(bits u) { return u - 1u < 0x7F800000u; }
   static PYRATOK_HD bits negate(bits u) { return u ^ 0x80000000u; }
   static PYRATOK_HD work load(bits u) { return bits_float(u); }
   static PYRATOK_HD bits store(work w) { return float_bits(w); }
@@ -143,9 +144,7 @@ template <>
 struct Format<DType::F64> {
   using bits = uint64_t;
   using work = double;
-  static PYRATOK_HD bool positive(bits u) {
-    return !(u & 0x8000000000000000ull) && u != 0 && u <= 0x7FF0000000000000ull;
-  }
+  static PYRATOK_HD bool positive(bits u) { return u - 1u < 0x7FF0000000000000ull; }
   static PYRATOK_HD bits negate(bits u) { return u ^ 0x8000000000000000ull; }
   static PYRATOK_HD work load(bits u) { return bits_double(u); }
   static PYRATOK_HD bits store(work w) { return double_bits(w); }

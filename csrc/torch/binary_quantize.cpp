@@ -10,7 +10,7 @@
 #include "common.h"
 
 #ifdef PYRATOK_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -243,7 +243,7 @@ at::Tensor reverse_bit_order_cpu_op(const at::Tensor& indices, int64_t K) {
 // ---- CUDA implementations -------------------------------------------------------
 
 void* current_stream(const at::Tensor& t) {
-  return at::cuda::getCurrentCUDAStream(t.device().index()).stream();
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 
 std::tuple<at::Tensor, at::Tensor> binary_quantize_cuda_op(const at::Tensor& x, int64_t dim,
