@@ -64,6 +64,7 @@ setup(
         "pyratok.ops",
         "pyratok.nn",
         "pyratok.data",
+        "pyratok.models",
         "pyratok.kernels",
     ],
     package_dir={"pyratok.kernels": "kernels"},

@@ -1,0 +1,15 @@
+"""PyraTok model components: text encoders, the AR prior (backbone, LaPQ and PyraTok follow)."""
+
+from pyratok.models.prior import ARPrior, HFCausalLMPrior, PriorConfig, PriorOutput
+from pyratok.models.text import HFTextEncoder, NullText, TextEmbedding, default_text_encoder
+
+__all__ = [
+    "ARPrior",
+    "HFCausalLMPrior",
+    "HFTextEncoder",
+    "NullText",
+    "PriorConfig",
+    "PriorOutput",
+    "TextEmbedding",
+    "default_text_encoder",
+]
