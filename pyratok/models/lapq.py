@@ -1,0 +1,203 @@
+"""LaPQ: Language-aligned Pyramidal Quantization (DESIGN.md §3, LaPQ).
+
+L quantization blocks share one K-bit binary (lookup-free) codebook.  Level l works on a
+spatial pyramid grid at the latent frame rate, coarse to fine (the last level at the latent
+grid):
+
+    r_0 = normalised latent mean                                   # (B, z, T, H, W)
+    for l in 1..L:
+        h   = in_proj(area_down(r_(l-1), grid_l)) + lateral_l(F^(l))   # (B, d, t, h, w)
+        h   = h + cross_attention(h, text)        (masked; skipped when text is off)
+        h   = h + conv(h)
+        z_l = to_bits(h)                                           # (B, K, t, h, w) bit logits
+        c_l = binary_quantize(z_l)                                 # +-1, straight-through
+        u_l = phi_l(upsample(c_l))                                 # (B, z, T, H, W)
+        r_l = r_(l-1) - u_l ;  q_l = q_(l-1) + u_l
+    decoder input: q_L
+
+The lateral and text paths only choose the codes: ``codes_from_tokens`` + ``dequantize``
+rebuild q_L exactly from the token ids alone.  ``level_grids`` gives every level's grid
+(one function for the model, the prior, token files and docs); for a 17x256x256 clip on a
+4x8x8 VAE the latent is 5x32x32 and the grids are 5x4x4, 5x8x8, 5x16x16, 5x32x32:
+5 x (16 + 64 + 256 + 1024) = 6,800 tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from pyratok import ops
+from pyratok.models.text import TextEmbedding
+
+Grid = tuple[int, int, int]
+
+
+@dataclass
+class LaPQConfig:
+    latent_dim: int = 16                       # z channels of the backbone latent
+    num_bits: int = 16                         # K: one shared 2^K binary codebook
+    levels: int = 4                            # L
+    hidden: int = 128                          # width of each quantization block
+    heads: int = 4                             # cross-attention heads
+    text_dim: int = 384                        # dimension of the text encoder's tokens
+    feature_dims: tuple[int, ...] = ()         # channels of the encoder taps, one per level (() = none)
+    text_conditioning: bool = True
+    spherical: bool = False                    # BSQ codes (+-1/sqrt(K)) instead of +-1
+    level_scales: Optional[tuple[int, ...]] = None  # spatial down-factor per level; default 2^(L-1-l)
+
+    def scales(self) -> tuple[int, ...]:
+        if self.level_scales is not None:
+            if len(self.level_scales) != self.levels:
+                raise ValueError(f"level_scales: {len(self.level_scales)} entries for {self.levels} levels")
+            return tuple(self.level_scales)
+        return tuple(2 ** (self.levels - 1 - l) for l in range(self.levels))
+
+
+def latent_grid(frames: int, height: int, width: int, temporal: int = 4, spatial: int = 8) -> Grid:
+    """Latent grid of a causal VAE with (temporal, spatial) compression: 1 + (T-1)/temporal frames."""
+    if frames < 1 or (frames - 1) % temporal:
+        raise ValueError(f"frames={frames}: a causal video VAE takes 1 + {temporal}k frames "
+                         f"(e.g. {1 + temporal * max(0, (frames - 1) // temporal)} or "
+                         f"{1 + temporal * ((frames - 1) // temporal + 1)})")
+    if height % spatial or width % spatial:
+        raise ValueError(f"height x width = {height} x {width}: expected multiples of {spatial}")
+    return (1 + (frames - 1) // temporal, height // spatial, width // spatial)
+
+
+def level_grids(latent: Grid, scales: Sequence[int]) -> list[Grid]:
+    """The token grid of each level: (T, ceil(H/s), ceil(W/s)) for each scale s, coarse to fine."""
+    T, H, W = latent
+    return [(T, math.ceil(H / s), math.ceil(W / s)) for s in scales]
+
+
+def token_count(grids: Sequence[Grid]) -> int:
+    return sum(t * h * w for t, h, w in grids)
+
+
+class LaPQOutput(NamedTuple):
+    quantized: torch.Tensor                  # q_L (B, z, T, H, W): what the decoder gets
+    codes: list[torch.Tensor]                # per level (B, K, t, h, w) +-1 (STE)
+    indices: list[torch.Tensor]              # per level (B, t, h, w) token ids, shared index space
+    logits: list[torch.Tensor]               # per level (B, K, t, h, w) pre-quantization values z_l
+    text_logits: Optional[list[torch.Tensor]]  # per level (B, K, t, h, w) text-head bit logits
+    residuals: list[torch.Tensor]            # per level (B, z, T, H, W) the residual each level quantized
+    grids: list[Grid]
+
+
+class _QuantizationBlock(nn.Module):
+    def __init__(self, cfg: LaPQConfig, feature_dim: Optional[int]):
+        super().__init__()
+        d = cfg.hidden
+        self.in_proj = nn.Conv3d(cfg.latent_dim, d, 1)
+        self.lateral = nn.Conv3d(feature_dim, d, 1) if feature_dim else None
+        self.text_conditioning = cfg.text_conditioning
+        if cfg.text_conditioning:
+            self.text_proj = nn.Linear(cfg.text_dim, d)
+            self.norm = nn.LayerNorm(d)
+            self.attn = nn.MultiheadAttention(d, cfg.heads, batch_first=True)
+            self.text_head = nn.Linear(d, cfg.num_bits)
+        self.conv = nn.Sequential(nn.GroupNorm(1, d), nn.SiLU(), nn.Conv3d(d, d, (1, 3, 3), padding=(0, 1, 1)))
+        self.to_bits = nn.Conv3d(d, cfg.num_bits, 1)
+        self.phi = nn.Conv3d(cfg.num_bits, cfg.latent_dim, (1, 3, 3), padding=(0, 1, 1))
+
+    def forward(self, residual, grid, feature, text):
+        h = self.in_proj(F.adaptive_avg_pool3d(residual, grid))             # (B, d, t, h, w)
+        if self.lateral is not None:
+            h = h + F.adaptive_avg_pool3d(self.lateral(feature), grid)
+        text_logits = None
+        if self.text_conditioning:
+            seq = rearrange(h, "b d t y x -> b (t y x) d")
+            ctx, _ = self.attn(self.norm(seq), self.text_proj(text.tokens), self.text_proj(text.tokens),
+                               key_padding_mask=~text.mask, need_weights=False)
+            text_logits = rearrange(self.text_head(ctx), "b (t y x) k -> b k t y x", t=grid[0], y=grid[1], x=grid[2])
+            h = h + rearrange(ctx, "b (t y x) d -> b d t y x", t=grid[0], y=grid[1], x=grid[2])
+        h = h + self.conv(h)
+        return self.to_bits(h), text_logits
+
+    def lift(self, codes, latent: Grid):
+        """phi(upsample(codes)) on the latent grid."""
+        return self.phi(F.interpolate(codes, size=latent, mode="nearest"))
+
+
+class LaPQ(nn.Module):
+    """Language-aligned pyramidal quantizer over a backbone latent (see module docstring)."""
+
+    def __init__(self, config: LaPQConfig = LaPQConfig(), backend: Optional[str] = None):
+        super().__init__()
+        if not 1 <= config.num_bits <= 64:
+            raise ValueError(f"num_bits={config.num_bits}: expected 1..64")
+        if config.num_bits == 64:
+            raise ValueError("num_bits=64: token ids hold at most 63 bits")
+        if config.feature_dims and len(config.feature_dims) != config.levels:
+            raise ValueError(f"feature_dims: {len(config.feature_dims)} taps for {config.levels} levels")
+        self.config = config
+        self.backend = backend
+        self.scales = config.scales()
+        dims = config.feature_dims or (None,) * config.levels
+        self.blocks = nn.ModuleList(_QuantizationBlock(config, f) for f in dims)
+
+    def grids(self, latent: Grid) -> list[Grid]:
+        return level_grids(latent, self.scales)
+
+    def _check(self, latent: torch.Tensor, features, text):
+        cfg = self.config
+        if latent.dim() != 5 or latent.shape[1] != cfg.latent_dim:
+            raise ValueError(f"latent: expected (B, {cfg.latent_dim}, T, H, W), got {tuple(latent.shape)}")
+        if cfg.feature_dims:
+            if features is None or len(features) != cfg.levels:
+                raise ValueError(f"features: expected {cfg.levels} encoder taps, got "
+                                 f"{0 if features is None else len(features)}")
+        if cfg.text_conditioning:
+            if text is None:
+                raise ValueError("text: this LaPQ is text-conditioned; pass a TextEmbedding (or a NullText one)")
+            if text.batch_size != latent.shape[0]:
+                raise ValueError(f"text: batch {text.batch_size} does not match the video batch {latent.shape[0]}")
+
+    def forward(self, latent: torch.Tensor, features: Optional[Sequence[torch.Tensor]] = None,
+                text: Optional[TextEmbedding] = None) -> LaPQOutput:
+        """latent (B, z, T, H, W) normalised; features: encoder taps (coarse-to-fine levels)."""
+        self._check(latent, features, text)
+        grid_latent = tuple(latent.shape[2:])
+        grids = self.grids(grid_latent)
+        residual, quantized = latent, torch.zeros_like(latent)
+        codes, indices, logits, text_logits, residuals = [], [], [], [], []
+        for l, (block, grid) in enumerate(zip(self.blocks, grids)):
+            residuals.append(residual)
+            z, tl = block(residual, grid, None if features is None else features[l], text)
+            q = ops.binary_quantize(z, spherical=self.config.spherical, backend=self.backend)
+            lifted = block.lift(q.codes, grid_latent)
+            residual = residual - lifted
+            quantized = quantized + lifted
+            codes.append(q.codes)
+            indices.append(q.indices)
+            logits.append(z)
+            text_logits.append(tl)
+        return LaPQOutput(quantized, codes, indices, logits,
+                          text_logits if self.config.text_conditioning else None, residuals, grids)
+
+    def codes_from_tokens(self, indices: Sequence[torch.Tensor], dtype=torch.float32) -> list[torch.Tensor]:
+        """Per-level token ids (B, t, h, w) -> per-level codes (B, K, t, h, w)."""
+        if len(indices) != self.config.levels:
+            raise ValueError(f"indices: {len(indices)} levels, this LaPQ has {self.config.levels}")
+        return [ops.indices_to_codes(i, self.config.num_bits, self.config.spherical, dim=1, dtype=dtype,
+                                     backend=self.backend) for i in indices]
+
+    def dequantize(self, codes: Sequence[torch.Tensor], latent: Grid) -> torch.Tensor:
+        """Per-level codes -> q_L (B, z, T, H, W) on the latent grid ``latent``."""
+        grids = self.grids(tuple(latent))
+        for l, (c, g) in enumerate(zip(codes, grids)):
+            if tuple(c.shape[2:]) != g or c.shape[1] != self.config.num_bits:
+                raise ValueError(f"codes[{l}]: expected (B, {self.config.num_bits}, {g[0]}, {g[1]}, {g[2]}) "
+                                 f"for latent grid {tuple(latent)}, got {tuple(c.shape)}")
+        total = None
+        for block, c in zip(self.blocks, codes):
+            lifted = block.lift(c, tuple(latent))
+            total = lifted if total is None else total + lifted
+        return total
