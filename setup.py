@@ -65,6 +65,7 @@ setup(
         "pyratok.nn",
         "pyratok.data",
         "pyratok.models",
+        "pyratok.io",
         "pyratok.kernels",
     ],
     package_dir={"pyratok.kernels": "kernels"},
