@@ -66,6 +66,7 @@ setup(
         "pyratok.data",
         "pyratok.models",
         "pyratok.io",
+        "pyratok.train",
         "pyratok.kernels",
     ],
     package_dir={"pyratok.kernels": "kernels"},

@@ -61,6 +61,7 @@ class LossBreakdown:
 
     total: torch.Tensor
     terms: dict[str, Optional[torch.Tensor]]
+    indices: Optional[list[torch.Tensor]] = None   # per-level token ids of the batch (for usage stats)
 
     def scalars(self) -> dict[str, float]:
         return {"total": float(self.total.detach())} | {k: float(v.detach()) for k, v in self.terms.items()

@@ -267,7 +267,7 @@ class PyraTok(nn.Module):
             total = total + cfg.ar * terms["ar"]
         if terms.get("drift") is not None:
             total = total + cfg.drift * terms["drift"]
-        return recon, L.LossBreakdown(total, terms)
+        return recon, L.LossBreakdown(total, terms, out.indices)
 
     # -- saving and loading ----------------------------------------------------------------
 

@@ -1,0 +1,146 @@
+"""Training configuration: one TOML file with [model], [data] and [train] tables.
+
+    [model]
+    preset = "tiny"            # "tiny" | "paper"; or pretrained = "path/to/model" to continue from one
+    text_encoder = "default"   # optional override: "default", a local HF folder, or "none"
+    backbone_path = ""         # optional: diffusers folder or Wan .pth of the backbone
+
+    [data]
+    source = "videos/"         # a folder of videos or a JSONL/CSV manifest (path, caption, start, end)
+    num_frames = 17            # 1 + 4k
+    height = 128
+    width = 128
+    fps = 0                    # 0 = each file's own rate
+    crop = "random"
+
+    [train]
+    out_dir = "runs/tiny"
+    stage = 1                  # the paper's three stages (see STAGES)
+    steps = 1000
+    batch_size = 1
+    grad_accum = 1
+    lr = 1e-4
+    ...
+
+Every key is optional except data.source and train.out_dir; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Optional
+
+# What each of the paper's stages trains (our reading; the paper gives only step counts):
+#   1 reconstruction: LaPQ + LoRA with recon, commitment, entropy, hierarchy and drift terms;
+#   2 alignment:      + the text-alignment KLs and the AR prior;
+#   3 joint:          every term at the paper's weights.
+STAGES = {
+    1: {"loss": {"ar": 0.0, "text_token": 0.0, "text_code": 0.0}, "train_prior": False},
+    2: {"loss": {}, "train_prior": True},
+    3: {"loss": {}, "train_prior": True},
+}
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    pretrained: str = ""
+    text_encoder: str = ""          # "" keeps the preset's choice; "none" switches text off
+    backbone_path: str = ""
+
+
+@dataclass
+class DataSection:
+    source: str = ""
+    num_frames: int = 17
+    height: int = 128
+    width: int = 128
+    fps: float = 0.0
+    crop: str = "random"
+    buckets: list = field(default_factory=list)
+    num_workers: int = 2
+
+
+@dataclass
+class TrainSection:
+    out_dir: str = ""
+    stage: int = 1
+    steps: int = 1000
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list = field(default_factory=lambda: [0.9, 0.99])
+    warmup: int = 100
+    min_lr_ratio: float = 0.1
+    clip_grad: float = 1.0
+    ema: float = 0.0                # 0 = off, else the EMA decay
+    masking: bool = True
+    amp: str = "bf16"               # autocast dtype on GPU: "bf16" | "fp16" | "none"
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    distributed: str = "ddp"        # "ddp" | "fsdp" (under torchrun)
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self):
+        if not self.data.source:
+            raise ValueError("data.source: required (a folder of videos or a manifest)")
+        if not self.train.out_dir:
+            raise ValueError("train.out_dir: required")
+        if self.train.stage not in STAGES:
+            raise ValueError(f"train.stage={self.train.stage}: expected one of {sorted(STAGES)}")
+        if self.model.preset not in ("tiny", "paper"):
+            raise ValueError(f"model.preset={self.model.preset!r}: expected 'tiny' or 'paper'")
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            if getattr(self.train, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self.train, name)}: expected >= 1")
+        if self.train.amp not in ("bf16", "fp16", "none"):
+            raise ValueError(f"train.amp={self.train.amp!r}: expected 'bf16', 'fp16' or 'none'")
+        if self.train.distributed not in ("ddp", "fsdp"):
+            raise ValueError(f"train.distributed={self.train.distributed!r}: expected 'ddp' or 'fsdp'")
+
+    @classmethod
+    def from_dict(cls, d: dict, base_dir: str = ".") -> "TrainConfig":
+        sections = {"model": ModelSection, "data": DataSection, "train": TrainSection}
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ValueError(f"config: unknown tables {sorted(unknown)}; expected [model], [data], [train]")
+        built = {}
+        for name, klass in sections.items():
+            values = dict(d.get(name, {}))
+            names = {f.name for f in dataclasses.fields(klass)}
+            bad = set(values) - names
+            if bad:
+                raise ValueError(f"config: unknown keys in [{name}]: {sorted(bad)}; known: {sorted(names)}")
+            built[name] = klass(**values)
+        for section, key in (("data", "source"), ("train", "out_dir"), ("model", "pretrained"),
+                             ("model", "backbone_path")):
+            value = getattr(built[section], key)
+            if value and not os.path.isabs(value):
+                setattr(built[section], key, os.path.normpath(os.path.join(base_dir, value)))
+        return cls(**built)
+
+    @classmethod
+    def from_file(cls, path: str) -> "TrainConfig":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config: no such file {path}")
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config: {path} is not valid TOML ({err})") from None
+        return cls.from_dict(data, os.path.dirname(os.path.abspath(path)))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

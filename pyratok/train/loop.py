@@ -1,0 +1,342 @@
+"""The training loop: one process or torchrun (DDP / FSDP), exact resume, logging.
+
+    trainer = Trainer(TrainConfig.from_file("train.toml"))
+    trainer.run(resume=True)
+
+* AdamW, linear warm-up then cosine decay to ``min_lr_ratio * lr``, gradient accumulation
+  and clipping, autocast (bf16/fp16) on GPU, optional EMA of the trained weights;
+* the paper's stages as configs (pyratok.train.config.STAGES);
+* checkpoints ``out_dir/checkpoints/step-NNNNNNNN/`` = a loadable model folder
+  (config.json + model.safetensors) + ``trainer.pt`` (optimizer, scheduler, EMA, RNG,
+  step, data position), written to a temporary folder and renamed (atomic), every
+  ``checkpoint_every`` steps, at the end, and on SIGTERM/SIGINT; ``latest`` names the newest;
+* resume is exact: data order and masks depend only on (seed, step), and the optimizer,
+  scheduler and RNG states are restored, so a killed and resumed run reaches the weights of
+  an uninterrupted one;
+* logs: ``out_dir/log.jsonl`` (every term, PSNR, codebook usage per level, tokens/s, lr),
+  TensorBoard when the tensorboard package is installed, a tqdm bar on rank 0;
+* distributed entropy statistics are all-reduced (the process group goes to the loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from pyratok import ops
+from pyratok.data import ClipConfig, VideoClipDataset, collate_clips
+from pyratok.metrics import psnr
+from pyratok.models.masking import VideoMasking
+from pyratok.models.pyratok import PyraTok, PyraTokConfig
+from pyratok.train.config import STAGES, TrainConfig
+from pyratok.utils import atomic_write
+
+CHECKPOINTS = "checkpoints"
+
+
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _is_dist() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _is_dist() else 1
+
+
+def setup_distributed() -> torch.device:
+    """Initialises torch.distributed under torchrun (WORLD_SIZE > 1); returns this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _is_dist():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch, sharded over ranks, that can start mid-epoch."""
+
+    def __init__(self, size: int, seed: int, epoch: int = 0, start: int = 0, rank: int = 0, world: int = 1):
+        self.size, self.seed, self.epoch, self.start, self.rank, self.world = size, seed, epoch, start, rank, world
+
+    def _order(self) -> list[int]:
+        order = list(range(self.size))
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        per_rank = math.ceil(self.size / self.world)
+        order = (order * math.ceil(per_rank * self.world / self.size))[: per_rank * self.world]
+        return order[self.rank::self.world]
+
+    def __iter__(self):
+        return iter(self._order()[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, len(self._order()) - self.start)
+
+
+def build_model(cfg: TrainConfig) -> PyraTok:
+    if cfg.model.pretrained:
+        model = PyraTok.from_pretrained(cfg.model.pretrained)
+    else:
+        overrides = {}
+        if cfg.model.text_encoder:
+            overrides["text_encoder"] = None if cfg.model.text_encoder == "none" else cfg.model.text_encoder
+        if cfg.model.backbone_path:
+            overrides["backbone_path"] = cfg.model.backbone_path
+        preset = PyraTokConfig.tiny if cfg.model.preset == "tiny" else PyraTokConfig.paper
+        model = PyraTok(preset(**overrides))
+    stage = STAGES[cfg.train.stage]
+    model.config.loss = dataclasses.replace(model.config.loss, **stage["loss"])
+    model.requires_grad_(False)
+    for name, p in model.named_parameters():
+        trained = name.startswith(("lapq.", "null_text.")) or ".lora_" in name
+        if name.startswith("prior."):
+            trained = stage["train_prior"] and model.config.loss.ar > 0
+        p.requires_grad_(trained)
+    return model
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, device: Optional[torch.device] = None):
+        self.cfg = config
+        self.device = device or setup_distributed()
+        torch.manual_seed(config.train.seed)
+        self.model = build_model(config).to(self.device)
+        t = config.train
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.ema = [p.detach().clone() for p in self.params] if t.ema > 0 else None
+        d = config.data
+        self.dataset = VideoClipDataset(d.source, ClipConfig(num_frames=d.num_frames, height=d.height, width=d.width,
+                                                             fps=d.fps or None, crop=d.crop, seed=t.seed,
+                                                             buckets=[tuple(b) for b in d.buckets] or None))
+        self.masking = VideoMasking(self.model.config.masking) if t.masking else None
+        self.step = 0
+        self.batches_seen = 0
+        self.wrapped = self._wrap(self.model)
+        self._stop_signal: Optional[int] = None
+        self.log_path = os.path.join(t.out_dir, "log.jsonl")
+        self._tb = None
+
+    # -- pieces --------------------------------------------------------------------------
+
+    def _lr_factor(self, step: int) -> float:
+        t = self.cfg.train
+        if step < t.warmup:
+            return (step + 1) / t.warmup
+        progress = min(1.0, (step - t.warmup) / max(1, t.steps - t.warmup))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _wrap(self, model):
+        if not _is_dist():
+            return model
+        if self.cfg.train.distributed == "fsdp":
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            return FSDP(model, use_orig_params=True, device_id=self.device if self.device.type == "cuda" else None)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                   find_unused_parameters=True)
+
+    def _loader(self, epoch: int, start: int):
+        self.dataset.set_epoch(epoch)
+        sampler = ResumableSampler(len(self.dataset), self.cfg.train.seed, epoch, start, _rank(), _world())
+        return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.train.batch_size, sampler=sampler,
+                                           num_workers=self.cfg.data.num_workers, collate_fn=collate_clips,
+                                           persistent_workers=False, drop_last=False)
+
+    def _batches(self):
+        """Batches from the current data position on, across epochs."""
+        per_epoch = math.ceil(math.ceil(len(self.dataset) / _world()) / self.cfg.train.batch_size)
+        while True:
+            epoch, pos = divmod(self.batches_seen, per_epoch)
+            for batch in self._loader(epoch, pos * self.cfg.train.batch_size):
+                self.batches_seen += 1
+                yield batch
+
+    def _autocast(self):
+        amp = self.cfg.train.amp
+        if self.device.type != "cuda" or amp == "none":
+            return nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.cfg.train.out_dir, CHECKPOINTS)
+
+    def save_checkpoint(self) -> Optional[str]:
+        if _is_dist():
+            dist.barrier()
+        path = None
+        if _rank() == 0:
+            root = self.checkpoint_dir()
+            name = f"step-{self.step:08d}"
+            path = os.path.join(root, name)
+            tmp = os.path.join(root, f".tmp-{name}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(tmp)
+            state = {"step": self.step, "batches_seen": self.batches_seen,
+                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "ema": self.ema, "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                     "python_rng": random.getstate(), "config": self.cfg.to_dict()}
+            with atomic_write(os.path.join(tmp, "trainer.pt")) as f:
+                torch.save(state, f)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+            with atomic_write(os.path.join(root, "latest"), "w") as f:
+                f.write(name)
+        if _is_dist():
+            dist.barrier()
+        return path
+
+    def latest_checkpoint(self) -> Optional[str]:
+        pointer = os.path.join(self.checkpoint_dir(), "latest")
+        if not os.path.isfile(pointer):
+            return None
+        with open(pointer) as f:
+            return os.path.join(self.checkpoint_dir(), f.read().strip())
+
+    def load_checkpoint(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
+        weights = load_file(os.path.join(path, "model.safetensors"))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        bad = [k for k in missing if not k.startswith(("text_encoder.", "lpips."))]
+        if bad or unexpected:
+            raise ValueError(f"{path}: checkpoint does not fit the model (missing {bad[:5]}, unexpected {unexpected[:5]})")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.ema = state["ema"]
+        self.step, self.batches_seen = state["step"], state["batches_seen"]
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        random.setstate(state["python_rng"])
+
+    # -- logging -----------------------------------------------------------------------------
+
+    def _log(self, record: dict) -> None:
+        if _rank() != 0:
+            return
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(self.cfg.train.out_dir, "tensorboard"))
+            except ImportError:
+                self._tb = False
+        if self._tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, record["step"])
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _handle_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def run(self, resume: bool = False, on_step: Optional[Callable[["Trainer"], None]] = None) -> dict:
+        """Trains to ``train.steps``; returns the last log record.  ``on_step`` is called after
+        every optimizer step (tests use it to interrupt a run)."""
+        t = self.cfg.train
+        os.makedirs(t.out_dir, exist_ok=True)
+        if resume:
+            latest = self.latest_checkpoint()
+            if latest is None:
+                raise FileNotFoundError(f"--resume: no checkpoint under {self.checkpoint_dir()}")
+            self.load_checkpoint(latest)
+        old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        pg = dist.group.WORLD if _is_dist() else None
+        bar = None
+        if t.progress and _rank() == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.steps, initial=self.step, desc=f"stage {t.stage}", dynamic_ncols=True)
+        record: dict = {}
+        batches = self._batches()
+        try:
+            self.model.train()
+            while self.step < t.steps and self._stop_signal is None:
+                start = time.perf_counter()
+                self.optimizer.zero_grad(set_to_none=True)
+                sums: dict[str, float] = {}
+                usage, quality, tokens = [], [], 0
+                for micro in range(t.grad_accum):
+                    batch = next(batches)
+                    video = batch["video"].to(self.device, non_blocking=True)
+                    captions = batch["caption"]
+                    text = captions if (self.model.text_encoder is not None and any(captions)) else None
+                    masked = None
+                    if self.masking is not None:
+                        g = torch.Generator().manual_seed(t.seed * 1_000_003 + self.step * 97 + micro)
+                        masked, _ = self.masking(video, g)
+                    with self._autocast():
+                        recon, losses = self.wrapped(video, text, masked, pg)
+                    (losses.total / t.grad_accum).backward()
+                    for k, v in losses.scalars().items():
+                        sums[k] = sums.get(k, 0.0) + v / t.grad_accum
+                    quality.append(psnr(recon.detach(), video).item())
+                    usage.append([ops.codebook_usage(i, self.model.num_bits).fraction_used.item()
+                                  for i in losses.indices])
+                    tokens += sum(i.numel() for i in losses.indices)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.clip_grad) if t.clip_grad > 0 else None
+                self.optimizer.step()
+                self.scheduler.step()
+                if self.ema is not None:
+                    with torch.no_grad():
+                        for e, p in zip(self.ema, self.params):
+                            e.lerp_(p.detach(), 1 - t.ema)
+                self.step += 1
+                seconds = time.perf_counter() - start
+                record = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], **sums,
+                          "psnr": sum(quality) / len(quality),
+                          **{f"usage_l{l}": sum(u[l] for u in usage) / len(usage) for l in range(len(usage[0]))},
+                          "tokens_per_s": tokens * _world() / seconds, "seconds": seconds}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    self._log(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['total']:.3f}", psnr=f"{record['psnr']:.2f}",
+                                    usage="/".join(f"{record[f'usage_l{l}']:.2f}" for l in range(len(usage[0]))),
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                if on_step is not None:
+                    on_step(self)
+                if self.step % t.checkpoint_every == 0 and self.step < t.steps:
+                    self.save_checkpoint()
+            self.save_checkpoint()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if bar is not None:
+                bar.close()
+            if self._tb:
+                self._tb.flush()
+        return record
+
+    @property
+    def stopped_by_signal(self) -> Optional[int]:
+        return self._stop_signal
