@@ -1,0 +1,421 @@
+"""The `pyratok` command line: encode, decode, reconstruct, train, eval, info.
+
+Every command has --help.  A user mistake (missing file, not a video, bad option, tokens
+from another model, ...) prints one line ``pyratok: error: ...`` and exits with status 2;
+nothing is written in that case.  Without --model the bundled default model is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake in the command's input: reported in one line, no traceback."""
+
+
+# -- shared helpers ---------------------------------------------------------------------------
+
+
+def _load_model(path: Optional[str], device: str):
+    from pyratok.models.pyratok import PyraTok
+    from pyratok.pretrained import default_model_path
+
+    path = path or default_model_path()
+    if not os.path.isdir(path):
+        raise UserError(f"--model: no such model folder: {path}")
+    model = PyraTok.from_pretrained(path, device=device)
+    return model.eval()
+
+
+def _parse_size(text: Optional[str]):
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size {text!r}: expected HEIGHTxWIDTH, e.g. 128x128") from None
+    if h <= 0 or w <= 0 or h % 8 or w % 8:
+        raise UserError(f"--size {text}: height and width must be positive multiples of 8")
+    return h, w
+
+
+def load_clip(path: str, frames: Optional[int], size):
+    """A video file -> ((1, 3, T, H, W) in [-1, 1], fps): T = 1+4k (the longest that fits, or
+    ``frames``), centre-cropped to multiples of 8 or resized+cropped to ``size``."""
+    from pyratok.data import resize_and_crop
+    from pyratok.data.video import open_video, read_frames
+
+    try:
+        reader = open_video(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except ValueError:
+        raise UserError(f"{path}: not a readable video") from None
+    total = len(reader)
+    if total < 1:
+        raise UserError(f"{path}: the video has no frames")
+    if frames is None:
+        frames = 1 + 4 * ((total - 1) // 4)
+    elif frames < 1 or (frames - 1) % 4:
+        raise UserError(f"--frames {frames}: the tokenizer takes 1 + 4k frames (1, 5, 9, 17, 33, ...)")
+    elif frames > total:
+        raise UserError(f"--frames {frames}: {path} has only {total} frames")
+    video = read_frames(reader, range(frames), path)                       # (T, H, W, 3)
+    H, W = video.shape[1:3]
+    if size is None:
+        size = (H - H % 8, W - W % 8)
+        if min(size) == 0:
+            raise UserError(f"{path}: frames of {H}x{W} are smaller than 8x8")
+    clip = resize_and_crop(video, size[0], size[1], None)[None]             # (1, 3, T, h, w)
+    return clip, float(reader.get_avg_fps()) or 25.0
+
+
+def _to_uint8(video):
+    """(3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to("cpu", dtype=__import__("torch").uint8).permute(1, 2, 3, 0)
+
+
+def _text_arg(model, text: Optional[str]):
+    if text and model.text_encoder is None:
+        raise UserError("--text: this model has no text encoder (it was built with text_encoder=None)")
+    return text or None
+
+
+def _progress(items, desc: str, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, disable=quiet, dynamic_ncols=True)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_encode(args) -> int:
+    import torch
+
+    from pyratok.io import save_tokens
+
+    size = _parse_size(args.size)
+    many = len(args.videos) > 1 or args.output.endswith(os.sep) or os.path.isdir(args.output)
+    if not many and not args.output.endswith(".safetensors"):
+        raise UserError(f"-o {args.output}: name the token file *.safetensors (or give a folder for several videos)")
+    for v in args.videos:
+        if not os.path.isfile(v):
+            raise UserError(f"{v}: no such file")
+    model = _load_model(args.model, args.device)
+    text = _text_arg(model, args.text)
+    for path in _progress(args.videos, "encode", args.quiet):
+        clip, fps = load_clip(path, args.frames, size)
+        with torch.no_grad():
+            tokens = model.encode(clip.to(args.device), text)
+        tokens.source.update({"fps": fps, "path": os.path.abspath(path)})
+        out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".safetensors") if many \
+            else args.output
+        save_tokens(out, tokens.to("cpu"))
+        if args.quiet:
+            continue
+        print(f"{path} -> {out}: {tokens.num_tokens} tokens, K={tokens.num_bits}, "
+              f"grids {tokens.grids}, {tokens.bits_per_pixel():.4f} bits/pixel")
+    return 0
+
+
+def cmd_decode(args) -> int:
+    import torch
+
+    from pyratok.data import write_video
+    from pyratok.io import TokenFileError, load_tokens
+
+    try:
+        tokens = load_tokens(args.tokens)
+    except TokenFileError as err:
+        raise UserError(str(err)) from None
+    model = _load_model(args.model, args.device)
+    try:
+        model.check_tokens(tokens)
+    except ValueError as err:
+        raise UserError(f"{args.tokens}: {err}") from None
+    with torch.no_grad():
+        video = model.decode(tokens)[0]
+    write_video(args.output, _to_uint8(video), fps=tokens.source.get("fps", 25.0))
+    if not args.quiet:
+        print(f"{args.tokens} -> {args.output}: {video.shape[1]} frames of {video.shape[2]}x{video.shape[3]}")
+    return 0
+
+
+def _frame_grid(original, recon, path: str, max_frames: int = 6) -> None:
+    """PNG: originals on the top row, reconstructions below, up to ``max_frames`` frames."""
+    import torch
+    from PIL import Image
+
+    T = original.shape[1]
+    picks = sorted({round(i * (T - 1) / max(1, min(max_frames, T) - 1)) for i in range(min(max_frames, T))})
+    rows = [torch.cat([_to_uint8(v)[t] for t in picks], dim=1) for v in (original, recon)]
+    from pyratok.utils import atomic_write
+
+    with atomic_write(path) as f:
+        Image.fromarray(torch.cat(rows, dim=0).numpy()).save(f, format="PNG")
+
+
+def reconstruct_clip(model, clip, text=None) -> dict:
+    """Encode + decode one clip; returns the reconstruction, tokens and metrics."""
+    import torch
+
+    from pyratok import ops
+    from pyratok.metrics import psnr, ssim
+
+    with torch.no_grad():
+        tokens = model.encode(clip, text)
+        recon = model.decode(tokens)
+    metrics = {
+        "psnr": psnr(recon, clip).item(), "ssim": ssim(recon, clip).item(),
+        "bits_per_pixel": tokens.bits_per_pixel(), "tokens": tokens.num_tokens, "num_bits": tokens.num_bits,
+        "grids": [list(g) for g in tokens.grids],
+        "codebook_usage": [ops.codebook_usage(i, tokens.num_bits).fraction_used.item() for i in tokens.ids],
+    }
+    if model.lpips is not None:
+        with torch.no_grad():
+            metrics["lpips"] = model.lpips(recon, clip).item()
+    return {"recon": recon, "tokens": tokens, "metrics": metrics}
+
+
+def cmd_reconstruct(args) -> int:
+    import torch
+
+    from pyratok.data import write_video
+    from pyratok.utils import atomic_write
+
+    size = _parse_size(args.size)
+    if not os.path.isfile(args.video):
+        raise UserError(f"{args.video}: no such file")
+    model = _load_model(args.model, args.device)
+    if args.lpips:
+        model.load_lpips(args.lpips)
+    text = _text_arg(model, args.text)
+    clip, fps = load_clip(args.video, args.frames, size)
+    result = reconstruct_clip(model, clip.to(args.device), text)
+    recon = result["recon"][0].cpu()
+    os.makedirs(args.output, exist_ok=True)
+    write_video(os.path.join(args.output, "reconstruction.mp4"), _to_uint8(recon), fps=fps)
+    side = torch.cat([clip[0], recon], dim=3)                                    # (3, T, H, 2W)
+    write_video(os.path.join(args.output, "side_by_side.mp4"), _to_uint8(side), fps=fps)
+    _frame_grid(clip[0], recon, os.path.join(args.output, "frames.png"))
+    metrics = {"video": os.path.abspath(args.video), "frames": clip.shape[2], "height": clip.shape[3],
+               "width": clip.shape[4], "model_id": model.model_id, **result["metrics"]}
+    with atomic_write(os.path.join(args.output, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    if not args.quiet:
+        m = result["metrics"]
+        print(f"{args.video}: {clip.shape[2]} frames {clip.shape[3]}x{clip.shape[4]} -> {m['tokens']} tokens "
+              f"({m['bits_per_pixel']:.4f} bits/pixel)")
+        print(f"PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.4f}" + (f"  LPIPS {m['lpips']:.4f}" if "lpips" in m else ""))
+        print(f"codebook usage per level: {', '.join(f'{u:.4f}' for u in m['codebook_usage'])}")
+        print(f"outputs in {args.output}: reconstruction.mp4, side_by_side.mp4, frames.png, metrics.json")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from pyratok.train import Trainer, TrainConfig
+
+    try:
+        config = TrainConfig.from_file(args.config)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from None
+    if args.resume and not os.path.isfile(os.path.join(config.train.out_dir, "checkpoints", "latest")):
+        raise UserError(f"--resume: no checkpoint under {config.train.out_dir}/checkpoints")
+    trainer = Trainer(config)
+    record = trainer.run(resume=args.resume)
+    if trainer.stopped_by_signal is not None:
+        print(f"stopped by signal {trainer.stopped_by_signal} at step {trainer.step}; "
+              f"checkpoint saved, continue with --resume", file=sys.stderr)
+        return 128 + trainer.stopped_by_signal
+    if not args.quiet and record:
+        print(json.dumps(record))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from pyratok.data import ClipConfig, VideoClipDataset
+    from pyratok.utils import atomic_write
+
+    size = _parse_size(args.size) or (128, 128)
+    try:
+        dataset = VideoClipDataset(args.data, ClipConfig(num_frames=args.frames, height=size[0], width=size[1],
+                                                         crop="center", fps=args.fps))
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from None
+    model = _load_model(args.model, args.device)
+    if args.lpips:
+        model.load_lpips(args.lpips)
+    rows = []
+    count = min(len(dataset), args.limit) if args.limit else len(dataset)
+    for i in _progress(range(count), "eval", args.quiet):
+        item = dataset[i]
+        clip = item["video"][None].to(args.device)
+        text = item["caption"] if (item["caption"] and model.text_encoder is not None and args.use_captions) else None
+        rows.append({"path": item["path"], **reconstruct_clip(model, clip, text)["metrics"]})
+    if not rows:
+        raise UserError(f"{args.data}: no readable clips")
+    keys = ["psnr", "ssim", "bits_per_pixel"] + (["lpips"] if "lpips" in rows[0] else [])
+    summary = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+    levels = len(rows[0]["codebook_usage"])
+    summary["codebook_usage"] = [sum(r["codebook_usage"][l] for r in rows) / len(rows) for l in range(levels)]
+    summary.update({"videos": len(rows), "skipped": dict(dataset.skipped), "frames": args.frames,
+                    "height": size[0], "width": size[1], "model_id": model.model_id})
+    os.makedirs(args.output, exist_ok=True)
+    with atomic_write(os.path.join(args.output, "metrics.json"), "w") as f:
+        json.dump({"summary": summary, "videos": rows}, f, indent=2)
+    _eval_plot(rows, os.path.join(args.output, "eval.png"))
+    if not args.quiet:
+        print(json.dumps(summary))
+    return 0
+
+
+def _eval_plot(rows, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pyratok.utils import atomic_write
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].bar(range(len(rows)), [r["psnr"] for r in rows])
+    axes[0].set_xlabel("video")
+    axes[0].set_ylabel("PSNR (dB)")
+    axes[0].set_title("reconstruction PSNR per video")
+    usage = [[r["codebook_usage"][l] for r in rows] for l in range(len(rows[0]["codebook_usage"]))]
+    axes[1].boxplot(usage)
+    axes[1].set_xlabel("level")
+    axes[1].set_ylabel("fraction of 2^K codes used")
+    axes[1].set_title("codebook usage per level")
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def cmd_info(args) -> int:
+    from pyratok.io import TokenFileError, read_token_metadata
+
+    try:
+        meta = read_token_metadata(args.tokens)
+    except TokenFileError as err:
+        raise UserError(str(err)) from None
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return 0
+    src = meta["source"]
+    print(f"file        {args.tokens}")
+    print(f"format      {meta['format']} v{meta['format_version']}, bit order {meta['bit_order']}")
+    print(f"model       {meta['model_id']}")
+    print(f"tokens      {meta['num_tokens']} of K={meta['num_bits']} bits in {len(meta['grids'])} levels: "
+          + ", ".join("x".join(map(str, g)) for g in meta["grids"]))
+    print(f"latent      {'x'.join(map(str, meta['latent_grid']))}")
+    if src:
+        print(f"source      {src.get('frames')} frames {src.get('height')}x{src.get('width')}"
+              + (f" at {src['fps']:.3g} fps" if "fps" in src else "") + (f" from {src['path']}" if "path" in src else ""))
+        if all(k in src for k in ("frames", "height", "width")):
+            print(f"bits/pixel  {meta['num_bits'] * meta['num_tokens'] / (src['frames'] * src['height'] * src['width']):.4f}")
+    if meta.get("caption"):
+        print(f"caption     {meta['caption']}")
+    return 0
+
+
+# -- argument parsing -------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other user error
+        self.exit(EXIT_USER_ERROR, f"pyratok: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pyratok", description="PyraTok video tokenizer: encode videos to pyramids of binary "
+                                                 "tokens, decode them, reconstruct, train and evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(p, model=True):
+        if model:
+            p.add_argument("--model", help="model folder (default: the bundled default model)")
+            p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+        p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+
+    def clip_options(p):
+        p.add_argument("--frames", type=int, help="frames to use, 1 + 4k (default: as many as fit)")
+        p.add_argument("--size", help="resize and centre-crop to HEIGHTxWIDTH (multiples of 8)")
+
+    p = sub.add_parser("encode", help="videos -> token files")
+    p.add_argument("videos", nargs="+", metavar="VIDEO")
+    p.add_argument("-o", "--output", required=True, help="token file (*.safetensors) or folder for several videos")
+    p.add_argument("--text", help="caption to condition the tokens on (needs a model with a text encoder)")
+    clip_options(p)
+    common(p)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="a token file -> video (H.264 mp4)")
+    p.add_argument("tokens", metavar="TOKENS")
+    p.add_argument("-o", "--output", required=True, help="output video, e.g. out.mp4")
+    common(p)
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("reconstruct", help="video -> tokens -> video, with side-by-side video, PNG grid, metrics")
+    p.add_argument("video", metavar="VIDEO")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--text", help="caption to condition the tokens on")
+    p.add_argument("--lpips", help="local LPIPS (VGG) weights file, to report LPIPS")
+    clip_options(p)
+    common(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("train", help="train from a TOML config (single process, or under torchrun)")
+    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    common(p, model=False)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="reconstruction metrics over a folder or manifest of videos")
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("-o", "--output", required=True, help="output folder (metrics.json, eval.png)")
+    p.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default 17)")
+    p.add_argument("--size", help="HEIGHTxWIDTH centre crop (default 128x128)")
+    p.add_argument("--fps", type=float, help="sampling frame rate (default: each file's own)")
+    p.add_argument("--limit", type=int, help="evaluate at most this many videos")
+    p.add_argument("--lpips", help="local LPIPS (VGG) weights file")
+    p.add_argument("--use-captions", action="store_true", help="condition on the manifest's captions")
+    common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="describe a token file")
+    p.add_argument("tokens", metavar="TOKENS")
+    p.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    common(p, model=False)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"pyratok: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (FileNotFoundError, ValueError) as err:
+        print(f"pyratok: error: {err}".splitlines()[0], file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("pyratok: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,22 @@
+"""The embedded default model shipped inside the package (pyratok/assets/default)."""
+
+from __future__ import annotations
+
+import os
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+
+def default_model_path() -> str:
+    """Folder of the bundled tiny PyraTok (trained by scripts/train_default.sh)."""
+    return os.path.join(ASSETS, "default")
+
+
+def load_default_model(device: str = "cpu"):
+    from pyratok.models.pyratok import PyraTok
+
+    path = default_model_path()
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        raise FileNotFoundError(f"the bundled default model is missing from {path}; reinstall pyratok "
+                                "or train one with scripts/train_default.sh")
+    return PyraTok.from_pretrained(path, device=device).eval()
