@@ -269,6 +269,17 @@ class PyraTok(nn.Module):
             total = total + cfg.drift * terms["drift"]
         return recon, L.LossBreakdown(total, terms, out.indices)
 
+    def backbone_forward(self, video: torch.Tensor, kl_weight: float = 1e-6):
+        """Trains the backbone itself (stage 0, when no pretrained VAE exists): plain VAE
+        reconstruction through a sampled latent, no quantizer.  -> (recon, LossBreakdown)."""
+        cfg = self.config.loss
+        dist = self.vae.encode(video, chunk_frames=None)
+        recon = self.vae.decode(dist.sample(), chunk_frames=None)
+        terms = {"l1": (recon - video).abs().mean(), "ssim": 1 - ssim(recon, video, clamp=False),
+                 "kl": dist.kl().mean()}
+        total = cfg.l1 * terms["l1"] + cfg.ssim * terms["ssim"] + kl_weight * terms["kl"]
+        return recon, L.LossBreakdown(total, terms)
+
     # -- saving and loading ----------------------------------------------------------------
 
     def _saved_state(self, include_backbone: bool) -> dict[str, torch.Tensor]:

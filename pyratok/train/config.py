@@ -33,11 +33,15 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Optional
 
-# What each of the paper's stages trains (our reading; the paper gives only step counts):
+# What each stage trains (stages 1-3 are the paper's; our reading, the paper gives only step
+# counts):
+#   0 backbone:       the VAE itself (encoder + decoder, recon + KL), for when no pretrained
+#                     backbone exists, as for the embedded tiny model;
 #   1 reconstruction: LaPQ + LoRA with recon, commitment, entropy, hierarchy and drift terms;
 #   2 alignment:      + the text-alignment KLs and the AR prior;
 #   3 joint:          every term at the paper's weights.
 STAGES = {
+    0: {"loss": {}, "train_prior": False, "backbone": True},
     1: {"loss": {"ar": 0.0, "text_token": 0.0, "text_code": 0.0}, "train_prior": False},
     2: {"loss": {}, "train_prior": True},
     3: {"loss": {}, "train_prior": True},

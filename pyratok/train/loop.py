@@ -104,9 +104,12 @@ def build_model(cfg: TrainConfig) -> PyraTok:
     model.config.loss = dataclasses.replace(model.config.loss, **stage["loss"])
     model.requires_grad_(False)
     for name, p in model.named_parameters():
-        trained = name.startswith(("lapq.", "null_text.")) or ".lora_" in name
-        if name.startswith("prior."):
-            trained = stage["train_prior"] and model.config.loss.ar > 0
+        if stage.get("backbone"):
+            trained = name.startswith("vae.") and ".lora_" not in name
+        else:
+            trained = name.startswith(("lapq.", "null_text.")) or ".lora_" in name
+            if name.startswith("prior."):
+                trained = stage["train_prior"] and model.config.loss.ar > 0
         p.requires_grad_(trained)
     return model
 
@@ -126,7 +129,8 @@ class Trainer:
         self.dataset = VideoClipDataset(d.source, ClipConfig(num_frames=d.num_frames, height=d.height, width=d.width,
                                                              fps=d.fps or None, crop=d.crop, seed=t.seed,
                                                              buckets=[tuple(b) for b in d.buckets] or None))
-        self.masking = VideoMasking(self.model.config.masking) if t.masking else None
+        self.backbone_stage = bool(STAGES[t.stage].get("backbone"))
+        self.masking = VideoMasking(self.model.config.masking) if t.masking and not self.backbone_stage else None
         self.step = 0
         self.batches_seen = 0
         self.wrapped = self._wrap(self.model)
@@ -293,14 +297,20 @@ class Trainer:
                         g = torch.Generator().manual_seed(t.seed * 1_000_003 + self.step * 97 + micro)
                         masked, _ = self.masking(video, g)
                     with self._autocast():
-                        recon, losses = self.wrapped(video, text, masked, pg)
+                        if self.backbone_stage:
+                            recon, losses = self.model.backbone_forward(video)
+                        else:
+                            recon, losses = self.wrapped(video, text, masked, pg)
                     (losses.total / t.grad_accum).backward()
                     for k, v in losses.scalars().items():
                         sums[k] = sums.get(k, 0.0) + v / t.grad_accum
                     quality.append(psnr(recon.detach(), video).item())
-                    usage.append([ops.codebook_usage(i, self.model.num_bits).fraction_used.item()
-                                  for i in losses.indices])
-                    tokens += sum(i.numel() for i in losses.indices)
+                    if losses.indices is not None:
+                        usage.append([ops.codebook_usage(i, self.model.num_bits).fraction_used.item()
+                                      for i in losses.indices])
+                        tokens += sum(i.numel() for i in losses.indices)
+                    else:
+                        tokens += video[:, 0].numel()  # pixels per second in the backbone stage
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.clip_grad) if t.clip_grad > 0 else None
                 self.optimizer.step()
                 self.scheduler.step()
@@ -312,7 +322,8 @@ class Trainer:
                 seconds = time.perf_counter() - start
                 record = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], **sums,
                           "psnr": sum(quality) / len(quality),
-                          **{f"usage_l{l}": sum(u[l] for u in usage) / len(usage) for l in range(len(usage[0]))},
+                          **{f"usage_l{l}": sum(u[l] for u in usage) / len(usage)
+                             for l in range(len(usage[0]) if usage else 0)},
                           "tokens_per_s": tokens * _world() / seconds, "seconds": seconds}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
@@ -321,7 +332,8 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['total']:.3f}", psnr=f"{record['psnr']:.2f}",
-                                    usage="/".join(f"{record[f'usage_l{l}']:.2f}" for l in range(len(usage[0]))),
+                                    usage="/".join(f"{record[f'usage_l{l}']:.2f}"
+                                                   for l in range(len(usage[0]) if usage else 0)),
                                     tok_s=f"{record['tokens_per_s']:.0f}")
                 if on_step is not None:
                     on_step(self)
