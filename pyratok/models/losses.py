@@ -57,15 +57,14 @@ class LossConfig:
 
 @dataclass
 class LossBreakdown:
-    """Every term's unweighted value (None when switched off) and the weighted total."""
+    """Every computed term's unweighted value (terms switched off are absent) and the weighted total."""
 
     total: torch.Tensor
-    terms: dict[str, Optional[torch.Tensor]]
+    terms: dict[str, torch.Tensor]
     indices: Optional[list[torch.Tensor]] = None   # per-level token ids of the batch (for usage stats)
 
     def scalars(self) -> dict[str, float]:
-        return {"total": float(self.total.detach())} | {k: float(v.detach()) for k, v in self.terms.items()
-                                                        if v is not None}
+        return {"total": float(self.total.detach())} | {k: float(v.detach()) for k, v in self.terms.items()}
 
 
 def _bit_logits(z: torch.Tensor, inv_temperature: float) -> torch.Tensor:

@@ -267,7 +267,7 @@ class PyraTok(nn.Module):
             total = total + cfg.ar * terms["ar"]
         if terms.get("drift") is not None:
             total = total + cfg.drift * terms["drift"]
-        return recon, L.LossBreakdown(total, terms, out.indices)
+        return recon, L.LossBreakdown(total, {k: v for k, v in terms.items() if v is not None}, out.indices)
 
     def backbone_forward(self, video: torch.Tensor, kl_weight: float = 1e-6):
         """Trains the backbone itself (stage 0, when no pretrained VAE exists): plain VAE
