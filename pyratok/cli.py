@@ -46,6 +46,11 @@ def _parse_size(text: Optional[str]):
     return h, w
 
 
+def _check_frames(frames: Optional[int]) -> None:
+    if frames is not None and (frames < 1 or (frames - 1) % 4):
+        raise UserError(f"--frames {frames}: the tokenizer takes 1 + 4k frames (1, 5, 9, 17, 33, ...)")
+
+
 def load_clip(path: str, frames: Optional[int], size):
     """A video file -> ((1, 3, T, H, W) in [-1, 1], fps): T = 1+4k (the longest that fits, or
     ``frames``), centre-cropped to multiples of 8 or resized+cropped to ``size``."""
@@ -63,9 +68,8 @@ def load_clip(path: str, frames: Optional[int], size):
         raise UserError(f"{path}: the video has no frames")
     if frames is None:
         frames = 1 + 4 * ((total - 1) // 4)
-    elif frames < 1 or (frames - 1) % 4:
-        raise UserError(f"--frames {frames}: the tokenizer takes 1 + 4k frames (1, 5, 9, 17, 33, ...)")
-    elif frames > total:
+    _check_frames(frames)
+    if frames > total:
         raise UserError(f"--frames {frames}: {path} has only {total} frames")
     video = read_frames(reader, range(frames), path)                       # (T, H, W, 3)
     H, W = video.shape[1:3]
@@ -103,12 +107,19 @@ def cmd_encode(args) -> int:
     from pyratok.io import save_tokens
 
     size = _parse_size(args.size)
+    _check_frames(args.frames)
     many = len(args.videos) > 1 or args.output.endswith(os.sep) or os.path.isdir(args.output)
     if not many and not args.output.endswith(".safetensors"):
         raise UserError(f"-o {args.output}: name the token file *.safetensors (or give a folder for several videos)")
-    for v in args.videos:
-        if not os.path.isfile(v):
-            raise UserError(f"{v}: no such file")
+    from pyratok.data.video import open_video
+
+    for v in args.videos:  # every input is checked before any work starts
+        try:
+            open_video(v)
+        except FileNotFoundError:
+            raise UserError(f"{v}: no such file") from None
+        except ValueError:
+            raise UserError(f"{v}: not a readable video") from None
     model = _load_model(args.model, args.device)
     text = _text_arg(model, args.text)
     for path in _progress(args.videos, "encode", args.quiet):
@@ -192,6 +203,7 @@ def cmd_reconstruct(args) -> int:
     from pyratok.utils import atomic_write
 
     size = _parse_size(args.size)
+    _check_frames(args.frames)
     if not os.path.isfile(args.video):
         raise UserError(f"{args.video}: no such file")
     model = _load_model(args.model, args.device)

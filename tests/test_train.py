@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_config(tmp_path, steps=5, stage=1, checkpoint_every=100, extra_train=""):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     manifest = tmp_path / "train.jsonl"
     manifest.write_text("\n".join(json.dumps({"path": bundled_clip_path(n), "caption": c}) for n, c in
                                   [("carphone_pristine.mp4", "a man talking in a car"),

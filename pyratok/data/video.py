@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import tempfile
@@ -30,6 +31,7 @@ def _decord():
         import decord
     except ImportError as err:
         raise ImportError("reading video needs decord: pip install 'pyratok[video]'") from err
+    decord.logging.set_level(decord.logging.QUIET)  # failures surface as our ValueError, not C++ logs
     return decord
 
 
@@ -44,13 +46,31 @@ class VideoInfo:
         self.height, self.width = self.reader[0].shape[:2] if self.frames else (0, 0)
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """decord's C++ side logs open failures straight to fd 2; the caller reports them instead."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def open_video(path: str):
     """A decord VideoReader; FileNotFoundError / ValueError (naming the file) otherwise."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: no such video file: {path}")
     decord = _decord()
     try:
-        return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        with _native_stderr_silenced():
+            return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
     except Exception as err:  # decord raises its own DECORDError for undecodable input
         raise ValueError(f"path: {path} is not a readable video ({type(err).__name__}: {str(err)[:200]})") from None
 

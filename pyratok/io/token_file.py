@@ -106,6 +106,8 @@ def _read(path: str) -> tuple[dict, dict]:
     if len(data) < 8:
         raise TokenFileError(f"{path}: truncated ({len(data)} bytes) or not a token file")
     header_len = int.from_bytes(data[:8], "little")
+    if data[8:9] != b"{":
+        raise TokenFileError(f"{path}: not a token file (no safetensors header)")
     if header_len > len(data) - 8:
         raise TokenFileError(f"{path}: truncated (header says {header_len} bytes, file has {len(data) - 8})")
     try:
