@@ -1,0 +1,74 @@
+"""Benchmark: PyraTok encode / decode throughput and the cost of the quantizer + losses.
+
+For a tiny config and the Wan 2.1-size config (random weights) on this machine:
+  encode, decode      tokens/s and frames/s (rows `encode`, `decode`);
+  train step          forward + backward of the full model (`train_step`) and of the same
+                      step with the quantizer and every quantizer-side loss removed (`backbone_step`:
+                      LoRA encoder -> decoder -> recon loss), so that
+                      quantizer + losses share = 1 - backbone_step / train_step
+                      (target <= 15% at K=16, and at K=24 with the exact entropy).
+Peak memory per call is recorded too.  Rows go to benchmarks/results/model.csv.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from pyratok.models.pyratok import PyraTok, PyraTokConfig
+from pyratok.metrics import ssim
+from _common import DEVICE, run
+
+CASES = [
+    # (name, config factory, (frames, height, width), rounds)
+    ("tiny K=16", lambda: PyraTokConfig.tiny(text_encoder=None), (17, 64, 64), 3),
+    ("tiny K=24", lambda: PyraTokConfig.tiny(text_encoder=None, lapq=dataclasses.replace(
+        PyraTokConfig.tiny().lapq, num_bits=24)), (17, 64, 64), 3),
+    ("wan2.1 K=16", lambda: PyraTokConfig.paper(text_encoder=None), (9, 64, 64), 1),
+]
+MODES = ["encode", "decode", "train_step", "backbone_step"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {}
+
+
+def _model(models, name, factory):
+    if name not in models:
+        torch.manual_seed(0)
+        models[name] = PyraTok(factory()).to(DEVICE)
+    return models[name]
+
+
+def backbone_step(model, video):
+    latent, taps = model._encode_latent(video)
+    recon = model._decode_quantized(latent)
+    loss = (recon - video).abs().mean() + 1 - ssim(recon, video, clamp=False)
+    loss.backward()
+
+
+def train_step(model, video):
+    _, losses = model(video)
+    losses.total.backward()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0].replace(" ", "-").replace("=", ""))
+def test_model(benchmark, models, case, mode):
+    name, factory, (T, H, W), rounds = case
+    model = _model(models, name, factory)
+    video = torch.rand(1, 3, T, H, W, device=DEVICE) * 2 - 1
+    tokens = model.encode(video)
+    if mode == "encode":
+        model.eval()
+        fn = lambda: model.encode(video)  # noqa: E731
+    elif mode == "decode":
+        model.eval()
+        fn = lambda: model.decode(tokens)  # noqa: E731
+    else:
+        model.train()
+        fn = (lambda: train_step(model, video)) if mode == "train_step" else (lambda: backbone_step(model, video))
+    benchmark.group = f"model {name} {T}x{H}x{W}"
+    run(benchmark, fn, rounds=rounds, op="model", provider=mode, shape=f"{T}x{H}x{W}", dtype="float32",
+        layout=name, tokens=tokens.num_tokens, frames=T, baseline=None, peer=None, ours=True)
