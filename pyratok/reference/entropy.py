@@ -24,7 +24,8 @@ significant bit), as in binary quantization and vector-quantize-pytorch.
   their sum is an upper bound of H(q), equal to it when the groups are independent under q.
   "bits" is groups of one bit: sum_k h(mean_n p_nk).
 * Bernoulli KL per bit from logits a (of p) and b (of r):
-  KL(p || r) = softplus(b) - softplus(a) + sigmoid(a) * (a - b).
+  KL(p || r) = softplus(b) - softplus(a) + sigmoid(a) * (a - b); its gradients are
+  sigmoid(a) sigmoid(-a) (a - b) for a and sigmoid(b) - sigmoid(a) for b.
 
 :func:`naive_lfq_entropies` materialises the full N x 2^K softmax as vector-quantize-pytorch
 does; it is the brute-force oracle for small K (the tests use K <= 12).
@@ -75,8 +76,18 @@ def bit_probs(x: torch.Tensor, inv_temperature: float = 100.0, scale: float = 1.
 
 
 def binary_entropy_from_logits(z: torch.Tensor) -> torch.Tensor:
-    """h(sigmoid(z)) in nats, finite for every finite z."""
-    return F.softplus(z) - z * torch.sigmoid(z)
+    """h(sigmoid(z)) in nats.
+
+    Written as softplus(-|z|) + |z| sigmoid(-|z|), two non-negative terms: the textbook
+    softplus(z) - z sigmoid(z) cancels catastrophically for large |z| in fp32.
+    """
+    m = z.abs()
+    return F.softplus(-m) + m * torch.sigmoid(-m)
+
+
+def binary_entropy_grad(z: torch.Tensor) -> torch.Tensor:
+    """d h(sigmoid(z)) / dz = -z sigmoid(z) sigmoid(-z)."""
+    return -z * torch.sigmoid(z) * torch.sigmoid(-z)
 
 
 def per_sample_entropy(x: torch.Tensor, inv_temperature: float = 100.0, scale: float = 1.0,
@@ -203,12 +214,27 @@ def naive_lfq_entropies(x: torch.Tensor, inv_temperature: float = 100.0, scale: 
     return per_sample, codebook_h
 
 
-def bernoulli_kl(p_logits: torch.Tensor, r_logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """mean over positions of sum_k KL(Bern(sigmoid(a_k)) || Bern(sigmoid(b_k)))."""
+def bernoulli_kl_elementwise(p_logits: torch.Tensor, r_logits: torch.Tensor) -> torch.Tensor:
+    """KL(Bern(sigmoid(a)) || Bern(sigmoid(b))) per element, in the work dtype."""
     wd = work_dtype(torch.promote_types(p_logits.dtype, r_logits.dtype))
     a, b = p_logits.to(wd), r_logits.to(wd)
-    kl = F.softplus(b) - F.softplus(a) + torch.sigmoid(a) * (a - b)
-    return kl.sum() / (p_logits.numel() // p_logits.shape[dim])
+    # p (log p - log r) + (1 - p) (log(1 - p) - log(1 - r)) with log sigmoid(u) = -softplus(-u):
+    # each log-ratio is weighted by the probability of its own side, so saturated logits give 0
+    # instead of a difference of two huge softplus values.
+    return (torch.sigmoid(a) * (F.softplus(-b) - F.softplus(-a))
+            + torch.sigmoid(-a) * (F.softplus(b) - F.softplus(a)))
+
+
+def bernoulli_kl(p_logits: torch.Tensor, r_logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """mean over positions of sum_k KL(Bern(sigmoid(a_k)) || Bern(sigmoid(b_k)))."""
+    return bernoulli_kl_elementwise(p_logits, r_logits).sum() / (p_logits.numel() // p_logits.shape[dim])
+
+
+def bernoulli_kl_grads(p_logits: torch.Tensor, r_logits: torch.Tensor):
+    """Elementwise (d KL / d a, d KL / d b) of the per-bit KL, in the work dtype."""
+    wd = work_dtype(torch.promote_types(p_logits.dtype, r_logits.dtype))
+    a, b = p_logits.to(wd), r_logits.to(wd)
+    return torch.sigmoid(a) * torch.sigmoid(-a) * (a - b), torch.sigmoid(b) - torch.sigmoid(a)
 
 
 def code_histogram(indices: torch.Tensor, K: int) -> torch.Tensor:
