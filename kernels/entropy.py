@@ -50,7 +50,8 @@ def _sigmoid(z):
 def _log1p(u):
     # log(1 + u) to full relative precision (Goldberg): the rounding of 1 + u cancels out
     w = 1.0 + u
-    return tl.where(w == 1.0, u, tl.log(w) * u / (w - 1.0))
+    exact = w == 1.0
+    return tl.where(exact, u, tl.log(w) * u / tl.where(exact, 1.0, w - 1.0))
 
 
 @triton.jit
