@@ -75,8 +75,9 @@ void for_each_group(at::IntArrayRef sizes, const Fn& fn) {
   }
 }
 
-// Device policy D: D::kTileBudget, D::code_probs(args, tile, rows),
-// D::code_probs_backward(args, probs, grad_probs, dx, rows).
+// Device policy D: D::kTileBudget; D::code_probs(A, tile_a, B, tile_b, rows) builds the tiles
+// of both halves; D::code_probs_backward(A, probs_a, grad_a, B, probs_b, grad_b, dx, rows)
+// writes d x for the bits of both halves (a half of 0 bits is skipped).
 template <typename D>
 at::Tensor soft_code_counts_impl(const at::Tensor& x_in, double coef, at::IntArrayRef sizes) {
   const at::Tensor x = checked_tokens(x_in);
@@ -91,8 +92,8 @@ at::Tensor soft_code_counts_impl(const at::Tensor& x_in, double coef, at::IntArr
     for (int64_t n0 = 0; n0 < N; n0 += tile) {
       const int64_t rows = std::min(tile, N - n0);
       at::Tensor ta = pa.narrow(0, 0, rows), tb = pb.narrow(0, 0, rows);
-      D::code_probs(half_args(x, g.bit0, g.ka, coef, n0), ta, rows);
-      D::code_probs(half_args(x, g.bit0 + g.ka, g.kb, coef, n0), tb, rows);
+      D::code_probs(half_args(x, g.bit0, g.ka, coef, n0), ta, half_args(x, g.bit0 + g.ka, g.kb, coef, n0), tb,
+                    rows);
       Q.addmm_(ta.t(), tb);
     }
   });
@@ -122,14 +123,10 @@ at::Tensor soft_code_counts_backward_impl(const at::Tensor& x_in, double coef, a
       at::Tensor tga = ga.narrow(0, 0, rows), tgb = gb.narrow(0, 0, rows);
       const CodeProbsArgs A = half_args(x, g.bit0, g.ka, coef, n0);
       const CodeProbsArgs B = half_args(x, g.bit0 + g.ka, g.kb, coef, n0);
-      D::code_probs(A, ta, rows);
-      D::code_probs(B, tb, rows);
-      if (g.ka > 0) {
-        at::mm_out(tga, tb, G.t());  // d loss / d P_A
-        D::code_probs_backward(A, ta, tga, dx, rows);
-      }
-      at::mm_out(tgb, ta, G);  // d loss / d P_B
-      D::code_probs_backward(B, tb, tgb, dx, rows);
+      D::code_probs(A, ta, B, tb, rows);
+      if (g.ka > 0) at::mm_out(tga, tb, G.t());  // d loss / d P_A
+      at::mm_out(tgb, ta, G);                    // d loss / d P_B
+      D::code_probs_backward(A, ta, tga, B, tb, tgb, dx, rows);
     }
   });
   return dx;
@@ -153,23 +150,32 @@ void check_histogram_input(const at::Tensor& idx, int64_t K) {
 
 // ---- CPU ----------------------------------------------------------------------------
 
+// Few, large parallel regions: each region is a barrier, and on a loaded machine a barrier
+// can wait a whole scheduler time slice for a descheduled thread.
 struct CpuDevice {
-  static constexpr int64_t kTileBudget = int64_t(1) << 22;
+  static constexpr int64_t kTileBudget = int64_t(1) << 24;
 
-  static int64_t grain(int bits) { return std::max<int64_t>(1, 65536 >> bits); }
+  static int64_t grain(const CodeProbsArgs& a, const CodeProbsArgs& b) {
+    return std::max<int64_t>(1, 65536 / ((int64_t(1) << a.bits) + (int64_t(1) << b.bits)));
+  }
 
-  static void code_probs(const CodeProbsArgs& a, at::Tensor& probs, int64_t rows) {
-    void* out = probs.data_ptr();
-    at::parallel_for(0, rows, grain(a.bits), [&](int64_t b, int64_t e) {
-      code_probs_cpu(a, out, a.first_token + b, a.first_token + e);
+  static void code_probs(const CodeProbsArgs& a, at::Tensor& probs_a, const CodeProbsArgs& b,
+                         at::Tensor& probs_b, int64_t rows) {
+    at::parallel_for(0, rows, grain(a, b), [&](int64_t s, int64_t e) {
+      code_probs_cpu(a, probs_a.data_ptr(), a.first_token + s, a.first_token + e);
+      code_probs_cpu(b, probs_b.data_ptr(), b.first_token + s, b.first_token + e);
     });
   }
 
-  static void code_probs_backward(const CodeProbsArgs& a, const at::Tensor& probs,
-                                  const at::Tensor& grad_probs, at::Tensor& dx, int64_t rows) {
-    at::parallel_for(0, rows, grain(a.bits), [&](int64_t b, int64_t e) {
-      code_probs_backward_cpu(a, probs.data_ptr(), grad_probs.data_ptr(), dx.data_ptr(),
-                              a.first_token + b, a.first_token + e);
+  static void code_probs_backward(const CodeProbsArgs& a, const at::Tensor& probs_a, const at::Tensor& grad_a,
+                                  const CodeProbsArgs& b, const at::Tensor& probs_b, const at::Tensor& grad_b,
+                                  at::Tensor& dx, int64_t rows) {
+    at::parallel_for(0, rows, grain(a, b), [&](int64_t s, int64_t e) {
+      if (a.bits > 0)
+        code_probs_backward_cpu(a, probs_a.data_ptr(), grad_a.data_ptr(), dx.data_ptr(), a.first_token + s,
+                                a.first_token + e);
+      code_probs_backward_cpu(b, probs_b.data_ptr(), grad_b.data_ptr(), dx.data_ptr(), b.first_token + s,
+                              b.first_token + e);
     });
   }
 };
@@ -251,13 +257,17 @@ void* stream_of(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.d
 struct CudaDevice {
   static constexpr int64_t kTileBudget = int64_t(1) << 25;
 
-  static void code_probs(const CodeProbsArgs& a, at::Tensor& probs, int64_t rows) {
-    code_probs_cuda(a, probs.data_ptr(), rows, stream_of(probs));
+  static void code_probs(const CodeProbsArgs& a, at::Tensor& probs_a, const CodeProbsArgs& b,
+                         at::Tensor& probs_b, int64_t rows) {
+    code_probs_cuda(a, probs_a.data_ptr(), rows, stream_of(probs_a));
+    code_probs_cuda(b, probs_b.data_ptr(), rows, stream_of(probs_b));
   }
 
-  static void code_probs_backward(const CodeProbsArgs& a, const at::Tensor& probs,
-                                  const at::Tensor& grad_probs, at::Tensor& dx, int64_t rows) {
-    code_probs_backward_cuda(a, probs.data_ptr(), grad_probs.data_ptr(), dx.data_ptr(), rows, stream_of(dx));
+  static void code_probs_backward(const CodeProbsArgs& a, const at::Tensor& probs_a, const at::Tensor& grad_a,
+                                  const CodeProbsArgs& b, const at::Tensor& probs_b, const at::Tensor& grad_b,
+                                  at::Tensor& dx, int64_t rows) {
+    code_probs_backward_cuda(a, probs_a.data_ptr(), grad_a.data_ptr(), dx.data_ptr(), rows, stream_of(dx));
+    code_probs_backward_cuda(b, probs_b.data_ptr(), grad_b.data_ptr(), dx.data_ptr(), rows, stream_of(dx));
   }
 };
 
