@@ -7,7 +7,8 @@ Providers:
   exact, groups, bits       pyratok.ops.lfq_entropy_loss(method=...), groups of ceil(K/2) bits;
                             on CUDA also "exact (triton)"
   fp32 GEMM, bf16 GEMM      the exact path's three GEMMs alone (P_A^T P_B, P_B G^T, P_A G over
-                            all N): the roofline the exact path is judged against
+                            all N): the roofline the exact path is judged against (bf16: CUDA
+                            only, the tensor-core rate for reference)
   vector-quantize-pytorch   LFQ(entropy_loss_weight=1).train() aux loss, which materialises the
                             N x 2^K softmax: ~28 bytes per N*2^K element (measured), so it is
                             skipped where that exceeds 16 GB
@@ -64,10 +65,10 @@ def make_input(K, N, device):
 
 
 def providers(device: str) -> list[str]:
-    ours = ["exact", "groups", "bits"]
-    if device == "cuda" and "triton" in pyratok.available_backends("cuda"):
-        ours.append("exact (triton)")
-    return ours + ["fp32 GEMM", "bf16 GEMM", PEER]
+    if device == "cpu":
+        return ["exact", "groups", "bits", "fp32 GEMM", PEER]
+    triton = ["exact (triton)"] if "triton" in pyratok.available_backends("cuda") else []
+    return ["exact", "groups", "bits", *triton, "fp32 GEMM", "bf16 GEMM", PEER]
 
 
 def _rounds(flops: float, device: str) -> int:

@@ -7,7 +7,8 @@ everything is computed in the work dtype (fp32, fp64 for fp64 input).
 The codebook kernels never materialise the probability tiles.  Forward: program (a-block,
 b-block, token split) rebuilds P_A (BLOCK_N, BLOCK_A) and P_B (BLOCK_N, BLOCK_B) from x for
 each chunk of tokens (KA resp. KB multiplies per element) and accumulates P_A^T P_B with
-tl.dot in IEEE fp32 (no TF32); token splits write partial counts that are summed after, so
+tl.dot in IEEE fp32 (no TF32; fp64 input: multiply-and-sum on 16-wide blocks, as tl.dot has no
+fp64 path on NVIDIA GPUs); token splits write partial counts that are summed after, so
 the result is deterministic.  Backward, one program per block of tokens and one launch per
 half ("own" bits, the "other" half): acc = P_other G^T block by block, W = acc * P_own, and
 the per-bit sums S1 / S0 (codes with the bit set / clear) are W times a 0/1 bit table, one
@@ -27,8 +28,8 @@ import triton.language as tl
 from pyratok.reference.entropy import half_split, work_dtype
 
 BLOCK = 1024
-CODE_BLOCK = 64   # codes per tile side
-TOKEN_BLOCK = 64  # tokens per chunk
+CODE_BLOCK = 64   # codes per tile side (fp64: 16, see _dot)
+TOKEN_BLOCK = 64  # tokens per chunk (fp64: 16)
 MIN_DOT = 16      # tl.dot needs every tile side >= 16
 TARGET_PROGRAMS = 512
 
@@ -117,7 +118,7 @@ def _code_histogram_kernel(idx_ptr, counts_ptr, numel, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < numel
     code = tl.load(idx_ptr + i, mask=mask, other=0).to(tl.int64)
-    tl.atomic_add(counts_ptr + code, tl.full([BLOCK], 1, tl.int64), mask=mask)
+    tl.atomic_add(counts_ptr + code, tl.full([BLOCK], 1, tl.int32), mask=mask)
 
 
 @triton.jit
@@ -137,7 +138,9 @@ def _half_probs(x_ptr, rows, row_mask, K, bit0, coef, codes, code_mask, BITS: tl
 @triton.jit
 def _dot(a, b, F64: tl.constexpr):
     if F64:
-        return tl.dot(a, b)
+        # tl.dot has no fp64 path on NVIDIA GPUs (triton-lang/triton#5483): multiply and sum,
+        # on the 16-wide blocks the launchers choose for fp64
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     return tl.dot(a, b, input_precision="ieee")
 
 
@@ -202,8 +205,12 @@ def _grid(n: int, block: int = BLOCK):
     return (max(1, triton.cdiv(n, block)),)
 
 
-def _code_block(bits: int) -> int:
-    return max(MIN_DOT, min(CODE_BLOCK, 1 << bits))
+def _code_block(bits: int, f64: bool) -> int:
+    return max(MIN_DOT, min(MIN_DOT if f64 else CODE_BLOCK, 1 << bits))
+
+
+def _token_block(f64: bool) -> int:
+    return MIN_DOT if f64 else TOKEN_BLOCK
 
 
 def bit_probs(x, coef):
@@ -248,9 +255,11 @@ def bernoulli_kl_backward(a, b, grad):
 
 
 def code_histogram(indices, K):
-    counts = torch.zeros(1 << K, dtype=torch.int64, device=indices.device)
+    if indices.numel() >= 2**31:
+        raise ValueError(f"indices: {indices.numel()} codes; the Triton histogram counts in int32 (< 2^31)")
+    counts = torch.zeros(1 << K, dtype=torch.int32, device=indices.device)
     _code_histogram_kernel[_grid(indices.numel())](indices, counts, indices.numel(), BLOCK=BLOCK)
-    return counts
+    return counts.to(torch.int64)
 
 
 def _groups(sizes):
@@ -268,23 +277,25 @@ def soft_code_counts(x, coef, sizes):
     f64 = x.dtype == torch.float64
     wd = work_dtype(x.dtype)
     counts = []
+    token_block = _token_block(f64)
     for bit0, _, ka, kb in _groups(sizes):
-        block_a, block_b = _code_block(ka), _code_block(kb)
+        block_a, block_b = _code_block(ka, f64), _code_block(kb, f64)
         tiles = triton.cdiv(1 << ka, block_a) * triton.cdiv(1 << kb, block_b)
         # split the tokens so that small codebooks still fill the device; partials are summed
-        splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), triton.cdiv(N, TOKEN_BLOCK)))
-        per_split = triton.cdiv(max(N, 1), splits * TOKEN_BLOCK) * TOKEN_BLOCK
+        splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles), triton.cdiv(N, token_block)))
+        per_split = triton.cdiv(max(N, 1), splits * token_block) * token_block
         splits = max(1, triton.cdiv(N, per_split))
         partial = torch.zeros(splits, 1 << (ka + kb), dtype=wd, device=x.device)
         grid = (triton.cdiv(1 << ka, block_a), triton.cdiv(1 << kb, block_b), splits)
         _soft_code_counts_kernel[grid](x, partial, N, K, bit0, coef, per_split, KA=ka, KB=kb,
-                                       BLOCK_N=TOKEN_BLOCK, BLOCK_A=block_a, BLOCK_B=block_b, F64=f64)
+                                       BLOCK_N=token_block, BLOCK_A=block_a, BLOCK_B=block_b, F64=f64)
         counts.append(partial.sum(0))
     return torch.cat(counts)
 
 
 def soft_code_counts_backward(x, coef, sizes, grad_counts):
     N, K = x.shape
+    f64 = x.dtype == torch.float64
     G_all = grad_counts.to(work_dtype(x.dtype)).contiguous()
     dx = torch.empty_like(x)
     for bit0, offset, ka, kb in _groups(sizes):
@@ -294,8 +305,8 @@ def soft_code_counts_backward(x, coef, sizes, grad_counts):
                 (bit0, ka, bit0 + ka, kb, 1 << kb, 1), (bit0 + ka, kb, bit0, ka, 1, 1 << kb)):
             if own == 0:
                 continue
-            _soft_code_counts_backward_kernel[_grid(N, TOKEN_BLOCK)](
+            _soft_code_counts_backward_kernel[_grid(N, _token_block(f64))](
                 x, G, dx, N, K, own0, other0, coef, stride_own, stride_other, OWN=own, OTHER=other,
-                OWN_P2=max(MIN_DOT, triton.next_power_of_2(own)), BLOCK_N=TOKEN_BLOCK,
-                BLOCK_O=_code_block(own), BLOCK_T=_code_block(other), F64=x.dtype == torch.float64)
+                OWN_P2=max(MIN_DOT, triton.next_power_of_2(own)), BLOCK_N=_token_block(f64),
+                BLOCK_O=_code_block(own, f64), BLOCK_T=_code_block(other, f64), F64=f64)
     return dx

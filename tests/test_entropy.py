@@ -57,17 +57,18 @@ def test_brute_force_float64(backend, K):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("K", BRUTE_FORCE_KS)
 def test_gradcheck(backend, K):
-    # gradcheck re-runs the op twice per input element: fewer tokens under the Triton interpreter
-    tokens = 1 if backend == "triton" and K > 5 else (6 if K > 5 else 3)
-    x = latents((tokens, K), seed=10 + K).requires_grad_()
+    x = latents((6 if K > 5 else 3, K), seed=10 + K).requires_grad_()
     kw = dict(inv_temperature=2.0, backend=backend)
-    torch.autograd.gradcheck(lambda t: ops.lfq_entropy_loss(t, 0.5, 1.5, **kw).loss, (x,))
-    torch.autograd.gradcheck(lambda t: ops.codebook_entropy(t, method="bits", **kw), (x,))
+    # full gradcheck re-runs the op twice per input element; under the Triton interpreter the
+    # fast mode (a random projection of the Jacobian, two runs) keeps it affordable
+    check = lambda fn, inputs: torch.autograd.gradcheck(fn, inputs, fast_mode=backend == "triton")  # noqa: E731
+    check(lambda t: ops.lfq_entropy_loss(t, 0.5, 1.5, **kw).loss, (x,))
+    check(lambda t: ops.codebook_entropy(t, method="bits", **kw), (x,))
     if K > 2:
-        torch.autograd.gradcheck(lambda t: ops.codebook_entropy(t, method="groups", group_size=K // 2, **kw), (x,))
+        check(lambda t: ops.codebook_entropy(t, method="groups", group_size=K // 2, **kw), (x,))
     r_logits = latents(x.shape, seed=20 + K, spread=3.0).requires_grad_()
-    torch.autograd.gradcheck(lambda a, b: ops.bernoulli_kl(a, b, backend=backend), (x, r_logits))
-    torch.autograd.gradcheck(lambda t: ops.bit_probs(t, 2.0, backend=backend), (x,))
+    check(lambda a, b: ops.bernoulli_kl(a, b, backend=backend), (x, r_logits))
+    check(lambda t: ops.bit_probs(t, 2.0, backend=backend), (x,))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -130,16 +131,20 @@ def test_backends_match_reference(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_tiles_and_large_K(backend):
-    # more tokens than one CPU tile at K=20 (2^10 + 2^10 columns -> 2048 tokens per tile)
-    # and a K=24 group, against the float64 reference
-    x = latents((300, 12) if backend == "triton" else (4500, 20), seed=4, spread=0.2)
-    K = x.shape[1]
-    for method, group_size in (("exact", None), ("groups", 7), ("bits", None)):
-        got = ops.codebook_entropy(x, 0.5, method=method, group_size=group_size, backend=backend)
-        sizes = ref.group_sizes(K, method, group_size)
-        want = ref.entropy_of_counts(ref.soft_code_counts(x, ref.logit_coefficient(0.5, 1.0), sizes), x.shape[0])
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
-    if backend != "triton":
+    # more tokens than one tile: the CPU tiles hold 2^24 / (2^KA + 2^KB) tokens (16384 at
+    # K=18), the Triton kernels split the tokens over programs; then a K=24 group
+    # (Triton: fp32, whose 64-token blocks the interpreter runs much faster than fp64's 16)
+    x = latents((16500, 18) if backend == "cpu" else (150, 12), seed=4, spread=0.2)
+    dtype, tol = (torch.float32, 2e-5) if backend == "triton" else (torch.float64, 1e-10)
+    got, grad = loss_and_grad(lambda t: ops.codebook_entropy(t, 0.5, backend=backend), x.to(dtype))
+    want, want_grad = loss_and_grad(lambda t: ref.codebook_entropy(t, 0.5), x)
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=tol, atol=tol * 1e-2)
+    for method, group_size in (("groups", 7), ("bits", None)):
+        got = ops.codebook_entropy(x.to(dtype), 0.5, method=method, group_size=group_size, backend=backend)
+        want = ref.codebook_entropy(x, 0.5, method=method, group_size=group_size)
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    if backend == "cpu":
         x24 = latents((40, 24), seed=5, spread=0.2)
         got, grad = loss_and_grad(lambda t: ops.codebook_entropy(t, 0.5, backend=backend), x24)
         want, want_grad = loss_and_grad(lambda t: ref.codebook_entropy(t, 0.5), x24)
@@ -233,7 +238,7 @@ def test_matches_vector_quantize_pytorch_lfq(K, tau):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_no_nan_or_inf_at_extreme_values(backend):
     for dtype in backend_dtypes(backend):
-        x = latents((40, 10), seed=9, spread=1.0)
+        x = latents((20, 10), seed=9, spread=1.0)
         x[::3] *= 1e4
         x[1::7] = x[1::7].sign() * 1e4
         x[2, :] = 0.0

@@ -26,7 +26,9 @@
 namespace pyratok {
 namespace {
 
-constexpr int64_t kElementGrain = 32768;
+// Elements per task of the elementwise ops: ~1 ms of work, so that small inputs run without
+// a parallel region (each region is a barrier; see CpuDevice).
+constexpr int64_t kElementGrain = int64_t(1) << 18;
 
 at::ScalarType work_scalar_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -92,9 +92,9 @@ def _check_group_sizes(K: int, method: str, group_size) -> list[int]:
 
 def _tokens_and_bits(x, dim: int, process_group) -> tuple[int, int]:
     K = x.shape[dim]
-    tokens = x.numel() // K if K else 0
     if K < 1:
         raise ValueError(f"x.shape[{dim}] (K)=0: expected at least one bit")
+    tokens = x.numel() // K
     if tokens == 0 and process_group is None:
         raise ValueError(f"x: no tokens (shape {tuple(x.shape)}); the entropies of an empty batch are undefined")
     return tokens, K
