@@ -17,17 +17,35 @@ from pyratok.ops.binary_quantize import (  # noqa: E402
     unpack_bits,
 )
 from pyratok.ops.causal_conv3d import causal_conv3d  # noqa: E402
+from pyratok.ops.entropy import (  # noqa: E402
+    CodebookUsage,
+    EntropyLoss,
+    bernoulli_kl,
+    bit_probs,
+    codebook_entropy,
+    codebook_usage,
+    lfq_entropy_loss,
+    per_sample_entropy,
+)
 
 __all__ = [
     "BinaryQuantized",
+    "CodebookUsage",
+    "EntropyLoss",
+    "bernoulli_kl",
     "binary_quantize",
+    "bit_probs",
     "bits_to_indices",
     "causal_conv3d",
+    "codebook_entropy",
+    "codebook_usage",
     "indices_to_bits",
     "indices_to_codes",
+    "lfq_entropy_loss",
     "lsb_to_msb",
     "msb_to_lsb",
     "pack_bits",
+    "per_sample_entropy",
     "residual_binary_quantize",
     "unpack_bits",
 ]

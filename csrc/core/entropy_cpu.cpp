@@ -1,0 +1,151 @@
+// CPU kernels for the entropy and alignment losses; contract in entropy.h.
+//
+// Code probabilities are built per token by prepending bits (least significant first):
+// with the suffix distribution in row[0, n), prepending bit j writes row[n + a] = row[a] * p
+// and then row[a] *= 1 - p, two contiguous vectorisable loops.  The backward reduces the
+// weights w_c = grad_probs_c * probs_c to per-bit sums S1 (bit set) and S0 (bit clear) most
+// significant bit first: the two halves of w are the bit's S0 and S1, and adding the upper
+// half onto the lower one leaves the next bit most significant (~4 * 2^bits contiguous
+// operations per token instead of bits * 2^bits).
+#include <vector>
+
+#include "entropy.h"
+
+namespace pyratok {
+namespace {
+
+template <typename F>
+void code_probs_impl(const CodeProbsArgs& a, void* probs_out, int64_t begin, int64_t end) {
+  using W = typename F::work;
+  using B = typename F::bits;
+  const B* x = static_cast<const B*>(a.x);
+  W* probs = static_cast<W*>(probs_out);
+  const int64_t width = int64_t(1) << a.bits;
+  const W coef = W(a.coef);
+  for (int64_t t = begin; t < end; ++t) {
+    W* row = probs + (t - a.first_token) * width;
+    const B* xr = x + t * a.K + a.bit0;
+    row[0] = W(1);
+    int64_t n = 1;
+    for (int j = a.bits - 1; j >= 0; --j, n *= 2) {
+      const W z = coef * F::load(xr[j]);
+      const W p = sigmoid_w<W>(z), q = sigmoid_w<W>(-z);
+      for (int64_t c = 0; c < n; ++c) row[n + c] = row[c] * p;
+      for (int64_t c = 0; c < n; ++c) row[c] *= q;
+    }
+  }
+}
+
+template <typename F>
+void code_probs_backward_impl(const CodeProbsArgs& a, const void* probs_in, const void* grad_in,
+                              void* dx_out, int64_t begin, int64_t end) {
+  using W = typename F::work;
+  using B = typename F::bits;
+  const B* x = static_cast<const B*>(a.x);
+  const W* probs = static_cast<const W*>(probs_in);
+  const W* grad = static_cast<const W*>(grad_in);
+  B* dx = static_cast<B*>(dx_out);
+  const int64_t width = int64_t(1) << a.bits;
+  const W coef = W(a.coef);
+  std::vector<W> w(width);
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t r = (t - a.first_token) * width;
+    for (int64_t c = 0; c < width; ++c) w[c] = grad[r + c] * probs[r + c];
+    // The most significant remaining bit splits w into a lower (bit 0) and an upper (bit 1)
+    // half; folding the halves together leaves the next bit most significant.
+    for (int j = 0, n = (int)width; j < a.bits; ++j, n /= 2) {
+      const int half = n / 2;
+      W s0 = 0, s1 = 0;
+      for (int c = 0; c < half; ++c) s0 += w[c];
+      for (int c = 0; c < half; ++c) s1 += w[half + c];
+      for (int c = 0; c < half; ++c) w[c] += w[half + c];
+      const int64_t off = t * a.K + a.bit0 + j;
+      const W z = coef * F::load(x[off]);
+      dx[off] = F::store(coef * (s1 * sigmoid_w<W>(-z) - s0 * sigmoid_w<W>(z)));
+    }
+  }
+}
+
+}  // namespace
+
+void code_probs_cpu(const CodeProbsArgs& a, void* probs, int64_t begin, int64_t end) {
+  PYRATOK_DISPATCH_DTYPE(a.dtype, code_probs_impl<F>(a, probs, begin, end));
+}
+
+void code_probs_backward_cpu(const CodeProbsArgs& a, const void* probs, const void* grad_probs,
+                             void* dx, int64_t begin, int64_t end) {
+  PYRATOK_DISPATCH_DTYPE(a.dtype, code_probs_backward_impl<F>(a, probs, grad_probs, dx, begin, end));
+}
+
+void bit_probs_cpu(DType dtype, const void* x, double coef, void* probs, int64_t begin, int64_t end) {
+  PYRATOK_DISPATCH_DTYPE(dtype, {
+    using W = typename F::work;
+    const auto* xs = static_cast<const typename F::bits*>(x);
+    W* out = static_cast<W*>(probs);
+    for (int64_t i = begin; i < end; ++i) out[i] = sigmoid_w<W>(W(coef) * F::load(xs[i]));
+  });
+}
+
+double binary_entropy_sum_cpu(DType dtype, const void* x, double coef, int64_t begin, int64_t end) {
+  double total = 0;
+  PYRATOK_DISPATCH_DTYPE(dtype, {
+    using W = typename F::work;
+    const auto* xs = static_cast<const typename F::bits*>(x);
+    for (int64_t i = begin; i < end; ++i) total += binary_entropy_w<W>(W(coef) * F::load(xs[i]));
+  });
+  return total;
+}
+
+void binary_entropy_backward_cpu(DType dtype, const void* x, double coef, double grad, void* dx,
+                                 int64_t begin, int64_t end) {
+  PYRATOK_DISPATCH_DTYPE(dtype, {
+    using W = typename F::work;
+    const auto* xs = static_cast<const typename F::bits*>(x);
+    auto* out = static_cast<typename F::bits*>(dx);
+    const W scale = W(grad * coef);
+    for (int64_t i = begin; i < end; ++i)
+      out[i] = F::store(scale * binary_entropy_grad_w<W>(W(coef) * F::load(xs[i])));
+  });
+}
+
+double bernoulli_kl_sum_cpu(DType dtype, const void* a, const void* b, int64_t begin, int64_t end) {
+  double total = 0;
+  PYRATOK_DISPATCH_DTYPE(dtype, {
+    using W = typename F::work;
+    const auto* as = static_cast<const typename F::bits*>(a);
+    const auto* bs = static_cast<const typename F::bits*>(b);
+    for (int64_t i = begin; i < end; ++i) total += bernoulli_kl_w<W>(F::load(as[i]), F::load(bs[i]));
+  });
+  return total;
+}
+
+void bernoulli_kl_backward_cpu(DType dtype, const void* a, const void* b, double grad, void* da,
+                               void* db, int64_t begin, int64_t end) {
+  PYRATOK_DISPATCH_DTYPE(dtype, {
+    using W = typename F::work;
+    using B = typename F::bits;
+    const B* as = static_cast<const B*>(a);
+    const B* bs = static_cast<const B*>(b);
+    B* das = static_cast<B*>(da);
+    B* dbs = static_cast<B*>(db);
+    const W g = W(grad);
+    for (int64_t i = begin; i < end; ++i) {
+      const W av = F::load(as[i]), bv = F::load(bs[i]);
+      const W pa = sigmoid_w<W>(av);
+      // dKL/da = p(1-p)(a-b), dKL/db = sigmoid(b) - sigmoid(a)
+      if (das) das[i] = F::store(g * pa * sigmoid_w<W>(-av) * (av - bv));
+      if (dbs) dbs[i] = F::store(g * (sigmoid_w<W>(bv) - pa));
+    }
+  });
+}
+
+void code_histogram_cpu(const void* indices, IndexType it, int64_t* counts, int64_t begin,
+                        int64_t end) {
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t v = it == IndexType::I32 ? (int64_t) static_cast<const int32_t*>(indices)[t]
+                                           : static_cast<const int64_t*>(indices)[t];
+    __atomic_fetch_add(counts + v, int64_t(1), __ATOMIC_RELAXED);
+  }
+}
+
+}  // namespace pyratok

@@ -1,0 +1,443 @@
+"""Entropy, codebook-usage and alignment losses for huge binary codebooks (DESIGN.md §2.2).
+
+LFQ's entropy loss is usually computed by materialising the N x 2^K softmax over the whole
+codebook (K = 18: 1 MiB per token).  Here nothing of size N x 2^K ever exists:
+
+* the per-token code distribution factorises into bits, p_nk = sigmoid(4 tau s x_nk), so the
+  per-sample entropy is mean_n sum_k h(p_nk), O(N K);
+* the batch distribution q = mean_n P_n is computed exactly with the half-split identity
+  q = P_A^T P_B / N (one GEMM per tile of tokens; backward: two GEMMs), memory
+  O(tile * (2^KA + 2^KB) + 2^K), practical up to K = 24;
+* beyond that, "groups" (exact entropies of bit groups, summed: an upper bound) and "bits"
+  (the per-bit bound) make the approximation explicit.
+
+Statistics are accumulated in fp32 whatever the input dtype (fp64 for fp64 input), and every
+scalar returned is in that work dtype.  Each kernel op is one ``torch.library.custom_op``
+dispatching on ``backend`` (reference: pyratok/reference/entropy.py; cpu/cuda: the C++
+extension, csrc/torch/entropy.cpp; triton: kernels/entropy.py) with a fake kernel and a
+hand-written backward that is itself a custom op.
+
+Distributed: with ``process_group``, the batch statistics (the per-sample entropy sum, the
+code counts and the token count) are all-reduced before the entropy, so R ranks give the
+single-process value on the concatenated batch, and each rank's gradient w.r.t. its own x is
+that slice of the single-process gradient.  (DDP then averages parameter gradients over
+ranks, i.e. scales this loss's parameter gradient by 1/R; multiply the loss by the world
+size if the single-process scale is wanted.)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from pyratok import _backend
+from pyratok.ops.binary_quantize import _check_dim, _check_float, _check_indices, binary_quantize
+from pyratok.reference import entropy as ref
+
+MAX_HISTOGRAM_BITS = 24  # dense 2^K histogram (128 MiB of int64 at K = 24); above: sort + unique
+
+
+class EntropyLoss(NamedTuple):
+    """Result of :func:`lfq_entropy_loss` (0-d tensors in the work dtype)."""
+
+    loss: torch.Tensor                # per_sample_weight * per_sample_entropy - codebook_weight * codebook_entropy
+    per_sample_entropy: torch.Tensor  # E_n H(P_n), nats
+    codebook_entropy: torch.Tensor    # H(q) ("exact") or its upper bound ("groups", "bits"), nats
+
+
+class CodebookUsage(NamedTuple):
+    """Result of :func:`codebook_usage` (0-d tensors)."""
+
+    fraction_used: torch.Tensor  # float64: distinct codes in the batch / 2^K
+    perplexity: torch.Tensor     # float64: exp(H(empirical code distribution)), in [1, 2^K]
+    codes_used: torch.Tensor     # int64: distinct codes in the batch
+
+
+# ---------------------------------------------------------------------------------------
+# argument checking
+
+
+def _check_number(value, name: str, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    if positive and not value > 0:
+        raise ValueError(f"{name}={value}: expected a positive number")
+    return float(value)
+
+
+def _coefficient(inv_temperature, scale) -> float:
+    inv_temperature = _check_number(inv_temperature, "inv_temperature", positive=True)
+    scale = _check_number(scale, "scale", positive=True)
+    return ref.logit_coefficient(inv_temperature, scale)
+
+
+def _check_group_sizes(K: int, method: str, group_size) -> list[int]:
+    if method not in ref.METHODS:
+        raise ValueError(f"method={method!r}: expected one of {ref.METHODS}")
+    if method == "exact" and K > ref.MAX_EXACT_BITS:
+        raise ValueError(
+            f"method='exact' materialises q over all 2^K codes and supports K <= {ref.MAX_EXACT_BITS}, "
+            f"got K={K}: use method='groups' with group_size <= {ref.MAX_EXACT_BITS} (sum of exact group "
+            "entropies, an upper bound of H(q)) or method='bits' (the per-bit upper bound)")
+    if method == "groups":
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"group_size: method='groups' needs an int, got {type(group_size).__name__}")
+        if not 1 <= group_size <= ref.MAX_EXACT_BITS:
+            raise ValueError(f"group_size={group_size}: expected 1 <= group_size <= {ref.MAX_EXACT_BITS}")
+    elif group_size is not None:
+        raise ValueError(f"group_size={group_size} is only used with method='groups', got method={method!r}")
+    return ref.group_sizes(K, method, group_size)
+
+
+def _tokens_and_bits(x, dim: int, process_group) -> tuple[int, int]:
+    K = x.shape[dim]
+    if K < 1:
+        raise ValueError(f"x.shape[{dim}] (K)=0: expected at least one bit")
+    tokens = x.numel() // K
+    if tokens == 0 and process_group is None:
+        raise ValueError(f"x: no tokens (shape {tuple(x.shape)}); the entropies of an empty batch are undefined")
+    return tokens, K
+
+
+# ---------------------------------------------------------------------------------------
+# distributed batch statistics
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the process group; the backward is the identity, because every rank's loss
+    is the same function of the sum, so d loss / d (local term) = d loss / d (sum)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        out = t.clone()
+        torch.distributed.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _check_process_group(process_group) -> None:
+    if process_group is not None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("process_group: torch.distributed is not initialised (call init_process_group first)")
+
+
+def _global_sum(total: torch.Tensor, tokens: int, process_group):
+    """(total, tokens) summed over the process group; tokens becomes a tensor there."""
+    if process_group is None:
+        return total, tokens
+    count = torch.tensor(float(tokens), dtype=torch.float64, device=total.device)
+    torch.distributed.all_reduce(count, group=process_group)
+    return _AllReduceSum.apply(total, process_group), count.to(total.dtype)
+
+
+class _CountsEntropy(torch.autograd.Function):
+    """sum over groups of H(counts_g / total), as ref.entropy_of_counts, in three elementwise
+    passes over the 2^K counts; the backward reuses the saved log q:
+    d H / d counts = -(log q + 1) / total."""
+
+    @staticmethod
+    def forward(ctx, counts, total):
+        log_q = (counts / total).clamp_min_(torch.finfo(counts.dtype).tiny).log_()
+        total = torch.as_tensor(total, dtype=counts.dtype, device=counts.device)
+        ctx.save_for_backward(log_q, total)
+        return -(counts * log_q).sum() / total
+
+    @staticmethod
+    def backward(ctx, grad):
+        log_q, total = ctx.saved_tensors
+        return (log_q + 1) * (-grad / total), None
+
+
+# ---------------------------------------------------------------------------------------
+# kernel ops
+
+
+def _tk():
+    from pyratok.kernels import entropy as tk
+
+    return tk
+
+
+def _work_empty(x: torch.Tensor, shape) -> torch.Tensor:
+    return x.new_empty(shape, dtype=ref.work_dtype(x.dtype))
+
+
+def _dense_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("pyratok::bit_probs", mutates_args=())
+def _bit_probs_op(x: torch.Tensor, coef: float, backend: str) -> torch.Tensor:
+    if backend in ("cpu", "cuda"):
+        return torch.ops.pyratok._bit_probs(x, coef)
+    if backend == "triton":
+        return _tk().bit_probs(x.contiguous(), coef)
+    return torch.sigmoid(coef * x.to(ref.work_dtype(x.dtype)))
+
+
+@_bit_probs_op.register_fake
+def _(x, coef, backend):
+    return _work_empty(x, x.shape)
+
+
+def _save_inputs_and_backend(ctx, inputs, output):
+    """Saves the tensor inputs; the other arguments (coef, sizes, backend) stay in ctx.inputs."""
+    ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
+    ctx.inputs = [None if isinstance(t, torch.Tensor) else t for t in inputs]
+
+
+def _bit_probs_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    coef = ctx.inputs[1]
+    z = coef * x.to(grad.dtype)
+    # sigmoid(z) sigmoid(-z), not p (1 - p): exact in the tails
+    return (grad * coef * torch.sigmoid(z) * torch.sigmoid(-z)).to(x.dtype), None, None
+
+
+_bit_probs_op.register_autograd(_bit_probs_backward, setup_context=_save_inputs_and_backend)
+
+
+@torch.library.custom_op("pyratok::binary_entropy_sum", mutates_args=())
+def _binary_entropy_sum_op(x: torch.Tensor, coef: float, backend: str) -> torch.Tensor:
+    if backend in ("cpu", "cuda"):
+        return torch.ops.pyratok._binary_entropy_sum(x, coef)
+    if backend == "triton":
+        return _tk().binary_entropy_sum(x.contiguous(), coef)
+    return ref.binary_entropy_from_logits(coef * x.to(ref.work_dtype(x.dtype))).sum()
+
+
+@_binary_entropy_sum_op.register_fake
+def _(x, coef, backend):
+    return _work_empty(x, ())
+
+
+@torch.library.custom_op("pyratok::binary_entropy_backward", mutates_args=())
+def _binary_entropy_backward_op(x: torch.Tensor, coef: float, grad: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend in ("cpu", "cuda"):
+        return torch.ops.pyratok._binary_entropy_backward(x, coef, grad)
+    if backend == "triton":
+        return _tk().binary_entropy_backward(x.contiguous(), coef, grad)
+    z = coef * x.to(ref.work_dtype(x.dtype))
+    return (grad * coef * ref.binary_entropy_grad(z)).to(x.dtype).contiguous()
+
+
+@_binary_entropy_backward_op.register_fake
+def _(x, coef, grad, backend):
+    return _dense_like(x)
+
+
+_binary_entropy_sum_op.register_autograd(
+    lambda ctx, grad: (_binary_entropy_backward_op(ctx.saved_tensors[0], ctx.inputs[1], grad, ctx.inputs[2]),
+                       None, None),
+    setup_context=_save_inputs_and_backend)
+
+
+@torch.library.custom_op("pyratok::soft_code_counts", mutates_args=())
+def _soft_code_counts_op(x: torch.Tensor, coef: float, group_sizes: list[int], backend: str) -> torch.Tensor:
+    """(N, K) -> concatenated per-group soft code counts sum_n P_n^(g), each 2^g long."""
+    if backend in ("cpu", "cuda"):
+        return torch.ops.pyratok._soft_code_counts(x, coef, group_sizes)
+    if backend == "triton":
+        return _tk().soft_code_counts(x.contiguous(), coef, group_sizes)
+    return ref.soft_code_counts(x, coef, group_sizes)
+
+
+@_soft_code_counts_op.register_fake
+def _(x, coef, group_sizes, backend):
+    return _work_empty(x, (sum(1 << g for g in group_sizes),))
+
+
+@torch.library.custom_op("pyratok::soft_code_counts_backward", mutates_args=())
+def _soft_code_counts_backward_op(x: torch.Tensor, coef: float, group_sizes: list[int], grad_counts: torch.Tensor,
+                                  backend: str) -> torch.Tensor:
+    if backend in ("cpu", "cuda"):
+        return torch.ops.pyratok._soft_code_counts_backward(x, coef, group_sizes, grad_counts)
+    if backend == "triton":
+        return _tk().soft_code_counts_backward(x.contiguous(), coef, group_sizes, grad_counts)
+    return ref.soft_code_counts_backward(x, coef, group_sizes, grad_counts).contiguous()
+
+
+@_soft_code_counts_backward_op.register_fake
+def _(x, coef, group_sizes, grad_counts, backend):
+    return _dense_like(x)
+
+
+_soft_code_counts_op.register_autograd(
+    lambda ctx, grad: (_soft_code_counts_backward_op(ctx.saved_tensors[0], ctx.inputs[1], ctx.inputs[2], grad,
+                                                     ctx.inputs[3]), None, None, None),
+    setup_context=_save_inputs_and_backend)
+
+
+@torch.library.custom_op("pyratok::bernoulli_kl_sum", mutates_args=())
+def _bernoulli_kl_sum_op(p_logits: torch.Tensor, r_logits: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend in ("cpu", "cuda"):
+        return torch.ops.pyratok._bernoulli_kl_sum(p_logits, r_logits)
+    if backend == "triton":
+        return _tk().bernoulli_kl_sum(p_logits.contiguous(), r_logits.contiguous())
+    return ref.bernoulli_kl_elementwise(p_logits, r_logits).sum()
+
+
+@_bernoulli_kl_sum_op.register_fake
+def _(p_logits, r_logits, backend):
+    return _work_empty(p_logits, ())
+
+
+@torch.library.custom_op("pyratok::bernoulli_kl_backward", mutates_args=())
+def _bernoulli_kl_backward_op(p_logits: torch.Tensor, r_logits: torch.Tensor, grad: torch.Tensor,
+                              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend in ("cpu", "cuda"):
+        return torch.ops.pyratok._bernoulli_kl_backward(p_logits, r_logits, grad)
+    if backend == "triton":
+        return _tk().bernoulli_kl_backward(p_logits.contiguous(), r_logits.contiguous(), grad)
+    grad_p, grad_r = ref.bernoulli_kl_grads(p_logits, r_logits)
+    return (grad * grad_p).to(p_logits.dtype).contiguous(), (grad * grad_r).to(r_logits.dtype).contiguous()
+
+
+@_bernoulli_kl_backward_op.register_fake
+def _(p_logits, r_logits, grad, backend):
+    return _dense_like(p_logits), _dense_like(r_logits)
+
+
+_bernoulli_kl_sum_op.register_autograd(
+    lambda ctx, grad: (*_bernoulli_kl_backward_op(*ctx.saved_tensors, grad, ctx.inputs[2]), None),
+    setup_context=_save_inputs_and_backend)
+
+
+@torch.library.custom_op("pyratok::code_histogram", mutates_args=())
+def _code_histogram_op(indices: torch.Tensor, K: int, backend: str) -> torch.Tensor:
+    if backend in ("cpu", "cuda"):
+        return torch.ops.pyratok._code_histogram(indices, K)
+    if backend == "triton":
+        return _tk().code_histogram(indices.contiguous(), K)
+    return ref.code_histogram(indices, K)
+
+
+@_code_histogram_op.register_fake
+def _(indices, K, backend):
+    return indices.new_empty(1 << K, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------
+# public API
+
+
+def bit_probs(x: torch.Tensor, inv_temperature: float = 100.0, scale: float = 1.0,
+              backend: Optional[str] = None) -> torch.Tensor:
+    """p = sigmoid(4 * inv_temperature * scale * x), elementwise, in the work dtype (fp32;
+    fp64 for fp64 x): the probability that each bit is 1 under LFQ's softmax over codes +-scale."""
+    _check_float(x)
+    return _bit_probs_op(x, _coefficient(inv_temperature, scale), _backend.resolve(backend, x.device))
+
+
+def per_sample_entropy(x: torch.Tensor, inv_temperature: float = 100.0, scale: float = 1.0, dim: int = 1,
+                       process_group=None, backend: Optional[str] = None) -> torch.Tensor:
+    """E_n H(P_n) = mean over tokens of sum_k h(p_nk), exact, in nats.
+
+    x: (.., K, ..) with the K bits on axis ``dim`` (e.g. (B, K, T, H, W)); any float dtype.
+    """
+    _check_float(x)
+    dim = _check_dim(dim, x.dim())
+    _check_process_group(process_group)
+    tokens, _ = _tokens_and_bits(x, dim, process_group)
+    total = _binary_entropy_sum_op(x, _coefficient(inv_temperature, scale), _backend.resolve(backend, x.device))
+    total, tokens = _global_sum(total, tokens, process_group)
+    return total / tokens
+
+
+def codebook_entropy(x: torch.Tensor, inv_temperature: float = 100.0, scale: float = 1.0, dim: int = 1,
+                     method: str = "exact", group_size: Optional[int] = None, process_group=None,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """H(q) of the batch code distribution q = mean_n P_n over all 2^K codes, in nats.
+
+    method="exact" (K <= 24): the half-split GEMM, exact.  method="groups": the bits are cut
+    into consecutive groups of ``group_size`` (the last one may be shorter) and the exact group
+    entropies are summed, an upper bound of H(q) that is tight when the groups are independent
+    under q.  method="bits": the per-bit bound sum_k h(mean_n p_nk).
+    """
+    _check_float(x)
+    dim = _check_dim(dim, x.dim())
+    _check_process_group(process_group)
+    tokens, K = _tokens_and_bits(x, dim, process_group)
+    sizes = _check_group_sizes(K, method, group_size)
+    coef = _coefficient(inv_temperature, scale)
+    x2d = ref.tokens_by_bits(x, dim).contiguous()  # (N, K)
+    counts = _soft_code_counts_op(x2d, coef, sizes, _backend.resolve(backend, x.device))
+    counts, tokens = _global_sum(counts, tokens, process_group)
+    return _CountsEntropy.apply(counts, tokens)
+
+
+def lfq_entropy_loss(x: torch.Tensor, per_sample_weight: float = 1.0, codebook_weight: float = 1.0,
+                     method: str = "exact", process_group=None, *, inv_temperature: float = 100.0,
+                     scale: float = 1.0, group_size: Optional[int] = None, dim: int = 1,
+                     backend: Optional[str] = None) -> EntropyLoss:
+    """The MAGVIT-v2 / LFQ entropy loss  per_sample_weight * E H(P_n) - codebook_weight * H(q).
+
+    vector-quantize-pytorch's ``LFQ(entropy_loss_weight=w, diversity_gamma=g)`` aux loss is
+    ``per_sample_weight=w, codebook_weight=w * g`` with the same ``inv_temperature`` (its
+    default is 100) and ``scale`` = its codebook scale (1/sqrt(K) times it when spherical).
+    Returns :class:`EntropyLoss`.
+    """
+    w_sample = _check_number(per_sample_weight, "per_sample_weight")
+    w_codebook = _check_number(codebook_weight, "codebook_weight")
+    kwargs = dict(inv_temperature=inv_temperature, scale=scale, dim=dim, process_group=process_group,
+                  backend=backend)
+    sample = per_sample_entropy(x, **kwargs)
+    codebook = codebook_entropy(x, method=method, group_size=group_size, **kwargs)
+    return EntropyLoss(w_sample * sample - w_codebook * codebook, sample, codebook)
+
+
+def bernoulli_kl(p_logits: torch.Tensor, r_logits: torch.Tensor, dim: int = 1,
+                 backend: Optional[str] = None) -> torch.Tensor:
+    """Mean over positions of KL(p || r) between two Bernoulli-product distributions.
+
+    p_logits, r_logits: the same shape (.., K, ..), bits on axis ``dim``; p = sigmoid(p_logits),
+    r = sigmoid(r_logits).  Exact: sum over the K bits of the per-bit KL, averaged over the
+    positions; differentiable in both arguments (detach r for a stop-gradient target).
+    """
+    _check_float(p_logits, "p_logits")
+    _check_float(r_logits, "r_logits")
+    if p_logits.shape != r_logits.shape:
+        raise ValueError(f"r_logits: shape {tuple(r_logits.shape)} differs from p_logits {tuple(p_logits.shape)}; "
+                         "the KL pairs each bit of p with the same bit of r (broadcast explicitly first)")
+    if p_logits.device != r_logits.device:
+        raise ValueError(f"r_logits: on {r_logits.device}, p_logits on {p_logits.device}")
+    dim = _check_dim(dim, p_logits.dim())
+    positions = p_logits.numel() // p_logits.shape[dim] if p_logits.shape[dim] else 0
+    if positions == 0:
+        raise ValueError(f"p_logits: no positions (shape {tuple(p_logits.shape)})")
+    common = torch.promote_types(p_logits.dtype, r_logits.dtype)
+    total = _bernoulli_kl_sum_op(p_logits.to(common), r_logits.to(common), _backend.resolve(backend, p_logits.device))
+    return total / positions
+
+
+def codebook_usage(codes: torch.Tensor, K: Optional[int] = None, dim: int = 1,
+                   backend: Optional[str] = None) -> CodebookUsage:
+    """Code usage of a batch: fraction of the 2^K codes used and the usage perplexity.
+
+    codes: MSB-first integer indices (..) with ``K`` given, or float latents (.., K, ..) that
+    are binary-quantized along ``dim`` first.  Exact for every K: a dense 2^K histogram for
+    K <= 24, and sorted unique codes above (a batch of N tokens uses at most N codes, so no
+    estimate is needed).  Returns :class:`CodebookUsage`.
+    """
+    if isinstance(codes, torch.Tensor) and codes.is_floating_point():
+        dim = _check_dim(dim, codes.dim())
+        if K is not None and K != codes.shape[dim]:
+            raise ValueError(f"K={K} differs from x.shape[{dim}]={codes.shape[dim]}")
+        K = codes.shape[dim]
+        if not 1 <= K <= 63:
+            raise ValueError(f"x.shape[{dim}] (K)={K}: codebook usage needs 1 <= K <= 63")
+        indices = binary_quantize(codes, dim, return_codes=False, backend=backend).indices
+    else:
+        if K is None:
+            raise TypeError("K: required when codes are integer indices")
+        if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= 63:
+            raise ValueError(f"K={K!r}: codebook usage needs an int 1 <= K <= 63")
+        _check_indices(codes, K, name="codes")
+        indices = codes
+    if K > MAX_HISTOGRAM_BITS:
+        return CodebookUsage(*ref.codebook_usage(indices, K))
+    counts = _code_histogram_op(indices, K, _backend.resolve(backend, indices.device))
+    return CodebookUsage(*ref.usage_from_counts(counts, K))
