@@ -63,6 +63,7 @@ setup(
         "pyratok.reference",
         "pyratok.ops",
         "pyratok.nn",
+        "pyratok.models",
         "pyratok.kernels",
     ],
     package_dir={"pyratok.kernels": "kernels"},
