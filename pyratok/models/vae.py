@@ -415,18 +415,33 @@ class ResidualUpBlock(nn.Module):
         return x if shortcut is None else x + shortcut
 
 
-class _Head(nn.Module):
-    """Shared by encoder and decoder: norm_out -> SiLU -> conv_out (named like diffusers)."""
+def _conv_receptive_radius(blocks: nn.ModuleList) -> float:
+    """Spatial receptive-field radius of a run of blocks, in pixels of their input grid: each
+    3x3 conv reaches one pixel of the grid it runs on, a stride-2 downsampling conv two.
+    math.inf when an attention block (which sees the whole frame) is among them."""
+    radius, pixel = 0.0, 1.0
+    for m in blocks.modules():                                           # registration = execution order
+        if isinstance(m, AttentionBlock):
+            return math.inf
+        if isinstance(m, ResidualBlock):
+            radius += 2 * pixel
+        elif isinstance(m, Resample) and m.mode.startswith("down"):
+            radius += 2 * pixel
+            pixel *= 2
+        elif isinstance(m, Resample):
+            pixel /= 2
+            radius += pixel
+    return radius
 
-    def _head(self, x: torch.Tensor, cache: Optional[StreamCache]) -> torch.Tensor:
-        return self.conv_out(self.norm_out(x, silu=True, overwrite=True), cache)
 
-
-class Encoder(_Head):
+class Encoder(nn.Module):
     """(B, in_channels, T, H, W) -> (B, 2 * z_dim, 1 + (T-1)/temporal_factor, H/2^(n-1), W/2^(n-1)).
 
-    ``features``, when a list, receives the output of every stage (after its downsampler), the
-    per-depth maps LaPQ's lateral connections tap.
+    Two parts: ``spatial_part`` (conv_in and the down blocks: convolutions only, unless
+    attn_scales adds attention there, so it can be tiled) and ``latent_part`` (the mid block
+    with its frame-global attention, and the head, at latent resolution).  ``features``, when a
+    list, receives the output of every stage (after its downsampler): the per-depth maps LaPQ's
+    lateral connections tap.
     """
 
     def __init__(self, config: WanVAEConfig):
@@ -456,21 +471,35 @@ class Encoder(_Head):
         self.mid_block = MidBlock(dims[-1], c.dropout)
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], 2 * c.z_dim, 3, padding=1)
+        # in latent pixels: conv_in + down blocks, measured on the input grid (2^(n-1) input pixels per latent pixel)
+        self.spatial_radius = (1 + _conv_receptive_radius(self.down_blocks)) / 2 ** last
 
-    def forward(self, x: torch.Tensor, cache: Optional[StreamCache] = None,
-                features: Optional[list] = None) -> torch.Tensor:
+    def spatial_part(self, x: torch.Tensor, cache: Optional[StreamCache] = None,
+                     features: Optional[list] = None) -> torch.Tensor:
         first_chunk = cache is None or self.conv_in not in cache
         x = self.conv_in(x, cache)
         for index, block in enumerate(self.down_blocks):
             x = block(x, cache, first_chunk)
             if features is not None and index in self.stage_ends:
                 features.append(x)
+        return x
+
+    def latent_part(self, x: torch.Tensor, cache: Optional[StreamCache] = None) -> torch.Tensor:
         x = self.mid_block(x, cache)
-        return self._head(x, cache)
+        return self.conv_out(self.norm_out(x, silu=True, overwrite=True), cache)
+
+    def forward(self, x: torch.Tensor, cache: Optional[StreamCache] = None,
+                features: Optional[list] = None) -> torch.Tensor:
+        return self.latent_part(self.spatial_part(x, cache, features), cache)
 
 
-class Decoder(_Head):
-    """(B, z_dim, T, h, w) -> (B, out_channels, 1 + (T-1)*temporal_factor, h*2^(n-1), w*2^(n-1))."""
+class Decoder(nn.Module):
+    """(B, z_dim, T, h, w) -> (B, out_channels, 1 + (T-1)*temporal_factor, h*2^(n-1), w*2^(n-1)).
+
+    Two parts: ``latent_part`` (conv_in and the mid block with its frame-global attention, at
+    latent resolution) and ``spatial_part`` (the up blocks and the head: convolutions only, so
+    it can be tiled).
+    """
 
     def __init__(self, config: WanVAEConfig):
         super().__init__()
@@ -494,14 +523,20 @@ class Decoder(_Head):
                                               c.num_res_blocks, mode))
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], c.out_channels, 3, padding=1)
+        # in latent pixels: up blocks + conv_out (one pixel of the output grid)
+        self.spatial_radius = _conv_receptive_radius(self.up_blocks) + 1 / 2 ** last
 
-    def forward(self, x: torch.Tensor, cache: Optional[StreamCache] = None) -> torch.Tensor:
-        first_chunk = cache is None or self.conv_in not in cache
-        x = self.conv_in(x, cache)
-        x = self.mid_block(x, cache)
+    def latent_part(self, z: torch.Tensor, cache: Optional[StreamCache] = None) -> torch.Tensor:
+        return self.mid_block(self.conv_in(z, cache), cache)
+
+    def spatial_part(self, x: torch.Tensor, cache: Optional[StreamCache], first_chunk: bool) -> torch.Tensor:
         for block in self.up_blocks:
             x = block(x, cache, first_chunk)
-        return self._head(x, cache)
+        return self.conv_out(self.norm_out(x, silu=True, overwrite=True), cache)
+
+    def forward(self, z: torch.Tensor, cache: Optional[StreamCache] = None) -> torch.Tensor:
+        first_chunk = cache is None or self.conv_in not in cache
+        return self.spatial_part(self.latent_part(z, cache), cache, first_chunk)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -575,7 +610,7 @@ def _backbone_name(key: str) -> Optional[str]:
 
 
 def _chunks(total: int, first: int, size: Optional[int]) -> list[int]:
-    """Chunk lengths covering ``total``: ``first``, then ``size`` at a time (None: everything at once)."""
+    """Chunk lengths covering ``total``: ``first``, then ``size`` at a time (None: all at once)."""
     if size is None or total <= first:
         return [total]
     plan = [first]
@@ -584,23 +619,31 @@ def _chunks(total: int, first: int, size: Optional[int]) -> list[int]:
     return plan
 
 
+def _split(x: torch.Tensor, plan: list[int]) -> tuple[torch.Tensor, ...]:
+    """Consecutive time chunks (dim 2) of x with the lengths in ``plan``."""
+    return torch.split(x, plan, dim=2)
+
+
 def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Tile origins along one axis: every tile - overlap, the last one flush with the end."""
+    """Origins of the fewest tiles of ``tile`` pixels that cover ``length`` with neighbours sharing
+    at least ``overlap`` pixels, spread evenly."""
     if length <= tile:
         return [0]
-    starts = list(range(0, length - tile, tile - overlap))
-    return starts + [length - tile]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
-def _blend_ramp(start: int, size: int, length: int, ramp: int, device) -> torch.Tensor:
-    """1-D blending weights of a tile spanning [start, start+size) of an axis of ``length``:
-    linear over ``ramp`` samples on sides that border another tile, 1 elsewhere."""
-    w = torch.ones(size, device=device)
-    rising = (torch.arange(ramp, device=device, dtype=torch.float32) + 0.5) / ramp
+def _blend_weights(start: int, size: int, length: int, margin: int, ramp: int) -> torch.Tensor:
+    """1-D weights of a tile covering [start, start + size) of an axis of ``length``.  On a side
+    that borders another tile: 0 over the ``margin`` pixels at the edge (they saw the tile's zero
+    padding), then a linear ramp over ``ramp`` pixels; 1 elsewhere and at the frame border."""
+    w = torch.ones(size)
+    rising = torch.cat([torch.zeros(margin), (torch.arange(ramp) + 0.5) / ramp])
+    n = margin + ramp
     if start > 0:
-        w[:ramp] = rising
+        w[:n] = rising
     if start + size < length:
-        w[size - ramp:] = torch.minimum(w[size - ramp:], rising.flip(0))
+        w[size - n:] = torch.minimum(w[size - n:], rising.flip(0))
     return w
 
 
@@ -632,29 +675,13 @@ class WanVAE(nn.Module):
         return self.config.spatial_factor
 
     def receptive_field(self, part: str = "decoder") -> float:
-        """Spatial receptive-field radius, in latent pixels, of the encoder's or decoder's
-        convolutions (the mid-block attention, which sees the whole frame, is left out).
-        A tile overlap of at least this much makes tiling exact for the convolutions."""
-        c = self.config
-        res_convs = 2 * c.num_res_blocks                                 # 3x3 convs per stage
-        mid = 4                                                          # two residual blocks
-        if part == "decoder":
-            radius, pixel = 1.0 + mid, 1.0                               # conv_in and mid block at latent scale
-            for i in range(c.num_stages):
-                radius += pixel * 2 * (c.num_res_blocks + 1)
-                if i != c.num_stages - 1:
-                    pixel /= 2                                           # upsample, then a 3x3 conv at the new scale
-                    radius += pixel
-            return radius + pixel                                        # conv_out
-        if part == "encoder":
-            radius, pixel = 1.0, 1.0 / c.spatial_factor * (c.patch_size or 1)
-            for i in range(c.num_stages):
-                radius += pixel * res_convs
-                if i != c.num_stages - 1:
-                    radius += 2 * pixel                                  # stride-2 conv reaches 2 pixels on one side
-                    pixel *= 2
-            return radius + pixel * (mid + 1)                            # mid block and conv_out at latent scale
-        raise ValueError(f"part={part!r}: expected 'encoder' or 'decoder'")
+        """Spatial receptive-field radius, in latent pixels, of the part of the encoder or decoder
+        that tiling splits (the convolutions above latent resolution; the mid block, with its
+        frame-global attention, always runs on whole frames).  math.inf when attn_scales puts
+        attention into the encoder's down blocks."""
+        if part not in ("encoder", "decoder"):
+            raise ValueError(f"part={part!r}: expected 'encoder' or 'decoder'")
+        return (self.encoder if part == "encoder" else self.decoder).spatial_radius
 
     def _check_video(self, video: torch.Tensor) -> None:
         if not isinstance(video, torch.Tensor):
@@ -692,24 +719,24 @@ class WanVAE(nn.Module):
         if not latent.is_floating_point():
             raise TypeError(f"latent: expected a floating point tensor, got {latent.dtype}")
 
-    @staticmethod
-    def _check_chunk(name: str, value: Optional[int], multiple: int) -> None:
-        if value is not None and (not isinstance(value, int) or value < 1 or value % multiple):
-            raise ValueError(f"{name}={value!r}: expected None or a positive multiple of {multiple}")
-
-    def _check_tiling(self, tile: int, overlap: Optional[int], part: str) -> int:
-        if not isinstance(tile, int) or tile < 2:
-            raise ValueError(f"tile={tile!r}: expected an int >= 2 (latent pixels)")
+    def _check_tiling(self, tile: int, overlap: Optional[int], part: str) -> tuple[int, int]:
+        """-> (overlap, margin).  Exact tiling needs margin >= the receptive-field radius R, i.e.
+        overlap >= 2 * ceil(R) + 1; the default is 2 * ceil(R) + 2 (a 2-latent-pixel ramp)."""
+        if not isinstance(tile, int) or tile < 4:
+            raise ValueError(f"tile={tile!r}: expected an int >= 4 (latent pixels)")
         radius = self.receptive_field(part)
+        needed = 2 * math.ceil(radius) + 1 if math.isfinite(radius) else None
         if overlap is None:
-            overlap = min(math.ceil(radius), tile // 2)
+            overlap = needed + 1 if needed is not None and needed + 1 < tile else tile // 2
         if not isinstance(overlap, int) or not 0 < overlap < tile:
             raise ValueError(f"overlap={overlap!r}: expected an int in [1, tile) latent pixels (tile={tile})")
-        if overlap < radius:
-            warnings.warn(f"overlap={overlap} latent pixels is below the {part}'s receptive-field radius "
-                          f"{radius:.1f}: tiles will differ from the untiled result near their borders "
-                          f"(the linear blend hides it, but it is not exact)", stacklevel=3)
-        return overlap
+        if needed is None or overlap < needed:
+            warnings.warn(f"tile overlap {overlap} is below 2 x the {part}'s receptive-field radius + 1 "
+                          f"({needed if needed is not None else 'unbounded: attention in the down blocks'}); tiles "
+                          f"differ from the untiled result near their edges (the blend hides seams, but is not "
+                          f"exact); use a larger tile and overlap for exact tiling", stacklevel=3)
+            return overlap, (overlap - 1) // 2
+        return overlap, math.ceil(radius)
 
     # -- dtype ---------------------------------------------------------------------------------
 
@@ -738,51 +765,59 @@ class WanVAE(nn.Module):
         x = patchify(chunk.to(self._dtype(self.encoder)), self.config.patch_size)
         return LatentDistribution.from_moments(self.quant_conv(self.encoder(x, cache, features), cache))
 
-    def _encode_clip(self, video: torch.Tensor, chunk_frames: Optional[int], features: Optional[list]):
-        cache, dists, per_chunk = StreamCache(), [], []
-        start = 0
-        for n in _chunks(video.shape[2], 1, chunk_frames):
-            taps = None if features is None else []
-            dists.append(self.encode_stream(video[:, :, start:start + n], cache, taps))
-            per_chunk.append(taps)
-            start += n
-        if features is not None:
-            features.extend(torch.cat(level, dim=2) for level in zip(*per_chunk))
-        return LatentDistribution(torch.cat([d.mean for d in dists], 2), torch.cat([d.logvar for d in dists], 2))
-
     def encode(self, video: torch.Tensor, chunk_frames: Optional[int] = -1, tile: Optional[int] = None,
                overlap: Optional[int] = None) -> LatentDistribution:
         """video (B, C, T, H, W) in [-1, 1], T = 1 + 4k -> latent distribution (B, z_dim, 1 + k, H/8, W/8).
 
         chunk_frames: frames per encoder pass after the first frame (a multiple of 4); -1 (default)
         uses 4, Wan's plan; None encodes the whole clip in one pass (fastest, most memory).
-        tile / overlap: spatial tiling in latent pixels (see the module docstring); overlap None
-        picks the receptive-field radius (capped at tile // 2).
+        tile / overlap: spatial tiling in latent pixels (module docstring); overlap None gives
+        exact tiling (2 x receptive-field radius + 2).
         """
         self._check_video(video)
-        chunk_frames = self.temporal_factor if chunk_frames == -1 else chunk_frames
-        self._check_chunk("chunk_frames", chunk_frames, self.temporal_factor)
+        plan = self._encode_plan(video.shape[2], chunk_frames)
         if tile is None:
-            return self._encode_clip(video, chunk_frames, None)
-        overlap = self._check_tiling(tile, overlap, "encoder")
-        sf = self.spatial_factor
-        moments = self._tiled(video, sf, 1, tile, overlap, lambda v: self._as_moments(self._encode_clip(v, chunk_frames, None)))
-        return LatentDistribution.from_moments(moments)
+            return self._encode_untiled(video, plan, None)
+        overlap, margin = self._check_tiling(tile, overlap, "encoder")
+        dtype, sf, patch = self._dtype(self.encoder), self.spatial_factor, self.config.patch_size
 
-    @staticmethod
-    def _as_moments(dist: LatentDistribution) -> torch.Tensor:
-        return torch.cat([dist.mean, dist.logvar], dim=1)
+        def spatial_part(video_tile):
+            cache = StreamCache()
+            return torch.cat([self.encoder.spatial_part(patchify(chunk.to(dtype), patch), cache)
+                              for chunk in _split(video_tile, plan)], dim=2)
+
+        hidden = self._tiled(video, sf, 1, tile, overlap, margin, spatial_part).to(dtype)   # (B, C, T', h, w)
+        cache = StreamCache()
+        latent_plan = [1 + (n - 1) // self.temporal_factor for n in plan[:1]] + [n // self.temporal_factor
+                                                                                for n in plan[1:]]
+        moments = [self.quant_conv(self.encoder.latent_part(chunk, cache), cache) for chunk in _split(hidden, latent_plan)]
+        return LatentDistribution.from_moments(torch.cat(moments, dim=2))
 
     def encoder_features(self, video: torch.Tensor, chunk_frames: Optional[int] = -1
                          ) -> tuple[LatentDistribution, list[torch.Tensor]]:
         """The latent distribution and the per-stage encoder feature maps LaPQ taps: entry i is the
         output of encoder stage i (after its downsampler), (B, base_dim*dim_mult[i], T_i, H_i, W_i)."""
         self._check_video(video)
-        chunk_frames = self.temporal_factor if chunk_frames == -1 else chunk_frames
-        self._check_chunk("chunk_frames", chunk_frames, self.temporal_factor)
         features: list[torch.Tensor] = []
-        dist = self._encode_clip(video, chunk_frames, features)
+        dist = self._encode_untiled(video, self._encode_plan(video.shape[2], chunk_frames), features)
         return dist, features
+
+    def _encode_plan(self, frames: int, chunk_frames: Optional[int]) -> list[int]:
+        chunk_frames = self.temporal_factor if chunk_frames == -1 else chunk_frames
+        if chunk_frames is not None and (not isinstance(chunk_frames, int) or chunk_frames < 1
+                                         or chunk_frames % self.temporal_factor):
+            raise ValueError(f"chunk_frames={chunk_frames!r}: expected None or a positive multiple of "
+                             f"{self.temporal_factor}")
+        return _chunks(frames, 1, chunk_frames)
+
+    def _encode_untiled(self, video: torch.Tensor, plan: list[int], features: Optional[list]) -> LatentDistribution:
+        cache, dists, taps = StreamCache(), [], []
+        for chunk in _split(video, plan):
+            taps.append(None if features is None else [])
+            dists.append(self.encode_stream(chunk, cache, taps[-1]))
+        if features is not None:
+            features.extend(torch.cat(level, dim=2) for level in zip(*taps))
+        return LatentDistribution(torch.cat([d.mean for d in dists], 2), torch.cat([d.logvar for d in dists], 2))
 
     # -- decode --------------------------------------------------------------------------------
 
@@ -793,37 +828,46 @@ class WanVAE(nn.Module):
         x = self.decoder(self.post_quant_conv(z, cache), cache)
         return unpatchify(x, self.config.patch_size).clamp_(-1.0, 1.0)
 
-    def _decode_clip(self, latent: torch.Tensor, chunk_frames: Optional[int]) -> torch.Tensor:
-        cache, outs, start = StreamCache(), [], 0
-        for n in _chunks(latent.shape[2], chunk_frames or latent.shape[2], chunk_frames):
-            outs.append(self.decode_stream(latent[:, :, start:start + n], cache))
-            start += n
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-
     def decode(self, latent: torch.Tensor, chunk_frames: Optional[int] = 1, tile: Optional[int] = None,
                overlap: Optional[int] = None) -> torch.Tensor:
         """latent (B, z_dim, T, h, w) -> video (B, C, 1 + 4(T-1), 8h, 8w) in [-1, 1].
 
         chunk_frames: latent frames per decoder pass (default 1, Wan's plan; None: all at once).
-        tile / overlap: spatial tiling in latent pixels; overlap None picks the decoder's
-        receptive-field radius (capped at tile // 2).
+        tile / overlap: spatial tiling in latent pixels (module docstring); overlap None gives
+        exact tiling (2 x receptive-field radius + 2).
         """
         self._check_latent(latent)
-        self._check_chunk("chunk_frames", chunk_frames, 1)
+        if chunk_frames is not None and (not isinstance(chunk_frames, int) or chunk_frames < 1):
+            raise ValueError(f"chunk_frames={chunk_frames!r}: expected None or a positive int")
+        plan = _chunks(latent.shape[2], chunk_frames or latent.shape[2], chunk_frames)
         if tile is None:
-            return self._decode_clip(latent, chunk_frames)
-        overlap = self._check_tiling(tile, overlap, "decoder")
-        return self._tiled(latent, 1, self.spatial_factor, tile, overlap,
-                           lambda z: self._decode_clip(z, chunk_frames))
+            cache = StreamCache()
+            return torch.cat([self.decode_stream(chunk, cache) for chunk in _split(latent, plan)], dim=2)
+        overlap, margin = self._check_tiling(tile, overlap, "decoder")
+        dtype, patch = self._dtype(self.decoder), self.config.patch_size
+        cache = StreamCache()
+        hidden = torch.cat([self.decoder.latent_part(self.post_quant_conv(chunk.to(dtype), cache), cache)
+                            for chunk in _split(latent, plan)], dim=2)                   # (B, C, T, h, w)
 
-    def _tiled(self, x: torch.Tensor, in_scale: int, out_scale: int, tile: int, overlap: int, run) -> torch.Tensor:
-        """Runs ``run`` on overlapping spatial tiles of x and blends the results.
+        def spatial_part(hidden_tile):
+            cache = StreamCache()
+            return torch.cat([unpatchify(self.decoder.spatial_part(chunk, cache, first_chunk=i == 0), patch)
+                              for i, chunk in enumerate(_split(hidden_tile, plan))], dim=2)
 
-        Tiles are ``tile`` latent pixels wide (``tile * in_scale`` input pixels, ``tile *
-        out_scale`` output pixels), neighbours share ``overlap`` latent pixels, and over that
-        band the weights of the two tiles ramp linearly and sum to one.
+        return self._tiled(hidden, 1, self.spatial_factor, tile, overlap, margin, spatial_part).clamp_(-1.0, 1.0)
+
+    @staticmethod
+    def _tiled(x: torch.Tensor, in_scale: int, out_scale: int, tile: int, overlap: int, margin: int, run
+               ) -> torch.Tensor:
+        """Runs ``run`` on overlapping spatial tiles of x (B, C, T, H * in_scale, W * in_scale) and
+        blends the results (B, C', T', H * out_scale, W * out_scale); H, W count latent pixels.
+
+        Neighbouring tiles share at least ``overlap`` latent pixels; there each tile's outer
+        ``margin`` pixels get weight 0 and the rest ramps linearly, and the weights are
+        normalised to sum to one.  Accumulates in fp32, returns the dtype ``run`` returns.
         """
-        H, W = x.shape[-2] // in_scale, x.shape[-1] // in_scale          # latent grid
+        H, W = x.shape[-2] // in_scale, x.shape[-1] // in_scale
+        ramp = (overlap - 2 * margin) * out_scale
         out = weight = None
         for top in _tile_starts(H, tile, overlap):
             for left in _tile_starts(W, tile, overlap):
@@ -831,15 +875,15 @@ class WanVAE(nn.Module):
                 piece = run(x[..., top * in_scale:(top + th) * in_scale, left * in_scale:(left + tw) * in_scale])
                 if out is None:
                     out = piece.new_zeros(*piece.shape[:-2], H * out_scale, W * out_scale, dtype=torch.float32)
-                    weight = piece.new_zeros(H * out_scale, W * out_scale, dtype=torch.float32)
-                ramp = overlap * out_scale
-                w = (_blend_ramp(top * out_scale, th * out_scale, H * out_scale, ramp, x.device)[:, None]
-                     * _blend_ramp(left * out_scale, tw * out_scale, W * out_scale, ramp, x.device)[None, :])
+                    weight = torch.zeros(H * out_scale, W * out_scale, device=x.device)
+                w = (_blend_weights(top * out_scale, th * out_scale, H * out_scale, margin * out_scale, ramp)[:, None]
+                     * _blend_weights(left * out_scale, tw * out_scale, W * out_scale, margin * out_scale, ramp)[None, :]
+                     ).to(x.device)                                       # (th, tw) in output pixels
                 rows = slice(top * out_scale, (top + th) * out_scale)
                 cols = slice(left * out_scale, (left + tw) * out_scale)
                 out[..., rows, cols] += piece.float() * w
                 weight[rows, cols] += w
-        return (out / weight).to(piece.dtype)
+        return out.div_(weight).to(piece.dtype)
 
     def forward(self, video: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None):
         """Reconstruction: decode(encode(video)), with the posterior mean unless ``sample``."""
