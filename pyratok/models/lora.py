@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pyratok.nn.causal_conv3d import CausalConv3d, StreamCache
@@ -27,6 +29,7 @@ try:
     import peft
     from peft.tuners.lora.layer import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("LoRA needs peft: pip install 'pyratok[lora]'") from err
 
@@ -40,7 +43,10 @@ class LoraCausalConv3d(nn.Module, LoraLayer):
     def __init__(self, base_layer: CausalConv3d, adapter_name: str, config: peft.LoraConfig, r: int = 0,
                  lora_alpha: float = 1, **kwargs):
         super().__init__()
-        LoraLayer.__init__(self, base_layer)
+        with warnings.catch_warnings():
+            # peft cannot read in/out features off a layer type it does not know and warns; set below
+            warnings.filterwarnings("ignore", message="Unsupported layer type")
+            LoraLayer.__init__(self, base_layer)
         self.out_features, self.in_features = base_layer.weight.shape[:2]
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, config)
@@ -152,9 +158,6 @@ def unmerge_lora(model: nn.Module) -> None:
 def save_lora(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> None:
     """Writes the adapter weights alone (peft's adapter_model.safetensors naming) and the LoRA
     hyper-parameters needed to re-create the adapters."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
     layers = [(name, m) for name, m in model.named_modules()
               if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
     if not layers:
@@ -176,9 +179,6 @@ def save_lora(model: nn.Module, path: str | os.PathLike, adapter_name: str = "de
 def load_lora(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> None:
     """Re-creates the adapters saved by :func:`save_lora` (if the model lacks them) and loads
     their weights; adapter keys the model does not have, or lacks, are an error."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     with open(os.path.join(path, ADAPTER_CONFIG)) as fh:
         meta = json.load(fh)
     have = {name for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A}

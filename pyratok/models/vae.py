@@ -243,7 +243,7 @@ class Resample(nn.Module):
     interface only knows "history or zeros"):
       * downsample3d: frame 0 passes through unchanged; every later pair of frames (2i-1, 2i)
         becomes one frame by a stride-2 conv over (2i-2, 2i-1, 2i).  So frame 0 is the history
-        of that conv: the first chunk stores it in the cache and convolves its remaining frames.
+        of that conv for frames 1, 2, ... .
       * upsample3d: frame 0 gives one output frame (no time conv); every later frame gives two
         by a conv to 2C channels, interleaved as (even, odd) frames.  That conv's history
         starts with zeros at frame 1, i.e. frame 0 is never part of it.
@@ -281,12 +281,11 @@ class Resample(nn.Module):
     def _halve_frames(self, x, cache, first_chunk):
         if not first_chunk:
             return self.time_conv(x, cache)
-        cache = StreamCache() if cache is None else cache
-        head = x[:, :, :1]                                               # (B, C, 1, H, W)
-        cache.set(self.time_conv, head.clone())
-        if x.shape[2] == 1:
-            return head
-        return torch.cat([head, self.time_conv(x[:, :, 1:], cache)], dim=2)
+        # Frame 0 passes through and is the history of the stride-2 conv.  Feeding the conv
+        # (placeholder, frame 0, frame 1, ...) and dropping the placeholder's output gives it
+        # exactly that history through its own cache entry, and through any wrapper (LoRA).
+        y = self.time_conv(torch.cat([torch.zeros_like(x[:, :, :1]), x], dim=2), cache)
+        return torch.cat([x[:, :, :1], y[:, :, 1:]], dim=2)
 
     def _double_frames(self, x, cache, first_chunk):
         head = None
@@ -415,6 +414,20 @@ class ResidualUpBlock(nn.Module):
         return x if shortcut is None else x + shortcut
 
 
+def _frames_seen(module: nn.Module, cache: Optional[StreamCache]) -> int:
+    """Input frames the encoder or decoder ``module`` has streamed through ``cache`` (0: the next
+    chunk is the first)."""
+    seen = None if cache is None else cache.get(module)
+    return 0 if seen is None else int(seen)
+
+
+def _advance_stream(module: nn.Module, cache: Optional[StreamCache], frames: int) -> None:
+    # The stream position lives in the cache under the encoder/decoder itself, not under its
+    # conv_in: LoRA wraps conv_in, and the cache entries belong to the wrapped layer.
+    if cache is not None:
+        cache.set(module, torch.tensor(_frames_seen(module, cache) + frames))
+
+
 def _conv_receptive_radius(blocks: nn.ModuleList) -> float:
     """Spatial receptive-field radius of a run of blocks, in pixels of their input grid: each
     3x3 conv reaches one pixel of the grid it runs on, a stride-2 downsampling conv two.
@@ -476,7 +489,8 @@ class Encoder(nn.Module):
 
     def spatial_part(self, x: torch.Tensor, cache: Optional[StreamCache] = None,
                      features: Optional[list] = None) -> torch.Tensor:
-        first_chunk = cache is None or self.conv_in not in cache
+        first_chunk = _frames_seen(self, cache) == 0
+        _advance_stream(self, cache, x.shape[2])
         x = self.conv_in(x, cache)
         for index, block in enumerate(self.down_blocks):
             x = block(x, cache, first_chunk)
@@ -535,7 +549,8 @@ class Decoder(nn.Module):
         return self.conv_out(self.norm_out(x, silu=True, overwrite=True), cache)
 
     def forward(self, z: torch.Tensor, cache: Optional[StreamCache] = None) -> torch.Tensor:
-        first_chunk = cache is None or self.conv_in not in cache
+        first_chunk = _frames_seen(self, cache) == 0
+        _advance_stream(self, cache, z.shape[2])
         return self.spatial_part(self.latent_part(z, cache), cache, first_chunk)
 
 
@@ -762,6 +777,10 @@ class WanVAE(nn.Module):
                       ) -> LatentDistribution:
         """Encodes the next chunk of a clip: the first chunk has 1 + 4m frames, later ones 4m
         (4 = temporal_factor); one ``cache`` per clip.  Returns the chunk's latent frames."""
+        tf, first = self.temporal_factor, _frames_seen(self.encoder, cache) == 0
+        if (chunk.shape[2] - first) % tf or chunk.shape[2] < 1:
+            raise ValueError(f"chunk: {chunk.shape[2]} frames; the first chunk of a clip needs 1 + {tf}m frames, "
+                             f"later ones {tf}m (this is {'the first' if first else 'a later'} chunk)")
         x = patchify(chunk.to(self._dtype(self.encoder)), self.config.patch_size)
         return LatentDistribution.from_moments(self.quant_conv(self.encoder(x, cache, features), cache))
 
