@@ -34,8 +34,8 @@ CONFIGS = {
     "nrb2": dict(base_dim=4, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[True, True, False]),
 }
 # small enough that exact tiling (overlap > 2 x receptive-field radius) runs fast on a CPU
-TILING = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
-              scale_factor_temporal=2, scale_factor_spatial=4)
+TILING = dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+              scale_factor_temporal=2, scale_factor_spatial=2)
 FP32_TOL = 1e-5
 
 
@@ -198,8 +198,8 @@ def tiling_vae():
 
 @torch.no_grad()
 def test_tiled_decode_is_exact_and_seamless(tiling_vae):
-    vae, tile = tiling_vae, 36
-    assert vae.receptive_field("decoder") == 8.0                          # default overlap 2 * 8 + 2 = 18
+    vae, tile = tiling_vae, 32
+    assert vae.receptive_field("decoder") == 7.0                          # default overlap 2 * 7 + 2 = 16
     latent = torch.randn(1, 4, 2, 2 * tile, 2 * tile, generator=torch.Generator().manual_seed(3))
     untiled = vae.decode(latent)
     with warnings.catch_warnings():
@@ -207,7 +207,7 @@ def test_tiled_decode_is_exact_and_seamless(tiling_vae):
         tiled = vae.decode(latent, tile=tile)
     err = (tiled - untiled).abs().amax(dim=(0, 1, 2))                     # (H, W)
     assert err.max().item() <= FP32_TOL
-    border = tile_border_mask(err.shape[0], tile, 18, vae.spatial_factor)
+    border = tile_border_mask(err.shape[0], tile, 16, vae.spatial_factor)
     assert border.any() and not border.all()
     assert err[border].max() <= 2 * err[~border][:, ~border].max() + 1e-6
 
@@ -220,15 +220,15 @@ def test_tiled_decode_is_exact_and_seamless(tiling_vae):
 
 @torch.no_grad()
 def test_tiled_encode_is_exact(tiling_vae):
-    vae, tile = tiling_vae, 28
-    assert vae.receptive_field("encoder") == 5.25                         # default overlap 2 * 6 + 2 = 14
+    vae, tile = tiling_vae, 24
+    assert vae.receptive_field("encoder") == 4.5                          # default overlap 2 * 5 + 2 = 12
     video = video_for(vae, 3, latent_hw=(2 * tile, 2 * tile))
     untiled = vae.encode(video)
     tiled = vae.encode(video, tile=tile)
     assert_close(tiled.mean, untiled.mean)
     assert_close(tiled.logvar, untiled.logvar)
-    with pytest.raises(ValueError, match="overlap=28"):
-        vae.encode(video, tile=tile, overlap=28)
+    with pytest.raises(ValueError, match="overlap=24"):
+        vae.encode(video, tile=tile, overlap=24)
     with pytest.raises(ValueError, match="tile=2"):
         vae.encode(video, tile=2)
 
