@@ -15,8 +15,8 @@
 // CPU (causal_conv3d_cpu.cpp): blocked implicit GEMM.  Work items are tiles of output
 // rows; each packs the kt*(rows+halo) input rows it reads into a small channels-last
 // slab (with the spatial zero border and the causal frame choice folded in), then
-// accumulates one GEMM per (it, ih) tap, K = kw*C (the kw taps of a channels-last row
-// are contiguous), into an fp32 (fp64 for fp64) tile, and stores tile + bias.  The
+// accumulates one GEMM per (row, it, ih) tap, K = kw*C (the kw taps of a channels-last
+// row are contiguous), into an fp32 (fp64 for fp64) tile, and stores tile + bias.  The
 // GEMM is a hook (GemmKernels): the torch binding plugs in oneDNN's brgemm ukernel,
 // the C++ unit tests the portable gemm_portable<T>.  Backward: input_grad is the same
 // scheme in scatter form over input rows (any stride), weight_grad accumulates
