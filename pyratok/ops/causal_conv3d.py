@@ -140,7 +140,7 @@ def _backward_triton(grad_y, x, weight, cache, stride, dilation, padding, replic
 
     grad_x, grad_past, grad_weight, grad_bias = _empty_grads(x, weight, stride, dilation, output_mask)
     if output_mask[0] or output_mask[1]:
-        tk.causal_conv3d_input_grad(grad_y, weight, stride, dilation, padding,
+        tk.causal_conv3d_input_grad(grad_y, weight, x.shape, stride, dilation, padding,
                                     grad_x if output_mask[0] else None, grad_past if output_mask[1] else None)
     if output_mask[2]:
         accum = torch.zeros(weight.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
