@@ -1,4 +1,10 @@
-"""CausalConv3d module and the explicit StreamCache a network threads through."""
+"""CausalConv3d module and the explicit StreamCache a network threads through.
+
+A network streams a clip by calling every forward with the same :class:`StreamCache`
+on consecutive chunks (:func:`run_chunked` does the loop); each CausalConv3d keeps the
+last P input frames of its previous chunk under its own key, so modules that are skipped,
+reordered or shared never read another layer's frames.
+"""
 
 from __future__ import annotations
 
@@ -41,8 +47,12 @@ class CausalConv3d(nn.Module):
     """Conv3d that only looks into the past along time (see pyratok.ops.causal_conv3d).
 
     Parameters ``weight`` (out, in, kt, kh, kw) and ``bias`` have nn.Conv3d's names and
-    shapes, so an nn.Conv3d state dict loads as is.  ``padding`` is the spatial zero
-    padding (ph, pw); the temporal padding is always causal.
+    shapes, so the state dict of an nn.Conv3d or of diffusers' WanCausalConv3d loads as
+    is; that of a CogVideoXCausalConv3d (``conv.weight``, ``conv.bias``) too.
+    ``padding`` is the spatial zero padding (ph, pw); the temporal padding is always
+    causal: ``time_pad_mode="zeros"`` matches WanCausalConv3d, ``"replicate"``
+    CogVideoXCausalConv3d (whose default pad_mode="constant" replicates frame 0 in time
+    and zero-pads in space).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, dilation=1, padding=0,
@@ -58,7 +68,16 @@ class CausalConv3d(nn.Module):
         self.weight = conv.weight
         self.bias = conv.bias
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("weight", "bias"):  # CogVideoXCausalConv3d keeps its nn.Conv3d as .conv
+            nested = f"{prefix}conv.{name}"
+            if nested in state_dict and f"{prefix}{name}" not in state_dict:
+                state_dict[f"{prefix}{name}"] = state_dict.pop(nested)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, cache: Optional[StreamCache] = None) -> torch.Tensor:
+        """x (B, C, T, H, W) -> (B, O, T/st, Ho, Wo).  With ``cache``, x is the next chunk
+        of a clip: the layer's past frames come from the cache, which it then updates."""
         prev = cache.get(self) if cache is not None else None
         y, new = causal_conv3d(x, self.weight, self.bias, self.stride, self.dilation, self.padding,
                                self.time_pad_mode, prev, self.backend)
@@ -75,7 +94,10 @@ class CausalConv3d(nn.Module):
 def run_chunked(module: nn.Module, x: torch.Tensor, chunks: Sequence[int], cache: Optional[StreamCache] = None,
                 dim: int = 2) -> torch.Tensor:
     """Runs ``module(chunk, cache=cache)`` over consecutive chunks of x along ``dim`` (time)
-    and concatenates the outputs; equals the whole-clip output for causal modules."""
+    and concatenates the outputs; equals the whole-clip output for causal modules.  Pass
+    a ``cache`` to continue a stream across calls (e.g. Wan's chunks: 1 frame, then 4)."""
+    if any(not isinstance(n, int) or n < 1 for n in chunks):
+        raise ValueError(f"chunks: expected positive frame counts, got {list(chunks)}")
     if sum(chunks) != x.shape[dim]:
         raise ValueError(f"chunks: {list(chunks)} sum to {sum(chunks)}, but x has {x.shape[dim]} frames")
     cache = StreamCache() if cache is None else cache

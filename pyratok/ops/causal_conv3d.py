@@ -1,8 +1,17 @@
-"""Causal 3D convolution with an explicit streaming cache (DESIGN.md §2.3).
+"""Causal 3D convolution with an explicit streaming cache (DESIGN.md §2.3): the public op.
 
-Interim: this runs the reference (pyratok/reference/causal_conv3d.py) behind the final
-argument checking and signature; the C++/CUDA/Triton implementations and the registered
-custom op replace its body (issue: causal conv3d).
+:func:`causal_conv3d` checks its arguments (a ``TypeError``/``ValueError`` naming the
+argument), picks a backend (pyratok._backend) and calls the custom op
+``pyratok::causal_conv3d``, whose fake kernel serves torch.compile / meta tensors and
+whose autograd formula calls ``pyratok::causal_conv3d_backward`` on the same backend:
+
+  reference  pyratok/reference/causal_conv3d.py (F.pad + F.conv3d, pads by copying)
+  cpu, cuda  torch.ops.pyratok._causal_conv3d(_backward) from the C++ extension (csrc/)
+  triton     kernels/causal_conv3d.py (implicit GEMM)
+
+The fast backends never build the padded input.  Outputs keep x's layout
+(channels_last_3d in, channels_last_3d out).  The new cache, the last P frames of the
+padded input, is a P-frame copy made here for every backend.
 """
 
 from __future__ import annotations
@@ -11,9 +20,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from pyratok import _backend
 from pyratok.reference import causal_conv3d as ref
 
 IntOr3 = Union[int, Sequence[int]]
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TIME_PAD_MODES = ("zeros", "replicate")
 
 
 def _triple(v, name: str):
@@ -30,30 +42,224 @@ def _pair(v, name: str):
     return t
 
 
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last_3d for a channels_last_3d x, else contiguous (as the C++ binding)."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def output_shape(x_shape, weight_shape, stride, dilation, padding):
+    """(B, O, To, Ho, Wo) of a causal conv."""
+    B, _, T, H, W = x_shape
+    O, _, _, kh, kw = weight_shape
+    Ho = (H + 2 * padding[0] - dilation[1] * (kh - 1) - 1) // stride[1] + 1
+    Wo = (W + 2 * padding[1] - dilation[2] * (kw - 1) - 1) // stride[2] + 1
+    return (B, O, T // stride[0], Ho, Wo)
+
+
+def _empty_like_layout(x: torch.Tensor, shape, dtype=None) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=output_memory_format(x))
+
+
+def _new_cache(x: torch.Tensor, cache: Optional[torch.Tensor], P: int, replicate: bool) -> torch.Tensor:
+    """The last P frames of [past, x] as a fresh (B, C, P, H, W) tensor."""
+    B, C, T, H, W = x.shape
+    out = _empty_like_layout(x, (B, C, P, H, W))
+    from_x = min(P, T)
+    out[:, :, P - from_x:].copy_(x[:, :, T - from_x:])
+    if from_x < P:  # a chunk shorter than P keeps some of the old past frames
+        past = ref.past_input(x, P, "replicate" if replicate else "zeros", cache)
+        out[:, :, :P - from_x].copy_(past[:, :, T:])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# per-backend implementations
+
+
+def _forward_reference(x, weight, bias, cache, stride, dilation, padding, replicate):
+    y, _ = ref.causal_conv3d(x, weight, bias, stride, dilation, padding, "replicate" if replicate else "zeros", cache)
+    out = _empty_like_layout(x, y.shape)
+    out.copy_(y)
+    return out
+
+
+def _forward_triton(x, weight, bias, cache, stride, dilation, padding, replicate):
+    from pyratok.kernels import causal_conv3d as tk
+
+    y = _empty_like_layout(x, output_shape(x.shape, weight.shape, stride, dilation, padding))
+    tk.causal_conv3d_forward(x, weight, bias, cache, stride, dilation, padding, replicate, y)
+    return y
+
+
+@torch.library.custom_op("pyratok::causal_conv3d", mutates_args=())
+def _causal_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      cache: Optional[torch.Tensor], stride: list[int], dilation: list[int], padding: list[int],
+                      replicate: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend in ("cpu", "cuda"):
+        y = torch.ops.pyratok._causal_conv3d(x, weight, bias, cache, stride, dilation, padding, replicate)
+    elif backend == "triton":
+        y = _forward_triton(x, weight, bias, cache, stride, dilation, padding, replicate)
+    else:
+        y = _forward_reference(x, weight, bias, cache, stride, dilation, padding, replicate)
+    P = ref.past_frames(weight.shape[2], stride[0], dilation[0])
+    return y, _new_cache(x, cache, P, replicate)
+
+
+@_causal_conv3d_op.register_fake
+def _(x, weight, bias, cache, stride, dilation, padding, replicate, backend):
+    B, C, _, H, W = x.shape
+    P = ref.past_frames(weight.shape[2], stride[0], dilation[0])
+    y = _empty_like_layout(x, output_shape(x.shape, weight.shape, stride, dilation, padding))
+    return y, _empty_like_layout(x, (B, C, P, H, W))
+
+
+def _empty_grads(x, weight, stride, dilation, output_mask):
+    """Empty (grad_x, grad_past, grad_weight, grad_bias); those not asked for have 0 elements."""
+    B, C, _, H, W = x.shape
+    P = ref.past_frames(weight.shape[2], stride[0], dilation[0])
+    return (_empty_like_layout(x, x.shape) if output_mask[0] else x.new_empty(0),
+            _empty_like_layout(x, (B, C, P, H, W)) if output_mask[1] else x.new_empty(0),
+            weight.new_empty(weight.shape) if output_mask[2] else weight.new_empty(0),
+            x.new_empty(weight.shape[0]) if output_mask[3] else x.new_empty(0))
+
+
+def _backward_reference(grad_y, x, weight, cache, stride, dilation, padding, replicate, output_mask):
+    grads = ref.causal_conv3d_backward(grad_y, x, weight, cache, stride, dilation, padding,
+                                       "replicate" if replicate else "zeros")
+    outs = _empty_grads(x, weight, stride, dilation, output_mask)
+    for out, grad, wanted in zip(outs, grads, output_mask):
+        if wanted:
+            out.copy_(grad)
+    return outs
+
+
+def _backward_triton(grad_y, x, weight, cache, stride, dilation, padding, replicate, output_mask):
+    from pyratok.kernels import causal_conv3d as tk
+
+    grad_x, grad_past, grad_weight, grad_bias = _empty_grads(x, weight, stride, dilation, output_mask)
+    if output_mask[0] or output_mask[1]:
+        tk.causal_conv3d_input_grad(grad_y, weight, x.shape, stride, dilation, padding,
+                                    grad_x if output_mask[0] else None, grad_past if output_mask[1] else None)
+    if output_mask[2]:
+        accum = torch.zeros(weight.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                            device=x.device)
+        tk.causal_conv3d_weight_grad(x, cache, grad_y, stride, dilation, padding, replicate, accum)
+        grad_weight.copy_(accum)
+    if output_mask[3]:
+        grad_bias.copy_(grad_y.sum((0, 2, 3, 4), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))
+    return grad_x, grad_past, grad_weight, grad_bias
+
+
+@torch.library.custom_op("pyratok::causal_conv3d_backward", mutates_args=())
+def _causal_conv3d_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                               cache: Optional[torch.Tensor], stride: list[int], dilation: list[int],
+                               padding: list[int], replicate: bool, output_mask: list[bool],
+                               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend in ("cpu", "cuda"):
+        return torch.ops.pyratok._causal_conv3d_backward(grad_y, x, weight, cache, stride, dilation, padding,
+                                                         replicate, output_mask)
+    if backend == "triton":
+        return _backward_triton(grad_y.to(x.dtype), x, weight, cache, stride, dilation, padding, replicate,
+                                output_mask)
+    return _backward_reference(grad_y.to(x.dtype), x, weight, cache, stride, dilation, padding, replicate,
+                               output_mask)
+
+
+@_causal_conv3d_backward_op.register_fake
+def _(grad_y, x, weight, cache, stride, dilation, padding, replicate, output_mask, backend):
+    return _empty_grads(x, weight, stride, dilation, output_mask)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, cache, stride, dilation, padding, replicate, backend = inputs
+    ctx.save_for_backward(x, weight, cache)
+    ctx.has_bias = bias is not None
+    ctx.conv = (list(stride), list(dilation), list(padding), replicate, backend)
+
+
+def _backward(ctx, grad_y, grad_new_cache):
+    x, weight, cache = ctx.saved_tensors
+    stride, dilation, padding, replicate, backend = ctx.conv
+    need_x, need_w, need_b, need_cache = ctx.needs_input_grad[:4]
+    P = ref.past_frames(weight.shape[2], stride[0], dilation[0])
+    T = x.shape[2]
+    # the past frames' gradient goes to the cache, or to frame 0 when replicated
+    need_past = P > 0 and (need_cache if cache is not None else (replicate and need_x))
+    mask = [need_x, need_past, need_w, need_b and ctx.has_bias]
+    if grad_y is None:
+        grad_y = x.new_zeros(output_shape(x.shape, weight.shape, stride, dilation, padding))
+    grad_x, grad_past, grad_w, grad_b = _causal_conv3d_backward_op(
+        grad_y, x, weight, cache, stride, dilation, padding, replicate, mask, backend)
+    if grad_new_cache is not None and P > 0:
+        # new_cache = frames [T, T+P) of [past, x]: the last min(P, T) come from x
+        from_x = min(P, T)
+        if need_x:
+            grad_x[:, :, T - from_x:] += grad_new_cache[:, :, P - from_x:]
+        if need_past and from_x < P:
+            grad_past[:, :, T:] += grad_new_cache[:, :, :P - from_x]
+    if need_past and cache is None:
+        grad_x[:, :, :1] += grad_past.sum(2, keepdim=True)
+    return (grad_x if need_x else None, grad_w if need_w else None, grad_b if mask[3] else None,
+            grad_past if need_past and cache is not None else None, None, None, None, None, None)
+
+
+_causal_conv3d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# public API
+
+
+def _check_tensor(t, name: str, like: Optional[torch.Tensor] = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {t.dtype}")
+    if like is not None and (t.dtype != like.dtype or t.device != like.device):
+        raise TypeError(f"{name}: expected {like.dtype} on {like.device} like x, got {t.dtype} on {t.device}")
+
+
 def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   stride: IntOr3 = 1, dilation: IntOr3 = 1, padding=0, time_pad_mode: str = "zeros",
                   cache: Optional[torch.Tensor] = None, backend: Optional[str] = None):
     """y, new_cache = causal_conv3d(x (B,C,T,H,W), weight (O,C,kt,kh,kw), ...).
 
     Past padding P = dt*(kt-1) + 1 - st frames from ``cache`` (B, C, P, H, W) or, for the
-    first chunk, zeros / replicated frame 0; spatial zero ``padding`` (ph, pw).
+    first chunk, zeros / replicated frame 0 (``time_pad_mode``); spatial zero ``padding``
+    (ph, pw).  Returns y (B, O, T/st, Ho, Wo) in x's layout and the cache for the next
+    chunk (the last P frames of the padded input).  ``backend`` picks the implementation
+    (see pyratok._backend); None = automatic.
     """
     stride, dilation, padding = _triple(stride, "stride"), _triple(dilation, "dilation"), _pair(padding, "padding")
-    if not isinstance(x, torch.Tensor) or x.dim() != 5:
-        raise ValueError(f"x: expected a 5-D tensor (B, C, T, H, W), got shape {tuple(getattr(x, 'shape', ()))}")
+    _check_tensor(x, "x")
+    if x.dim() != 5:
+        raise ValueError(f"x: expected a 5-D tensor (B, C, T, H, W), got shape {tuple(x.shape)}")
+    _check_tensor(weight, "weight", x)
     if weight.dim() != 5:
         raise ValueError(f"weight: expected (out, in, kt, kh, kw), got shape {tuple(weight.shape)}")
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"x: has {x.shape[1]} channels but weight expects {weight.shape[1]}")
-    if time_pad_mode not in ("zeros", "replicate"):
+    if bias is not None:
+        _check_tensor(bias, "bias", x)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if time_pad_mode not in TIME_PAD_MODES:
         raise ValueError(f"time_pad_mode={time_pad_mode!r}: expected 'zeros' or 'replicate'")
     P = ref.past_frames(weight.shape[2], stride[0], dilation[0])
     if P < 0:
         raise ValueError(f"stride[0]={stride[0]} exceeds the temporal receptive field {dilation[0] * (weight.shape[2] - 1) + 1}")
-    if x.shape[2] % stride[0]:
-        raise ValueError(f"x: chunk of {x.shape[2]} frames is not a multiple of the temporal stride {stride[0]}")
+    if x.shape[2] == 0 or x.shape[2] % stride[0]:
+        raise ValueError(f"x: chunk of {x.shape[2]} frames is not a positive multiple of the temporal stride {stride[0]}")
+    _, _, _, Ho, Wo = output_shape(x.shape, weight.shape, stride, dilation, padding)
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"x: spatial size {tuple(x.shape[3:])} with padding {padding} is smaller than the "
+                         f"kernel's extent {tuple(d * (k - 1) + 1 for d, k in zip(dilation[1:], weight.shape[3:]))}")
     if cache is not None:
+        _check_tensor(cache, "cache", x)
         want = (x.shape[0], x.shape[1], P, x.shape[3], x.shape[4])
         if tuple(cache.shape) != want:
             raise ValueError(f"cache: shape {tuple(cache.shape)} does not fit this layer and input; expected {want}")
-    return ref.causal_conv3d(x, weight, bias, stride, dilation, padding, time_pad_mode, cache)
+    return _causal_conv3d_op(x, weight, bias, cache, list(stride), list(dilation), list(padding),
+                             time_pad_mode == "replicate", _backend.resolve(backend, x.device))

@@ -1,0 +1,249 @@
+// torch bindings for causal 3D convolution: schemas of the private kernel ops
+// pyratok::_causal_conv3d(_backward) and their CPU (and, in CUDA builds, CUDA)
+// implementations.  User-facing argument checks live in pyratok/ops/causal_conv3d.py;
+// the checks here keep a misuse from reaching the kernels.
+//
+// On the CPU the GEMM hook of the core is oneDNN's brgemm ukernel (exported by ATen as
+// at::native::cpublas::brgemm; it falls back to MKL sgemm when oneDNN is disabled);
+// float64 uses the core's portable GEMM.
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <array>
+#include <optional>
+
+#include "../core/causal_conv3d.h"
+#include "common.h"
+
+#ifdef PYRATOK_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace pyratok {
+namespace {
+
+void brgemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                float* C, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+}
+
+GemmKernels cpu_gemm() { return {&brgemm_f32, &gemm_portable<double>}; }
+
+View5 view5(const at::Tensor& t) {
+  View5 v{t.defined() ? t.data_ptr() : nullptr, {0, 0, 0, 0, 0}};
+  if (t.defined())
+    for (int d = 0; d < 5; ++d) v.stride[d] = t.stride(d);
+  return v;
+}
+
+MutView5 mut_view5(const at::Tensor& t) {
+  MutView5 v{t.defined() && t.numel() ? t.data_ptr() : nullptr, {0, 0, 0, 0, 0}};
+  if (t.defined())
+    for (int d = 0; d < 5; ++d) v.stride[d] = t.stride(d);
+  return v;
+}
+
+// Outputs follow the input's layout: channels_last_3d input -> channels_last_3d
+// outputs, anything else -> contiguous (the same rule as the Python fake kernels).
+at::MemoryFormat output_format(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast3d) ? at::MemoryFormat::ChannelsLast3d
+                                                                                  : at::MemoryFormat::Contiguous;
+}
+
+at::ScalarType compute_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& cache,
+                     at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding, bool replicate) {
+  TORCH_CHECK_VALUE(x.dim() == 5, "x: expected a 5-D tensor (B, C, T, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK_VALUE(weight.dim() == 5, "weight: expected (O, C, kt, kh, kw), got ", weight.dim(), "-D");
+  TORCH_CHECK_VALUE(stride.size() == 3 && dilation.size() == 3 && padding.size() == 2,
+                    "stride and dilation need 3 values, padding 2");
+  core_dtype(x, "x");
+  TORCH_CHECK_VALUE(weight.scalar_type() == x.scalar_type(), "weight: dtype ", weight.scalar_type(),
+                    " differs from x's ", x.scalar_type());
+  TORCH_CHECK_VALUE(weight.size(1) == x.size(1), "x: has ", x.size(1), " channels but weight expects ",
+                    weight.size(1));
+  ConvShape s{x.size(0), x.size(1), weight.size(0), x.size(2), x.size(3), x.size(4),
+              weight.size(2), weight.size(3), weight.size(4),
+              stride[0], stride[1], stride[2], dilation[0], dilation[1], dilation[2], padding[0], padding[1],
+              replicate ? TimePad::Replicate : TimePad::Zeros, cache.has_value(),
+              0, 0, 0, 0};
+  TORCH_CHECK_VALUE(make_conv_shape(s), "causal_conv3d: invalid geometry for x ", x.sizes(), ", weight ",
+                    weight.sizes(), ", stride ", stride, ", dilation ", dilation, ", padding ", padding);
+  if (cache) {
+    const std::array<int64_t, 5> want{s.B, s.C, s.P, s.H, s.W};
+    TORCH_CHECK_VALUE(cache->dim() == 5 && std::equal(want.begin(), want.end(), cache->sizes().begin()),
+                      "cache: shape ", cache->sizes(), " does not fit this layer and input; expected ",
+                      at::IntArrayRef(want.data(), 5));
+    TORCH_CHECK_VALUE(cache->scalar_type() == x.scalar_type(), "cache: dtype ", cache->scalar_type(),
+                      " differs from x's ", x.scalar_type());
+  }
+  return s;
+}
+
+void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t O) {
+  if (!bias) return;
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == O, "bias: expected shape (", O, "), got ", bias->sizes());
+  TORCH_CHECK_VALUE(bias->scalar_type() == x.scalar_type(), "bias: dtype ", bias->scalar_type(),
+                    " differs from x's ", x.scalar_type());
+}
+
+at::Tensor grad_weight_like(const at::Tensor& weight) { return at::empty(weight.sizes(), weight.options()); }
+
+at::Tensor grad_bias_of(const at::Tensor& grad_y) {
+  return at::sum(grad_y, {0, 2, 3, 4}, false, compute_type(grad_y)).to(grad_y.scalar_type());
+}
+
+// ---- CPU implementations --------------------------------------------------------
+
+at::Tensor causal_conv3d_cpu_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& cache, at::IntArrayRef stride,
+                                at::IntArrayRef dilation, at::IntArrayRef padding, bool replicate) {
+  const ConvShape s = conv_shape(x, weight, cache, stride, dilation, padding, replicate);
+  check_bias(bias, x, s.O);
+  const DType dt = core_dtype(x, "x");
+  auto packed = at::empty({packed_weight_elements(s)}, x.options().dtype(compute_type(x)));
+  pack_weight_forward(dt, s, view5(weight), packed.data_ptr());
+  at::Tensor bias_acc = bias ? bias->to(compute_type(x)).contiguous() : at::Tensor();
+  auto y = at::empty({s.B, s.O, s.To, s.Ho, s.Wo}, x.options().memory_format(output_format(x)));
+  const ForwardArgs args{dt, s, view5(x), cache ? view5(*cache) : View5{nullptr, {0, 0, 0, 0, 0}},
+                         packed.data_ptr(), bias ? bias_acc.data_ptr() : nullptr, mut_view5(y)};
+  const GemmKernels gemm = cpu_gemm();
+  at::parallel_for(0, forward_tiles(s), 1, [&](int64_t begin, int64_t end) {
+    causal_conv3d_forward_cpu(args, gemm, begin, end);
+    at::native::cpublas::brgemm_release(false);
+  });
+  return y;
+}
+
+// output_mask: (grad_x, grad_past, grad_weight, grad_bias); outputs not asked for are
+// empty tensors.  grad_past is the gradient of the P past frames (cache or replicated
+// frame 0); routing it is the caller's business.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv3d_backward_cpu_op(
+    const at::Tensor& grad_y_in, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& cache,
+    at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding, bool replicate,
+    std::array<bool, 4> output_mask) {
+  const ConvShape s = conv_shape(x, weight, cache, stride, dilation, padding, replicate);
+  const std::array<int64_t, 5> y_shape{s.B, s.O, s.To, s.Ho, s.Wo};
+  TORCH_CHECK_VALUE(std::equal(y_shape.begin(), y_shape.end(), grad_y_in.sizes().begin()) && grad_y_in.dim() == 5,
+                    "grad_y: shape ", grad_y_in.sizes(), ", expected ", at::IntArrayRef(y_shape.data(), 5));
+  const at::Tensor grad_y = grad_y_in.to(x.scalar_type());
+  const DType dt = core_dtype(x, "x");
+  const GemmKernels gemm = cpu_gemm();
+  const auto fmt = output_format(x);
+  at::Tensor grad_x = at::empty(output_mask[0] ? x.sizes() : at::IntArrayRef{0}, x.options().memory_format(
+                                    output_mask[0] ? fmt : at::MemoryFormat::Contiguous));
+  at::Tensor grad_past = output_mask[1] ? at::empty({s.B, s.C, s.P, s.H, s.W}, x.options().memory_format(fmt))
+                                        : at::empty({0}, x.options());
+  if (output_mask[0] || (output_mask[1] && s.P > 0)) {
+    auto packed = at::empty({packed_weight_elements(s)}, x.options().dtype(compute_type(x)));
+    pack_weight_input_grad(dt, s, view5(weight), packed.data_ptr());
+    const InputGradArgs args{dt, s, view5(grad_y), packed.data_ptr(),
+                             output_mask[0] ? mut_view5(grad_x) : MutView5{nullptr, {0, 0, 0, 0, 0}},
+                             output_mask[1] ? mut_view5(grad_past) : MutView5{nullptr, {0, 0, 0, 0, 0}}};
+    at::parallel_for(0, input_grad_rows(s), 1, [&](int64_t begin, int64_t end) {
+      causal_conv3d_input_grad_cpu(args, gemm, begin, end);
+      at::native::cpublas::brgemm_release(false);
+    });
+  }
+  at::Tensor grad_weight = at::empty({0}, weight.options());
+  if (output_mask[2]) {
+    const int64_t threads = at::get_num_threads();
+    const int64_t rows = weight_grad_rows(s);
+    auto accum = at::zeros({threads, weight_grad_elements(s)}, x.options().dtype(compute_type(x)));
+    const WeightGradArgs args{dt, s, view5(x), cache ? view5(*cache) : View5{nullptr, {0, 0, 0, 0, 0}},
+                              view5(grad_y)};
+    at::parallel_for(0, rows, (rows + threads - 1) / threads, [&](int64_t begin, int64_t end) {
+      causal_conv3d_weight_grad_cpu(args, gemm, begin, end, accum[at::get_thread_num()].data_ptr());
+      at::native::cpublas::brgemm_release(false);
+    });
+    const at::Tensor total = accum.sum(0);
+    grad_weight = grad_weight_like(weight);
+    store_weight_grad(dt, s, total.data_ptr(), mut_view5(grad_weight));
+  }
+  at::Tensor grad_bias = output_mask[3] ? grad_bias_of(grad_y) : at::empty({0}, x.options());
+  return {grad_x, grad_past, grad_weight, grad_bias};
+}
+
+#ifdef PYRATOK_WITH_CUDA
+// ---- CUDA implementations -------------------------------------------------------
+
+void* current_stream(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+
+at::Tensor causal_conv3d_cuda_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& cache, at::IntArrayRef stride,
+                                 at::IntArrayRef dilation, at::IntArrayRef padding, bool replicate) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const ConvShape s = conv_shape(x, weight, cache, stride, dilation, padding, replicate);
+  check_bias(bias, x, s.O);
+  at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
+  auto y = at::empty({s.B, s.O, s.To, s.Ho, s.Wo}, x.options().memory_format(output_format(x)));
+  CudaConvArgs a{};
+  a.dtype = core_dtype(x, "x");
+  a.shape = s;
+  a.x = view5(x);
+  a.cache = cache ? view5(*cache) : View5{nullptr, {0, 0, 0, 0, 0}};
+  a.weight = view5(weight);
+  a.bias = bias ? bias_c.data_ptr() : nullptr;
+  a.y = mut_view5(y);
+  causal_conv3d_forward_cuda(a, current_stream(x));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv3d_backward_cuda_op(
+    const at::Tensor& grad_y_in, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& cache,
+    at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding, bool replicate,
+    std::array<bool, 4> output_mask) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const ConvShape s = conv_shape(x, weight, cache, stride, dilation, padding, replicate);
+  const at::Tensor grad_y = grad_y_in.to(x.scalar_type());
+  const auto fmt = output_format(x);
+  at::Tensor grad_x = at::empty(output_mask[0] ? x.sizes() : at::IntArrayRef{0}, x.options().memory_format(
+                                    output_mask[0] ? fmt : at::MemoryFormat::Contiguous));
+  at::Tensor grad_past = output_mask[1] ? at::empty({s.B, s.C, s.P, s.H, s.W}, x.options().memory_format(fmt))
+                                        : at::empty({0}, x.options());
+  CudaConvArgs a{};
+  a.dtype = core_dtype(x, "x");
+  a.shape = s;
+  a.x = view5(x);
+  a.cache = cache ? view5(*cache) : View5{nullptr, {0, 0, 0, 0, 0}};
+  a.weight = view5(weight);
+  a.grad_y = view5(grad_y);
+  a.grad_x = output_mask[0] ? mut_view5(grad_x) : MutView5{nullptr, {0, 0, 0, 0, 0}};
+  a.grad_past = output_mask[1] ? mut_view5(grad_past) : MutView5{nullptr, {0, 0, 0, 0, 0}};
+  if (output_mask[0] || (output_mask[1] && s.P > 0)) causal_conv3d_input_grad_cuda(a, current_stream(x));
+  at::Tensor grad_weight = at::empty({0}, weight.options());
+  if (output_mask[2]) {
+    at::Tensor accum = at::zeros(weight.sizes(), weight.options().dtype(compute_type(x)));
+    a.grad_weight = mut_view5(accum);
+    causal_conv3d_weight_grad_cuda(a, current_stream(x));
+    grad_weight = accum.to(weight.scalar_type());
+  }
+  at::Tensor grad_bias = output_mask[3] ? grad_bias_of(grad_y) : at::empty({0}, x.options());
+  return {grad_x, grad_past, grad_weight, grad_bias};
+}
+#endif
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pyratok, m) {
+  m.def("_causal_conv3d(Tensor x, Tensor weight, Tensor? bias, Tensor? cache, int[3] stride, int[3] dilation, "
+        "int[2] padding, bool replicate) -> Tensor");
+  m.def("_causal_conv3d_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? cache, int[3] stride, "
+        "int[3] dilation, int[2] padding, bool replicate, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pyratok, CPU, m) {
+  m.impl("_causal_conv3d", &causal_conv3d_cpu_op);
+  m.impl("_causal_conv3d_backward", &causal_conv3d_backward_cpu_op);
+}
+
+#ifdef PYRATOK_WITH_CUDA
+TORCH_LIBRARY_IMPL(pyratok, CUDA, m) {
+  m.impl("_causal_conv3d", &causal_conv3d_cuda_op);
+  m.impl("_causal_conv3d_backward", &causal_conv3d_backward_cuda_op);
+}
+#endif
+
+}  // namespace pyratok
