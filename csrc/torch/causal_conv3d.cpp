@@ -16,7 +16,7 @@
 #include "common.h"
 
 #ifdef PYRATOK_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -169,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv3d_backwar
 #ifdef PYRATOK_WITH_CUDA
 // ---- CUDA implementations -------------------------------------------------------
 
-void* current_stream(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+void* current_stream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
 at::Tensor causal_conv3d_cuda_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& cache, at::IntArrayRef stride,

@@ -19,7 +19,7 @@
 #include "common.h"
 
 #ifdef PYRATOK_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -254,7 +254,7 @@ at::Tensor code_histogram_cpu_op(const at::Tensor& indices, int64_t K) {
 #ifdef PYRATOK_WITH_CUDA
 // ---- CUDA ---------------------------------------------------------------------------
 
-void* stream_of(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+void* stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
 struct CudaDevice {
   static constexpr int64_t kTileBudget = int64_t(1) << 25;
