@@ -161,7 +161,9 @@ def test_overfit_one_real_clip_gains_6_db():
     torch.manual_seed(0)
     frames = read_video(bundled_clip_path("carphone_pristine.mp4"), 5)
     video = resize_and_crop(frames, 32, 32, None)[None]
-    model = tiny_model()
+    small = PyraTokConfig.tiny()
+    model = tiny_model(backbone=dataclasses.replace(small.backbone, base_dim=8),
+                       lapq=dataclasses.replace(small.lapq, hidden=32))
     model.config.loss = dataclasses.replace(model.config.loss, ar=0.0, drift=0.0)
     model.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if n.startswith(("lapq.", "vae.decoder.", "vae.post_quant"))
