@@ -5,8 +5,9 @@
 // csrc/core builds the code-probability tiles P_A (rows, 2^KA) and P_B (rows, 2^KB) and
 // ATen's GEMM (MKL on the CPU, cuBLAS on CUDA; fp32 unless torch's TF32 switch for matmul
 // is on) accumulates Q_g += P_A^T P_B.  The backward rebuilds the tiles and runs two GEMMs,
-// P_B G^T and P_A G.  Memory: tile * (2^KA + 2^KB) work elements (x2 in the backward) plus
-// the 2^K counts, whatever N is.
+// P_B G^T and P_A G.  Memory: a tile holds budget / (2^KA + 2^KB) tokens (budget: 2^24 work
+// elements on the CPU, 64 MiB in fp32; 2^25 on CUDA), twice that in the backward, plus the 2^K
+// counts, whatever N is.
 //
 // Argument checking for users lives in pyratok/ops/entropy.py; the checks here only keep a
 // misuse from reaching the kernels.
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <vector>
 
 #include "../core/entropy.h"
 #include "common.h"
@@ -52,53 +54,70 @@ int64_t checked_group_total(at::IntArrayRef sizes, int64_t K) {
   return total;
 }
 
-CodeProbsArgs half_args(const at::Tensor& x, int64_t bit0, int bits, double coef, int64_t first) {
-  return {core_dtype(x, "x"), x.data_ptr(), x.size(1), bit0, bits, coef, first};
-}
-
-// Tokens per tile so that the two probability tiles hold about `budget` elements.
-int64_t tile_tokens(int64_t N, int ka, int kb, int64_t budget) {
-  const int64_t width = (int64_t(1) << ka) + (int64_t(1) << kb);
-  return std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(N, 1), budget / width));
-}
-
-struct Group {
+// A run of R consecutive bit groups of the same size g = KA + KB ("bits": one run of K groups
+// of 1 bit).  Its counts are one contiguous block viewed as (R, 2^KA, 2^KB), so each tile is
+// one parallel region and one batched GEMM whatever R is.
+struct Run {
   int ka, kb;
-  int64_t bit0, offset;
+  int64_t groups, bit0, offset;  // first channel and first count of the run
 };
 
-template <typename Fn>
-void for_each_group(at::IntArrayRef sizes, const Fn& fn) {
+std::vector<Run> runs_of(at::IntArrayRef sizes) {
+  std::vector<Run> runs;
   int64_t bit0 = 0, offset = 0;
   for (int64_t g : sizes) {
-    fn(Group{int(g / 2), int(g - g / 2), bit0, offset});
+    if (!runs.empty() && runs.back().ka + runs.back().kb == g) {
+      ++runs.back().groups;
+    } else {
+      runs.push_back(Run{int(g / 2), int(g - g / 2), 1, bit0, offset});
+    }
     bit0 += g;
     offset += int64_t(1) << g;
   }
+  return runs;
 }
 
-// Device policy D: D::kTileBudget; D::code_probs(A, tile_a, B, tile_b, rows) builds the tiles
-// of both halves; D::code_probs_backward(A, probs_a, grad_a, B, probs_b, grad_b, dx, rows)
-// writes d x for the bits of both halves (a half of 0 bits is skipped).
+// The A (most significant) or B half of group r of a run, for the tile starting at token n0.
+CodeProbsArgs half_args(const at::Tensor& x, const Run& run, int64_t r, bool half_b, double coef,
+                        int64_t n0) {
+  const int64_t bit0 = run.bit0 + r * (run.ka + run.kb) + (half_b ? run.ka : 0);
+  return {core_dtype(x, "x"), x.data_ptr(), x.size(1), bit0, half_b ? run.kb : run.ka, coef, n0};
+}
+
+// Group r's (rows, width) block of a contiguous (R, rows, width) tile tensor.
+void* group_block(const at::Tensor& tiles, int64_t r) {
+  return static_cast<char*>(tiles.data_ptr()) + r * tiles.stride(0) * tiles.element_size();
+}
+
+// Tokens per tile so that the probability tiles of a run hold about `budget` elements.
+int64_t tile_tokens(int64_t N, const Run& run, int64_t budget) {
+  const int64_t width = run.groups * ((int64_t(1) << run.ka) + (int64_t(1) << run.kb));
+  return std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(N, 1), budget / width));
+}
+
+// Device policy D: D::kTileBudget;
+//   D::code_probs(x, run, coef, n0, probs_a (R, rows, 2^KA), probs_b (R, rows, 2^KB)) builds
+//   the tiles of both halves of every group of the run;
+//   D::code_probs_backward(x, run, coef, n0, probs_a, grad_a, probs_b, grad_b, dx) writes
+//   d x for their bits (a half of 0 bits is skipped).
 template <typename D>
 at::Tensor soft_code_counts_impl(const at::Tensor& x_in, double coef, at::IntArrayRef sizes) {
   const at::Tensor x = checked_tokens(x_in);
   const int64_t N = x.size(0);
   const int64_t total = checked_group_total(sizes, x.size(1));
-  at::Tensor counts = at::zeros({total}, x.options().dtype(work_scalar_type(x)));
-  for_each_group(sizes, [&](const Group& g) {
-    at::Tensor Q = counts.narrow(0, g.offset, int64_t(1) << (g.ka + g.kb)).view({int64_t(1) << g.ka, int64_t(1) << g.kb});
-    const int64_t tile = tile_tokens(N, g.ka, g.kb, D::kTileBudget);
-    at::Tensor pa = at::empty({tile, int64_t(1) << g.ka}, counts.options());
-    at::Tensor pb = at::empty({tile, int64_t(1) << g.kb}, counts.options());
+  const auto work = x.options().dtype(work_scalar_type(x));
+  at::Tensor counts = at::zeros({total}, work);
+  for (const Run& run : runs_of(sizes)) {
+    const int64_t wa = int64_t(1) << run.ka, wb = int64_t(1) << run.kb;
+    at::Tensor Q = counts.narrow(0, run.offset, run.groups * wa * wb).view({run.groups, wa, wb});
+    const int64_t tile = tile_tokens(N, run, D::kTileBudget);
     for (int64_t n0 = 0; n0 < N; n0 += tile) {
       const int64_t rows = std::min(tile, N - n0);
-      at::Tensor ta = pa.narrow(0, 0, rows), tb = pb.narrow(0, 0, rows);
-      D::code_probs(half_args(x, g.bit0, g.ka, coef, n0), ta, half_args(x, g.bit0 + g.ka, g.kb, coef, n0), tb,
-                    rows);
-      Q.addmm_(ta.t(), tb);
+      at::Tensor pa = at::empty({run.groups, rows, wa}, work), pb = at::empty({run.groups, rows, wb}, work);
+      D::code_probs(x, run, coef, n0, pa, pb);
+      Q.baddbmm_(pa.transpose(1, 2), pb);
     }
-  });
+  }
   return counts;
 }
 
@@ -113,24 +132,19 @@ at::Tensor soft_code_counts_backward_impl(const at::Tensor& x_in, double coef, a
   const auto work = x.options().dtype(work_scalar_type(x));
   const at::Tensor G_all = grad_counts.to(work).contiguous();
   at::Tensor dx = at::empty_like(x);  // the groups cover every channel: each column is written once
-  for_each_group(sizes, [&](const Group& g) {
-    const int64_t wa = int64_t(1) << g.ka, wb = int64_t(1) << g.kb;
-    const at::Tensor G = G_all.narrow(0, g.offset, wa * wb).view({wa, wb});
-    const int64_t tile = tile_tokens(N, g.ka, g.kb, D::kTileBudget);
-    at::Tensor pa = at::empty({tile, wa}, work), pb = at::empty({tile, wb}, work);
-    at::Tensor ga = at::empty({tile, wa}, work), gb = at::empty({tile, wb}, work);
+  for (const Run& run : runs_of(sizes)) {
+    const int64_t wa = int64_t(1) << run.ka, wb = int64_t(1) << run.kb;
+    const at::Tensor G = G_all.narrow(0, run.offset, run.groups * wa * wb).view({run.groups, wa, wb});
+    const int64_t tile = tile_tokens(N, run, D::kTileBudget);
     for (int64_t n0 = 0; n0 < N; n0 += tile) {
       const int64_t rows = std::min(tile, N - n0);
-      at::Tensor ta = pa.narrow(0, 0, rows), tb = pb.narrow(0, 0, rows);
-      at::Tensor tga = ga.narrow(0, 0, rows), tgb = gb.narrow(0, 0, rows);
-      const CodeProbsArgs A = half_args(x, g.bit0, g.ka, coef, n0);
-      const CodeProbsArgs B = half_args(x, g.bit0 + g.ka, g.kb, coef, n0);
-      D::code_probs(A, ta, B, tb, rows);
-      if (g.ka > 0) at::mm_out(tga, tb, G.t());  // d loss / d P_A
-      at::mm_out(tgb, ta, G);                    // d loss / d P_B
-      D::code_probs_backward(A, ta, tga, B, tb, tgb, dx, rows);
+      at::Tensor pa = at::empty({run.groups, rows, wa}, work), pb = at::empty({run.groups, rows, wb}, work);
+      D::code_probs(x, run, coef, n0, pa, pb);
+      at::Tensor ga = run.ka > 0 ? at::bmm(pb, G.transpose(1, 2)) : pa;  // d loss / d P_A
+      at::Tensor gb = at::bmm(pa, G);                                        // d loss / d P_B
+      D::code_probs_backward(x, run, coef, n0, pa, ga, pb, gb, dx);
     }
-  });
+  }
   return dx;
 }
 
@@ -157,27 +171,31 @@ void check_histogram_input(const at::Tensor& idx, int64_t K) {
 struct CpuDevice {
   static constexpr int64_t kTileBudget = int64_t(1) << 24;
 
-  static int64_t grain(const CodeProbsArgs& a, const CodeProbsArgs& b) {
-    return std::max<int64_t>(1, 65536 / ((int64_t(1) << a.bits) + (int64_t(1) << b.bits)));
+  static int64_t grain(const Run& run) {
+    return std::max<int64_t>(1, 65536 / (run.groups * ((int64_t(1) << run.ka) + (int64_t(1) << run.kb))));
   }
 
-  static void code_probs(const CodeProbsArgs& a, at::Tensor& probs_a, const CodeProbsArgs& b,
-                         at::Tensor& probs_b, int64_t rows) {
-    at::parallel_for(0, rows, grain(a, b), [&](int64_t s, int64_t e) {
-      code_probs_cpu(a, probs_a.data_ptr(), a.first_token + s, a.first_token + e);
-      code_probs_cpu(b, probs_b.data_ptr(), b.first_token + s, b.first_token + e);
+  static void code_probs(const at::Tensor& x, const Run& run, double coef, int64_t n0, at::Tensor& probs_a,
+                         at::Tensor& probs_b) {
+    at::parallel_for(0, probs_a.size(1), grain(run), [&](int64_t s, int64_t e) {
+      for (int64_t r = 0; r < run.groups; ++r) {
+        code_probs_cpu(half_args(x, run, r, false, coef, n0), group_block(probs_a, r), n0 + s, n0 + e);
+        code_probs_cpu(half_args(x, run, r, true, coef, n0), group_block(probs_b, r), n0 + s, n0 + e);
+      }
     });
   }
 
-  static void code_probs_backward(const CodeProbsArgs& a, const at::Tensor& probs_a, const at::Tensor& grad_a,
-                                  const CodeProbsArgs& b, const at::Tensor& probs_b, const at::Tensor& grad_b,
-                                  at::Tensor& dx, int64_t rows) {
-    at::parallel_for(0, rows, grain(a, b), [&](int64_t s, int64_t e) {
-      if (a.bits > 0)
-        code_probs_backward_cpu(a, probs_a.data_ptr(), grad_a.data_ptr(), dx.data_ptr(), a.first_token + s,
-                                a.first_token + e);
-      code_probs_backward_cpu(b, probs_b.data_ptr(), grad_b.data_ptr(), dx.data_ptr(), b.first_token + s,
-                              b.first_token + e);
+  static void code_probs_backward(const at::Tensor& x, const Run& run, double coef, int64_t n0,
+                                  const at::Tensor& probs_a, const at::Tensor& grad_a, const at::Tensor& probs_b,
+                                  const at::Tensor& grad_b, at::Tensor& dx) {
+    at::parallel_for(0, probs_a.size(1), grain(run), [&](int64_t s, int64_t e) {
+      for (int64_t r = 0; r < run.groups; ++r) {
+        if (run.ka > 0)
+          code_probs_backward_cpu(half_args(x, run, r, false, coef, n0), group_block(probs_a, r),
+                                  group_block(grad_a, r), dx.data_ptr(), n0 + s, n0 + e);
+        code_probs_backward_cpu(half_args(x, run, r, true, coef, n0), group_block(probs_b, r),
+                                group_block(grad_b, r), dx.data_ptr(), n0 + s, n0 + e);
+      }
     });
   }
 };
@@ -259,17 +277,25 @@ void* stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.
 struct CudaDevice {
   static constexpr int64_t kTileBudget = int64_t(1) << 25;
 
-  static void code_probs(const CodeProbsArgs& a, at::Tensor& probs_a, const CodeProbsArgs& b,
-                         at::Tensor& probs_b, int64_t rows) {
-    code_probs_cuda(a, probs_a.data_ptr(), rows, stream_of(probs_a));
-    code_probs_cuda(b, probs_b.data_ptr(), rows, stream_of(probs_b));
+  static void code_probs(const at::Tensor& x, const Run& run, double coef, int64_t n0, at::Tensor& probs_a,
+                         at::Tensor& probs_b) {
+    const int64_t rows = probs_a.size(1);
+    for (int64_t r = 0; r < run.groups; ++r) {
+      code_probs_cuda(half_args(x, run, r, false, coef, n0), group_block(probs_a, r), rows, stream_of(x));
+      code_probs_cuda(half_args(x, run, r, true, coef, n0), group_block(probs_b, r), rows, stream_of(x));
+    }
   }
 
-  static void code_probs_backward(const CodeProbsArgs& a, const at::Tensor& probs_a, const at::Tensor& grad_a,
-                                  const CodeProbsArgs& b, const at::Tensor& probs_b, const at::Tensor& grad_b,
-                                  at::Tensor& dx, int64_t rows) {
-    code_probs_backward_cuda(a, probs_a.data_ptr(), grad_a.data_ptr(), dx.data_ptr(), rows, stream_of(dx));
-    code_probs_backward_cuda(b, probs_b.data_ptr(), grad_b.data_ptr(), dx.data_ptr(), rows, stream_of(dx));
+  static void code_probs_backward(const at::Tensor& x, const Run& run, double coef, int64_t n0,
+                                  const at::Tensor& probs_a, const at::Tensor& grad_a, const at::Tensor& probs_b,
+                                  const at::Tensor& grad_b, at::Tensor& dx) {
+    const int64_t rows = probs_a.size(1);
+    for (int64_t r = 0; r < run.groups; ++r) {
+      code_probs_backward_cuda(half_args(x, run, r, false, coef, n0), group_block(probs_a, r), group_block(grad_a, r),
+                               dx.data_ptr(), rows, stream_of(x));
+      code_probs_backward_cuda(half_args(x, run, r, true, coef, n0), group_block(probs_b, r), group_block(grad_b, r),
+                               dx.data_ptr(), rows, stream_of(x));
+    }
   }
 };
 
