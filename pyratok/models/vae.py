@@ -228,7 +228,9 @@ class AttentionBlock(nn.Module):
         B, C, T, H, W = x.shape
         frames = x.transpose(1, 2).reshape(B * T, C, H, W)               # (B*T, C, H, W)
         qkv = self.to_qkv(self.norm(frames))                             # (B*T, 3C, H, W)
-        qkv = qkv.flatten(2).transpose(1, 2).unsqueeze(1)                # (B*T, 1, HW, 3C)
+        # channels last and contiguous: the fused (flash) SDPA kernels need unit stride along C;
+        # the fallback materialises the (HW x HW) scores, 4 GB per 1080p latent frame
+        qkv = qkv.flatten(2).transpose(1, 2).contiguous().unsqueeze(1)   # (B*T, 1, HW, 3C)
         q, k, v = qkv.chunk(3, dim=-1)                                   # (B*T, 1, HW, C) each
         out = F.scaled_dot_product_attention(q, k, v)                    # (B*T, 1, HW, C)
         out = self.proj(out.squeeze(1).transpose(1, 2).reshape(B * T, C, H, W))
