@@ -8,6 +8,7 @@ turns the JSON into CSV rows (benchmarks/results/<op>.csv) and README tables.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import subprocess
@@ -34,6 +35,16 @@ def _proc_status_kb(field: str) -> int:
     raise KeyError(field)
 
 
+def _release_free_heap():
+    """Hands freed heap pages back to the OS (glibc malloc_trim), so that the resident set
+    is the live memory: else blocks freed by the warm-up call stay resident, the measured
+    call reuses them, and its peak reads as (close to) zero."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory_bytes(fn) -> int:
     """Extra memory at the peak of one call of fn, above what was in use before it.
 
@@ -47,6 +58,7 @@ def peak_memory_bytes(fn) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    _release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

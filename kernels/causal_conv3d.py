@@ -8,7 +8,8 @@ frame 0 (replicate), or zero) and the spatial zero border as load masks.
 Input gradient: the same over the padded input positions (b, p, h, w), K = (it, ih,
 iw, o), A gathered from dy at t = (p - it*dt)/st, ho, wo where those divisions are
 exact (so any stride works), N = input channels; rows p < P go to grad_past.
-Weight gradient: dW (O x K) = dy^T (O x M) @ A (M x K), reducing over M in-kernel.
+Weight gradient: dW (O x K) = dy^T (O x M) @ A (M x K), the M reduction split over
+program axis 2 and summed with atomic adds into an fp32 (fp64) accumulator.
 
 Layouts: every tensor is addressed through its 5 strides (channels-first,
 channels_last_3d or any view); int64 offsets throughout.  fp16/bf16 inputs accumulate
@@ -23,7 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 32, 32
+def _blocks(dtype: torch.dtype) -> dict:
+    """Tile sizes; fp64 multiplies by broadcast (a BLOCK_M x BLOCK_K x BLOCK_N product in
+    registers), so its tiles are smaller."""
+    if dtype == torch.float64:
+        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=8)
+    return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -158,10 +164,11 @@ def _input_grad_kernel(dy_ptr, w_ptr, gx_ptr, gp_ptr,
 def _weight_grad_kernel(x_ptr, cache_ptr, dy_ptr, dw_ptr,
                         B, C, H, W, O, To, Ho, Wo, P, KT, KH, KW, ST, SH, SW, DT, DH, DW, PH, PW,
                         sxb, sxc, sxt, sxh, sxw, scb, scc, sct, sch, scw, sdb, sdc, sdt, sdh, sdw,
-                        HAS_CACHE: tl.constexpr, REPLICATE: tl.constexpr,
+                        POSITIONS_PER_PROGRAM, HAS_CACHE: tl.constexpr, REPLICATE: tl.constexpr,
                         PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dW[o, (it, ih, iw, c)] over a BLOCK_N x BLOCK_K tile, reducing over all positions."""
+    """dW[o, (it, ih, iw, c)] over a BLOCK_N x BLOCK_K tile, reducing over one slice of the
+    positions (program axis 2) and adding it into dw atomically."""
     n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     M = B * To * Ho * Wo
@@ -173,9 +180,11 @@ def _weight_grad_kernel(x_ptr, cache_ptr, dy_ptr, dw_ptr,
     ih = (k // (C * KW)) % KH
     it = k // (C * KW * KH)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC_DTYPE)
-    for m0 in range(0, M, BLOCK_M):
+    m_begin = tl.program_id(2).to(tl.int64) * POSITIONS_PER_PROGRAM
+    m_end = tl.minimum(m_begin + POSITIONS_PER_PROGRAM, M)
+    for m0 in range(m_begin, m_end, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        mask_m = m < M
+        mask_m = m < m_end
         w_o = m % Wo
         h_o = (m // Wo) % Ho
         t_o = (m // (Wo * Ho)) % To
@@ -191,7 +200,7 @@ def _weight_grad_kernel(x_ptr, cache_ptr, dy_ptr, dw_ptr,
         acc = _mma(acc, dyt, a, PRECISION, ACC_DTYPE)
     # accum is (O, C, kt, kh, kw) contiguous
     dw_off = n[:, None] * K + c[None, :] * (KT * KH * KW) + it[None, :] * (KH * KW) + ih[None, :] * KW + iw[None, :]
-    tl.store(dw_ptr + dw_off, acc, mask=mask_n[:, None] & mask_k[None, :])
+    tl.atomic_add(dw_ptr + dw_off, acc, mask=mask_n[:, None] & mask_k[None, :])
 
 
 def _geometry(x_shape, weight_shape, stride, dilation, padding):
@@ -213,12 +222,12 @@ def causal_conv3d_forward(x, weight, bias, cache, stride, dilation, padding, rep
     geom, _ = _geometry(x.shape, weight.shape, stride, dilation, padding)
     M, O = y.shape[0] * y.shape[2] * y.shape[3] * y.shape[4], y.shape[1]
     cache_t = cache if cache is not None else x
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(O, BLOCK_N))
+    blocks = _blocks(x.dtype)
+    grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(O, blocks["BLOCK_N"]))
     _forward_kernel[grid](x, cache_t, weight, bias if bias is not None else x, y, *geom,
                           *x.stride(), *cache_t.stride(), *weight.stride(), *y.stride(),
                           HAS_CACHE=cache is not None, REPLICATE=replicate, HAS_BIAS=bias is not None,
-                          PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_dtype(x.dtype),
-                          BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+                          PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_dtype(x.dtype), **blocks)
 
 
 def causal_conv3d_input_grad(grad_y, weight, x_shape, stride, dilation, padding, grad_x, grad_past):
@@ -230,22 +239,28 @@ def causal_conv3d_input_grad(grad_y, weight, x_shape, stride, dilation, padding,
     M = B * (P + T - p_begin) * H * W
     gx = grad_x if grad_x is not None else grad_y
     gp = grad_past if grad_past is not None else grad_y
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(C, BLOCK_N))
+    blocks = _blocks(grad_y.dtype)
+    grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(C, blocks["BLOCK_N"]))
     _input_grad_kernel[grid](grad_y, weight, gx, gp, *geom[:9], T, p_begin, *geom[9:],
                              *grad_y.stride(), *weight.stride(), *gx.stride(), *gp.stride(),
                              WRITE_X=grad_x is not None, WRITE_PAST=grad_past is not None,
-                             PRECISION=_dot_precision(grad_y.dtype), ACC_DTYPE=_acc_dtype(grad_y.dtype),
-                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+                             PRECISION=_dot_precision(grad_y.dtype), ACC_DTYPE=_acc_dtype(grad_y.dtype), **blocks)
 
 
 def causal_conv3d_weight_grad(x, cache, grad_y, stride, dilation, padding, replicate, accum):
-    """accum (O, C, kt, kh, kw) contiguous fp32 (fp64 for fp64) = dL/dweight."""
+    """accum (O, C, kt, kh, kw) contiguous fp32 (fp64 for fp64), zeroed: += dL/dweight."""
     geom, _ = _geometry(x.shape, accum.shape, stride, dilation, padding)
     O, C, KT, KH, KW = accum.shape
     cache_t = cache if cache is not None else x
-    grid = (triton.cdiv(O, BLOCK_N), triton.cdiv(KT * KH * KW * C, BLOCK_K))
+    blocks = _blocks(x.dtype)
+    tiles = triton.cdiv(O, blocks["BLOCK_N"]) * triton.cdiv(KT * KH * KW * C, blocks["BLOCK_K"])
+    positions = grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3] * grad_y.shape[4]
+    # split the position reduction until there are ~1024 programs (one under the interpreter)
+    splits = 1 if x.device.type == "cpu" else max(1, min(triton.cdiv(1024, tiles), positions // 4096))
+    per_program = triton.cdiv(triton.cdiv(positions, splits), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
+    grid = (triton.cdiv(O, blocks["BLOCK_N"]), triton.cdiv(KT * KH * KW * C, blocks["BLOCK_K"]),
+            triton.cdiv(positions, per_program))
     _weight_grad_kernel[grid](x, cache_t, grad_y, accum, *geom,
-                              *x.stride(), *cache_t.stride(), *grad_y.stride(),
+                              *x.stride(), *cache_t.stride(), *grad_y.stride(), per_program,
                               HAS_CACHE=cache is not None, REPLICATE=replicate,
-                              PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_dtype(x.dtype),
-                              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+                              PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_dtype(x.dtype), **blocks)

@@ -107,7 +107,8 @@ void gemm_portable(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, con
 GemmKernels portable_gemm_kernels();
 
 // Weights repacked once per call in the compute type (float for f16/bf16/f32, double
-// for f64): forward (kt, kh, kw, C, O); input_grad (kt, kh, kw, O, C).
+// for f64): forward (kt, kh, kw, C, O); input_grad (kt, kh, kw, O, C), or the forward
+// order for layers with few input channels (their input gradient runs channels-first).
 int64_t packed_weight_elements(const ConvShape& s);
 void pack_weight_forward(DType dtype, const ConvShape& s, View5 weight, void* packed);
 void pack_weight_input_grad(DType dtype, const ConvShape& s, View5 weight, void* packed);

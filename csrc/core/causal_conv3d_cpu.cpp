@@ -89,6 +89,12 @@ TilePlan plan_tiles(const ConvShape& s) {
   return p;
 }
 
+// Input gradients of layers with few input channels (the first layer of an encoder)
+// run channels-first, so that their GEMMs vectorise over positions.
+constexpr int64_t kFewChannels = 16;
+
+bool input_grad_channels_first(const ConvShape& s) { return s.C < kFewChannels && s.sw == 1; }
+
 // One input row (b, :, frame, hi, :) of `v` -> Wp*C channels-last values with `pw`
 // zero columns on each side.
 template <typename F>
@@ -211,8 +217,12 @@ void forward_impl(const ForwardArgs& a, GemmFn<typename F::work> gemm, int64_t b
 }
 
 // Scatter form of the transposed convolution for one row (b, p, hi) of the padded
-// input: every (it, ih) whose output row exists adds dy_row (Wo x O) @ W[it,ih,iw]^T to
-// the columns wi = wo*sw + iw*dw - pw, a set with row stride sw in the tile.
+// input: every (it, ih) whose output row exists contributes, through each iw, dy_row
+// times W[it,ih,iw]^T to the columns wi = wo*sw + iw*dw - pw.
+//   channels-last tile (W x C): dy_row (Wo x O) @ W^T (O x C) into rows wi, a set with
+//     row stride sw in the tile (any stride);
+//   channels-first tile (C x W), for few channels and sw = 1: W (C x O) @ dy_row^T
+//     (O x Wo) into columns wi, so that the GEMM's N runs over positions, not over C.
 template <typename F>
 void input_grad_impl(const InputGradArgs& a, GemmFn<typename F::work> gemm, int64_t begin, int64_t end) {
   using Acc = typename F::work;
@@ -220,6 +230,7 @@ void input_grad_impl(const InputGradArgs& a, GemmFn<typename F::work> gemm, int6
   const ConvShape& s = a.shape;
   const int64_t C = s.C, O = s.O, W = s.W;
   const int64_t frames = s.P + s.T;
+  const bool channels_first = input_grad_channels_first(s);
   std::vector<Acc> tile(W * C), dy_row(s.Wo * O);
   const Acc* weight = static_cast<const Acc*>(a.weight);
   const Bits* gy = static_cast<const Bits*>(a.grad_y.data);
@@ -242,8 +253,10 @@ void input_grad_impl(const InputGradArgs& a, GemmFn<typename F::work> gemm, int6
         if (ho >= s.Ho) continue;
         const Bits* src = gy + a.grad_y.offset(b, 0, t, ho, 0);
         for (int64_t o = 0; o < O; ++o)
-          for (int64_t w = 0; w < s.Wo; ++w)
-            dy_row[w * O + o] = F::load(src[o * a.grad_y.stride[1] + w * a.grad_y.stride[4]]);
+          for (int64_t w = 0; w < s.Wo; ++w) {
+            const Acc v = F::load(src[o * a.grad_y.stride[1] + w * a.grad_y.stride[4]]);
+            dy_row[channels_first ? o * s.Wo + w : w * O + o] = v;
+          }
         for (int64_t iw = 0; iw < s.kw; ++iw) {
           const int64_t shift = iw * s.dw - s.pw;               // wi = wo*sw + shift
           const int64_t phase = ((shift % s.sw) + s.sw) % s.sw;  // first wi of the class
@@ -251,19 +264,23 @@ void input_grad_impl(const InputGradArgs& a, GemmFn<typename F::work> gemm, int6
           const int64_t j_lo = std::max<int64_t>(0, -c0);
           const int64_t j_hi = std::min<int64_t>((W - phase + s.sw - 1) / s.sw, s.Wo - c0);
           if (j_hi <= j_lo) continue;
-          gemm(j_hi - j_lo, C, O, dy_row.data() + (j_lo + c0) * O, O,
-               weight + ((it * s.kh + ih) * s.kw + iw) * O * C, C, tile.data() + (phase + s.sw * j_lo) * C,
-               s.sw * C, true);
+          const Acc* Wtap = weight + ((it * s.kh + ih) * s.kw + iw) * O * C;
+          if (channels_first)  // sw == 1: phase == 0, wi = j, wo = j + c0
+            gemm(C, j_hi - j_lo, O, Wtap, O, dy_row.data() + j_lo + c0, s.Wo, tile.data() + j_lo, W, true);
+          else
+            gemm(j_hi - j_lo, C, O, dy_row.data() + (j_lo + c0) * O, O, Wtap, C,
+                 tile.data() + (phase + s.sw * j_lo) * C, s.sw * C, true);
         }
       }
     }
     Bits* out = static_cast<Bits*>(dst.data) + dst.offset(b, 0, p < s.P ? p : p - s.P, hi, 0);
+    const int64_t tc = channels_first ? 1 : C, tw = channels_first ? W : 1;  // tile strides of (w, c)
     if (dst.stride[1] == 1) {
       for (int64_t w = 0; w < W; ++w)
-        for (int64_t c = 0; c < C; ++c) out[w * dst.stride[4] + c] = F::store(tile[w * C + c]);
+        for (int64_t c = 0; c < C; ++c) out[w * dst.stride[4] + c] = F::store(tile[w * tc + c * tw]);
     } else {
       for (int64_t c = 0; c < C; ++c)
-        for (int64_t w = 0; w < W; ++w) out[c * dst.stride[1] + w * dst.stride[4]] = F::store(tile[w * C + c]);
+        for (int64_t w = 0; w < W; ++w) out[c * dst.stride[1] + w * dst.stride[4]] = F::store(tile[w * tc + c * tw]);
     }
   }
 }
@@ -334,7 +351,7 @@ void pack_weight_forward(DType dtype, const ConvShape& s, View5 weight, void* pa
 }
 
 void pack_weight_input_grad(DType dtype, const ConvShape& s, View5 weight, void* packed) {
-  PYRATOK_DISPATCH_DTYPE(dtype, pack_weight_impl<F>(s, weight, packed, true));
+  PYRATOK_DISPATCH_DTYPE(dtype, pack_weight_impl<F>(s, weight, packed, !input_grad_channels_first(s)));
 }
 
 int64_t forward_tiles(const ConvShape& s) { return s.B * s.To * plan_tiles(s).tiles_per_frame; }
