@@ -79,5 +79,9 @@ for r in rows:
     print(f"{r['group']:60s} {r['provider']:7s} {float(r['gb_per_s']):8.1f} GB/s  {float(r['frac_of_baseline']):.2f} of copy  {'ok' if ok else 'BELOW TARGET'}")
 PY
   fi
+  # per-op GPU summaries (fractions of the GEMM / cuDNN / copy ceilings), one fragment per op
+  for fragment in benchmarks/device_check_*.sh; do
+    . "$fragment"
+  done
 fi
 exit $status
