@@ -35,14 +35,30 @@ def _proc_status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def _release_free_heap():
-    """Hands freed heap pages back to the OS (glibc malloc_trim), so that the resident set
-    is the live memory: else blocks freed by the warm-up call stay resident, the measured
-    call reuses them, and its peak reads as (close to) zero."""
+@lru_cache(maxsize=None)
+def _libc():
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+# On the CPU the peak is read from the resident set, which glibc's malloc decouples from
+# the live memory: freed blocks below its (adaptive, up to 32 MB) mmap threshold stay
+# resident and are reused, so a call's peak reads as ~0, or as the fragmentation of
+# earlier calls.  Blocks of 64 KB and more are mapped and unmapped one by one instead
+# (mallopt M_MMAP_THRESHOLD = -3, M_TRIM_THRESHOLD = -1); tensors that size cost a few
+# more page faults for every provider alike.
+if DEVICE == "cpu" and _libc() is not None:
+    _libc().mallopt(-3, 64 * 1024)
+    _libc().mallopt(-1, 64 * 1024)
+
+
+def _release_free_heap():
+    """Hands freed heap pages back to the OS (malloc_trim) before a measured call."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def peak_memory_bytes(fn) -> int:

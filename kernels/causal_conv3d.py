@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-def _blocks(dtype: torch.dtype) -> dict:
-    """Tile sizes; fp64 multiplies by broadcast (a BLOCK_M x BLOCK_K x BLOCK_N product in
-    registers), so its tiles are smaller."""
-    if dtype == torch.float64:
+def _blocks(t: torch.Tensor) -> dict:
+    """Tile sizes; on the GPU fp64 multiplies by broadcast (a BLOCK_M x BLOCK_K x BLOCK_N
+    product in registers), so its tiles are smaller there."""
+    if t.dtype == torch.float64 and t.device.type == "cuda":
         return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=8)
     return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)
 
@@ -222,7 +222,7 @@ def causal_conv3d_forward(x, weight, bias, cache, stride, dilation, padding, rep
     geom, _ = _geometry(x.shape, weight.shape, stride, dilation, padding)
     M, O = y.shape[0] * y.shape[2] * y.shape[3] * y.shape[4], y.shape[1]
     cache_t = cache if cache is not None else x
-    blocks = _blocks(x.dtype)
+    blocks = _blocks(x)
     grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(O, blocks["BLOCK_N"]))
     _forward_kernel[grid](x, cache_t, weight, bias if bias is not None else x, y, *geom,
                           *x.stride(), *cache_t.stride(), *weight.stride(), *y.stride(),
@@ -239,7 +239,7 @@ def causal_conv3d_input_grad(grad_y, weight, x_shape, stride, dilation, padding,
     M = B * (P + T - p_begin) * H * W
     gx = grad_x if grad_x is not None else grad_y
     gp = grad_past if grad_past is not None else grad_y
-    blocks = _blocks(grad_y.dtype)
+    blocks = _blocks(grad_y)
     grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(C, blocks["BLOCK_N"]))
     _input_grad_kernel[grid](grad_y, weight, gx, gp, *geom[:9], T, p_begin, *geom[9:],
                              *grad_y.stride(), *weight.stride(), *gx.stride(), *gp.stride(),
@@ -252,7 +252,7 @@ def causal_conv3d_weight_grad(x, cache, grad_y, stride, dilation, padding, repli
     geom, _ = _geometry(x.shape, accum.shape, stride, dilation, padding)
     O, C, KT, KH, KW = accum.shape
     cache_t = cache if cache is not None else x
-    blocks = _blocks(x.dtype)
+    blocks = _blocks(x)
     tiles = triton.cdiv(O, blocks["BLOCK_N"]) * triton.cdiv(KT * KH * KW * C, blocks["BLOCK_K"])
     positions = grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3] * grad_y.shape[4]
     # split the position reduction until there are ~1024 programs (one under the interpreter)

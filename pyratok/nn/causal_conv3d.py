@@ -2,13 +2,13 @@
 
 A network streams a clip by calling every forward with the same :class:`StreamCache`
 on consecutive chunks (:func:`run_chunked` does the loop); each CausalConv3d keeps the
-last P input frames of its previous chunk under its own key, so modules that are skipped,
-reordered or shared never read another layer's frames.
+last P input frames of its previous chunk under its own key, so modules that are skipped
+or reordered never read another layer's frames.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +20,9 @@ class StreamCache:
     """Per-module streaming state for causal convolutions, keyed by module (not by call order).
 
     Pass one StreamCache to every forward call of a network while feeding it consecutive
-    chunks of a clip; each CausalConv3d reads and replaces its own entry.
+    chunks of a clip; each CausalConv3d reads and replaces its own entry.  A module applied
+    at two places of one forward pass (shared weights) needs a CausalConv3d per place, as
+    the entry is per module.  ``reset()`` before the next clip.
     """
 
     def __init__(self):

@@ -58,8 +58,8 @@ def output_shape(x_shape, weight_shape, stride, dilation, padding):
     return (B, O, T // stride[0], Ho, Wo)
 
 
-def _empty_like_layout(x: torch.Tensor, shape, dtype=None) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=output_memory_format(x))
+def _empty_like_layout(x: torch.Tensor, shape) -> torch.Tensor:
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
 def _new_cache(x: torch.Tensor, cache: Optional[torch.Tensor], P: int, replicate: bool) -> torch.Tensor:
