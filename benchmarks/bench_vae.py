@@ -13,23 +13,35 @@ Wan 2.1 config at 17x128x128 (CPU) or 17x720x1280 with a bf16 decoder (GPU); and
 its enable_tiling defaults, 256-pixel tiles at a 192-pixel stride) next to pyratok untiled.
 
 Peak memory is measured over the timed rounds themselves (the full config takes about a
-minute per call on a small CPU, so there is no separate warm-up or memory call): CUDA, the
-caching allocator's peak; CPU, the peak resident set (VmHWM, reset through
-/proc/self/clear_refs) above the resident set before the round.  rounds=1 for the heavy cases.
+minute per call on a small CPU, so there is no separate memory call; a one-frame call on each
+model warms it up first): CUDA, the caching allocator's peak; CPU, the peak resident set
+(VmHWM, reset through /proc/self/clear_refs) above the resident set before the round.  On CPU
+glibc's malloc is told to map every block above 64 KiB and trim freed memory at once, so that a
+freed activation leaves the resident set and the next case's peak is its own (by default a
+later, smaller run reuses the pages an earlier one left behind and reads as ~0).  rounds=1 for
+the heavy cases.
 
     python -m pytest benchmarks/bench_vae.py --benchmark-only --benchmark-json=/tmp/vae.json
 """
 
 import copy
+import ctypes
+import ctypes.util
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from pyratok.models import WanVAE
+from pyratok.nn import StreamCache
 
 diffusers = pytest.importorskip("diffusers", reason="the peer (diffusers' AutoencoderKLWan) is not installed")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallopt(-3, 1 << 16)                                             # M_MMAP_THRESHOLD (fixed, not dynamic)
+    libc.mallopt(-1, 1 << 16)                                             # M_TRIM_THRESHOLD
 SMALL = dict(base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1)
 FULL = {}                                                                 # diffusers' defaults: Wan 2.1
 # (label, config, frames, height, width, decoder dtype, rounds)
@@ -91,7 +103,8 @@ _MODELS = {}
 
 
 def models(label, config, decoder_dtype):
-    """(diffusers model, pyratok model) with the same random weights; decoders in decoder_dtype."""
+    """(diffusers model, diffusers model for decoding in decoder_dtype, pyratok model with its decoder
+    in decoder_dtype), all with the same random weights."""
     key = (label, decoder_dtype)
     if key not in _MODELS:
         _MODELS.clear()                                                   # keep one pair alive at a time
@@ -102,7 +115,25 @@ def models(label, config, decoder_dtype):
         ours.set_precision(decoder=decoder_dtype)
         ref_decoder = copy.deepcopy(ref).to(decoder_dtype) if decoder_dtype != torch.float32 else ref
         _MODELS[key] = (ref.to(DEVICE), ref_decoder.to(DEVICE), ours.to(DEVICE))
+        warm_video, warm_latent = video_and_latent(ours, 1, 64, 64)
+        ref.encode(warm_video)
+        ref_decoder.decode(warm_latent.to(decoder_dtype))
+        ours.decode(ours.encode(warm_video).mean)
     return _MODELS[key]
+
+
+def count_flops(config, direction, frames, height, width) -> int:
+    """FLOPs of one encode or decode (the same math for both providers), counted on the meta device."""
+    with torch.device("meta"):
+        vae = WanVAE(**config)
+        video = torch.zeros(1, 3, frames, height, width)
+        latent = torch.zeros(1, vae.config.z_dim, 1 + (frames - 1) // 4, height // 8, width // 8)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        if direction == "encode":
+            vae.encode_stream(video, StreamCache())
+        else:
+            vae.decode_stream(latent, StreamCache())
+    return counter.get_total_flops()
 
 
 def video_and_latent(ours, frames, height, width):
@@ -129,7 +160,7 @@ def test_vae(benchmark, case, direction, provider):
         fn = (lambda: ours.decode(latent)) if provider == "pyratok" else (lambda: ref_decoder.decode(z))
     benchmark.group = f"vae {direction} {label} {frames}x{height}x{width} {str(dtype)[6:]}"
     measure(benchmark, fn, rounds, provider=provider, shape=f"(1, 3, {frames}, {height}, {width})",
-            dtype=str(dtype)[6:], frames=frames)
+            dtype=str(dtype)[6:], frames=frames, flops=count_flops(config, direction, frames, height, width))
 
 
 @pytest.mark.parametrize("provider", ["pyratok tiled", "diffusers tiled", "pyratok untiled"])
@@ -148,6 +179,7 @@ def test_vae_tiled_1080p(benchmark, provider):
         fn = lambda: ref_decoder.decode(latent.to(decoder_dtype))  # noqa: E731
     benchmark.group = f"vae decode {label} 1x1080x1920 one frame chunk {str(decoder_dtype)[6:]}"
     measure(benchmark, fn, rounds, provider=provider, shape="(1, 3, 1, 1080, 1920)",
-            dtype=str(decoder_dtype)[6:], frames=1, peer="diffusers tiled")
+            dtype=str(decoder_dtype)[6:], frames=1, peer="diffusers tiled",
+            flops=count_flops(config, "decode", 1, 1080, 1920))
     if provider == "diffusers tiled":
         ref_decoder.disable_tiling()

@@ -2,6 +2,7 @@
 (tiny configs, all on CPU), chunk-plan invariance of streaming, exact tiling, LoRA through
 peft, the original Wan .pth key mapping, precision and bad input."""
 
+import copy
 import json
 import os
 import warnings
@@ -12,6 +13,7 @@ import torch
 from pyratok.models import LatentDistribution, WanVAE, WanVAEConfig, fit_frames
 from pyratok.models import wan_checkpoint
 from pyratok.nn import StreamCache
+from conftest import requires_cuda
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLWan  # noqa: E402
@@ -101,6 +103,23 @@ def test_matches_diffusers(pair, name):
         assert_close(got.mean, want.mean)
         assert_close(got.logvar, want.logvar)
         assert_close(ours.decode(want.mean), ref.decode(want.mean).sample)
+
+
+@requires_cuda
+@torch.no_grad()
+def test_cuda_matches_diffusers(pair, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)      # fp32 parity, not TF32 rounding
+    ref, _, folder = pair("wan21")
+    ref = copy.deepcopy(ref).cuda()
+    ours = WanVAE.from_pretrained(folder, device="cuda").eval()
+    video = video_for(ours, 9).cuda()
+    want = ref.encode(video).latent_dist.mean
+    assert_close(ours.encode(video).mean, want)
+    assert_close(ours.decode(want), ref.decode(want).sample)
+    ours.set_precision(decoder=torch.bfloat16)
+    got = ours.decode(want)
+    assert got.dtype == torch.bfloat16
+    assert_close(got, ref.to(torch.bfloat16).decode(want.bfloat16()).sample, 0.1)
 
 
 @torch.no_grad()

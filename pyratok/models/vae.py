@@ -13,11 +13,16 @@ treats the first chunk specially are written out in :class:`Resample`.  The netw
 so every chunk plan gives the whole-clip result; ``encode`` defaults to Wan's plan (1 frame, then
 4) and ``decode`` to one latent frame at a time, which bounds activation memory by the chunk.
 
-Tiling.  ``tile`` and ``overlap`` are in latent pixels.  Each tile runs the whole temporal stream
-on its own; tiles are blended linearly over the overlap with weights that sum to one, so there is
-no seam.  Tiling is exact for the convolutions once ``overlap`` reaches the receptive field radius
-(:meth:`WanVAE.receptive_field`); the mid-block attention sees the whole frame untiled and one tile
-tiled, which is the remaining (small, documented) difference.
+Tiling.  ``tile`` and ``overlap`` are in latent pixels.  The attention in the mid blocks sees the
+whole frame, so it is never tiled: the part at latent resolution (decoder: conv_in + mid block;
+encoder: mid block + head) runs on whole frames, and only the convolutional part above latent
+resolution is tiled.  Each tile runs the whole temporal stream on its own; in the band two tiles
+share, each tile's outer ``margin`` pixels get weight 0 and the rest is a linear ramp, normalised
+to sum to one.  With margin >= the receptive-field radius R of the tiled part
+(:meth:`WanVAE.receptive_field`, 12.25 latent pixels for the Wan 2.1 decoder), i.e. overlap >=
+2 ceil(R) + 1 (the default is 2 ceil(R) + 2), tiled equals untiled up to fp32 rounding; a smaller
+overlap is allowed with a warning (seamless, not exact).  Memory: the output, the latent-resolution
+activations of the whole clip, and one tile's working set.
 
 Precision policy.  The encoder (and quant_conv) run in fp32 by default: the latent signs feed a
 binary quantizer and bf16's 8-bit mantissa moves small latents across zero.  The decoder may run
@@ -28,8 +33,9 @@ decoder's dtype, clamped to [-1, 1].  Run inference under ``torch.no_grad()``: t
 reuse their scratch tensors in place, which matters on CPUs, where every fresh tensor costs page
 faults.
 
-Cost.  Dominated by the 3x3x3 convolutions: about 2 * C_in * C_out * 27 FLOPs per output voxel;
-for the Wan 2.1 config roughly 1.1 TFLOP (encode) and 2.6 TFLOP (decode) per 17x256x256 clip.
+Cost.  Dominated by the 3x3x3 convolutions, 2 * C_in * C_out * 27 FLOPs per output voxel: for the
+Wan 2.1 config 5.7 TFLOP (encode) and 9.6 TFLOP (decode) per 17x256x256 clip (torch's
+flop_counter), so it is compute bound; the roofline is the device's conv throughput.
 """
 
 from __future__ import annotations
@@ -981,7 +987,7 @@ class WanVAE(nn.Module):
                 raise ValueError("config: a diffusers folder carries its own config.json; pass config only "
                                  "with a single checkpoint file")
             model = cls(file_config)
-            model.load_backbone_state_dict(load_file(weights_file, device=str(device)))
+            model.load_backbone_state_dict(load_file(weights_file))
             return model.to(device)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: neither a diffusers VAE folder nor a checkpoint file")
@@ -989,9 +995,9 @@ class WanVAE(nn.Module):
             config = WanVAEConfig.from_dict(config)
         model = cls(config or WanVAEConfig())
         if path.endswith(".safetensors"):
-            state = load_file(path, device=str(device))
+            state = load_file(path)
         else:
-            state = torch.load(path, map_location=device, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
         if wan_checkpoint.is_wan_layout(state):
             state = wan_checkpoint.wan_to_diffusers(state, model.config)
