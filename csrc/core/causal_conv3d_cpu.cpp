@@ -7,10 +7,9 @@
 // when it is zero).  Each (output row, it, ih) is then one GEMM with M = Wo positions
 // at row stride sw*C in the slab; with dw = 1 the kw taps of a position are kw*C
 // consecutive slab values, so K = kw*C and the weight rows (kt, kh, [kw, C], O) are
-// contiguous.  Measured on 2 Zen 4 cores this runs at the FMA peak, level with
-// oneDNN's own conv3d (benchmarks/bench_causal_conv3d.py).
+// contiguous.  On 2 Zen 4 cores this runs level with oneDNN's own conv3d in CPU time
+// (benchmarks/bench_causal_conv3d.py; results/causal_conv3d.md).
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "causal_conv3d.h"

@@ -149,13 +149,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv3d_backwar
   }
   at::Tensor grad_weight = at::empty({0}, weight.options());
   if (output_mask[2]) {
-    const int64_t threads = at::get_num_threads();
+    // one accumulator per chunk of rows (not per thread id, which nesting can repeat)
     const int64_t rows = weight_grad_rows(s);
-    auto accum = at::zeros({threads, weight_grad_elements(s)}, x.options().dtype(compute_type(x)));
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+    const int64_t per_chunk = (rows + chunks - 1) / chunks;
+    auto accum = at::zeros({chunks, weight_grad_elements(s)}, x.options().dtype(compute_type(x)));
     const WeightGradArgs args{dt, s, view5(x), cache ? view5(*cache) : View5{nullptr, {0, 0, 0, 0, 0}},
                               view5(grad_y)};
-    at::parallel_for(0, rows, (rows + threads - 1) / threads, [&](int64_t begin, int64_t end) {
-      causal_conv3d_weight_grad_cpu(args, gemm, begin, end, accum[at::get_thread_num()].data_ptr());
+    at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c)
+        causal_conv3d_weight_grad_cpu(args, gemm, c * per_chunk, std::min(rows, (c + 1) * per_chunk),
+                                      accum[c].data_ptr());
       at::native::cpublas::brgemm_release(false);
     });
     const at::Tensor total = accum.sum(0);
