@@ -8,17 +8,10 @@
 #include <vector>
 
 #include "binary_quantize.h"
+#include "check.h"
 
 using namespace pyratok;
 
-static int failures = 0;
-#define CHECK(cond)                                                      \
-  do {                                                                   \
-    if (!(cond)) {                                                       \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                        \
-    }                                                                    \
-  } while (0)
 
 static void test_half_round_trip() {
   // every non-NaN half survives half -> float -> half
@@ -132,10 +125,5 @@ int main() {
   test_sign_rule();
   test_fast_path_matches_strided();
   test_residual();
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("test_binary_quantize: all checks passed\n");
-  return 0;
+  return finish("test_binary_quantize");
 }

@@ -8,17 +8,10 @@
 #include <vector>
 
 #include "causal_conv3d.h"
+#include "check.h"
 
 using namespace pyratok;
 
-static int failures = 0;
-#define CHECK(cond)                                                                 \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                   \
-    }                                                                               \
-  } while (0)
 
 struct Geometry {
   int64_t B, C, O, T, H, W, kt, kh, kw, st, sh, sw, dt, dh, dw, ph, pw;
@@ -261,10 +254,5 @@ int main() {
       check_geometry<DType::F32>(g, cl, 1e-4, rng);
       check_geometry<DType::BF16>(g, cl, 0.25, rng);  // output rounding to bf16: |y| < 16 -> 2^-4
     }
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("causal_conv3d core: all checks passed\n");
-  return 0;
+  return finish("test_causal_conv3d");
 }

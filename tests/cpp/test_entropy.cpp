@@ -7,17 +7,10 @@
 #include <vector>
 
 #include "entropy.h"
+#include "check.h"
 
 using namespace pyratok;
 
-static int failures = 0;
-#define CHECK(cond)                                                                  \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                    \
-    }                                                                                \
-  } while (0)
 
 static bool close(double a, double b, double tol) { return std::fabs(a - b) <= tol * (1 + std::fabs(b)); }
 
@@ -178,10 +171,5 @@ int main() {
   test_entropy_math();
   test_bernoulli_kl_math();
   test_histogram();
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("test_entropy: all checks passed\n");
-  return 0;
+  return finish("test_entropy");
 }
