@@ -20,15 +20,28 @@ namespace {
 // 2048 tokens: runs of 4-16 KB per channel plane keep the prefetchers streaming.
 constexpr int64_t kBlock = PYRATOK_QBLOCK;
 
+// The typed pointers and the +scale / -scale code bit patterns of a QuantizeArgs.
+template <typename F, typename Index>
+struct Typed {
+  const typename F::bits* x;
+  typename F::bits* codes;
+  Index* indices;
+  typename F::bits pos, neg;
+};
+
+template <typename F, typename Index>
+Typed<F, Index> typed(const QuantizeArgs& a) {
+  using B = typename F::bits;
+  const B pos = F::store(static_cast<typename F::work>(a.scale));
+  return {static_cast<const B*>(a.x), static_cast<B*>(a.codes), static_cast<Index*>(a.indices), pos,
+          F::negate(pos)};
+}
+
 template <typename F, typename Index>
 void quantize_channel_first(const QuantizeArgs& a, int64_t begin, int64_t end) {
   using B = typename F::bits;
   const ChannelLayout& L = a.layout;
-  const B* x = static_cast<const B*>(a.x);
-  B* codes = static_cast<B*>(a.codes);
-  Index* indices = static_cast<Index*>(a.indices);
-  const B pos = F::store(static_cast<typename F::work>(a.scale));
-  const B neg = F::negate(pos);
+  const auto [x, codes, indices, pos, neg] = typed<F, Index>(a);
   Index acc[kBlock];
   int64_t t = begin;
   while (t < end) {
@@ -65,11 +78,7 @@ template <typename F, typename Index>
 void quantize_channels_last(const QuantizeArgs& a, int64_t begin, int64_t end) {
   using B = typename F::bits;
   const ChannelLayout& L = a.layout;
-  const B* x = static_cast<const B*>(a.x);
-  B* codes = static_cast<B*>(a.codes);
-  Index* indices = static_cast<Index*>(a.indices);
-  const B pos = F::store(static_cast<typename F::work>(a.scale));
-  const B neg = F::negate(pos);
+  const auto [x, codes, indices, pos, neg] = typed<F, Index>(a);
   Index weight[64];
   for (int64_t k = 0; k < L.K; ++k) weight[k] = (Index)((Index)1 << ((L.K - 1 - k) & 63));
   int64_t o = begin / L.inner, i = begin - o * L.inner;
@@ -91,13 +100,8 @@ void quantize_channels_last(const QuantizeArgs& a, int64_t begin, int64_t end) {
 
 template <typename F, typename Index>
 void quantize_strided(const QuantizeArgs& a, int64_t begin, int64_t end) {
-  using B = typename F::bits;
   const ChannelLayout& L = a.layout;
-  const B* x = static_cast<const B*>(a.x);
-  B* codes = static_cast<B*>(a.codes);
-  Index* indices = static_cast<Index*>(a.indices);
-  const B pos = F::store(static_cast<typename F::work>(a.scale));
-  const B neg = F::negate(pos);
+  const auto [x, codes, indices, pos, neg] = typed<F, Index>(a);
   for (int64_t t = begin; t < end; ++t) {
     const int64_t o = t / L.inner;
     const int64_t i = t - o * L.inner;
