@@ -94,23 +94,34 @@ template <typename T>
 using GemmFn = void (*)(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
                         int64_t ldb, T* C, int64_t ldc, bool accumulate);
 
+// bfloat16 operands (raw bits) with an fp32 C; B is in VNNI order: row pair k/2 holds
+// (B[k][n], B[k+1][n]) next to each other, ldb counts columns (K even).
+using GemmBf16Fn = void (*)(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda,
+                            const uint16_t* B, int64_t ldb, float* C, int64_t ldc, bool accumulate);
+
 struct GemmKernels {
   GemmFn<float> f32;
   GemmFn<double> f64;
+  GemmBf16Fn bf16_vnni;     // or nullptr: bfloat16 then computes in fp32
 };
 
 // A straightforward register-friendly GEMM, used where no tuned kernel is plugged in.
 template <typename T>
 void gemm_portable(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
                    T* C, int64_t ldc, bool accumulate);
+void gemm_portable_bf16_vnni(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                             int64_t ldb, float* C, int64_t ldc, bool accumulate);
 
 GemmKernels portable_gemm_kernels();
 
 // Weights repacked once per call in the compute type (float for f16/bf16/f32, double
 // for f64): forward (kt, kh, kw, C, O); input_grad (kt, kh, kw, O, C), or the forward
 // order for layers with few input channels (their input gradient runs channels-first).
+// A bfloat16 forward with a bf16_vnni GEMM and an even C keeps bfloat16 operands: its
+// weights are the forward matrix (kt*kh*kw*C rows, O columns) in VNNI row pairs.
 int64_t packed_weight_elements(const ConvShape& s);
-void pack_weight_forward(DType dtype, const ConvShape& s, View5 weight, void* packed);
+bool forward_uses_bf16_vnni(DType dtype, const ConvShape& s, const GemmKernels& gemm);
+void pack_weight_forward(DType dtype, const ConvShape& s, View5 weight, void* packed, bool vnni);
 void pack_weight_input_grad(DType dtype, const ConvShape& s, View5 weight, void* packed);
 
 struct ForwardArgs {
@@ -118,7 +129,7 @@ struct ForwardArgs {
   ConvShape shape;
   View5 x;                  // (B, C, T, H, W)
   View5 cache;              // (B, C, P, H, W), data == nullptr when !shape.has_cache
-  const void* weight;       // packed forward weights (compute type)
+  const void* weight;       // packed forward weights (compute type, or bf16 VNNI)
   const void* bias;         // (O,) compute type, or nullptr
   MutView5 y;               // (B, O, To, Ho, Wo)
 };

@@ -10,6 +10,7 @@
 // contiguous.  On 2 Zen 4 cores this runs level with oneDNN's own conv3d in CPU time
 // (benchmarks/bench_causal_conv3d.py; results/causal_conv3d.md).
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "causal_conv3d.h"
@@ -48,7 +49,22 @@ template void gemm_portable<float>(int64_t, int64_t, int64_t, const float*, int6
 template void gemm_portable<double>(int64_t, int64_t, int64_t, const double*, int64_t, const double*,
                                     int64_t, double*, int64_t, bool);
 
-GemmKernels portable_gemm_kernels() { return {&gemm_portable<float>, &gemm_portable<double>}; }
+void gemm_portable_bf16_vnni(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                             int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  for (int64_t i = 0; i < M; ++i) {
+    float* c = C + i * ldc;
+    if (!accumulate) std::fill(c, c + N, 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const float aik = bf16_to_float(A[i * lda + k]);
+      const uint16_t* b = B + (k / 2) * 2 * ldb + (k % 2);
+      for (int64_t j = 0; j < N; ++j) c[j] += aik * bf16_to_float(b[2 * j]);
+    }
+  }
+}
+
+GemmKernels portable_gemm_kernels() {
+  return {&gemm_portable<float>, &gemm_portable<double>, &gemm_portable_bf16_vnni};
+}
 
 namespace {
 
@@ -94,25 +110,32 @@ constexpr int64_t kFewChannels = 16;
 
 bool input_grad_channels_first(const ConvShape& s) { return s.C < kFewChannels && s.sw == 1; }
 
+// GEMM operands are the compute type, or the raw bits on the bfloat16 VNNI path.
+template <typename F, typename Op>
+Op to_operand(typename F::bits v) {
+  if constexpr (std::is_same<Op, typename F::bits>::value)
+    return v;
+  else
+    return F::load(v);
+}
+
 // One input row (b, :, frame, hi, :) of `v` -> Wp*C channels-last values with `pw`
 // zero columns on each side.
-template <typename F>
-void pack_row(const View5& v, int64_t b, int64_t frame, int64_t hi, const ConvShape& s, int64_t Wp,
-              typename F::work* dst) {
+template <typename F, typename Op = typename F::work>
+void pack_row(const View5& v, int64_t b, int64_t frame, int64_t hi, const ConvShape& s, int64_t Wp, Op* dst) {
   using Bits = typename F::bits;
-  using Acc = typename F::work;
   const int64_t C = s.C, W = s.W;
-  std::fill(dst, dst + s.pw * C, Acc(0));
-  std::fill(dst + (s.pw + W) * C, dst + Wp * C, Acc(0));
-  Acc* d = dst + s.pw * C;
+  std::fill(dst, dst + s.pw * C, Op(0));
+  std::fill(dst + (s.pw + W) * C, dst + Wp * C, Op(0));
+  Op* d = dst + s.pw * C;
   const Bits* src = static_cast<const Bits*>(v.data) + v.offset(b, 0, frame, hi, 0);
   const int64_t sc = v.stride[1], sx = v.stride[4];
   if (sc == 1) {
     for (int64_t w = 0; w < W; ++w)
-      for (int64_t c = 0; c < C; ++c) d[w * C + c] = F::load(src[w * sx + c]);
+      for (int64_t c = 0; c < C; ++c) d[w * C + c] = to_operand<F, Op>(src[w * sx + c]);
   } else {
     for (int64_t c = 0; c < C; ++c)
-      for (int64_t w = 0; w < W; ++w) d[w * C + c] = F::load(src[c * sc + w * sx]);
+      for (int64_t w = 0; w < W; ++w) d[w * C + c] = to_operand<F, Op>(src[c * sc + w * sx]);
   }
 }
 
@@ -122,17 +145,32 @@ void zero_row(Acc* dst, int64_t n) {
 }
 
 // Packs input row hi of padded frame p; returns false (nothing packed) for zero rows.
-template <typename F>
+template <typename F, typename Op = typename F::work>
 bool pack_padded_row(const View5& x, const View5& cache, const ConvShape& s, int64_t b, int64_t p,
-                     int64_t hi, int64_t Wp, typename F::work* dst) {
+                     int64_t hi, int64_t Wp, Op* dst) {
   const FrameSource src = padded_frame(s, p);
   if (src.kind == FrameKind::Zero || hi < 0 || hi >= s.H) {
     zero_row(dst, Wp * s.C);
     return false;
   }
-  pack_row<F>(src.kind == FrameKind::Cache ? cache : x, b, src.frame, hi, s, Wp, dst);
+  pack_row<F, Op>(src.kind == FrameKind::Cache ? cache : x, b, src.frame, hi, s, Wp, dst);
   return true;
 }
+
+// Where the GEMMs find the forward weight rows r.. (r = ((it*kh + ih)*kw + iw)*C + c)
+// and columns n..: a plain (rows x O) matrix, or VNNI row pairs (r even).
+template <typename Op>
+struct PlainWeights {
+  const Op* w;
+  int64_t O;
+  const Op* at(int64_t r, int64_t n) const { return w + r * O + n; }
+};
+
+struct VnniWeights {
+  const uint16_t* w;
+  int64_t O;
+  const uint16_t* at(int64_t r, int64_t n) const { return w + (r / 2) * 2 * O + 2 * n; }
+};
 
 // Tile (rows x Wo positions x N channels) + bias -> y[b, :, t, h0 + r, w].
 template <typename F>
@@ -157,8 +195,10 @@ void store_tile(const typename F::work* tile, int64_t rows, int64_t N, int64_t W
   }
 }
 
-template <typename F>
-void forward_impl(const ForwardArgs& a, GemmFn<typename F::work> gemm, int64_t begin, int64_t end) {
+// Op: the GEMM operand type; Weights: PlainWeights<Op> or VnniWeights; gemm(M, N, K,
+// A, lda, B, ldb, C, ldc, accumulate) with an Acc C.
+template <typename F, typename Op, typename Weights, typename Gemm>
+void forward_impl(const ForwardArgs& a, const Gemm& gemm, const Weights& weight, int64_t begin, int64_t end) {
   using Acc = typename F::work;
   const ConvShape& s = a.shape;
   const TilePlan p = plan_tiles(s);
@@ -166,10 +206,9 @@ void forward_impl(const ForwardArgs& a, GemmFn<typename F::work> gemm, int64_t b
   const int64_t row_pitch = p.Wp * C, frame_pitch = p.R * row_pitch;
   const int64_t cblocks = (C + p.Cb - 1) / p.Cb;
   const int64_t k_steps = p.fold_kw ? 1 : s.kw * cblocks;
-  std::vector<Acc> slab(s.kt * frame_pitch);
+  std::vector<Op> slab(s.kt * frame_pitch);
   std::vector<Acc> tile(p.rows * s.Wo * O);
   std::vector<char> live(s.kt), init(p.rows);
-  const Acc* weight = static_cast<const Acc*>(a.weight);
   const Acc* bias = static_cast<const Acc*>(a.bias);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t hb = item % p.tiles_per_frame;
@@ -183,8 +222,8 @@ void forward_impl(const ForwardArgs& a, GemmFn<typename F::work> gemm, int64_t b
       live[it] = padded_frame(s, pf).kind != FrameKind::Zero;
       if (!live[it]) continue;
       for (int64_t r = 0; r < R; ++r)
-        pack_padded_row<F>(a.x, a.cache, s, b, pf, h0 * s.sh - s.ph + r, p.Wp,
-                           slab.data() + it * frame_pitch + r * row_pitch);
+        pack_padded_row<F, Op>(a.x, a.cache, s, b, pf, h0 * s.sh - s.ph + r, p.Wp,
+                               slab.data() + it * frame_pitch + r * row_pitch);
     }
     // one GEMM (M = Wo, row stride sw*C) per output row and tap; rows innermost so that
     // the weight panel stays in cache
@@ -197,11 +236,11 @@ void forward_impl(const ForwardArgs& a, GemmFn<typename F::work> gemm, int64_t b
           for (int64_t ks = 0; ks < k_steps; ++ks) {
             const int64_t iw = p.fold_kw ? 0 : ks / cblocks, c0 = p.fold_kw ? 0 : (ks % cblocks) * p.Cb;
             const int64_t K = p.fold_kw ? s.kw * C : std::min(p.Cb, C - c0);
-            const Acc* Bm = weight + (((it * s.kh + ih) * s.kw + iw) * C + c0) * O + n0;
+            const Op* Bm = weight.at(((it * s.kh + ih) * s.kw + iw) * C + c0, n0);
             for (int64_t r = 0; r < rows; ++r) {
               const int64_t hi = (h0 + r) * s.sh + ih * s.dh - s.ph;
               if (hi < 0 || hi >= s.H) continue;
-              const Acc* A = slab.data() + it * frame_pitch + (r * s.sh + ih * s.dh) * row_pitch + iw * s.dw * C + c0;
+              const Op* A = slab.data() + it * frame_pitch + (r * s.sh + ih * s.dh) * row_pitch + iw * s.dw * C + c0;
               gemm(s.Wo, nb, K, A, s.sw * C, Bm, O, tile.data() + r * s.Wo * O + n0, O, init[r]);
               init[r] = 1;
             }
@@ -320,6 +359,19 @@ void weight_grad_impl(const WeightGradArgs& a, GemmFn<typename F::work> gemm, in
   }
 }
 
+// Forward weights as bfloat16 VNNI row pairs: element (r, o) at (r/2)*2*O + 2*o + r%2.
+void pack_weight_vnni(const ConvShape& s, View5 w, void* packed) {
+  const uint16_t* src = static_cast<const uint16_t*>(w.data);
+  uint16_t* dst = static_cast<uint16_t*>(packed);
+  for (int64_t it = 0; it < s.kt; ++it)
+    for (int64_t ih = 0; ih < s.kh; ++ih)
+      for (int64_t iw = 0; iw < s.kw; ++iw)
+        for (int64_t c = 0; c < s.C; ++c) {
+          const int64_t r = ((it * s.kh + ih) * s.kw + iw) * s.C + c;
+          for (int64_t o = 0; o < s.O; ++o) dst[(r / 2) * 2 * s.O + 2 * o + r % 2] = src[w.offset(o, c, it, ih, iw)];
+        }
+}
+
 template <typename F>
 void pack_weight_impl(const ConvShape& s, View5 w, void* packed, bool transpose) {
   using Bits = typename F::bits;
@@ -345,8 +397,15 @@ void pack_weight_impl(const ConvShape& s, View5 w, void* packed, bool transpose)
 
 int64_t packed_weight_elements(const ConvShape& s) { return s.kt * s.kh * s.kw * s.C * s.O; }
 
-void pack_weight_forward(DType dtype, const ConvShape& s, View5 weight, void* packed) {
-  PYRATOK_DISPATCH_DTYPE(dtype, pack_weight_impl<F>(s, weight, packed, false));
+bool forward_uses_bf16_vnni(DType dtype, const ConvShape& s, const GemmKernels& gemm) {
+  return dtype == DType::BF16 && gemm.bf16_vnni != nullptr && s.C % 2 == 0;
+}
+
+void pack_weight_forward(DType dtype, const ConvShape& s, View5 weight, void* packed, bool vnni) {
+  if (vnni)
+    pack_weight_vnni(s, weight, packed);
+  else
+    PYRATOK_DISPATCH_DTYPE(dtype, pack_weight_impl<F>(s, weight, packed, false));
 }
 
 void pack_weight_input_grad(DType dtype, const ConvShape& s, View5 weight, void* packed) {
@@ -356,7 +415,17 @@ void pack_weight_input_grad(DType dtype, const ConvShape& s, View5 weight, void*
 int64_t forward_tiles(const ConvShape& s) { return s.B * s.To * plan_tiles(s).tiles_per_frame; }
 
 void causal_conv3d_forward_cpu(const ForwardArgs& a, const GemmKernels& gemm, int64_t begin, int64_t end) {
-  PYRATOK_DISPATCH_DTYPE(a.dtype, forward_impl<F>(a, gemm_for<typename F::work>(gemm), begin, end));
+  if (forward_uses_bf16_vnni(a.dtype, a.shape, gemm)) {
+    using F = Format<DType::BF16>;
+    forward_impl<F, uint16_t>(a, gemm.bf16_vnni, VnniWeights{static_cast<const uint16_t*>(a.weight), a.shape.O},
+                              begin, end);
+    return;
+  }
+  PYRATOK_DISPATCH_DTYPE(a.dtype, {
+    using Acc = typename F::work;
+    forward_impl<F, Acc>(a, gemm_for<Acc>(gemm), PlainWeights<Acc>{static_cast<const Acc*>(a.weight), a.shape.O},
+                         begin, end);
+  });
 }
 
 int64_t input_grad_rows(const ConvShape& s) { return s.B * (s.P + s.T) * s.H; }

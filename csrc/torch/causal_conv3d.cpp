@@ -4,8 +4,9 @@
 // the checks here keep a misuse from reaching the kernels.
 //
 // On the CPU the GEMM hook of the core is oneDNN's brgemm ukernel (exported by ATen as
-// at::native::cpublas::brgemm; it falls back to MKL sgemm when oneDNN is disabled);
-// float64 uses the core's portable GEMM.
+// at::native::cpublas::brgemm; it falls back to MKL sgemm when oneDNN is disabled), in
+// fp32, and for bfloat16 forwards with bf16 operands (VNNI) where the CPU has the
+// instructions; float64 uses the core's portable GEMM.
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -28,7 +29,31 @@ void brgemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, co
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
 }
 
-GemmKernels cpu_gemm() { return {&brgemm_f32, &gemm_portable<double>}; }
+void brgemm_bf16_vnni(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                      int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, reinterpret_cast<const at::BFloat16*>(A),
+                              reinterpret_cast<const at::BFloat16*>(B), C, /*is_vnni=*/true);
+}
+
+// oneDNN's bf16 ukernel needs an AVX-512 (or AMX) CPU; ATen raises where it has none.
+bool bf16_vnni_available() {
+  static const bool available = [] {
+    try {
+      const uint16_t a[2] = {0, 0}, b[32] = {};
+      float c[16];
+      brgemm_bf16_vnni(1, 16, 2, a, 2, b, 16, c, 16, false);
+      at::native::cpublas::brgemm_release(true);
+      return true;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return available;
+}
+
+GemmKernels cpu_gemm() {
+  return {&brgemm_f32, &gemm_portable<double>, bf16_vnni_available() ? &brgemm_bf16_vnni : nullptr};
+}
 
 View5 view5(const at::Tensor& t) {
   View5 v{t.defined() ? t.data_ptr() : nullptr, {0, 0, 0, 0, 0}};
@@ -103,16 +128,17 @@ at::Tensor causal_conv3d_cpu_op(const at::Tensor& x, const at::Tensor& weight, c
   const ConvShape s = conv_shape(x, weight, cache, stride, dilation, padding, replicate);
   check_bias(bias, x, s.O);
   const DType dt = core_dtype(x, "x");
-  auto packed = at::empty({packed_weight_elements(s)}, x.options().dtype(compute_type(x)));
-  pack_weight_forward(dt, s, view5(weight), packed.data_ptr());
+  const GemmKernels gemm = cpu_gemm();
+  const bool vnni = forward_uses_bf16_vnni(dt, s, gemm);
+  auto packed = at::empty({packed_weight_elements(s)}, x.options().dtype(vnni ? at::kBFloat16 : compute_type(x)));
+  pack_weight_forward(dt, s, view5(weight), packed.data_ptr(), vnni);
   at::Tensor bias_acc = bias ? bias->to(compute_type(x)).contiguous() : at::Tensor();
   auto y = at::empty({s.B, s.O, s.To, s.Ho, s.Wo}, x.options().memory_format(output_format(x)));
   const ForwardArgs args{dt, s, view5(x), cache ? view5(*cache) : View5{nullptr, {0, 0, 0, 0, 0}},
                          packed.data_ptr(), bias ? bias_acc.data_ptr() : nullptr, mut_view5(y)};
-  const GemmKernels gemm = cpu_gemm();
   at::parallel_for(0, forward_tiles(s), 1, [&](int64_t begin, int64_t end) {
     causal_conv3d_forward_cpu(args, gemm, begin, end);
-    at::native::cpublas::brgemm_release(false);
+    at::native::cpublas::brgemm_release(vnni);
   });
   return y;
 }

@@ -153,10 +153,12 @@ static void check_geometry(const Geometry& g, bool channels_last, double tol, st
 
   Buffer<D> xb(x), wb(w), cb(cache), yb(want.v.size());
   std::vector<Acc> packed(packed_weight_elements(s)), bias_acc(bias.begin(), bias.end());
-  pack_weight_forward(D, s, view(w, wb.bits.data()), packed.data());
+  const GemmKernels gemm = portable_gemm_kernels();
+  const bool vnni = forward_uses_bf16_vnni(D, s, gemm);  // even C in bfloat16: bf16 operands
+  CHECK(vnni == (D == DType::BF16 && s.C % 2 == 0));
+  pack_weight_forward(D, s, view(w, wb.bits.data()), packed.data(), vnni);
   const ForwardArgs fa{D, s, view(x, xb.bits.data()), view(cache, g.cache ? cb.bits.data() : nullptr),
                        packed.data(), bias_acc.data(), mut_view(want, yb.bits.data())};
-  const GemmKernels gemm = portable_gemm_kernels();
   const int64_t tiles = forward_tiles(s);
   causal_conv3d_forward_cpu(fa, gemm, 0, tiles / 2);  // two ranges, as two threads would
   causal_conv3d_forward_cpu(fa, gemm, tiles / 2, tiles);
