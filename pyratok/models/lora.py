@@ -121,6 +121,10 @@ def _lora_config(target_modules: list[str], rank: int, alpha: float, dropout: fl
     return config
 
 
+def _adapted_modules(model: nn.Module, adapter_name: str) -> dict[str, LoraLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A}
+
+
 def add_lora(model: nn.Module, target_modules: list[str], rank: int = 16, alpha: float = 32,
              dropout: float = 0.0, adapter_name: str = "default") -> list[str]:
     """Injects LoRA into the named modules of ``model`` (B = 0, so outputs are unchanged) and
@@ -132,7 +136,7 @@ def add_lora(model: nn.Module, target_modules: list[str], rank: int = 16, alpha:
     peft.inject_adapter_in_model(_lora_config(target_modules, rank, alpha, dropout), model, adapter_name)
     for name, param in model.named_parameters():
         param.requires_grad_(f".lora_A.{adapter_name}." in name or f".lora_B.{adapter_name}." in name)
-    return [name for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
+    return list(_adapted_modules(model, adapter_name))
 
 
 def _lora_layers(model: nn.Module) -> list[BaseTunerLayer]:
@@ -158,20 +162,17 @@ def unmerge_lora(model: nn.Module) -> None:
 def save_lora(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> None:
     """Writes the adapter weights alone (peft's adapter_model.safetensors naming) and the LoRA
     hyper-parameters needed to re-create the adapters."""
-    layers = [(name, m) for name, m in model.named_modules()
-              if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
+    layers = _adapted_modules(model, adapter_name)
     if not layers:
         raise ValueError(f"model has no LoRA adapter named {adapter_name!r}")
-    first = layers[0][1]
+    first = next(iter(layers.values()))
     dropout = first.lora_dropout[adapter_name]
-    config = _lora_config([name for name, _ in layers], first.r[adapter_name], first.lora_alpha[adapter_name],
-                          dropout.p if isinstance(dropout, nn.Dropout) else 0.0)
     state = get_peft_model_state_dict(model, state_dict=model.state_dict(), adapter_name=adapter_name)
     os.makedirs(path, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(path, ADAPTER_WEIGHTS))
-    meta = {"peft_type": "LORA", "r": config.r, "lora_alpha": config.lora_alpha,
-            "lora_dropout": config.lora_dropout, "target_modules": sorted(config.target_modules),
-            "peft_version": peft.__version__}
+    meta = {"peft_type": "LORA", "r": first.r[adapter_name], "lora_alpha": first.lora_alpha[adapter_name],
+            "lora_dropout": dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+            "target_modules": sorted(layers), "peft_version": peft.__version__}
     with open(os.path.join(path, ADAPTER_CONFIG), "w") as fh:
         json.dump(meta, fh, indent=2)
 
@@ -181,7 +182,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike, adapter_name: str = "de
     their weights; adapter keys the model does not have, or lacks, are an error."""
     with open(os.path.join(path, ADAPTER_CONFIG)) as fh:
         meta = json.load(fh)
-    have = {name for name, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A}
+    have = set(_adapted_modules(model, adapter_name))
     if not have:
         add_lora(model, meta["target_modules"], meta["r"], meta["lora_alpha"], meta["lora_dropout"], adapter_name)
     elif have != set(meta["target_modules"]):

@@ -642,6 +642,12 @@ def _chunks(total: int, first: int, size: Optional[int]) -> list[int]:
     return plan
 
 
+def _stream_cache(plan: list[int]) -> Optional[StreamCache]:
+    """A cache for a stream of several chunks; None for a single chunk, which then keeps no
+    history frames (they would only be needed by a next chunk)."""
+    return StreamCache() if len(plan) > 1 else None
+
+
 def _split(x: torch.Tensor, plan: list[int]) -> tuple[torch.Tensor, ...]:
     """Consecutive time chunks (dim 2) of x with the lengths in ``plan``."""
     return torch.split(x, plan, dim=2)
@@ -722,8 +728,8 @@ class WanVAE(nn.Module):
         tf = self.temporal_factor
         if (T - 1) % tf:
             raise ValueError(f"video: {T} frames, but the encoder needs 1 + {tf}k frames (1, {1 + tf}, "
-                             f"{1 + 2 * tf}, ...); pyratok.models.vae.fit_frames(video, 'pad') repeats the last "
-                             f"frame up to {1 + -(-(T - 1) // tf) * tf}, fit_frames(video, 'trim') keeps the first "
+                             f"{1 + 2 * tf}, ...); pyratok.models.fit_frames(video, 'pad', {tf}) repeats the last "
+                             f"frame up to {1 + -(-(T - 1) // tf) * tf}, fit_frames(video, 'trim', {tf}) keeps the first "
                              f"{1 + (T - 1) // tf * tf}")
         sf = self.spatial_factor
         if H % sf or W % sf:
@@ -781,10 +787,11 @@ class WanVAE(nn.Module):
 
     # -- encode --------------------------------------------------------------------------------
 
-    def encode_stream(self, chunk: torch.Tensor, cache: StreamCache, features: Optional[list] = None
+    def encode_stream(self, chunk: torch.Tensor, cache: Optional[StreamCache], features: Optional[list] = None
                       ) -> LatentDistribution:
         """Encodes the next chunk of a clip: the first chunk has 1 + 4m frames, later ones 4m
-        (4 = temporal_factor); one ``cache`` per clip.  Returns the chunk's latent frames."""
+        (4 = temporal_factor); one ``cache`` per clip (None: the chunk is the whole clip, and
+        nothing is kept for a next one).  Returns the chunk's latent frames."""
         tf, first = self.temporal_factor, _frames_seen(self.encoder, cache) == 0
         if (chunk.shape[2] - first) % tf or chunk.shape[2] < 1:
             raise ValueError(f"chunk: {chunk.shape[2]} frames; the first chunk of a clip needs 1 + {tf}m frames, "
@@ -809,12 +816,12 @@ class WanVAE(nn.Module):
         dtype, sf, patch = self._dtype(self.encoder), self.spatial_factor, self.config.patch_size
 
         def spatial_part(video_tile):
-            cache = StreamCache()
+            cache = _stream_cache(plan)
             return torch.cat([self.encoder.spatial_part(patchify(chunk.to(dtype), patch), cache)
                               for chunk in _split(video_tile, plan)], dim=2)
 
         hidden = self._tiled(video, sf, 1, tile, overlap, margin, spatial_part).to(dtype)   # (B, C, T', h, w)
-        cache = StreamCache()
+        cache = _stream_cache(plan)
         latent_plan = [1 + (n - 1) // self.temporal_factor for n in plan[:1]] + [n // self.temporal_factor
                                                                                 for n in plan[1:]]
         moments = [self.quant_conv(self.encoder.latent_part(chunk, cache), cache) for chunk in _split(hidden, latent_plan)]
@@ -838,7 +845,7 @@ class WanVAE(nn.Module):
         return _chunks(frames, 1, chunk_frames)
 
     def _encode_untiled(self, video: torch.Tensor, plan: list[int], features: Optional[list]) -> LatentDistribution:
-        cache, dists, taps = StreamCache(), [], []
+        cache, dists, taps = _stream_cache(plan), [], []
         for chunk in _split(video, plan):
             taps.append(None if features is None else [])
             dists.append(self.encode_stream(chunk, cache, taps[-1]))
@@ -848,8 +855,9 @@ class WanVAE(nn.Module):
 
     # -- decode --------------------------------------------------------------------------------
 
-    def decode_stream(self, chunk: torch.Tensor, cache: StreamCache) -> torch.Tensor:
-        """Decodes the next latent frames of a clip (any count); one ``cache`` per clip.  The
+    def decode_stream(self, chunk: torch.Tensor, cache: Optional[StreamCache]) -> torch.Tensor:
+        """Decodes the next latent frames of a clip (any count); one ``cache`` per clip (None:
+        the chunk is the whole clip).  The
         first chunk's frame 0 gives one video frame, every other latent frame temporal_factor."""
         z = chunk.to(self._dtype(self.decoder))
         x = self.decoder(self.post_quant_conv(z, cache), cache)
@@ -868,16 +876,16 @@ class WanVAE(nn.Module):
             raise ValueError(f"chunk_frames={chunk_frames!r}: expected None or a positive int")
         plan = _chunks(latent.shape[2], chunk_frames or latent.shape[2], chunk_frames)
         if tile is None:
-            cache = StreamCache()
+            cache = _stream_cache(plan)
             return torch.cat([self.decode_stream(chunk, cache) for chunk in _split(latent, plan)], dim=2)
         overlap, margin = self._check_tiling(tile, overlap, "decoder")
         dtype, patch = self._dtype(self.decoder), self.config.patch_size
-        cache = StreamCache()
+        cache = _stream_cache(plan)
         hidden = torch.cat([self.decoder.latent_part(self.post_quant_conv(chunk.to(dtype), cache), cache)
                             for chunk in _split(latent, plan)], dim=2)                   # (B, C, T, h, w)
 
         def spatial_part(hidden_tile):
-            cache = StreamCache()
+            cache = _stream_cache(plan)
             return torch.cat([unpatchify(self.decoder.spatial_part(chunk, cache, first_chunk=i == 0), patch)
                               for i, chunk in enumerate(_split(hidden_tile, plan))], dim=2)
 
