@@ -23,7 +23,7 @@ from collections import defaultdict
 
 FIELDS = ["date", "commit", "machine", "torch", "triton", "cuda", "op", "group", "provider", "shape", "dtype",
           "layout", "median_ms", "min_ms", "gb_per_s", "gflop_per_s", "frac_of_baseline", "speedup_vs_peer",
-          "speedup_vs_reference", "peak_mb"]
+          "speedup_vs_reference", "tokens_per_s", "frames_per_s", "peak_mb"]
 
 
 def _fmt(v, digits=2):
@@ -58,6 +58,8 @@ def rows_from_json(data: dict) -> list[dict]:
                 "gb_per_s": rate("bytes"), "gflop_per_s": rate("flops"), "frac_of_baseline": frac,
                 "speedup_vs_peer": med[peer] / t if peer in med else None,
                 "speedup_vs_reference": med["reference"] / t if "reference" in med else None,
+                "tokens_per_s": info["tokens"] / t if info.get("tokens") else None,
+                "frames_per_s": info["frames"] / t if info.get("frames") else None,
                 "peak_mb": info["peak_bytes"] / 2**20 if info.get("peak_bytes", -1) >= 0 else None,
             })
     return rows
@@ -66,7 +68,8 @@ def rows_from_json(data: dict) -> list[dict]:
 def markdown(rows: list[dict]) -> str:
     cols = [("provider", "provider", 0), ("median_ms", "median ms", 2), ("gb_per_s", "GB/s", 1),
             ("gflop_per_s", "GFLOP/s", 1), ("frac_of_baseline", "of baseline", 2),
-            ("speedup_vs_peer", "x peer", 1), ("speedup_vs_reference", "x reference", 1), ("peak_mb", "peak MB", 0)]
+            ("speedup_vs_peer", "x peer", 1), ("speedup_vs_reference", "x reference", 1),
+            ("tokens_per_s", "tokens/s", 0), ("frames_per_s", "frames/s", 2), ("peak_mb", "peak MB", 0)]
     used = [c for c in cols if any(r[c[0]] is not None for r in rows)]
     out = []
     for group in dict.fromkeys(r["group"] for r in rows):
