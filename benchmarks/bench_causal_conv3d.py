@@ -29,39 +29,40 @@ OURS = [b for b in pyratok.available_backends(DEVICE) if b != "reference" and no
 PEERS = ["diffusers-cogvideox", "diffusers-wan"]
 LAYOUTS = ["channel-first", "channels-last"]
 
-# (label, C, O, (T, H, W) forward, rounds, (T, H, W) forward+backward or None); the
+# (label, C, O, (T, H, W) forward, rounds, (T, H, W) forward+backward or None, dtype); the
 # stream layer; the stream65 stack (C, (T, H, W)).  Sized for 2 CPU cores vs one GPU.
 if DEVICE == "cpu":
     DTYPE = torch.float32
-    LAYERS = [("3->96", 3, 96, (17, 256, 256), 3, (17, 128, 128)),
-              ("96->96", 96, 96, (17, 128, 128), 2, (17, 64, 64)),
-              ("192->192", 192, 192, (17, 64, 64), 2, None),
-              ("384->384", 384, 384, (17, 32, 32), 2, None)]
+    LAYERS = [("3->96", 3, 96, (17, 256, 256), 3, (17, 128, 128), DTYPE),
+              ("96->96", 96, 96, (17, 128, 128), 2, (17, 64, 64), DTYPE),
+              ("192->192", 192, 192, (17, 64, 64), 2, None, DTYPE),
+              ("384->384", 384, 384, (17, 32, 32), 2, None, DTYPE),
+              ("96->96", 96, 96, (17, 128, 128), 2, None, torch.bfloat16)]
     STREAM_LAYER = ("96->96", 96, 96, (17, 64, 64), 3)
     STREAM65 = (3, (65, 96, 96))
 else:
     DTYPE = torch.bfloat16
-    LAYERS = [("3->96", 3, 96, (17, 256, 256), 10, (17, 256, 256)),
-              ("96->96", 96, 96, (17, 256, 256), 10, (17, 256, 256)),
-              ("192->192", 192, 192, (17, 128, 128), 10, (17, 128, 128)),
-              ("384->384", 384, 384, (17, 64, 64), 10, (17, 64, 64))]
+    LAYERS = [("3->96", 3, 96, (17, 256, 256), 10, (17, 256, 256), DTYPE),
+              ("96->96", 96, 96, (17, 256, 256), 10, (17, 256, 256), DTYPE),
+              ("192->192", 192, 192, (17, 128, 128), 10, (17, 128, 128), DTYPE),
+              ("384->384", 384, 384, (17, 64, 64), 10, (17, 64, 64), DTYPE)]
     STREAM_LAYER = ("96->96", 96, 96, (17, 256, 256), 10)
     STREAM65 = (3, (65, 256, 256))
 DTYPE_NAME = str(DTYPE)[6:]
 
 
-def layer_inputs(C, O, thw, layout, requires_grad=False):
+def layer_inputs(C, O, thw, layout, requires_grad=False, dtype=DTYPE):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, C, *thw, generator=g).to(DEVICE, DTYPE)
-    w = (torch.randn(O, C, 3, 3, 3, generator=g) / (27 * C) ** 0.5).to(DEVICE, DTYPE)
-    b = torch.randn(O, generator=g).to(DEVICE, DTYPE)
+    x = torch.randn(1, C, *thw, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(O, C, 3, 3, 3, generator=g) / (27 * C) ** 0.5).to(DEVICE, dtype)
+    b = torch.randn(O, generator=g).to(DEVICE, dtype)
     if layout == "channels-last":
         x, w = x.to(memory_format=torch.channels_last_3d), w.to(memory_format=torch.channels_last_3d)
     return [t.requires_grad_(requires_grad) for t in (x, w, b)]
 
 
 def diffusers_layer(provider, C, O, w, b):
-    """The peer module with our weights: Cog replicates frame 0 in time, Wan pads zeros."""
+    """The peer module with our weights (and dtype): Cog replicates frame 0 in time, Wan pads zeros."""
     if provider == "diffusers-cogvideox":
         from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXCausalConv3d
 
@@ -72,7 +73,7 @@ def diffusers_layer(provider, C, O, w, b):
 
         layer = WanCausalConv3d(C, O, 3, padding=1)
         forward = lambda x, cache=None: (layer(x, cache), x[:, :, -2:])  # noqa: E731  Wan's CACHE_T = 2
-    layer = layer.to(DEVICE, DTYPE)
+    layer = layer.to(DEVICE, w.dtype)
     params = dict(layer.named_parameters())
     with torch.no_grad():
         params[next(k for k in params if k.endswith("weight"))].copy_(w)
@@ -112,27 +113,27 @@ LAYER_CASES = [(layer, layout, provider) for layer in LAYERS for layout in LAYOU
 
 
 def case_id(case):
-    (label, *_), layout, provider = case
-    return f"{label}-{layout}-{provider}"
+    (label, *_, dtype), layout, provider = case
+    return f"{label}-{str(dtype)[6:]}-{layout}-{provider}"
 
 
 @pytest.mark.parametrize("case", LAYER_CASES, ids=case_id)
 def test_forward(benchmark, case):
-    (label, C, O, thw, rounds, _), layout, provider = case
+    (label, C, O, thw, rounds, _, dtype), layout, provider = case
     if provider in PEERS:
         pytest.importorskip("diffusers")
-    x, w, b = layer_inputs(C, O, thw, layout)
+    x, w, b = layer_inputs(C, O, thw, layout, dtype=dtype)
     with torch.no_grad():
         fn = layer_call(provider, C, O, x, w, b)
-        benchmark.group = f"causal_conv3d fwd {label} {'x'.join(map(str, thw))} {DTYPE_NAME} {layout}"
+        benchmark.group = f"causal_conv3d fwd {label} {'x'.join(map(str, thw))} {str(dtype)[6:]} {layout}"
         run(benchmark, fn, rounds=rounds, op="causal_conv3d", provider=provider, shape=str((1, C, *thw)),
-            dtype=DTYPE_NAME, layout=layout, flops=flops(C, O, thw), bytes=layer_bytes(C, O, thw, x.element_size()),
-            peer="diffusers-cogvideox", ours=provider in OURS)
+            dtype=str(dtype)[6:], layout=layout, flops=flops(C, O, thw),
+            bytes=layer_bytes(C, O, thw, x.element_size()), peer="diffusers-cogvideox", ours=provider in OURS)
 
 
 @pytest.mark.parametrize("case", [c for c in LAYER_CASES if c[0][5] and c[2] != "diffusers-wan"], ids=case_id)
 def test_forward_backward(benchmark, case):
-    (label, C, O, _, rounds, thw), layout, provider = case
+    (label, C, O, _, rounds, thw, _), layout, provider = case
     if provider in PEERS:
         pytest.importorskip("diffusers")
     x, w, b = layer_inputs(C, O, thw, layout, requires_grad=True)

@@ -16,16 +16,19 @@
 // rows; each packs the kt*(rows+halo) input rows it reads into a small channels-last
 // slab (with the spatial zero border and the causal frame choice folded in), then
 // accumulates one GEMM per (row, it, ih) tap, K = kw*C (the kw taps of a channels-last
-// row are contiguous), into an fp32 (fp64 for fp64) tile, and stores tile + bias.  The
-// GEMM is a hook (GemmKernels): the torch binding plugs in oneDNN's brgemm ukernel,
-// the C++ unit tests the portable gemm_portable<T>.  Backward: input_grad is the same
-// scheme in scatter form over input rows (any stride), weight_grad accumulates
-// dy^T x per output row into a per-thread (kt, kh, O, kw, C) buffer.
+// row are contiguous), into an fp32 (fp64 for fp64) tile, and stores tile + bias.
+// Operands are fp32 for fp16/bf16/fp32 input (fp64 for fp64), or bf16 for a bf16
+// forward where a bf16 GEMM exists.  The GEMM is a hook (GemmKernels): the torch
+// binding plugs in oneDNN's brgemm ukernel, the C++ unit tests the portable GEMMs.
+// Backward: input_grad is the same scheme in scatter form over input rows (any
+// stride), weight_grad accumulates dy^T x per output row into a per-chunk
+// (kt, kh, O, kw, C) buffer.
 // Cost: 2*B*To*Ho*Wo*O*C*kt*kh*kw FLOPs; compute bound for C, O >= 16, judged
 // against the peak FMA rate (benchmarks compare with oneDNN's conv3d).
 //
 // CUDA (causal_conv3d_cuda.cu): implicit GEMM, M = output positions, N = output
-// channels, K = (it, ih, iw, c); padding is folded into the gather index math.
+// channels, K = (it, ih, iw, c); padding is folded into the gather index math;
+// tensor cores (WMMA) for fp16/bf16.
 #pragma once
 
 #include <cstdint>
@@ -184,7 +187,7 @@ struct CudaConvArgs {
   MutView5 y;               // forward output
   MutView5 grad_x;          // input_grad outputs (data may be null)
   MutView5 grad_past;
-  MutView5 grad_weight;     // (O, C, kt, kh, kw) float32 accumulator (weight_grad)
+  MutView5 grad_weight;     // (O, C, kt, kh, kw) zeroed accumulator in the compute type
 };
 
 void causal_conv3d_forward_cuda(const CudaConvArgs& a, void* stream);
