@@ -13,14 +13,14 @@ Wan 2.1 config at 17x128x128 (CPU) or 17x720x1280 with a bf16 decoder (GPU); and
 its enable_tiling defaults, 256-pixel tiles at a 192-pixel stride), pyratok with diffusers' tile
 geometry (tile 32, overlap 8 latent pixels: seamless but not exact) and pyratok untiled.
 
-Peak memory is measured over the timed rounds themselves (the full config takes about a
-minute per call on a small CPU, so there is no separate memory call; a one-frame call on each
-model warms it up first): CUDA, the caching allocator's peak; CPU, the peak resident set
-(VmHWM, reset through /proc/self/clear_refs) above the resident set before the round.  On CPU
-glibc's malloc is told to map every block above 64 KiB and trim freed memory at once, so that a
-freed activation leaves the resident set and the next case's peak is its own (by default a
-later, smaller run reuses the pages an earlier one left behind and reads as ~0).  rounds=1 for
-the heavy cases.
+Every case makes one untimed warm-up call first (oneDNN/cuDNN set up per shape once per
+process, about 45 MB on CPU, which would otherwise land on whichever provider runs first).  Peak
+memory is measured over the timed rounds themselves: CUDA, the caching allocator's peak; CPU,
+the peak resident set (VmHWM, reset through /proc/self/clear_refs) above the resident set before
+the round.  On CPU glibc's malloc is told to map every block above 64 KiB and trim freed memory
+at once, so that a freed activation leaves the resident set and each case's peak is its own (by
+default a later, smaller run reuses pages an earlier one left behind and reads as ~0).
+rounds=1 for the heavy cases.
 
     python -m pytest benchmarks/bench_vae.py --benchmark-only --benchmark-json=/tmp/vae.json
 """
@@ -96,6 +96,7 @@ def measure(benchmark, fn, rounds, peer="diffusers", **info):
         fn()
         memory.record()
 
+    fn()                                                                  # warm-up, untimed
     benchmark.pedantic(timed, setup=memory.reset, rounds=rounds, warmup_rounds=0, iterations=1)
     benchmark.extra_info.update(info, device=DEVICE, peak_bytes=memory.peak, op="vae", peer=peer,
                                 ours=info["provider"].startswith("pyratok"))
@@ -117,10 +118,6 @@ def models(label, config, decoder_dtype):
         ours.set_precision(decoder=decoder_dtype)
         ref_decoder = copy.deepcopy(ref).to(decoder_dtype) if decoder_dtype != torch.float32 else ref
         _MODELS[key] = (ref.to(DEVICE), ref_decoder.to(DEVICE), ours.to(DEVICE))
-        warm_video, warm_latent = video_and_latent(ours, 1, 64, 64)
-        ref.encode(warm_video)
-        ref_decoder.decode(warm_latent.to(decoder_dtype))
-        ours.decode(ours.encode(warm_video).mean)
     return _MODELS[key]
 
 

@@ -340,7 +340,7 @@ def test_wan_key_mapping_round_trips(pair, name, tmp_path):
     _, vae, _ = pair(name)
     state = vae.backbone_state_dict()
     wan = wan_checkpoint.diffusers_to_wan(state, vae.config)
-    assert len(wan) == len(state) and not set(wan) & set(state) - {"encoder.conv1.weight"}
+    assert len(wan) == len(state) and not set(wan) & set(state)          # every name changes
     assert wan_checkpoint.wan_to_diffusers(wan, vae.config) == state
     torch.save(wan, tmp_path / "vae.pth")
     assert WanVAE.from_pretrained(tmp_path / "vae.pth", config=CONFIGS[name]).backbone_state_dict().keys() == state.keys()
