@@ -58,6 +58,25 @@ def _gather_input(x_ptr, cache_ptr, b, p, hi, wi, c, valid, P, H, W,
 
 
 @triton.jit
+def _unravel4(i, n0, n1, n2):
+    """Flat index -> (i0, i1, i2, i3) of a row-major (.., n2, n1, n0) grid, innermost first."""
+    return i % n0, (i // n0) % n1, (i // (n0 * n1)) % n2, i // (n0 * n1 * n2)
+
+
+@triton.jit
+def _gather_window(x_ptr, cache_ptr, b, t_o, h_o, w_o, c, it, ih, iw, valid, P, H, W, ST, SH, SW, DT, DH, DW,
+                   PH, PW, sxb, sxc, sxt, sxh, sxw, scb, scc, sct, sch, scw,
+                   HAS_CACHE: tl.constexpr, REPLICATE: tl.constexpr):
+    """The (positions x taps) tile of the implicitly padded input that output positions
+    (b, t_o, h_o, w_o) (column vectors) read through taps (c, it, ih, iw) (row vectors)."""
+    p = t_o[:, None] * ST + it[None, :] * DT
+    hi = h_o[:, None] * SH + ih[None, :] * DH - PH
+    wi = w_o[:, None] * SW + iw[None, :] * DW - PW
+    return _gather_input(x_ptr, cache_ptr, b[:, None], p, hi, wi, c[None, :], valid, P, H, W,
+                         sxb, sxc, sxt, sxh, sxw, scb, scc, sct, sch, scw, HAS_CACHE, REPLICATE)
+
+
+@triton.jit
 def _mma(acc, a, b, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """acc += a @ b; fp64 as a broadcast product (tl.dot has no fp64 tensor-core path)."""
     if ACC_DTYPE == tl.float64:
@@ -81,24 +100,15 @@ def _forward_kernel(x_ptr, cache_ptr, w_ptr, bias_ptr, y_ptr,
     K = KT * KH * KW * C
     mask_m = m < M
     mask_n = n < O
-    w_o = m % Wo
-    h_o = (m // Wo) % Ho
-    t_o = (m // (Wo * Ho)) % To
-    b = m // (Wo * Ho * To)
+    w_o, h_o, t_o, b = _unravel4(m, Wo, Ho, To)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = k < K
-        c = k % C
-        iw = (k // C) % KW
-        ih = (k // (C * KW)) % KH
-        it = k // (C * KW * KH)
-        p = t_o[:, None] * ST + it[None, :] * DT
-        hi = h_o[:, None] * SH + ih[None, :] * DH - PH
-        wi = w_o[:, None] * SW + iw[None, :] * DW - PW
-        a = _gather_input(x_ptr, cache_ptr, b[:, None], p, hi, wi, c[None, :],
-                          mask_m[:, None] & mask_k[None, :], P, H, W,
-                          sxb, sxc, sxt, sxh, sxw, scb, scc, sct, sch, scw, HAS_CACHE, REPLICATE)
+        c, iw, ih, it = _unravel4(k, C, KW, KH)
+        a = _gather_window(x_ptr, cache_ptr, b, t_o, h_o, w_o, c, it, ih, iw, mask_m[:, None] & mask_k[None, :],
+                           P, H, W, ST, SH, SW, DT, DH, DW, PH, PW,
+                           sxb, sxc, sxt, sxh, sxw, scb, scc, sct, sch, scw, HAS_CACHE, REPLICATE)
         w_off = n[None, :] * swo + c[:, None] * swc + it[:, None] * swt + ih[:, None] * swh + iw[:, None] * sww
         wt = tl.load(w_ptr + w_off, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = _mma(acc, a, wt, PRECISION, ACC_DTYPE)
@@ -123,18 +133,13 @@ def _input_grad_kernel(dy_ptr, w_ptr, gx_ptr, gp_ptr,
     K = KT * KH * KW * O
     mask_m = m < M
     mask_n = n < C
-    wi = m % W
-    hi = (m // W) % H
-    p = (m // (W * H)) % frames + P_BEGIN
-    b = m // (W * H * frames)
+    wi, hi, p, b = _unravel4(m, W, H, frames)
+    p += P_BEGIN
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = k < K
-        o = k % O
-        iw = (k // O) % KW
-        ih = (k // (O * KW)) % KH
-        it = k // (O * KW * KH)
+        o, iw, ih, it = _unravel4(k, O, KW, KH)
         tn = p[:, None] - it[None, :] * DT
         hn = hi[:, None] + PH - ih[None, :] * DH
         wn = wi[:, None] + PW - iw[None, :] * DW
@@ -175,28 +180,19 @@ def _weight_grad_kernel(x_ptr, cache_ptr, dy_ptr, dw_ptr,
     K = KT * KH * KW * C
     mask_n = n < O
     mask_k = k < K
-    c = k % C
-    iw = (k // C) % KW
-    ih = (k // (C * KW)) % KH
-    it = k // (C * KW * KH)
+    c, iw, ih, it = _unravel4(k, C, KW, KH)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC_DTYPE)
     m_begin = tl.program_id(2).to(tl.int64) * POSITIONS_PER_PROGRAM
     m_end = tl.minimum(m_begin + POSITIONS_PER_PROGRAM, M)
     for m0 in range(m_begin, m_end, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         mask_m = m < m_end
-        w_o = m % Wo
-        h_o = (m // Wo) % Ho
-        t_o = (m // (Wo * Ho)) % To
-        b = m // (Wo * Ho * To)
+        w_o, h_o, t_o, b = _unravel4(m, Wo, Ho, To)
         dy_off = b[None, :] * sdb + n[:, None] * sdc + t_o[None, :] * sdt + h_o[None, :] * sdh + w_o[None, :] * sdw
         dyt = tl.load(dy_ptr + dy_off, mask=mask_n[:, None] & mask_m[None, :], other=0.0)
-        p = t_o[:, None] * ST + it[None, :] * DT
-        hi = h_o[:, None] * SH + ih[None, :] * DH - PH
-        wi = w_o[:, None] * SW + iw[None, :] * DW - PW
-        a = _gather_input(x_ptr, cache_ptr, b[:, None], p, hi, wi, c[None, :],
-                          mask_m[:, None] & mask_k[None, :], P, H, W,
-                          sxb, sxc, sxt, sxh, sxw, scb, scc, sct, sch, scw, HAS_CACHE, REPLICATE)
+        a = _gather_window(x_ptr, cache_ptr, b, t_o, h_o, w_o, c, it, ih, iw, mask_m[:, None] & mask_k[None, :],
+                           P, H, W, ST, SH, SW, DT, DH, DW, PH, PW,
+                           sxb, sxc, sxt, sxh, sxw, scb, scc, sct, sch, scw, HAS_CACHE, REPLICATE)
         acc = _mma(acc, dyt, a, PRECISION, ACC_DTYPE)
     # accum is (O, C, kt, kh, kw) contiguous
     dw_off = n[:, None] * K + c[None, :] * (KT * KH * KW) + it[None, :] * (KH * KW) + ih[None, :] * KW + iw[None, :]

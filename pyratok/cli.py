@@ -83,7 +83,9 @@ def load_clip(path: str, frames: Optional[int], size):
 
 def _to_uint8(video):
     """(3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
-    return ((video.clamp(-1, 1) + 1) * 127.5).round().to("cpu", dtype=__import__("torch").uint8).permute(1, 2, 3, 0)
+    import torch
+
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to("cpu", dtype=torch.uint8).permute(1, 2, 3, 0)
 
 
 def _text_arg(model, text: Optional[str]):

@@ -137,11 +137,13 @@ def _empty_outputs(x: torch.Tensor, dim: int, want_codes: bool, index_kind: int)
 
 def _quantize_reference(x, dim, scale, want_codes, index_kind):
     codes, second = _empty_outputs(x, dim, want_codes, index_kind)
-    if want_codes:
-        codes.copy_(ref.binary_quantize(x, dim, scale)[0])
-    if index_kind == _INDICES:
-        second.copy_(ref.binary_quantize(x, dim, scale)[1])
-    elif index_kind == _BIT_LABELS:
+    if want_codes or index_kind == _INDICES:
+        ref_codes, ref_indices = ref.binary_quantize(x, dim, scale)
+        if want_codes:
+            codes.copy_(ref_codes)
+        if index_kind == _INDICES:
+            second.copy_(ref_indices)
+    if index_kind == _BIT_LABELS:
         second.copy_(ref.binary_quantize_bits(x, dim))
     return codes, second
 
