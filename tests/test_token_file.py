@@ -117,3 +117,15 @@ def test_shards(tmp_path):
         fresh[4]
     with pytest.raises(ValueError, match="duplicate key"):
         write_token_shards(str(tmp_path / "dup"), [items[0], items[0]])
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path):
+    from pyratok.utils import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        with atomic_write(str(tmp_path / "f.bin")) as f:
+            f.write(b"x")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "f.bin").st_mode & 0o777 == 0o644       # not mkstemp's private 0600

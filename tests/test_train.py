@@ -80,6 +80,24 @@ def test_stage_zero_trains_the_backbone(tmp_path):
     assert any(not torch.equal(before[n], after[n]) for n in before)
 
 
+def test_what_each_stage_trains(tmp_path):
+    from pyratok.train.loop import build_model
+
+    def trained(stage, extra=""):
+        cfg = TrainConfig.from_file(str(write_config(tmp_path / f"s{stage}{bool(extra)}", stage=stage,
+                                                     extra_train=extra)))
+        names = [n for n, p in build_model(cfg).named_parameters() if p.requires_grad]
+        if stage > 0:                                   # the frozen encoder trains only its LoRA adapters
+            assert all(".lora_" in n for n in names if n.startswith("vae.encoder."))
+        return {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("vae.") else "") for n in names}
+
+    assert trained(0) == {"vae.encoder", "vae.decoder", "vae.quant_conv", "vae.post_quant_conv"}
+    assert trained(1) == {"lapq", "null_text", "vae.encoder"}            # vae.encoder: its LoRA only
+    assert trained(1, "train_decoder = true") == {"lapq", "null_text", "vae.encoder", "vae.decoder",
+                                                  "vae.post_quant_conv"}
+    assert trained(2) == trained(1) | {"prior"}
+
+
 def test_resume_is_exact(tmp_path):
     full = Trainer(TrainConfig.from_file(str(write_config(tmp_path / "a", steps=6, checkpoint_every=3))))
     full.run()

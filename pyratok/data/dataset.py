@@ -48,6 +48,7 @@ class ClipConfig:
     crop: str = "random"                  # "random" | "center"
     buckets: Optional[Sequence[tuple[int, int]]] = None  # (height, width) choices by aspect ratio
     seed: int = 0
+    resize: int = 0                       # short side before cropping; 0 = just cover the crop
 
     def __post_init__(self):
         if self.num_frames < 1 or (self.num_frames - 1) % 4:
@@ -56,6 +57,8 @@ class ClipConfig:
             raise ValueError(f"height x width = {self.height} x {self.width}: expected positive multiples of 8")
         if self.crop not in ("random", "center"):
             raise ValueError(f"crop={self.crop!r}: expected 'random' or 'center'")
+        if self.resize < 0:
+            raise ValueError(f"resize={self.resize}: expected the short side in pixels, or 0 to cover the crop")
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"fps={self.fps}: expected a positive frame rate or None")
         for b in self.buckets or ():
@@ -102,12 +105,14 @@ def read_manifest(path: str) -> list[dict]:
     return items
 
 
-def resize_and_crop(frames: torch.Tensor, height: int, width: int, rng: Optional[random.Random]) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (3, T, height, width) float32 in [-1, 1]; cover, then crop
-    (random offsets from ``rng``, centred when it is None)."""
+def resize_and_crop(frames: torch.Tensor, height: int, width: int, rng: Optional[random.Random],
+                    short_side: int = 0) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (3, T, height, width) float32 in [-1, 1]: resize so the short side
+    is ``short_side`` (0: the smallest size that covers height x width; never smaller than
+    that), then crop (random offsets from ``rng``, centred when it is None)."""
     video = frames.permute(0, 3, 1, 2).float()                               # (T, 3, H, W)
     H, W = video.shape[-2:]
-    scale = max(height / H, width / W)
+    scale = max(height / H, width / W, short_side / min(H, W))
     size = (max(height, math.ceil(H * scale - 1e-6)), max(width, math.ceil(W * scale - 1e-6)))
     if size != (H, W):
         video = F.interpolate(video, size=size, mode="bilinear", antialias=True, align_corners=False)
@@ -176,7 +181,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         frames = read_frames(reader, [min(last, int(round(start + j * step))) for j in range(cfg.num_frames)],
                              item["path"])
         height, width = self.bucket_of(index)
-        video = resize_and_crop(frames, height, width, rng if cfg.crop == "random" else None)
+        video = resize_and_crop(frames, height, width, rng if cfg.crop == "random" else None, cfg.resize)
         return {"video": video, "caption": item.get("caption", ""), "path": item["path"], "index": index}
 
     def __getitem__(self, index: int) -> dict:

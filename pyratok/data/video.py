@@ -116,6 +116,9 @@ def write_video(path: str, frames: torch.Tensor, fps: float = 25.0, crf: int = 1
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".mp4", dir=folder)
     os.close(fd)
+    from pyratok.utils import default_file_mode
+
+    os.chmod(tmp, default_file_mode())
     try:
         with av.open(tmp, "w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))

@@ -173,22 +173,30 @@ class PyraTok(nn.Module):
 
     # -- the pipeline ----------------------------------------------------------------------
 
-    def _encode_latent(self, video: torch.Tensor):
-        dist, features = self.vae.encoder_features(video)
+    def _encode_latent(self, video: torch.Tensor, tile: Optional[int] = None, overlap: Optional[int] = None):
+        dist, features = self.vae.encoder_features(video, tile=tile, overlap=overlap)
         return self.vae.normalize_latents(dist.mean), [features[s] for s in self.taps]
 
-    def quantize(self, video: torch.Tensor, text: TextInput = None) -> LaPQOutput:
+    def quantize(self, video: torch.Tensor, text: TextInput = None, tile: Optional[int] = None,
+                 overlap: Optional[int] = None) -> LaPQOutput:
         """video -> LaPQ output (codes, token ids, bit logits, ...) of every level."""
-        latent, taps = self._encode_latent(video)
+        latent, taps = self._encode_latent(video, tile, overlap)
         return self.lapq(latent, taps, self._text(text, video.shape[0]))
 
-    def _decode_quantized(self, quantized: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(self.vae.denormalize_latents(quantized), chunk_frames=None)
+    def _decode_quantized(self, quantized: torch.Tensor, tile: Optional[int] = None,
+                          overlap: Optional[int] = None) -> torch.Tensor:
+        chunk = None if tile is None else 1   # a tiled decode streams frame by frame to bound memory
+        return self.vae.decode(self.vae.denormalize_latents(quantized), chunk_frames=chunk, tile=tile, overlap=overlap)
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor, text: TextInput = None) -> Tokens:
-        """video (B, 3, 1+4k, H, W) in [-1, 1] -> Tokens (per-level ids in one shared index space)."""
-        out = self.quantize(video, text)
+    def encode(self, video: torch.Tensor, text: TextInput = None, tile: Optional[int] = None,
+               overlap: Optional[int] = None) -> Tokens:
+        """video (B, 3, 1+4k, H, W) in [-1, 1] -> Tokens (per-level ids in one shared index space).
+
+        The backbone streams the clip 1 + 4 + 4 + ... frames at a time; ``tile`` (latent pixels)
+        also splits every frame into overlapping tiles (WanVAE.encode); with the default overlap
+        the tiled tokens equal the untiled ones up to fp32 rounding of the blend."""
+        out = self.quantize(video, text, tile, overlap)
         captions = None
         if isinstance(text, str):
             captions = [text] * video.shape[0]
@@ -210,12 +218,12 @@ class PyraTok(nn.Module):
             raise ValueError(f"tokens: made by model {tokens.model_id}, this is model {self.model_id}")
 
     @torch.no_grad()
-    def decode(self, tokens: Tokens) -> torch.Tensor:
-        """Tokens -> video (B, 3, T, H, W) in [-1, 1], from the token ids alone."""
+    def decode(self, tokens: Tokens, tile: Optional[int] = None, overlap: Optional[int] = None) -> torch.Tensor:
+        """Tokens -> video (B, 3, T, H, W) in [-1, 1], from the token ids alone; ``tile`` as in encode."""
         self.check_tokens(tokens)
         device = self.null_text.embedding.device
         codes = self.lapq.codes_from_tokens([i.to(device) for i in tokens.ids])
-        return self._decode_quantized(self.lapq.dequantize(codes, tokens.latent_grid))
+        return self._decode_quantized(self.lapq.dequantize(codes, tokens.latent_grid), tile, overlap)
 
     @contextlib.contextmanager
     def _adapters_off(self):

@@ -821,20 +821,42 @@ class WanVAE(nn.Module):
                               for chunk in _split(video_tile, plan)], dim=2)
 
         hidden = self._tiled(video, sf, 1, tile, overlap, margin, spatial_part).to(dtype)   # (B, C, T', h, w)
+        return self._encode_latent_part(hidden, plan)
+
+    def _encode_latent_part(self, hidden: torch.Tensor, plan: list[int]) -> LatentDistribution:
+        """The encoder's latent-resolution part (mid block, head, quant_conv) over the whole frame,
+        streamed with the time plan of the tiled part that made ``hidden``."""
         cache = _stream_cache(plan)
         latent_plan = [1 + (n - 1) // self.temporal_factor for n in plan[:1]] + [n // self.temporal_factor
                                                                                 for n in plan[1:]]
         moments = [self.quant_conv(self.encoder.latent_part(chunk, cache), cache) for chunk in _split(hidden, latent_plan)]
         return LatentDistribution.from_moments(torch.cat(moments, dim=2))
 
-    def encoder_features(self, video: torch.Tensor, chunk_frames: Optional[int] = -1
-                         ) -> tuple[LatentDistribution, list[torch.Tensor]]:
+    def encoder_features(self, video: torch.Tensor, chunk_frames: Optional[int] = -1, tile: Optional[int] = None,
+                         overlap: Optional[int] = None) -> tuple[LatentDistribution, list[torch.Tensor]]:
         """The latent distribution and the per-stage encoder feature maps LaPQ taps: entry i is the
-        output of encoder stage i (after its downsampler), (B, base_dim*dim_mult[i], T_i, H_i, W_i)."""
+        output of encoder stage i (after its downsampler), (B, base_dim*dim_mult[i], T_i, H_i, W_i).
+        chunk_frames, tile and overlap as in ``encode``; with exact tiling (overlap None) every
+        feature map, each blended at its own resolution, equals the untiled one."""
         self._check_video(video)
-        features: list[torch.Tensor] = []
-        dist = self._encode_untiled(video, self._encode_plan(video.shape[2], chunk_frames), features)
-        return dist, features
+        plan = self._encode_plan(video.shape[2], chunk_frames)
+        if tile is None:
+            features: list[torch.Tensor] = []
+            dist = self._encode_untiled(video, plan, features)
+            return dist, features
+        overlap, margin = self._check_tiling(tile, overlap, "encoder")
+        dtype, patch = self._dtype(self.encoder), self.config.patch_size
+
+        def spatial_part(video_tile):
+            cache, per_chunk = _stream_cache(plan), []
+            for chunk in _split(video_tile, plan):
+                per_chunk.append([])
+                self.encoder.spatial_part(patchify(chunk.to(dtype), patch), cache, per_chunk[-1])
+            return [torch.cat(level, dim=2) for level in zip(*per_chunk)]
+
+        features = [f.to(dtype) for f in self._tiled_many(video, self.spatial_factor, tile, overlap, margin,
+                                                          spatial_part)]
+        return self._encode_latent_part(features[-1], plan), features
 
     def _encode_plan(self, frames: int, chunk_frames: Optional[int]) -> list[int]:
         chunk_frames = self.temporal_factor if chunk_frames == -1 else chunk_frames
@@ -901,24 +923,35 @@ class WanVAE(nn.Module):
         ``margin`` pixels get weight 0 and the rest ramps linearly, and the weights are
         normalised to sum to one.  Accumulates in fp32, returns the dtype ``run`` returns.
         """
+        out = WanVAE._tiled_many(x, in_scale, tile, overlap, margin, lambda piece: [run(piece)])[0]
+        if out.shape[-1] != (x.shape[-1] // in_scale) * out_scale:
+            raise AssertionError(f"tiled part returned width {out.shape[-1]}, expected scale {out_scale}")
+        return out
+
+    @staticmethod
+    def _tiled_many(x: torch.Tensor, in_scale: int, tile: int, overlap: int, margin: int, run) -> list[torch.Tensor]:
+        """``_tiled`` for a ``run`` that returns a list of maps, each at its own whole number of
+        output pixels per latent pixel (read off the first tile); each is blended at its scale."""
         H, W = x.shape[-2] // in_scale, x.shape[-1] // in_scale
-        ramp = (overlap - 2 * margin) * out_scale
-        out = weight = None
+        outs = weights = scales = None
         for top in _tile_starts(H, tile, overlap):
             for left in _tile_starts(W, tile, overlap):
                 th, tw = min(tile, H), min(tile, W)
-                piece = run(x[..., top * in_scale:(top + th) * in_scale, left * in_scale:(left + tw) * in_scale])
-                if out is None:
-                    out = piece.new_zeros(*piece.shape[:-2], H * out_scale, W * out_scale, dtype=torch.float32)
-                    weight = torch.zeros(H * out_scale, W * out_scale, device=x.device)
-                w = (_blend_weights(top * out_scale, th * out_scale, H * out_scale, margin * out_scale, ramp)[:, None]
-                     * _blend_weights(left * out_scale, tw * out_scale, W * out_scale, margin * out_scale, ramp)[None, :]
-                     ).to(x.device)                                       # (th, tw) in output pixels
-                rows = slice(top * out_scale, (top + th) * out_scale)
-                cols = slice(left * out_scale, (left + tw) * out_scale)
-                out[..., rows, cols] += piece.float() * w
-                weight[rows, cols] += w
-        return out.div_(weight).to(piece.dtype)
+                pieces = run(x[..., top * in_scale:(top + th) * in_scale, left * in_scale:(left + tw) * in_scale])
+                if outs is None:
+                    scales = [p.shape[-1] // tw for p in pieces]
+                    outs = [p.new_zeros(*p.shape[:-2], H * s, W * s, dtype=torch.float32) for p, s in zip(pieces, scales)]
+                    weights = [torch.zeros(H * s, W * s, device=x.device) for s in scales]
+                for piece, out, weight, s in zip(pieces, outs, weights, scales):
+                    if piece.shape[-2:] != (th * s, tw * s):
+                        raise AssertionError(f"tiled part returned {tuple(piece.shape[-2:])} for a {th}x{tw} tile")
+                    ramp = (overlap - 2 * margin) * s
+                    w = (_blend_weights(top * s, th * s, H * s, margin * s, ramp)[:, None]
+                         * _blend_weights(left * s, tw * s, W * s, margin * s, ramp)[None, :]).to(x.device)
+                    rows, cols = slice(top * s, (top + th) * s), slice(left * s, (left + tw) * s)
+                    out[..., rows, cols] += piece.float() * w
+                    weight[rows, cols] += w
+        return [out.div_(weight).to(piece.dtype) for out, weight, piece in zip(outs, weights, pieces)]
 
     def forward(self, video: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None):
         """Reconstruction: decode(encode(video)), with the posterior mean unless ``sample``."""

@@ -12,6 +12,7 @@
     width = 128
     fps = 0                    # 0 = each file's own rate
     crop = "random"
+    resize = 0                 # short side before cropping; 0 = the smallest size covering the crop
 
     [train]
     out_dir = "runs/tiny"
@@ -64,6 +65,7 @@ class DataSection:
     width: int = 128
     fps: float = 0.0
     crop: str = "random"
+    resize: int = 0                 # short side before cropping (0 = just cover the crop)
     buckets: list = field(default_factory=list)
     num_workers: int = 2
 
@@ -82,6 +84,8 @@ class TrainSection:
     min_lr_ratio: float = 0.1
     clip_grad: float = 1.0
     ema: float = 0.0                # 0 = off, else the EMA decay
+    train_decoder: bool = False     # stages 1-3: also train the backbone's decoder (for backbones
+                                    # trained in-house; the paper keeps a pretrained one frozen)
     masking: bool = True
     amp: str = "bf16"               # autocast dtype on GPU: "bf16" | "fp16" | "none"
     checkpoint_every: int = 500

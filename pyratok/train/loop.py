@@ -108,6 +108,8 @@ def build_model(cfg: TrainConfig) -> PyraTok:
             trained = name.startswith("vae.") and ".lora_" not in name
         else:
             trained = name.startswith(("lapq.", "null_text.")) or ".lora_" in name
+            if cfg.train.train_decoder:
+                trained = trained or name.startswith(("vae.decoder.", "vae.post_quant_conv."))
             if name.startswith("prior."):
                 trained = stage["train_prior"] and model.config.loss.ar > 0
         p.requires_grad_(trained)
@@ -127,7 +129,7 @@ class Trainer:
         self.ema = [p.detach().clone() for p in self.params] if t.ema > 0 else None
         d = config.data
         self.dataset = VideoClipDataset(d.source, ClipConfig(num_frames=d.num_frames, height=d.height, width=d.width,
-                                                             fps=d.fps or None, crop=d.crop, seed=t.seed,
+                                                             fps=d.fps or None, crop=d.crop, seed=t.seed, resize=d.resize,
                                                              buckets=[tuple(b) for b in d.buckets] or None))
         self.backbone_stage = bool(STAGES[t.stage].get("backbone"))
         self.masking = VideoMasking(self.model.config.masking) if t.masking and not self.backbone_stage else None
