@@ -7,10 +7,7 @@ explicitly padded copy (oneDNN on the CPU, cuDNN on the GPU), the peer
 "diffusers-wan" (WanCausalConv3d: F.pad, then conv3d).  Groups:
 
   fwd / fwd+bwd   one VAE-like layer (k=3, 17 frames) in each layout (on the CPU the
-                  fwd+bwd groups use smaller frames than the fwd groups); the fwd groups
-                  also time "GEMM ceiling": one dense (T*H*W x 27*C) @ (27*C x O) matmul of the
-                  same FLOPs, the rate an ideal implicit GEMM reaches (`of baseline` = the
-                  fraction of it each provider gets)
+                  fwd+bwd groups use smaller frames than the fwd groups)
   stream          the same layer over 17 frames in Wan's chunks [1, 4, 4, 4, 4], each
                   provider with its own cache protocol
   stream65        a small encoder stack over a 65-frame clip: whole clip, one 4-frame
@@ -107,11 +104,8 @@ def layer_bytes(C, O, thw, elem):
     return (C + O) * T * H * W * elem + O * C * 27 * elem
 
 
-GEMM_CEILING = "GEMM ceiling"
-
-
 def providers_for(layout):
-    return OURS + ["reference"] + (PEERS + [GEMM_CEILING] if layout == "channel-first" else [])
+    return OURS + ["reference"] + (PEERS if layout == "channel-first" else [])
 
 
 LAYER_CASES = [(layer, layout, provider) for layer in LAYERS for layout in LAYOUTS
@@ -130,21 +124,14 @@ def test_forward(benchmark, case):
         pytest.importorskip("diffusers")
     x, w, b = layer_inputs(C, O, thw, layout, dtype=dtype)
     with torch.no_grad():
-        if provider == GEMM_CEILING:
-            a = torch.randn(x[0, 0].numel(), 27 * C, device=DEVICE).to(dtype)
-            wm = w.reshape(O, -1).t().contiguous()
-            fn = lambda: a @ wm  # noqa: E731
-        else:
-            fn = layer_call(provider, C, O, x, w, b)
+        fn = layer_call(provider, C, O, x, w, b)
         benchmark.group = f"causal_conv3d fwd {label} {'x'.join(map(str, thw))} {str(dtype)[6:]} {layout}"
         run(benchmark, fn, rounds=rounds, op="causal_conv3d", provider=provider, shape=str((1, C, *thw)),
             dtype=str(dtype)[6:], layout=layout, flops=flops(C, O, thw),
-            bytes=layer_bytes(C, O, thw, x.element_size()), peer="diffusers-cogvideox", ours=provider in OURS,
-            baseline=GEMM_CEILING)
+            bytes=layer_bytes(C, O, thw, x.element_size()), peer="diffusers-cogvideox", ours=provider in OURS)
 
 
-@pytest.mark.parametrize("case", [c for c in LAYER_CASES if c[0][5] and c[2] not in ("diffusers-wan", GEMM_CEILING)],
-                         ids=case_id)
+@pytest.mark.parametrize("case", [c for c in LAYER_CASES if c[0][5] and c[2] != "diffusers-wan"], ids=case_id)
 def test_forward_backward(benchmark, case):
     (label, C, O, _, rounds, thw, _), layout, provider = case
     if provider in PEERS:

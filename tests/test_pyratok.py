@@ -117,6 +117,32 @@ def test_every_loss_term_is_finite_and_reaches_exactly_its_parameters():
             assert got == (group in owners), (term, group)
 
 
+def test_lazy_drift_runs_every_n_th_step_with_n_times_the_weight():
+    from pyratok.models.losses import LossConfig
+
+    model = tiny_model().eval()                             # eval: no dropout, so calls are comparable
+    model.config.loss = dataclasses.replace(model.config.loss, drift=0.6, drift_every=4)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.01)
+    video = clip(5, 32)
+    _, every = model(video)                                 # no step: every term
+    _, on = model(video, step=8)
+    _, off = model(video, step=9)
+    assert "drift" in every.terms and "drift" in on.terms and "drift" not in off.terms
+    torch.testing.assert_close(on.terms["drift"], every.terms["drift"])
+    without = on.total - 4 * 0.6 * on.terms["drift"]          # the other terms are the same in both calls
+    torch.testing.assert_close(without, off.total, rtol=1e-6, atol=0)
+    assert on.terms["drift"] > 0
+    # the frozen pass stops at the taps: the same maps encoder_features gives
+    _, feats = model.vae.encoder_features(video)
+    for a, b in zip(model.vae.encoder_taps(video), feats):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="drift_every=0"):
+        LossConfig(drift_every=0)
+
+
 def test_switching_a_term_off_removes_it_and_its_gradient():
     model = tiny_model()
     model.config.loss = dataclasses.replace(model.config.loss, ar=0.0)

@@ -10,6 +10,10 @@
              + text_code   KL(p_text,l || sg(usage_l))
     ar       = the prior's bitwise BCE of all levels given text and earlier levels
     drift    = mean squared distance of the LoRA encoder's tap features to the frozen encoder's
+               (needs a second, frozen pass of the encoder's convolutional part; computed lazily,
+               as StyleGAN2 does its R1 penalty: on training steps that are multiples of
+               drift_every, weighted drift_every x, which keeps the expected gradient and cuts
+               the pass's cost by drift_every; a forward call without a step computes it always)
 
 p_l = sigmoid(4 tau z_l) are the bit probabilities of level l's pre-quantization values
 (the same distribution the entropy term uses); p_text,l = sigmoid(text head); usage_l is the
@@ -34,6 +38,7 @@ class LossConfig:
     codebook: float = 2.5
     ar: float = 1.5
     drift: float = 0.6
+    drift_every: int = 4                  # lazy drift: on every n-th training step, weighted n x (1 = every step)
     # inside recon
     l1: float = 1.0
     ssim: float = 1.0
@@ -49,6 +54,8 @@ class LossConfig:
     text_code: float = 0.1
 
     def __post_init__(self):
+        if not isinstance(self.drift_every, int) or self.drift_every < 1:
+            raise ValueError(f"drift_every={self.drift_every!r}: expected an int >= 1 (1 = every step)")
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, float) and v < 0:

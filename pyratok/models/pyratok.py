@@ -239,9 +239,11 @@ class PyraTok(nn.Module):
                 m.enable_adapters(True)
 
     def forward(self, video: torch.Tensor, text: TextInput = None, masked_video: Optional[torch.Tensor] = None,
-                process_group=None):
+                process_group=None, step: Optional[int] = None):
         """-> (reconstruction (B, 3, T, H, W), LossBreakdown).  ``masked_video`` (same shape) is
-        what the encoder sees when training with masking; the target is always ``video``."""
+        what the encoder sees when training with masking; the target is always ``video``.
+        ``step`` (the training step) schedules the lazy drift term (LossConfig.drift_every);
+        None computes every term."""
         cfg = self.config.loss
         enc_in = video if masked_video is None else masked_video
         if masked_video is not None and masked_video.shape != video.shape:
@@ -259,9 +261,12 @@ class PyraTok(nn.Module):
             terms.update(L.codebook_terms(out, cfg, process_group))
         if cfg.ar and self.prior is not None:
             terms["ar"] = self.prior(text_emb, out.codes).loss
-        if cfg.drift and self.config.lora_rank > 0:
+        drift_weight = cfg.drift if step is None else (cfg.drift * cfg.drift_every if step % cfg.drift_every == 0
+                                                       else 0.0)
+        if drift_weight and self.config.lora_rank > 0:
             with torch.no_grad(), self._adapters_off():
-                _, frozen = self._encode_latent(enc_in)
+                frozen = self.vae.encoder_taps(enc_in)       # the convolutional part only: no latent head
+            frozen = [frozen[s] for s in self.taps]
             terms["drift"] = sum(F.mse_loss(a, b) for a, b in zip(taps, frozen)) / len(taps)
         total = recon.new_zeros(())
         recon_parts = [getattr(cfg, k) * terms[k] for k in ("l1", "ssim", "lpips") if terms.get(k) is not None]
@@ -274,7 +279,7 @@ class PyraTok(nn.Module):
         if terms.get("ar") is not None:
             total = total + cfg.ar * terms["ar"]
         if terms.get("drift") is not None:
-            total = total + cfg.drift * terms["drift"]
+            total = total + drift_weight * terms["drift"]
         return recon, L.LossBreakdown(total, {k: v for k, v in terms.items() if v is not None}, out.indices)
 
     def backbone_forward(self, video: torch.Tensor, kl_weight: float = 1e-6):

@@ -845,18 +845,23 @@ class WanVAE(nn.Module):
             dist = self._encode_untiled(video, plan, features)
             return dist, features
         overlap, margin = self._check_tiling(tile, overlap, "encoder")
-        dtype, patch = self._dtype(self.encoder), self.config.patch_size
-
-        def spatial_part(video_tile):
-            cache, per_chunk = _stream_cache(plan), []
-            for chunk in _split(video_tile, plan):
-                per_chunk.append([])
-                self.encoder.spatial_part(patchify(chunk.to(dtype), patch), cache, per_chunk[-1])
-            return [torch.cat(level, dim=2) for level in zip(*per_chunk)]
-
-        features = [f.to(dtype) for f in self._tiled_many(video, self.spatial_factor, tile, overlap, margin,
-                                                          spatial_part)]
+        features = [f.to(self._dtype(self.encoder)) for f in self._tiled_many(
+            video, self.spatial_factor, tile, overlap, margin, lambda piece: self._encoder_taps(piece, plan))]
         return self._encode_latent_part(features[-1], plan), features
+
+    def encoder_taps(self, video: torch.Tensor, chunk_frames: Optional[int] = -1) -> list[torch.Tensor]:
+        """The per-stage feature maps of ``encoder_features`` alone: the encoder's convolutional
+        part, without the mid block, the head and the latent."""
+        self._check_video(video)
+        return self._encoder_taps(video, self._encode_plan(video.shape[2], chunk_frames))
+
+    def _encoder_taps(self, video: torch.Tensor, plan: list[int]) -> list[torch.Tensor]:
+        dtype, patch = self._dtype(self.encoder), self.config.patch_size
+        cache, per_chunk = _stream_cache(plan), []
+        for chunk in _split(video, plan):
+            per_chunk.append([])
+            self.encoder.spatial_part(patchify(chunk.to(dtype), patch), cache, per_chunk[-1])
+        return [torch.cat(level, dim=2) for level in zip(*per_chunk)]
 
     def _encode_plan(self, frames: int, chunk_frames: Optional[int]) -> list[int]:
         chunk_frames = self.temporal_factor if chunk_frames == -1 else chunk_frames

@@ -302,7 +302,7 @@ class Trainer:
                         if self.backbone_stage:
                             recon, losses = self.model.backbone_forward(video)
                         else:
-                            recon, losses = self.wrapped(video, text, masked, pg)
+                            recon, losses = self.wrapped(video, text, masked, pg, self.step)
                     (losses.total / t.grad_accum).backward()
                     for k, v in losses.scalars().items():
                         sums[k] = sums.get(k, 0.0) + v / t.grad_accum
