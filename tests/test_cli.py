@@ -52,7 +52,8 @@ def test_tiled_encode_gives_the_untiled_tokens(model_dir, tmp_path):
     a, b = load_tokens(str(whole)), load_tokens(str(tiled))
     assert all(torch.equal(x, y) for x, y in zip(a.ids, b.ids))
     video = tmp_path / "decoded.mp4"
-    assert run("decode", tiled, "-o", video, "--model", model_dir, "--tile", 16, "-q") == 0
+    with pytest.warns(UserWarning, match="not exact"):   # 16 latent pixels is below the decoder's exact overlap
+        assert run("decode", tiled, "-o", video, "--model", model_dir, "--tile", 16, "-q") == 0
     assert read_video(str(video)).shape == (1, 144, 176, 3)
 
 
