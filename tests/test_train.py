@@ -144,3 +144,18 @@ def test_two_gloo_processes_under_torchrun(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000005"
     assert (ckpt / "model.safetensors").is_file()
     PyraTok.from_pretrained(str(ckpt))
+
+
+@pytest.mark.slow
+def test_fsdp_on_cpu_is_a_clear_error(tmp_path):
+    """PyTorch's FSDP has no CPU backend: the run must say so and point to DDP, not crash
+    inside torch.  (The FSDP path itself, with its gathered full-state checkpoints, needs
+    GPUs and has not run yet.)"""
+    cfg = write_config(tmp_path, steps=1, extra_train='distributed = "fsdp"')
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "pyratok.cli", "train", str(cfg), "-q"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert res.returncode != 0
+    assert "train.distributed='fsdp' needs GPUs" in res.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

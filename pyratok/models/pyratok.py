@@ -295,19 +295,21 @@ class PyraTok(nn.Module):
 
     # -- saving and loading ----------------------------------------------------------------
 
-    def _saved_state(self, include_backbone: bool) -> dict[str, torch.Tensor]:
+    def _saved_state(self, include_backbone: bool, state_dict: Optional[dict] = None) -> dict[str, torch.Tensor]:
         backbone = {"vae." + k for k in self.vae.state_dict() if ".lora_" not in k}
-        return {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        return {k: v.detach().contiguous().cpu() for k, v in state_dict.items()
                 if not k.startswith(("text_encoder.", "lpips.")) and (include_backbone or k not in backbone)}
 
-    def save_pretrained(self, path: str, include_backbone: bool = True) -> None:
+    def save_pretrained(self, path: str, include_backbone: bool = True, state_dict: Optional[dict] = None) -> None:
         """Writes ``config.json`` + ``model.safetensors`` (atomically).  include_backbone=False
-        leaves the frozen backbone out; ``config.backbone_path`` must then point to it."""
+        leaves the frozen backbone out; ``config.backbone_path`` must then point to it.
+        ``state_dict`` replaces this module's own (a full state dict gathered from FSDP shards)."""
         from safetensors.torch import save
 
         if not include_backbone and not self.config.backbone_path:
             raise ValueError("include_backbone=False needs config.backbone_path (where the backbone weights live)")
-        state = self._saved_state(include_backbone)
+        state = self._saved_state(include_backbone, state_dict)
         digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
         for k in sorted(state):
             digest.update(k.encode())

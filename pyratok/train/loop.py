@@ -149,10 +149,16 @@ class Trainer:
         progress = min(1.0, (step - t.warmup) / max(1, t.steps - t.warmup))
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
+    def _fsdp(self) -> bool:
+        return _is_dist() and self.cfg.train.distributed == "fsdp"
+
     def _wrap(self, model):
         if not _is_dist():
             return model
         if self.cfg.train.distributed == "fsdp":
+            if self.device.type == "cpu":
+                raise ValueError("train.distributed='fsdp' needs GPUs (PyTorch's FSDP has no CPU backend); "
+                                 "use distributed='ddp' on CPU")
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
             return FSDP(model, use_orig_params=True, device_id=self.device if self.device.type == "cuda" else None)
@@ -188,9 +194,22 @@ class Trainer:
     def checkpoint_dir(self) -> str:
         return os.path.join(self.cfg.train.out_dir, CHECKPOINTS)
 
+    def _full_states(self):
+        """(model state, optimizer state) for the checkpoint.  Under FSDP the shards are gathered
+        into full, unsharded tensors on the CPU (a collective: every rank calls it)."""
+        if not self._fsdp():
+            return None, self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.wrapped, options=options),
+                get_optimizer_state_dict(self.wrapped, self.optimizer, options=options))
+
     def save_checkpoint(self) -> Optional[str]:
         if _is_dist():
             dist.barrier()
+        model_state, optimizer_state = self._full_states()
         path = None
         if _rank() == 0:
             root = self.checkpoint_dir()
@@ -198,9 +217,9 @@ class Trainer:
             path = os.path.join(root, name)
             tmp = os.path.join(root, f".tmp-{name}")
             shutil.rmtree(tmp, ignore_errors=True)
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, state_dict=model_state)
             state = {"step": self.step, "batches_seen": self.batches_seen,
-                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                      "ema": self.ema, "torch_rng": torch.get_rng_state(),
                      "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                      "python_rng": random.getstate(), "config": self.cfg.to_dict()}
@@ -226,11 +245,21 @@ class Trainer:
 
         state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
         weights = load_file(os.path.join(path, "model.safetensors"))
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        bad = [k for k in missing if not k.startswith(("text_encoder.", "lpips."))]
-        if bad or unexpected:
-            raise ValueError(f"{path}: checkpoint does not fit the model (missing {bad[:5]}, unexpected {unexpected[:5]})")
-        self.optimizer.load_state_dict(state["optimizer"])
+        own = {k for k in self.model.state_dict() if not k.startswith(("text_encoder.", "lpips."))}
+        missing, unexpected = sorted(own - set(weights)), sorted(set(weights) - own)
+        if missing or unexpected:
+            raise ValueError(f"{path}: checkpoint does not fit the model (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")
+        if self._fsdp():  # every rank reads the full files and keeps its own shards
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(self.wrapped, weights, options=options)
+            set_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"], options=options)
+        else:
+            self.model.load_state_dict(weights, strict=False)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.ema = state["ema"]
         self.step, self.batches_seen = state["step"], state["batches_seen"]
