@@ -46,12 +46,27 @@ def _libc():
 # On the CPU the peak is read from the resident set, which glibc's malloc decouples from
 # the live memory: freed blocks below its (adaptive, up to 32 MB) mmap threshold stay
 # resident and are reused, so a call's peak reads as ~0, or as the fragmentation of
-# earlier calls.  Blocks of 64 KB and more are mapped and unmapped one by one instead
-# (mallopt M_MMAP_THRESHOLD = -3, M_TRIM_THRESHOLD = -1); tensors that size cost a few
-# more page faults for every provider alike.
-if DEVICE == "cpu" and _libc() is not None:
-    _libc().mallopt(-3, 64 * 1024)
-    _libc().mallopt(-1, 64 * 1024)
+# earlier calls.  For the one call whose peak is measured, blocks of 64 KB and more are
+# mapped and unmapped one by one instead (mallopt M_MMAP_THRESHOLD = -3, M_TRIM_THRESHOLD
+# = -1).  Timed calls run with the thresholds at glibc's 64-bit maxima (32 MB, 64 MB), as a
+# long-running process settles to: with 64 KB there, every call of an op that allocates
+# work buffers would pay page faults for them that a real training loop does not pay
+# (results before 2026-11-29 10:30 UTC were timed that way).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _malloc_thresholds(mmap: int, trim: int) -> None:
+    libc = _libc()
+    if DEVICE == "cpu" and libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, mmap)
+        libc.mallopt(_M_TRIM_THRESHOLD, trim)
+
+
+def _timing_thresholds() -> None:
+    _malloc_thresholds(32 * 2**20, 64 * 2**20)
+
+
+_timing_thresholds()
 
 
 def _release_free_heap():
@@ -74,15 +89,19 @@ def peak_memory_bytes(fn) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    _release_free_heap()
+    _malloc_thresholds(64 * 1024, 64 * 1024)
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return -1
-    before = _proc_status_kb("VmRSS")
-    fn()
-    return max(0, (_proc_status_kb("VmHWM") - before) * 1024)
+        _release_free_heap()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            return -1
+        before = _proc_status_kb("VmRSS")
+        fn()
+        return max(0, (_proc_status_kb("VmHWM") - before) * 1024)
+    finally:
+        _timing_thresholds()
 
 
 def run(benchmark, fn, rounds: int = 5, **info):
