@@ -8,7 +8,9 @@ For a tiny config and the Wan 2.1-size config (random weights) on this machine:
                       step with the quantizer and every quantizer-side loss removed (`backbone_step`:
                       LoRA encoder -> decoder -> recon loss), so that
                       quantizer + losses share = 1 - backbone_step / train_step
-                      (target <= 15% at K=16, and at K=24 with the exact entropy).
+                      (target <= 15% at K=16, and at K=24 with the exact entropy);
+  lapq step           the training step with LaPQ but none of its losses, which splits the
+                      share into LaPQ (lapq - backbone) and losses (train - lapq).
 Peak memory per call is recorded too.  Rows go to benchmarks/results/model.csv.
 """
 
@@ -30,7 +32,7 @@ CASES = [
     ("wan2.1 K=24", lambda: PyraTokConfig.paper(text_encoder=None, lapq=dataclasses.replace(
         PyraTokConfig.paper().lapq, num_bits=24)), (9, 64, 64), 1),
 ]
-MODES = ["encode", "decode", "train_step", "backbone_step"]
+MODES = ["encode", "decode", "train_step", "lapq_step", "backbone_step"]
 # the backbone step has no quantizer, so it is the same for K=16 and K=24: timed once
 SKIP = {("wan2.1 K=24", "encode"), ("wan2.1 K=24", "decode"), ("wan2.1 K=24", "backbone_step")}
 
@@ -54,6 +56,19 @@ def backbone_step(model, video):
         recon = model._decode_quantized(latent)
         loss = (recon - video).abs().mean() + 1 - ssim(recon, video, clamp=False)
         loss.backward()
+
+
+def lapq_step(model, video):
+    """``train_step`` with the quantizer but none of its losses (codebook terms, AR and drift
+    off): lapq_step - backbone_step is LaPQ's time, train_step - lapq_step the losses'."""
+    full = model.config.loss
+    model.config.loss = dataclasses.replace(full, codebook=0.0, ar=0.0, drift=0.0)
+    try:
+        for step in range(full.drift_every):
+            _, losses = model(video, step=step)
+            losses.total.backward()
+    finally:
+        model.config.loss = full
 
 
 def train_step(model, video):
@@ -81,8 +96,9 @@ def test_model(benchmark, models, case, mode):
         fn = lambda: model.decode(tokens)  # noqa: E731
     else:
         model.train()
-        fn = (lambda: train_step(model, video)) if mode == "train_step" else (lambda: backbone_step(model, video))
-    steps = model.config.loss.drift_every if mode in ("train_step", "backbone_step") else 1   # clips per call
+        step_fn = {"train_step": train_step, "lapq_step": lapq_step, "backbone_step": backbone_step}[mode]
+        fn = lambda: step_fn(model, video)  # noqa: E731
+    steps = model.config.loss.drift_every if mode.endswith("_step") else 1   # clips per call
     benchmark.group = f"model {name} {T}x{H}x{W}"
     run(benchmark, fn, rounds=rounds, op="model", provider=mode, shape=f"{T}x{H}x{W}", dtype="float32",
         layout=name, tokens=tokens.num_tokens * steps, frames=T * steps, baseline=None, peer=None, ours=True)
