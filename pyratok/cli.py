@@ -198,15 +198,17 @@ def _frame_grid(original, recon, path: str, max_frames: int = 6) -> None:
         Image.fromarray(torch.cat(rows, dim=0).numpy()).save(f, format="PNG")
 
 
-def reconstruct_clip(model, clip, text=None, tile: Optional[int] = None) -> dict:
-    """Encode + decode one clip; returns the reconstruction, tokens and metrics."""
+def reconstruct_clip(model, clip, text=None, tile: Optional[int] = None, tokens=None) -> dict:
+    """Encode + decode one clip (``tokens``: the clip's tokens, already encoded); returns the
+    reconstruction, tokens and metrics."""
     import torch
 
     from pyratok import ops
     from pyratok.metrics import psnr, ssim
 
     with torch.no_grad():
-        tokens = model.encode(clip, text, tile=tile)
+        if tokens is None:
+            tokens = model.encode(clip, text, tile=tile)
         recon = model.decode(tokens, tile=tile)
     metrics = {
         "psnr": psnr(recon, clip).item(), "ssim": ssim(recon, clip).item(),
@@ -220,10 +222,20 @@ def reconstruct_clip(model, clip, text=None, tile: Optional[int] = None) -> dict
     return {"recon": recon, "tokens": tokens, "metrics": metrics}
 
 
-def cmd_reconstruct(args) -> int:
+def write_reconstruction(folder: str, original, recon, fps: float) -> None:
+    """reconstruction.mp4, side_by_side.mp4 and frames.png of one clip ((3, T, H, W) each) in folder."""
     import torch
 
     from pyratok.data import write_video
+
+    os.makedirs(folder, exist_ok=True)
+    write_video(os.path.join(folder, "reconstruction.mp4"), _to_uint8(recon), fps=fps)
+    side = torch.cat([original, recon], dim=3)                                    # (3, T, H, 2W)
+    write_video(os.path.join(folder, "side_by_side.mp4"), _to_uint8(side), fps=fps)
+    _frame_grid(original, recon, os.path.join(folder, "frames.png"))
+
+
+def cmd_reconstruct(args) -> int:
     from pyratok.utils import atomic_write
 
     size = _parse_size(args.size)
@@ -237,12 +249,7 @@ def cmd_reconstruct(args) -> int:
     _tile(args.tile, model, 0, 0)  # a bad --tile fails before any work
     clip, fps = load_clip(args.video, args.frames, size)
     result = reconstruct_clip(model, clip.to(args.device), text, _tile(args.tile, model, *clip.shape[-2:]))
-    recon = result["recon"][0].cpu()
-    os.makedirs(args.output, exist_ok=True)
-    write_video(os.path.join(args.output, "reconstruction.mp4"), _to_uint8(recon), fps=fps)
-    side = torch.cat([clip[0], recon], dim=3)                                    # (3, T, H, 2W)
-    write_video(os.path.join(args.output, "side_by_side.mp4"), _to_uint8(side), fps=fps)
-    _frame_grid(clip[0], recon, os.path.join(args.output, "frames.png"))
+    write_reconstruction(args.output, clip[0], result["recon"][0].cpu(), fps)
     metrics = {"video": os.path.abspath(args.video), "frames": clip.shape[2], "height": clip.shape[3],
                "width": clip.shape[4], "model_id": model.model_id, **result["metrics"]}
     with atomic_write(os.path.join(args.output, "metrics.json"), "w") as f:
@@ -278,8 +285,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import torch
-
     from pyratok.data import ClipConfig, VideoClipDataset
     from pyratok.utils import atomic_write
 

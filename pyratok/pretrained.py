@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+HELD_OUT = 0.2   # the last 20% of every training clip is held out (scripts/make_default_data.py)
 
 
 def default_model_path() -> str:

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from pyratok.data import VideoInfo, bundled_clip_path, read_video, write_video
+from pyratok.pretrained import HELD_OUT
 from pyratok.utils import atomic_write
 
 CLIPS = ["bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4"]
-HOLD_OUT = 0.2
 SHORT_SIDE = 144          # carphone's native height
 WINDOW_SECONDS = 1.0
 
@@ -51,7 +51,7 @@ def main(out_dir: str) -> None:
             rescaled_copy(bundled_clip_path(name), path)
         info = VideoInfo(path)
         seconds = info.frames / info.fps
-        cut = seconds * (1 - HOLD_OUT)
+        cut = seconds * (1 - HELD_OUT)
         windows = max(1, math.floor(cut / WINDOW_SECONDS))
         edges = [round(cut * i / windows, 3) for i in range(windows + 1)]
         train += [{"path": f"clips/{name}", "start": a, "end": b} for a, b in zip(edges, edges[1:])]

@@ -820,7 +820,7 @@ class WanVAE(nn.Module):
             return torch.cat([self.encoder.spatial_part(patchify(chunk.to(dtype), patch), cache)
                               for chunk in _split(video_tile, plan)], dim=2)
 
-        hidden = self._tiled(video, sf, 1, tile, overlap, margin, spatial_part).to(dtype)   # (B, C, T', h, w)
+        hidden = self._tiled(video, sf, tile, overlap, margin, spatial_part).to(dtype)   # (B, C, T', h, w)
         return self._encode_latent_part(hidden, plan)
 
     def _encode_latent_part(self, hidden: torch.Tensor, plan: list[int]) -> LatentDistribution:
@@ -916,22 +916,19 @@ class WanVAE(nn.Module):
             return torch.cat([unpatchify(self.decoder.spatial_part(chunk, cache, first_chunk=i == 0), patch)
                               for i, chunk in enumerate(_split(hidden_tile, plan))], dim=2)
 
-        return self._tiled(hidden, 1, self.spatial_factor, tile, overlap, margin, spatial_part).clamp_(-1.0, 1.0)
+        return self._tiled(hidden, 1, tile, overlap, margin, spatial_part).clamp_(-1.0, 1.0)
 
     @staticmethod
-    def _tiled(x: torch.Tensor, in_scale: int, out_scale: int, tile: int, overlap: int, margin: int, run
-               ) -> torch.Tensor:
+    def _tiled(x: torch.Tensor, in_scale: int, tile: int, overlap: int, margin: int, run) -> torch.Tensor:
         """Runs ``run`` on overlapping spatial tiles of x (B, C, T, H * in_scale, W * in_scale) and
-        blends the results (B, C', T', H * out_scale, W * out_scale); H, W count latent pixels.
+        blends the results (B, C', T', H * s, W * s, s read off the first tile); H, W count latent
+        pixels.
 
         Neighbouring tiles share at least ``overlap`` latent pixels; there each tile's outer
         ``margin`` pixels get weight 0 and the rest ramps linearly, and the weights are
         normalised to sum to one.  Accumulates in fp32, returns the dtype ``run`` returns.
         """
-        out = WanVAE._tiled_many(x, in_scale, tile, overlap, margin, lambda piece: [run(piece)])[0]
-        if out.shape[-1] != (x.shape[-1] // in_scale) * out_scale:
-            raise AssertionError(f"tiled part returned width {out.shape[-1]}, expected scale {out_scale}")
-        return out
+        return WanVAE._tiled_many(x, in_scale, tile, overlap, margin, lambda piece: [run(piece)])[0]
 
     @staticmethod
     def _tiled_many(x: torch.Tensor, in_scale: int, tile: int, overlap: int, margin: int, run) -> list[torch.Tensor]:
