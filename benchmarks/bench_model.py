@@ -28,9 +28,9 @@ CASES = [
     ("tiny K=16", lambda: PyraTokConfig.tiny(text_encoder=None), (17, 64, 64), 3),
     ("tiny K=24", lambda: PyraTokConfig.tiny(text_encoder=None, lapq=dataclasses.replace(
         PyraTokConfig.tiny().lapq, num_bits=24)), (17, 64, 64), 3),
-    ("wan2.1 K=16", lambda: PyraTokConfig.paper(text_encoder=None), (9, 64, 64), 1),
+    ("wan2.1 K=16", lambda: PyraTokConfig.paper(text_encoder=None), (9, 64, 64), 3),
     ("wan2.1 K=24", lambda: PyraTokConfig.paper(text_encoder=None, lapq=dataclasses.replace(
-        PyraTokConfig.paper().lapq, num_bits=24)), (9, 64, 64), 1),
+        PyraTokConfig.paper().lapq, num_bits=24)), (9, 64, 64), 3),
 ]
 MODES = ["encode", "decode", "train_step", "lapq_step", "backbone_step"]
 # the backbone step has no quantizer, so it is the same for K=16 and K=24: timed once

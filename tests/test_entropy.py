@@ -152,6 +152,67 @@ def test_tiles_and_large_K(backend):
         torch.testing.assert_close(grad, want_grad, rtol=0, atol=1e-10)
 
 
+@pytest.fixture
+def fused_everywhere(monkeypatch):
+    """codebook_entropy takes the fused path (tiles of codes, value and gradient in one pass)
+    for every size instead of only for >= 2^16 codes and <= 1024 tokens."""
+    from pyratok.ops import entropy as E
+
+    monkeypatch.setattr(E, "FUSED_MIN_CODES", 0)
+    monkeypatch.setattr(E, "FUSED_MAX_TOKENS", 10**9)
+    return E
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fused_path_matches_reference(backend, fused_everywhere):
+    # every term of the family on the shapes of test_backends_match_reference, through the fused
+    # path: odd K (halves of different widths), groups, 1-bit groups (an empty A half), dim=-1
+    for dtype in backend_dtypes(backend):
+        x = latents((2, 7, 3, 2, 3), seed=1).to(dtype)
+        check_backend_against_reference(x, backend)
+        check_backend_against_reference(latents((19, 10), seed=2).to(dtype), backend)
+        check_backend_against_reference(latents((4, 5, 8), seed=3).to(dtype), backend, dim=-1)
+    x = latents((5, 9), seed=7).requires_grad_()
+    torch.autograd.gradcheck(lambda t: ops.codebook_entropy(t, 2.0, backend=backend), (x,),
+                             fast_mode=backend == "triton")
+    torch.autograd.gradcheck(lambda t: ops.codebook_entropy(t, 2.0, method="groups", group_size=4, backend=backend),
+                             (x,), fast_mode=backend == "triton")
+    # saturated and extreme logits stay finite
+    x = latents((20, 10), seed=9, spread=1.0)
+    x[::3] *= 1e4
+    x[2, :] = 0.0
+    for tau in (1e-3, 1e3):
+        out, grad = loss_and_grad(lambda t: ops.codebook_entropy(t, tau, backend=backend), x.float())
+        assert torch.isfinite(out) and torch.isfinite(grad).all(), tau
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="pyratok._C is not built (PYRATOK_BUILD_EXT=0)")
+def test_fused_path_at_k24_and_its_token_limit():
+    from pyratok.ops import entropy as E
+
+    # the model's regime (K = 24, few tokens) takes the fused path, no gradient when none is needed
+    assert E._fused_pays(40, [24], "cpu") and not E._fused_pays(E.FUSED_MAX_TOKENS + 1, [24], "cpu")
+    assert not E._fused_pays(40, [12], "cpu") and not E._fused_pays(40, [24], "cuda")
+    x = latents((40, 24), seed=5, spread=0.3, dtype=torch.float32)
+    want, want_grad = loss_and_grad(lambda t: ref.codebook_entropy(t, 0.5), x.double())
+    got, grad = loss_and_grad(lambda t: ops.codebook_entropy(t, 0.5, backend="cpu"), x)
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0)
+    # fp32 error of the gradient against fp64: at most twice that of the counts path in fp32
+    E_counts = pytest.MonkeyPatch.context()
+    with E_counts as mp:
+        mp.setattr(E, "FUSED_MAX_TOKENS", 0)
+        _, counts_grad = loss_and_grad(lambda t: ops.codebook_entropy(t, 0.5, backend="cpu"), x)
+    err = lambda g: (g.double() - want_grad).norm() / want_grad.norm()  # noqa: E731
+    assert err(grad) <= 2 * err(counts_grad) + 1e-7, (err(grad), err(counts_grad))
+    with torch.no_grad():
+        value, unit_grad = E._soft_code_entropy_op(x, E._coefficient(0.5, 1.0), [24], False, "cpu")
+    assert unit_grad.numel() == 0 and value.item() == got.item()
+    # asked for no gradient, it has none to give
+    value, _ = E._soft_code_entropy_op(x.clone().requires_grad_(), 0.5, [24], False, "cpu")
+    with pytest.raises(RuntimeError, match="with_grad=False"):
+        value.backward()
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_low_precision_accumulates_in_fp32(backend):
     for dtype in [d for d in backend_dtypes(backend) if d in (torch.float16, torch.bfloat16)]:
@@ -329,6 +390,8 @@ def test_opcheck(backend):
         (torch.ops.pyratok.soft_code_counts, (x, 2.0, sizes, backend)),
         (torch.ops.pyratok.soft_code_counts, (x.detach().double(), 2.0, [7], backend)),
         (torch.ops.pyratok.soft_code_counts_backward, (x.detach(), 2.0, sizes, grad_counts, backend)),
+        (torch.ops.pyratok.soft_code_entropy, (x, 2.0, sizes, True, backend)),
+        (torch.ops.pyratok.soft_code_entropy, (x.detach().double(), 2.0, [7], False, backend)),
         (torch.ops.pyratok.bernoulli_kl_sum, (x, r, backend)),
         (torch.ops.pyratok.bernoulli_kl_backward, (x.detach(), r.detach(), torch.tensor(1.5), backend)),
         (torch.ops.pyratok.code_histogram, (torch.randint(0, 128, (30,)), 7, backend)),
@@ -425,6 +488,10 @@ def test_cpp_kernel_ops_reject_bad_input_cleanly():
         torch.ops.pyratok._soft_code_counts_backward(x, 1.0, [6], torch.zeros(10))
     with pytest.raises(ValueError, match="x: expected a \\(tokens, K\\) tensor"):
         torch.ops.pyratok._soft_code_counts(torch.randn(2, 3, 2), 1.0, [2])
+    with pytest.raises(ValueError, match="group_sizes: the groups cover 5 bits, x has K=6"):
+        torch.ops.pyratok._soft_code_entropy(x, 1.0, [3, 2], True)
+    with pytest.raises(ValueError, match="x: no tokens"):
+        torch.ops.pyratok._soft_code_entropy(torch.randn(0, 6), 1.0, [6], False)
     with pytest.raises(ValueError, match="r_logits: shape"):
         torch.ops.pyratok._bernoulli_kl_sum(x, torch.randn(5, 5))
     with pytest.raises(ValueError, match=r"indices: values must lie in \[0, 2\^3\)"):

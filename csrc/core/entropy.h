@@ -61,6 +61,19 @@ double bernoulli_kl_sum_cpu(DType dtype, const void* a, const void* b, int64_t b
 void bernoulli_kl_backward_cpu(DType dtype, const void* a, const void* b, double grad, void* da,
                                void* db, int64_t begin, int64_t end);
 
+// The fused exact codebook entropy (few tokens, many codes) sees a tile of soft code counts
+// c at a time and never stores all 2^K of them (csrc/torch/entropy.cpp).  With
+// l = log(max(c * inv_total, tiny)) (tiny: the smallest normal number of the tile's type;
+// the counts are soft counts, in [0, total]):
+//   count_xlogq_sum_cpu     returns sum_c c * l                (H(q) = -that / total)
+//   count_entropy_tile_cpu  the same sum, and writes c <- scale * (l + 1) in place; with
+//                           scale = -1 / total that is d H / d c (one log per count).
+// `f64`: the tile is double (fp64 input), else float.  The float path uses a branch-free log
+// (Cephes' logf polynomial, < 2 ulp on normal numbers) in GCC vector extensions, built for
+// AVX2 and for the baseline and chosen at run time.
+double count_xlogq_sum_cpu(bool f64, const void* counts, int64_t n, double inv_total);
+double count_entropy_tile_cpu(bool f64, void* counts, int64_t n, double inv_total, double scale);
+
 // counts[indices[t]] += 1 for t in [begin, end) (relaxed atomics: callers may run ranges in
 // parallel); indices must lie in [0, size of counts).
 void code_histogram_cpu(const void* indices, IndexType it, int64_t* counts, int64_t begin,

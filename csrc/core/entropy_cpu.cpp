@@ -7,6 +7,9 @@
 // significant bit first: the two halves of w are the bit's S0 and S1, and adding the upper
 // half onto the lower one leaves the next bit most significant (~4 * 2^bits contiguous
 // operations per token instead of bits * 2^bits).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "entropy.h"
@@ -137,6 +140,125 @@ void bernoulli_kl_backward_cpu(DType dtype, const void* a, const void* b, double
       if (dbs) dbs[i] = F::store(g * (sigmoid_w<W>(bv) - pa));
     }
   });
+}
+
+// ---- log over count tiles ------------------------------------------------------------
+
+namespace {
+
+// GCC/Clang vector extensions: 8 floats, lowered to one AVX register in the avx2 clone and to
+// two SSE registers in the baseline one.  (-Wpsabi: these helpers are always inlined, so no
+// vector ever crosses a call boundary.)
+#pragma GCC diagnostic ignored "-Wpsabi"  // (to the end of the file: GCC reports it at the end)
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+constexpr float kTinyF = 1.17549435e-38f;           // FLT_MIN
+constexpr double kTinyD = 2.2250738585072014e-308;  // DBL_MIN
+
+// log(v) for normal, finite v > 0 (the callers clamp to FLT_MIN): v = m 2^e with m in
+// [sqrt(1/2), sqrt(2)), log v = e log 2 + log1p(m - 1); log1p by Cephes' logf minimax
+// polynomial, log 2 split in two so that e log 2 adds no rounding error.  < 2 ulp.
+__attribute__((always_inline)) inline v8f log8(v8f v) {
+  const v8u u = (v8u)v;
+  const v8u mbits = (u & 0x007FFFFFu) | 0x3F800000u;  // m in [1, 2)
+  const v8i big = (v8i)(mbits > 0x3FB504F3u);          // -1 where m > sqrt(2): halve it
+  const v8f m = (v8f)(mbits + ((v8u)big << 23));
+  const v8f fe = __builtin_convertvector((v8i)(u >> 23) - 127 - big, v8f);
+  const v8f f = m - 1.0f, z = f * f;
+  v8f y = f * 7.0376836292e-2f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  return f + y + 0.693359375f * fe;
+}
+
+// max(c * inv_total, FLT_MIN) for the `valid` (<= 8) counts at c; lanes past them read 1.
+template <int kValid>
+__attribute__((always_inline)) inline v8f load_q(const float* c, int valid, float inv_total, v8f& counts) {
+  if (kValid == 8) {
+    memcpy(&counts, c, sizeof(counts));
+  } else {
+    counts = (v8f){} + 1.0f;
+    memcpy(&counts, c, sizeof(float) * valid);
+  }
+  const v8f q = counts * inv_total;
+  return q > kTinyF ? q : (v8f){} + kTinyF;
+}
+
+__attribute__((target_clones("avx2", "default")))
+double xlogq_sum_f32(const float* c, int64_t n, float inv_total) {
+  double acc = 0;
+  const int64_t body = n & ~int64_t(7);
+  for (int64_t i = 0; i < body;) {
+    v8f s = {};  // float lanes over <= 1024 counts, then double
+    for (const int64_t e = std::min<int64_t>(body, i + 1024); i < e; i += 8) {
+      v8f counts;
+      s += counts * log8(load_q<8>(c + i, 8, inv_total, counts));
+    }
+    for (int k = 0; k < 8; ++k) acc += s[k];
+  }
+  if (body < n) {
+    v8f counts;
+    const v8f l = log8(load_q<0>(c + body, int(n - body), inv_total, counts));
+    for (int k = 0; k < n - body; ++k) acc += counts[k] * l[k];
+  }
+  return acc;
+}
+
+__attribute__((target_clones("avx2", "default")))
+double entropy_tile_f32(float* c, int64_t n, float inv_total, float scale) {
+  double acc = 0;
+  const int64_t body = n & ~int64_t(7);
+  for (int64_t i = 0; i < body;) {
+    v8f s = {};  // float lanes over <= 1024 counts, then double
+    for (const int64_t e = std::min<int64_t>(body, i + 1024); i < e; i += 8) {
+      v8f counts;
+      const v8f l = log8(load_q<8>(c + i, 8, inv_total, counts));
+      s += counts * l;
+      const v8f g = scale * (l + 1.0f);
+      memcpy(c + i, &g, sizeof(g));
+    }
+    for (int k = 0; k < 8; ++k) acc += s[k];
+  }
+  if (body < n) {
+    v8f counts;
+    const v8f l = log8(load_q<0>(c + body, int(n - body), inv_total, counts));
+    for (int k = 0; k < n - body; ++k) acc += counts[k] * l[k];
+    const v8f g = scale * (l + 1.0f);
+    memcpy(c + body, &g, sizeof(float) * (n - body));
+  }
+  return acc;
+}
+
+}  // namespace
+
+double count_xlogq_sum_cpu(bool f64, const void* counts, int64_t n, double inv_total) {
+  if (!f64) return xlogq_sum_f32(static_cast<const float*>(counts), n, float(inv_total));
+  const double* c = static_cast<const double*>(counts);
+  double acc = 0;
+  for (int64_t i = 0; i < n; ++i) acc += c[i] * std::log(std::max(c[i] * inv_total, kTinyD));
+  return acc;
+}
+
+double count_entropy_tile_cpu(bool f64, void* counts, int64_t n, double inv_total, double scale) {
+  if (!f64) return entropy_tile_f32(static_cast<float*>(counts), n, float(inv_total), float(scale));
+  double* c = static_cast<double*>(counts);
+  double acc = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double l = std::log(std::max(c[i] * inv_total, kTinyD));
+    acc += c[i] * l;
+    c[i] = scale * (l + 1.0);
+  }
+  return acc;
 }
 
 void code_histogram_cpu(const void* indices, IndexType it, int64_t* counts, int64_t begin,

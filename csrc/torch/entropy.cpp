@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <mutex>
 #include <vector>
 
 #include "../core/entropy.h"
@@ -207,6 +208,14 @@ double parallel_sum(int64_t numel, const Fn& partial) {
       [&](int64_t b, int64_t e, double acc) { return acc + partial(b, e); }, std::plus<double>());
 }
 
+// Sum of partial(b, e) over [0, tasks) in parallel, one task (e.g. a tile) per unit.
+template <typename Fn>
+double parallel_sum_tasks(int64_t tasks, const Fn& partial) {
+  return at::parallel_reduce(
+      0, tasks, 1, 0.0, [&](int64_t b, int64_t e, double acc) { return acc + partial(b, e); },
+      std::plus<double>());
+}
+
 at::Tensor bit_probs_cpu_op(const at::Tensor& x_in, double coef) {
   const at::Tensor x = x_in.contiguous();
   const DType dt = core_dtype(x, "x");
@@ -256,6 +265,81 @@ std::tuple<at::Tensor, at::Tensor> bernoulli_kl_backward_cpu_op(const at::Tensor
     bernoulli_kl_backward_cpu(dt, a.data_ptr(), b.data_ptr(), g, da.data_ptr(), db.data_ptr(), s, e);
   });
   return {da, db};
+}
+
+// ---- fused exact entropy for few tokens and many codes (CPU) ---------------------------
+//
+// When N is small next to 2^K (LaPQ's coarse levels at K = 24: N ~ 10..1000 tokens, 2^24
+// codes), the counts path is dominated by elementwise passes over the 2^K counts (divide,
+// clamp, log, multiply, sum; the backward's G; zeroing), each a trip through memory.  Here the
+// counts never exist as a whole: with P_A (N, 2^KA) and P_B (N, 2^KB) of all N tokens built
+// once, each tile of TA codes of the A half gives
+//   Q_t = P_A[:, t]^T P_B   (TA x 2^KB, a GEMM into a cache-sized buffer)
+//   S  += sum Q_t log(max(Q_t / N, tiny));   H(q_g) = -S / N
+// and, when the gradient is wanted, in the same pass (one log per count) Q_t becomes
+//   G_t = -(log(Q_t / N) + 1) / N = d H / d Q_t,  d P_A[:, t] = P_B G_t^T,  d P_B += P_A[:, t] G_t
+// so the op returns H and d H / d x together (as fused linear-cross-entropy kernels do): three
+// GEMMs and one pass of logs in all, the autograd backward only scales the saved d H / d x.
+// Memory: N * (2^KA + 2^KB) per group of a run (twice with the gradient), a tile and a
+// d P_B partial per thread; the caller (pyratok/ops/entropy.py) takes this path only for
+// small N.
+
+// Codes of the A half per tile: TA * 2^KB ~ 2^18 elements (1 MiB in fp32).  Smaller tiles
+// starve the rank-TA update of d P_B (N x 2^KB per tile: 2 TA / 4 flop per byte); measured
+// at K = 24, N = 192 on 2 cores: 2^15 -> 247 ms, 2^17 -> 127 ms, 2^18 -> 123 ms (that
+// version's backward).
+int64_t fused_tile_rows(int64_t wa, int64_t wb) {
+  return std::max<int64_t>(1, std::min<int64_t>(wa, (int64_t(1) << 18) / wb));
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_code_entropy_cpu_op(const at::Tensor& x_in, double coef,
+                                                            at::IntArrayRef sizes, bool with_grad) {
+  const at::Tensor x = checked_tokens(x_in);
+  const int64_t N = x.size(0);
+  checked_group_total(sizes, x.size(1));
+  TORCH_CHECK_VALUE(N > 0, "x: no tokens");
+  const auto work = x.options().dtype(work_scalar_type(x));
+  const bool f64 = work_scalar_type(x) == at::kDouble;
+  const double inv_n = 1.0 / double(N);
+  double total = 0;
+  at::Tensor dx = with_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  for (const Run& run : runs_of(sizes)) {
+    const int64_t wa = int64_t(1) << run.ka, wb = int64_t(1) << run.kb;
+    const int64_t ta = fused_tile_rows(wa, wb), tiles = (wa + ta - 1) / ta;
+    at::Tensor pa = at::empty({run.groups, N, wa}, work), pb = at::empty({run.groups, N, wb}, work);
+    CpuDevice::code_probs(x, run, coef, 0, pa, pb);
+    at::Tensor ga = with_grad ? at::empty_like(pa) : at::Tensor();
+    at::Tensor gb = with_grad ? at::zeros_like(pb) : at::Tensor();
+    std::mutex gb_lock;
+    for (int64_t r = 0; r < run.groups; ++r) {
+      const at::Tensor pa_r = pa[r], pb_r = pb[r];
+      total -= inv_n * parallel_sum_tasks(tiles, [&](int64_t s, int64_t e) {
+        at::Tensor q = at::empty({ta, wb}, work);
+        at::Tensor gb_part = with_grad ? at::zeros({N, wb}, work) : at::Tensor();
+        double acc = 0;
+        for (int64_t t = s; t < e; ++t) {
+          const int64_t a0 = t * ta, rows = std::min(ta, wa - a0);
+          at::Tensor qt = q.narrow(0, 0, rows);
+          const at::Tensor pa_t = pa_r.narrow(1, a0, rows);
+          at::mm_out(qt, pa_t.t(), pb_r);
+          if (!with_grad) {
+            acc += count_xlogq_sum_cpu(f64, qt.data_ptr(), qt.numel(), inv_n);
+            continue;
+          }
+          acc += count_entropy_tile_cpu(f64, qt.data_ptr(), qt.numel(), inv_n, -inv_n);  // qt: G_t now
+          ga[r].narrow(1, a0, rows).copy_(at::mm(pb_r, qt.t()));
+          gb_part.addmm_(pa_t, qt);
+        }
+        if (with_grad) {
+          std::lock_guard<std::mutex> guard(gb_lock);
+          gb[r].add_(gb_part);
+        }
+        return acc;
+      });
+    }
+    if (with_grad) CpuDevice::code_probs_backward(x, run, coef, 0, pa, ga, pb, gb, dx);
+  }
+  return {at::scalar_tensor(total, work), dx};
 }
 
 at::Tensor code_histogram_cpu_op(const at::Tensor& indices, int64_t K) {
@@ -378,6 +462,7 @@ TORCH_LIBRARY_FRAGMENT(pyratok, m) {
   m.def("_binary_entropy_backward(Tensor x, float coef, Tensor grad) -> Tensor");
   m.def("_soft_code_counts(Tensor x, float coef, int[] group_sizes) -> Tensor");
   m.def("_soft_code_counts_backward(Tensor x, float coef, int[] group_sizes, Tensor grad_counts) -> Tensor");
+  m.def("_soft_code_entropy(Tensor x, float coef, int[] group_sizes, bool with_grad) -> (Tensor, Tensor)");
   m.def("_bernoulli_kl_sum(Tensor p_logits, Tensor r_logits) -> Tensor");
   m.def("_bernoulli_kl_backward(Tensor p_logits, Tensor r_logits, Tensor grad) -> (Tensor, Tensor)");
   m.def("_code_histogram(Tensor indices, int K) -> Tensor");
@@ -389,6 +474,7 @@ TORCH_LIBRARY_IMPL(pyratok, CPU, m) {
   m.impl("_binary_entropy_backward", &binary_entropy_backward_cpu_op);
   m.impl("_soft_code_counts", &soft_code_counts_impl<CpuDevice>);
   m.impl("_soft_code_counts_backward", &soft_code_counts_backward_impl<CpuDevice>);
+  m.impl("_soft_code_entropy", &soft_code_entropy_cpu_op);
   m.impl("_bernoulli_kl_sum", &bernoulli_kl_sum_cpu_op);
   m.impl("_bernoulli_kl_backward", &bernoulli_kl_backward_cpu_op);
   m.impl("_code_histogram", &code_histogram_cpu_op);

@@ -1,6 +1,7 @@
 // C++ unit tests of csrc/core/entropy (no torch): code-probability tiles against explicit
 // products, their backward against finite differences, the entropy and KL scalar math at
 // ordinary and extreme logits, and the histogram.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -165,7 +166,41 @@ static void test_histogram() {
   for (int c = 0; c < 8; ++c) CHECK(counts[c] == want[c]);
 }
 
+// The count-tile kernels of the fused exact entropy: sum c log(max(c / total, tiny)) and the
+// in-place gradient, against std::log in double, for lengths with and without a partial
+// vector of 8, zeros (clamped at the smallest normal), counts from 1e-37 to 1e6, and fp64.
+static void test_count_tiles() {
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<double> exponent(-37.0, 6.0);  // soft counts lie in [0, tokens]
+  for (int64_t n : {1, 7, 8, 13, 1000, 4099}) {
+    std::vector<float> c(n);
+    for (int64_t i = 0; i < n; ++i) c[i] = i % 5 == 0 ? 0.0f : float(std::pow(10.0, exponent(rng)));
+    const double inv_total = 1.0 / 3.0, scale = -0.25;
+    double want = 0, scale_err = 0;
+    std::vector<double> want_grad(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const double l = std::log(std::max(double(c[i]) * inv_total, double(1.17549435e-38f)));
+      want += double(c[i]) * l;
+      want_grad[i] = scale * (l + 1);
+      scale_err += std::fabs(double(c[i]) * l);
+    }
+    const double sum = count_xlogq_sum_cpu(false, c.data(), n, inv_total);
+    CHECK(std::fabs(sum - want) <= 1e-6 * scale_err);
+    std::vector<float> g = c;
+    const double sum2 = count_entropy_tile_cpu(false, g.data(), n, inv_total, scale);
+    CHECK(sum2 == sum);
+    for (int64_t i = 0; i < n; ++i) CHECK(close(g[i], want_grad[i], 4e-7));
+  }
+  std::vector<double> d = {0.0, 1e-300, 0.5, 2.0, 7.0};
+  double want = 0;
+  for (double v : d) want += v * std::log(std::max(v / 7.0, 2.2250738585072014e-308));
+  CHECK(close(count_xlogq_sum_cpu(true, d.data(), 5, 1.0 / 7.0), want, 1e-15));
+  CHECK(close(count_entropy_tile_cpu(true, d.data(), 5, 1.0 / 7.0, -1.0), want, 1e-15));
+  CHECK(close(d[2], -(std::log(0.5 / 7.0) + 1), 1e-15));
+}
+
 int main() {
+  test_count_tiles();
   test_code_probs_and_backward();
   test_code_probs_float_formats();
   test_entropy_math();
