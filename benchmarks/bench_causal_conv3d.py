@@ -1,7 +1,9 @@
 """Benchmark: causal_conv3d, each backend vs F.pad + F.conv3d vs diffusers' causal convs.
 
-Compute bound: 2*B*To*Ho*Wo*O*C*kt*kh*kw FLOPs (`flops`); `bytes` counts x, weight and y
-once.  Providers: ours ("cpu", "cuda", "triton"), "reference" = F.pad + F.conv3d on an
+Compute bound: 2*B*To*Ho*Wo*O*C*kt*kh*kw FLOPs (`flops`, the direct algorithm's: for the
+Winograd forward GFLOP/s is an effective rate, which may exceed the FMA ceiling); `bytes`
+counts x, weight and y once.  Providers: ours ("cpu" = its default algorithm, "cpu-direct" =
+the direct implicit GEMM, "cuda", "triton"), "reference" = F.pad + F.conv3d on an
 explicitly padded copy (oneDNN on the CPU, cuDNN on the GPU), the peer
 "diffusers-cogvideox" (CogVideoXCausalConv3d: cat of frame-0 copies, then conv3d) and
 "diffusers-wan" (WanCausalConv3d: F.pad, then conv3d).  Groups:
@@ -26,6 +28,9 @@ from pyratok.nn import CausalConv3d, StreamCache
 from _common import DEVICE, run
 
 OURS = [b for b in pyratok.available_backends(DEVICE) if b != "reference" and not (b == "triton" and DEVICE == "cpu")]
+# "cpu" runs the default algorithm (Winograd F(2x2, 3x3) on wide fp32 layers); "cpu-direct" the
+# direct implicit GEMM, for the side-by-side ratio
+DIRECT = ["cpu-direct"] if "cpu" in OURS else []
 PEERS = ["diffusers-cogvideox", "diffusers-wan"]
 LAYOUTS = ["channel-first", "channels-last"]
 
@@ -84,6 +89,11 @@ def diffusers_layer(provider, C, O, w, b):
 def layer_call(provider, C, O, x, w, b):
     """-> (a call doing one forward of the layer, the modules to keep alive)."""
     mode = "replicate" if provider == "diffusers-cogvideox" else "zeros"
+    if provider == "cpu-direct":  # the cpu backend with its Winograd forward switched off
+        def direct():
+            with ops.cpu_algorithm("direct"):
+                return ops.causal_conv3d(x, w, b, padding=1, time_pad_mode=mode, backend="cpu")[0]
+        return direct
     if provider in OURS:
         return lambda: ops.causal_conv3d(x, w, b, padding=1, time_pad_mode=mode, backend=provider)[0]
     if provider == "reference":
@@ -105,7 +115,7 @@ def layer_bytes(C, O, thw, elem):
 
 
 def providers_for(layout):
-    return OURS + ["reference"] + (PEERS if layout == "channel-first" else [])
+    return OURS + DIRECT + ["reference"] + (PEERS if layout == "channel-first" else [])
 
 
 LAYER_CASES = [(layer, layout, provider) for layer in LAYERS for layout in LAYOUTS
@@ -128,7 +138,7 @@ def test_forward(benchmark, case):
         benchmark.group = f"causal_conv3d fwd {label} {'x'.join(map(str, thw))} {str(dtype)[6:]} {layout}"
         run(benchmark, fn, rounds=rounds, op="causal_conv3d", provider=provider, shape=str((1, C, *thw)),
             dtype=str(dtype)[6:], layout=layout, flops=flops(C, O, thw),
-            bytes=layer_bytes(C, O, thw, x.element_size()), peer="diffusers-cogvideox", ours=provider in OURS)
+            bytes=layer_bytes(C, O, thw, x.element_size()), peer="diffusers-cogvideox", ours=provider in OURS + DIRECT)
 
 
 @pytest.mark.parametrize("case", [c for c in LAYER_CASES if c[0][5] and c[2] != "diffusers-wan"], ids=case_id)
@@ -147,7 +157,7 @@ def test_forward_backward(benchmark, case):
     benchmark.group = f"causal_conv3d fwd+bwd {label} {'x'.join(map(str, thw))} {DTYPE_NAME} {layout}"
     run(benchmark, step, rounds=max(1, rounds - 1), op="causal_conv3d", provider=provider, shape=str((1, C, *thw)),
         dtype=DTYPE_NAME, layout=layout, flops=3 * flops(C, O, thw), peer="diffusers-cogvideox",
-        ours=provider in OURS)
+        ours=provider in OURS + DIRECT)
 
 
 WAN_CHUNKS = [1, 4, 4, 4, 4]

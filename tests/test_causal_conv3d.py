@@ -171,6 +171,75 @@ def test_gradient_of_short_chunks_and_replicated_frame(backend):
             (x.requires_grad_(), w.requires_grad_()), fast_mode=True)
 
 
+# ---- the CPU forward's Winograd F(2x2, 3x3) path -------------------------------------------
+
+needs_cpu_ext = pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="pyratok._C is not built (PYRATOK_BUILD_EXT=0)")
+WINOGRAD_GEOMETRIES = [  # (kernel, stride, dilation, padding, mode, with_cache, channels_last)
+    ((k, 3, 3), (st, 1, 1), (dt, 1, 1), pad, mode, cache, cl)
+    for i, (k, st, dt, mode, pad) in enumerate(itertools.product(
+        (1, 2, 3, 5), (1, 2), (1, 2), ("zeros", "replicate"), ((1, 1), (0, 2))))
+    if ref.past_frames(k, st, dt) >= 0
+    for cache, cl in [((i % 3 == 0), (i % 2 == 0))]
+]
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("case", WINOGRAD_GEOMETRIES, ids=geometry_id)
+def test_winograd_float64(case):
+    # the algorithm itself, exact in float64: temporal kernels/strides/dilations, both modes,
+    # caches, channels_last_3d, spatial padding 0..2, odd sizes (partial 2x2 tiles), B > 1
+    for H, W in ((7, 9), (4, 5), (1, 3)):
+        if H + 2 * case[3][0] < 3 or W + 2 * case[3][1] < 3:
+            continue
+        x, w, b, cache = make_inputs(case, B=2, C=5, O=6, H=H, W=W)
+        want_y, want_cache = ref.causal_conv3d(x, w, b, cache=cache, **conv_kwargs(case))
+        with ops.cpu_algorithm("winograd"):
+            y, new_cache = ops.causal_conv3d(x, w, b, cache=cache, **conv_kwargs(case), backend="cpu")
+        torch.testing.assert_close(y, want_y, rtol=0, atol=1e-12)
+        torch.testing.assert_close(new_cache, want_cache, rtol=0, atol=0)
+
+
+@needs_cpu_ext
+def test_winograd_is_auto_for_wide_fp32_layers_and_within_2x_of_direct_error():
+    case = ((3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1), "zeros", True, False)
+    for C, layout in ((48, torch.contiguous_format), (64, torch.channels_last_3d)):
+        x, w, b, cache = make_inputs(case, B=1, C=C, O=48, frames_per_stride=3, H=11, W=10, seed=C)
+        want, _ = ref.causal_conv3d(x, w, b, padding=(1, 1), cache=cache)
+        xf, wf, bf, cf = (t.float() for t in (x, w, b, cache))
+        xf = xf.contiguous(memory_format=layout)
+        outs = {}
+        for algo in ops.CPU_ALGORITHMS:
+            with ops.cpu_algorithm(algo):
+                outs[algo], _ = ops.causal_conv3d(xf, wf, bf, cache=cf, padding=(1, 1), backend="cpu")
+        assert torch.equal(outs["auto"], outs["winograd"]) and not torch.equal(outs["auto"], outs["direct"])
+        err = {k: (v.double() - want).abs().max().item() for k, v in outs.items()}
+        assert err["winograd"] <= 2 * err["direct"], err
+    # narrow layers (the encoder's first) and half precision keep the direct path under auto
+    x, w, b, cache = make_inputs(case, B=1, C=3, O=48, H=6, W=6)
+    with ops.cpu_algorithm("direct"):
+        direct, _ = ops.causal_conv3d(x.float(), w.float(), b.float(), cache=cache.float(), padding=(1, 1),
+                                      backend="cpu")
+    assert torch.equal(ops.causal_conv3d(x.float(), w.float(), b.float(), cache=cache.float(), padding=(1, 1),
+                                         backend="cpu")[0], direct)
+
+
+@needs_cpu_ext
+def test_winograd_streams_bit_identically():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 32, 17, 6, 7, generator=g).to(memory_format=torch.channels_last_3d)
+    for mode in ("zeros", "replicate"):
+        layer = CausalConv3d(32, 32, 3, padding=1, time_pad_mode=mode, backend="cpu")
+        with ops.cpu_algorithm("winograd"):
+            whole, *streamed = stream_outputs(layer, x, PLANS_17)
+        assert all(torch.equal(out, whole) for out in streamed)
+
+
+def test_cpu_algorithm_rejects_unknown_names():
+    with pytest.raises(ValueError, match=r"name='fast': expected one of \('auto', 'direct', 'winograd'\)"):
+        with ops.cpu_algorithm("fast"):
+            pass
+
+
 # ---- streaming -------------------------------------------------------------------------
 
 

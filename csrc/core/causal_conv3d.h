@@ -142,6 +142,30 @@ int64_t forward_tiles(const ConvShape& s);
 void causal_conv3d_forward_cpu(const ForwardArgs& a, const GemmKernels& gemm, int64_t begin,
                                int64_t end);
 
+// Winograd F(2x2, 3x3) forward (Lavin & Gray 2016) for layers with a 3x3 spatial kernel,
+// spatial stride and dilation 1 (any kt, st, dt, padding, time padding, cache): every
+// frame's 4x4 input tiles (stride 2) are transformed, V = B^T d B, the weights once,
+// U = G g G^T, and each of the 16 transform points is one GEMM per temporal tap
+// (M = tiles, N = O, K = C), M += V U, followed by the output transform Y = A^T M A
+// (2x2 outputs per tile).  That is 16 multiplies per 4 outputs instead of 36: 2.25x fewer
+// GEMM FLOPs, for transforms that cost O(C + O) per tile.  fp32 error grows by a small
+// constant factor (tests: at most 2x that of the direct path against fp64).
+// `algo` Auto picks it for fp32 layers with C, O >= kWinogradMinChannels (measured on
+// the benchmark's layers); Winograd forces it wherever the geometry allows (any dtype,
+// computing in the work type: how the tests check it in fp64); Direct never.
+enum class ConvAlgo : int { Auto = 0, Direct = 1, Winograd = 2 };
+constexpr int64_t kWinogradMinChannels = 48;  // 48->48 at 64^2: 0.85-0.92x of direct; 32->32: 1.03-1.07x
+
+bool winograd_geometry(const ConvShape& s);
+bool forward_uses_winograd(DType dtype, const ConvShape& s, ConvAlgo algo);
+// Transformed weights (kt, 16, C, O) in the compute type.
+int64_t winograd_weight_elements(const ConvShape& s);
+void pack_weight_winograd(DType dtype, const ConvShape& s, View5 weight, void* packed);
+// Tasks: (b, t, block of tile rows); process [begin, end).  a.weight: the Winograd weights.
+int64_t winograd_forward_tiles(const ConvShape& s);
+void causal_conv3d_forward_winograd_cpu(const ForwardArgs& a, const GemmKernels& gemm, int64_t begin,
+                                        int64_t end);
+
 struct InputGradArgs {
   DType dtype;
   ConvShape shape;

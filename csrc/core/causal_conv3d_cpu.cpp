@@ -10,6 +10,7 @@
 // contiguous.  On 2 Zen 4 cores this runs level with oneDNN's own conv3d in CPU time
 // (benchmarks/bench_causal_conv3d.py; results/causal_conv3d.md).
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -393,6 +394,164 @@ void pack_weight_impl(const ConvShape& s, View5 w, void* packed, bool transpose)
       }
 }
 
+// ---- Winograd F(2x2, 3x3) forward ----------------------------------------------------
+//
+// Task = (b, t, block of tile rows).  Per live temporal tap: the 2*rows+2 input rows the
+// block reads are packed channels-last into a slab (zero border, frame choice as in the
+// direct path), each tile's 16 transformed values are written point-major, V[xi][tile][c]
+// (C contiguous: the transform vectorises over channels), and 16 GEMMs accumulate
+// M[xi] (tiles x O) += V[xi] U[it][xi].  The output transform then writes a
+// (rows x Wo x O) tile that store_tile() adds the bias to and stores in y's layout.
+constexpr int64_t kWinogradTiles = 64;  // tiles per task (M of the GEMMs)
+
+struct WinogradPlan {
+  int64_t TH, TW;          // 2x2 output tiles per column / row
+  int64_t trows;           // tile rows per task
+  int64_t tasks_per_frame;
+  int64_t Wq, Rs;          // slab row width (columns) and rows
+};
+
+WinogradPlan plan_winograd(const ConvShape& s) {
+  WinogradPlan p;
+  p.TH = (s.Ho + 1) / 2;
+  p.TW = (s.Wo + 1) / 2;
+  p.trows = std::min(p.TH, std::max<int64_t>(1, kWinogradTiles / p.TW));
+  p.tasks_per_frame = (p.TH + p.trows - 1) / p.trows;
+  p.Wq = 2 * p.TW + 2;  // >= W + 2 pw: the last tile may read a column past the padding
+  p.Rs = 2 * p.trows + 2;
+  return p;
+}
+
+// U = G g G^T, G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
+template <typename F>
+void pack_weight_winograd_impl(const ConvShape& s, View5 w, void* packed) {
+  using Bits = typename F::bits;
+  using Acc = typename F::work;
+  const Bits* src = static_cast<const Bits*>(w.data);
+  Acc* dst = static_cast<Acc*>(packed);
+  for (int64_t it = 0; it < s.kt; ++it)
+    for (int64_t o = 0; o < s.O; ++o)
+      for (int64_t c = 0; c < s.C; ++c) {
+        Acc g[3][3], gg[4][3];
+        for (int i = 0; i < 3; ++i)
+          for (int j = 0; j < 3; ++j) g[i][j] = F::load(src[w.offset(o, c, it, i, j)]);
+        for (int j = 0; j < 3; ++j) {
+          gg[0][j] = g[0][j];
+          gg[1][j] = Acc(0.5) * (g[0][j] + g[1][j] + g[2][j]);
+          gg[2][j] = Acc(0.5) * (g[0][j] - g[1][j] + g[2][j]);
+          gg[3][j] = g[2][j];
+        }
+        for (int i = 0; i < 4; ++i) {
+          const Acc u[4] = {gg[i][0], Acc(0.5) * (gg[i][0] + gg[i][1] + gg[i][2]),
+                            Acc(0.5) * (gg[i][0] - gg[i][1] + gg[i][2]), gg[i][2]};
+          for (int j = 0; j < 4; ++j) dst[((it * 16 + i * 4 + j) * s.C + c) * s.O + o] = u[j];
+        }
+      }
+}
+
+// V[xi][tile][c] = (B^T d B)[xi], B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+// for the 4x4 patch d at `base` (row pitch `rp`, column pitch C) and C channels; channels go
+// 8 at a time through GCC vector extensions (two SSE or one AVX register), the rest one by one.
+template <typename Acc, typename Vec>
+inline void transform_block(const Acc* base, int64_t rp, int64_t C, int64_t c, Acc* v, int64_t point_pitch) {
+  Vec d[4][4], r[4][4];
+  for (int u = 0; u < 4; ++u)
+    for (int x = 0; x < 4; ++x) memcpy(&d[u][x], base + u * rp + x * C + c, sizeof(Vec));
+  for (int x = 0; x < 4; ++x) {
+    r[0][x] = d[0][x] - d[2][x];
+    r[1][x] = d[1][x] + d[2][x];
+    r[2][x] = d[2][x] - d[1][x];
+    r[3][x] = d[1][x] - d[3][x];
+  }
+  for (int u = 0; u < 4; ++u) {
+    const Vec o[4] = {r[u][0] - r[u][2], r[u][1] + r[u][2], r[u][2] - r[u][1], r[u][1] - r[u][3]};
+    for (int x = 0; x < 4; ++x) memcpy(v + (u * 4 + x) * point_pitch + c, &o[x], sizeof(Vec));
+  }
+}
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // vectors never cross a call: transform_block is inlined
+typedef float v8f __attribute__((vector_size(32)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef float v1f __attribute__((vector_size(4)));
+typedef double v1d __attribute__((vector_size(8)));
+
+template <typename Acc>
+void input_transform(const Acc* base, int64_t rp, int64_t C, Acc* v, int64_t point_pitch) {
+  using Vec = typename std::conditional<std::is_same<Acc, float>::value, v8f, v4d>::type;
+  using One = typename std::conditional<std::is_same<Acc, float>::value, v1f, v1d>::type;
+  constexpr int64_t kLanes = sizeof(Vec) / sizeof(Acc);
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes) transform_block<Acc, Vec>(base, rp, C, c, v, point_pitch);
+  for (; c < C; ++c) transform_block<Acc, One>(base, rp, C, c, v, point_pitch);
+}
+
+template <typename F>
+void forward_winograd_impl(const ForwardArgs& a, GemmFn<typename F::work> gemm, int64_t begin, int64_t end) {
+  using Acc = typename F::work;
+  const ConvShape& s = a.shape;
+  const WinogradPlan p = plan_winograd(s);
+  const int64_t C = s.C, O = s.O, Wp = s.W + 2 * s.pw;
+  const int64_t max_tiles = p.trows * p.TW;
+  const int64_t row_pitch = p.Wq * C;
+  std::vector<Acc> slab(p.Rs * row_pitch), V(16 * max_tiles * C), M(16 * max_tiles * O);
+  std::vector<Acc> tile(2 * p.trows * s.Wo * O);
+  const Acc* U = static_cast<const Acc*>(a.weight);
+  const Acc* bias = static_cast<const Acc*>(a.bias);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t tb = item % p.tasks_per_frame;
+    const int64_t t = (item / p.tasks_per_frame) % s.To;
+    const int64_t b = item / (p.tasks_per_frame * s.To);
+    const int64_t th0 = tb * p.trows, nrows = std::min(p.trows, p.TH - th0), tiles = nrows * p.TW;
+    const int64_t h0 = 2 * th0, rows = std::min(2 * nrows, s.Ho - h0);
+    bool first = true;
+    for (int64_t it = 0; it < s.kt; ++it) {
+      const int64_t pf = t * s.st + it * s.dt;
+      if (padded_frame(s, pf).kind == FrameKind::Zero) continue;
+      for (int64_t r = 0; r < 2 * nrows + 2; ++r) {
+        Acc* row = slab.data() + r * row_pitch;
+        pack_padded_row<F, Acc>(a.x, a.cache, s, b, pf, h0 - s.ph + r, Wp, row);
+        std::fill(row + Wp * C, row + row_pitch, Acc(0));
+      }
+      for (int64_t j = 0; j < tiles; ++j) {
+        const int64_t tr = j / p.TW, tw = j % p.TW;
+        input_transform<Acc>(slab.data() + 2 * tr * row_pitch + 2 * tw * C, row_pitch, C, V.data() + j * C,
+                             max_tiles * C);
+      }
+      for (int64_t n0 = 0; n0 < O; n0 += kNBlock) {
+        const int64_t nb = std::min(kNBlock, O - n0);
+        for (int xi = 0; xi < 16; ++xi)
+          gemm(tiles, nb, C, V.data() + xi * max_tiles * C, C, U + (it * 16 + xi) * C * O + n0, O,
+               M.data() + xi * max_tiles * O + n0, O, !first);
+      }
+      first = false;
+    }
+    if (first) std::fill(M.begin(), M.end(), Acc(0));  // every tap reads zero frames
+    // Y = A^T M A, A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+    for (int64_t j = 0; j < tiles; ++j) {
+      const int64_t tr = j / p.TW, tw = j % p.TW;
+      const int64_t y0 = 2 * tr, x0 = 2 * tw;
+      const bool y1_ok = y0 + 1 < rows, x1_ok = x0 + 1 < s.Wo;
+      const Acc* m[16];
+      for (int k = 0; k < 16; ++k) m[k] = M.data() + (k * max_tiles + j) * O;
+      Acc* out00 = tile.data() + (y0 * s.Wo + x0) * O;
+      for (int64_t o = 0; o < O; ++o) {
+        Acc r0[4], r1[4];
+        for (int x = 0; x < 4; ++x) {
+          r0[x] = m[x][o] + m[4 + x][o] + m[8 + x][o];
+          r1[x] = m[4 + x][o] - m[8 + x][o] - m[12 + x][o];
+        }
+        out00[o] = r0[0] + r0[1] + r0[2];
+        if (x1_ok) out00[O + o] = r0[1] - r0[2] - r0[3];
+        if (y1_ok) {
+          out00[s.Wo * O + o] = r1[0] + r1[1] + r1[2];
+          if (x1_ok) out00[(s.Wo + 1) * O + o] = r1[1] - r1[2] - r1[3];
+        }
+      }
+    }
+    store_tile<F>(tile.data(), rows, O, s.Wo, bias, a.y, b, t, h0);
+  }
+}
+
 }  // namespace
 
 int64_t packed_weight_elements(const ConvShape& s) { return s.kt * s.kh * s.kw * s.C * s.O; }
@@ -426,6 +585,29 @@ void causal_conv3d_forward_cpu(const ForwardArgs& a, const GemmKernels& gemm, in
     forward_impl<F, Acc>(a, gemm_for<Acc>(gemm), PlainWeights<Acc>{static_cast<const Acc*>(a.weight), a.shape.O},
                          begin, end);
   });
+}
+
+bool winograd_geometry(const ConvShape& s) {
+  return s.kh == 3 && s.kw == 3 && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1;
+}
+
+bool forward_uses_winograd(DType dtype, const ConvShape& s, ConvAlgo algo) {
+  if (!winograd_geometry(s) || algo == ConvAlgo::Direct) return false;
+  if (algo == ConvAlgo::Winograd) return true;
+  return dtype == DType::F32 && s.C >= kWinogradMinChannels && s.O >= kWinogradMinChannels;
+}
+
+int64_t winograd_weight_elements(const ConvShape& s) { return s.kt * 16 * s.C * s.O; }
+
+void pack_weight_winograd(DType dtype, const ConvShape& s, View5 weight, void* packed) {
+  PYRATOK_DISPATCH_DTYPE(dtype, pack_weight_winograd_impl<F>(s, weight, packed));
+}
+
+int64_t winograd_forward_tiles(const ConvShape& s) { return s.B * s.To * plan_winograd(s).tasks_per_frame; }
+
+void causal_conv3d_forward_winograd_cpu(const ForwardArgs& a, const GemmKernels& gemm, int64_t begin,
+                                        int64_t end) {
+  PYRATOK_DISPATCH_DTYPE(a.dtype, forward_winograd_impl<F>(a, gemm_for<typename F::work>(gemm), begin, end));
 }
 
 int64_t input_grad_rows(const ConvShape& s) { return s.B * (s.P + s.T) * s.H; }

@@ -11,6 +11,7 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <array>
+#include <atomic>
 #include <optional>
 
 #include "../core/causal_conv3d.h"
@@ -122,6 +123,16 @@ at::Tensor grad_bias_of(const at::Tensor& grad_y) {
 
 // ---- CPU implementations --------------------------------------------------------
 
+// The CPU forward's algorithm (ConvAlgo: auto / direct / Winograd), process-wide; set by
+// pyratok.ops.causal_conv3d.cpu_algorithm() for tests and benchmarks.
+std::atomic<int> cpu_algorithm{int(ConvAlgo::Auto)};
+
+int64_t set_cpu_algorithm(int64_t algo) {
+  TORCH_CHECK_VALUE(algo >= 0 && algo <= 2, "algorithm: expected 0 (auto), 1 (direct) or 2 (winograd), got ", algo);
+  return cpu_algorithm.exchange(int(algo));
+}
+
+
 at::Tensor causal_conv3d_cpu_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                 const std::optional<at::Tensor>& cache, at::IntArrayRef stride,
                                 at::IntArrayRef dilation, at::IntArrayRef padding, bool replicate) {
@@ -129,6 +140,19 @@ at::Tensor causal_conv3d_cpu_op(const at::Tensor& x, const at::Tensor& weight, c
   check_bias(bias, x, s.O);
   const DType dt = core_dtype(x, "x");
   const GemmKernels gemm = cpu_gemm();
+  if (forward_uses_winograd(dt, s, ConvAlgo(cpu_algorithm.load()))) {
+    auto packed = at::empty({winograd_weight_elements(s)}, x.options().dtype(compute_type(x)));
+    pack_weight_winograd(dt, s, view5(weight), packed.data_ptr());
+    at::Tensor bias_acc = bias ? bias->to(compute_type(x)).contiguous() : at::Tensor();
+    auto y = at::empty({s.B, s.O, s.To, s.Ho, s.Wo}, x.options().memory_format(output_format(x)));
+    const ForwardArgs args{dt, s, view5(x), cache ? view5(*cache) : View5{nullptr, {0, 0, 0, 0, 0}},
+                           packed.data_ptr(), bias ? bias_acc.data_ptr() : nullptr, mut_view5(y)};
+    at::parallel_for(0, winograd_forward_tiles(s), 1, [&](int64_t begin, int64_t end) {
+      causal_conv3d_forward_winograd_cpu(args, gemm, begin, end);
+      at::native::cpublas::brgemm_release(false);
+    });
+    return y;
+  }
   const bool vnni = forward_uses_bf16_vnni(dt, s, gemm);
   auto packed = at::empty({packed_weight_elements(s)}, x.options().dtype(vnni ? at::kBFloat16 : compute_type(x)));
   pack_weight_forward(dt, s, view5(weight), packed.data_ptr(), vnni);
@@ -262,6 +286,8 @@ TORCH_LIBRARY_FRAGMENT(pyratok, m) {
         "int[2] padding, bool replicate) -> Tensor");
   m.def("_causal_conv3d_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? cache, int[3] stride, "
         "int[3] dilation, int[2] padding, bool replicate, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // sets the CPU forward's algorithm (0 auto, 1 direct, 2 Winograd); returns the previous one
+  m.def("_set_cpu_conv3d_algorithm(int algo) -> int", &set_cpu_algorithm);
 }
 
 TORCH_LIBRARY_IMPL(pyratok, CPU, m) {

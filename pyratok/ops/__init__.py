@@ -16,7 +16,7 @@ from pyratok.ops.binary_quantize import (  # noqa: E402
     residual_binary_quantize,
     unpack_bits,
 )
-from pyratok.ops.causal_conv3d import causal_conv3d  # noqa: E402
+from pyratok.ops.causal_conv3d import CPU_ALGORITHMS, causal_conv3d, cpu_algorithm  # noqa: E402
 from pyratok.ops.entropy import (  # noqa: E402
     CodebookUsage,
     EntropyLoss,
@@ -37,6 +37,8 @@ __all__ = [
     "bit_probs",
     "bits_to_indices",
     "causal_conv3d",
+    "cpu_algorithm",
+    "CPU_ALGORITHMS",
     "codebook_entropy",
     "codebook_usage",
     "indices_to_bits",

@@ -16,6 +16,7 @@ padded input, is a P-frame copy made here for every backend.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence, Union
 
 import torch
@@ -210,6 +211,35 @@ _causal_conv3d_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---------------------------------------------------------------------------------------
 # public API
+
+
+CPU_ALGORITHMS = ("auto", "direct", "winograd")
+
+
+@contextlib.contextmanager
+def cpu_algorithm(name: str):
+    """Chooses the cpu backend's forward algorithm inside the block (process-wide):
+
+    * ``"auto"`` (the default): Winograd F(2x2, 3x3) for float32 layers with a 3x3 spatial
+      kernel, spatial stride and dilation 1 and at least 48 input and output channels (2.25x
+      fewer multiplies; fp32 error within 2x the direct path's), the direct implicit GEMM
+      otherwise;
+    * ``"direct"``: always the direct implicit GEMM;
+    * ``"winograd"``: Winograd wherever the geometry allows, in every dtype (computing in the
+      work type, fp32 or fp64).
+
+    The backward always runs the direct scheme.
+    """
+    if name not in CPU_ALGORITHMS:
+        raise ValueError(f"name={name!r}: expected one of {CPU_ALGORITHMS}")
+    reason = _backend.why_unavailable("cpu", torch.device("cpu"))
+    if reason is not None:
+        raise _backend.BackendUnavailable(f"cpu_algorithm: {reason}")
+    previous = torch.ops.pyratok._set_cpu_conv3d_algorithm(CPU_ALGORITHMS.index(name))
+    try:
+        yield
+    finally:
+        torch.ops.pyratok._set_cpu_conv3d_algorithm(previous)
 
 
 def _check_tensor(t, name: str, like: Optional[torch.Tensor] = None) -> None:

@@ -167,6 +167,22 @@ static void check_geometry(const Geometry& g, bool channels_last, double tol, st
   const double fwd_err = max_abs_diff(want, got);
   CHECK(fwd_err <= tol);
 
+  // the Winograd F(2x2, 3x3) forward where the geometry allows it (forced: any dtype)
+  CHECK(forward_uses_winograd(D, s, ConvAlgo::Winograd) == winograd_geometry(s));
+  CHECK(!forward_uses_winograd(D, s, ConvAlgo::Direct));
+  if (winograd_geometry(s)) {
+    std::vector<Acc> wino(winograd_weight_elements(s));
+    pack_weight_winograd(D, s, view(w, wb.bits.data()), wino.data());
+    Buffer<D> yw(want.v.size());
+    const ForwardArgs wa{D, s, view(x, xb.bits.data()), view(cache, g.cache ? cb.bits.data() : nullptr),
+                         wino.data(), bias_acc.data(), mut_view(want, yw.bits.data())};
+    const int64_t tasks = winograd_forward_tiles(s);
+    causal_conv3d_forward_winograd_cpu(wa, gemm, 0, tasks / 2);
+    causal_conv3d_forward_winograd_cpu(wa, gemm, tasks / 2, tasks);
+    for (size_t i = 0; i < got.size(); ++i) got[i] = yw.get(i);
+    CHECK(max_abs_diff(want, got) <= tol);
+  }
+
   // backward
   Dense dy(s.B, s.O, s.To, s.Ho, s.Wo, channels_last);
   fill_random(dy, rng);
@@ -219,6 +235,8 @@ static const Geometry kGeometries[] = {
     {1, 2, 3, 2, 7, 6, 4, 2, 5, 2, 2, 1, 2, 1, 2, 1, 2, TimePad::Replicate, false},
     {2, 4, 2, 1, 4, 4, 5, 3, 1, 1, 1, 2, 1, 2, 1, 2, 0, TimePad::Replicate, true},   // chunk shorter than P
     {1, 3, 2, 3, 3, 5, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, TimePad::Zeros, false},      // P = 0
+    {2, 6, 5, 4, 6, 5, 2, 3, 3, 2, 1, 1, 2, 1, 1, 0, 2, TimePad::Zeros, true},       // Winograd: odd Wo, pad 0/2
+    {1, 4, 3, 3, 1, 4, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, TimePad::Replicate, false},  // Winograd: H = 1
 };
 
 static void test_shapes() {
