@@ -155,6 +155,39 @@ def test_entropy(benchmark, K, N, provider):
     benchmark.extra_info["value"] = float(step())
 
 
+# ---- few tokens, many codes: the fused path ----------------------------------------------------
+
+FEW_TOKENS = [3, 48, 192, 768, 1536]
+
+
+@pytest.mark.parametrize("provider", ["exact", "exact (counts path)"])
+@pytest.mark.parametrize("N", FEW_TOKENS)
+def test_entropy_few_tokens(benchmark, N, provider):
+    """K = 24 over the token counts of LaPQ's levels: the exact codebook entropy's fused CPU
+    path (tiles of codes, value and gradient in one pass; taken for <= FUSED_MAX_TOKENS
+    tokens) against its counts path (the 2^24 soft counts in memory) on the same input."""
+    if DEVICE != "cpu" or "cpu" not in pyratok.available_backends("cpu"):
+        pytest.skip("the fused path is the C++ CPU backend's")
+    from pyratok.ops import entropy as E
+
+    K = 24
+    x = make_input(K, N, DEVICE)
+    step = _loss_step(x, "exact", "cpu")
+    limit = 0 if provider.endswith("(counts path)") else E.FUSED_MAX_TOKENS
+
+    def call():
+        saved, E.FUSED_MAX_TOKENS = E.FUSED_MAX_TOKENS, limit
+        try:
+            return step()
+        finally:
+            E.FUSED_MAX_TOKENS = saved
+
+    benchmark.group = f"entropy few tokens K={K} N={N}"
+    run(benchmark, call, rounds=5, op="entropy", provider=provider, shape=f"(N={N}, K={K})", dtype="float32",
+        layout="(N, K)", peer="exact (counts path)", ours=True, flops=exact_flops(K, N), bytes=3 * x.numel() * 4)
+    benchmark.extra_info["value"] = float(call())
+
+
 # ---- summary: README table, targets and plot from the CSV written by report.py ---------------
 
 

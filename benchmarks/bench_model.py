@@ -25,9 +25,9 @@ from _common import DEVICE, run
 
 CASES = [
     # (name, config factory, (frames, height, width), rounds)
-    ("tiny K=16", lambda: PyraTokConfig.tiny(text_encoder=None), (17, 64, 64), 3),
+    ("tiny K=16", lambda: PyraTokConfig.tiny(text_encoder=None), (17, 64, 64), 5),
     ("tiny K=24", lambda: PyraTokConfig.tiny(text_encoder=None, lapq=dataclasses.replace(
-        PyraTokConfig.tiny().lapq, num_bits=24)), (17, 64, 64), 3),
+        PyraTokConfig.tiny().lapq, num_bits=24)), (17, 64, 64), 5),
     ("wan2.1 K=16", lambda: PyraTokConfig.paper(text_encoder=None), (9, 64, 64), 3),
     ("wan2.1 K=24", lambda: PyraTokConfig.paper(text_encoder=None, lapq=dataclasses.replace(
         PyraTokConfig.paper().lapq, num_bits=24)), (9, 64, 64), 3),
