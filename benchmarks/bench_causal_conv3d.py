@@ -18,6 +18,9 @@ explicitly padded copy (oneDNN on the CPU, cuDNN on the GPU), the peer
                   of one chunk's
 """
 
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 import pyratok
 from pyratok import ops
 from pyratok.nn import CausalConv3d, StreamCache
-from _common import DEVICE, run
+from _common import DEVICE, _malloc_thresholds, _proc_status_kb, _release_free_heap, run
 
 OURS = [b for b in pyratok.available_backends(DEVICE) if b != "reference" and not (b == "triton" and DEVICE == "cpu")]
 # "cpu" runs the default algorithm (Winograd F(2x2, 3x3) on wide fp32 layers); "cpu-direct" the
@@ -219,9 +222,10 @@ class EncoderStack(torch.nn.Module):
         return x
 
 
-@pytest.mark.parametrize("mode", ["whole-clip", "one-chunk", "streamed"])
-@pytest.mark.parametrize("backend", OURS)
-def test_stream65(benchmark, backend, mode):
+def stream65_call(backend, mode):
+    """(the call of test_stream65's `mode`, its FLOPs per frame, frames): the encoder stack on a
+    65-frame clip whole, one 4-frame chunk of it, or the clip streamed in chunks [1] + [4]*16
+    into a preallocated output."""
     C, thw = STREAM65
     T, H, W = thw
     net = EncoderStack(C, backend).to(DEVICE, DTYPE).eval()
@@ -237,8 +241,49 @@ def test_stream65(benchmark, backend, mode):
 
     fn = {"whole-clip": lambda: out.copy_(net(x)), "one-chunk": lambda: net(x[:, :, :4]), "streamed": streamed}[mode]
     stack_flops = 2 * H * W * 27 * (C * 32 + 32 * 32 + 64 * 32 / 4) + 2 * H * W / 4 * 64 * 16
-    frames = 4 if mode == "one-chunk" else T
+    return fn, stack_flops, 4 if mode == "one-chunk" else T
+
+
+def fresh_process_peak(backend, mode) -> int:
+    """test_stream65's peak memory measured in a fresh interpreter (CPU).
+
+    In the benchmark process the heap keeps the free chunks of every earlier (timed) call, and
+    malloc reuses them before it maps new memory, so the resident-set peak of a call counts every
+    heap page the call touches, not its live memory: for the streamed stack that reads 2-3x high
+    and grows with each repetition.  A fresh process with the 64 KB mmap threshold from its start
+    maps every block of 64 KB and more on its own, as the streaming target needs."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, __file__, "peak65", backend, mode], capture_output=True, text=True,
+                         timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)))
+    if res.returncode != 0:
+        raise RuntimeError(f"fresh-process peak of stream65 {mode} failed:\n{res.stderr[-2000:]}")
+    return int(res.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("mode", ["whole-clip", "one-chunk", "streamed"])
+@pytest.mark.parametrize("backend", OURS)
+def test_stream65(benchmark, backend, mode):
+    C, (T, H, W) = STREAM65
+    fn, stack_flops, frames = stream65_call(backend, mode)
     with torch.no_grad():
-        benchmark.group = f"causal_conv3d stream65 encoder stack {C}x{T}x{H}x{W} chunks [1]+[4]*{len(plan) - 1} {DTYPE_NAME}"
+        benchmark.group = f"causal_conv3d stream65 encoder stack {C}x{T}x{H}x{W} chunks [1]+[4]*{(T - 1) // 4} {DTYPE_NAME}"
         run(benchmark, fn, rounds=2, op="causal_conv3d", provider=f"{backend} {mode}", shape=str((1, C, frames, H, W)),
             dtype=DTYPE_NAME, layout="channel-first", flops=int(stack_flops * frames), ours=True)
+    if DEVICE == "cpu":
+        benchmark.extra_info["peak_bytes"] = fresh_process_peak(backend, mode)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["peak65"]:
+    # python bench_causal_conv3d.py peak65 BACKEND MODE: one warm-up call, then the peak of one call
+    _malloc_thresholds(64 * 1024, 64 * 1024)
+    call, _, _ = stream65_call(sys.argv[2], sys.argv[3])
+    with torch.no_grad():
+        call()
+        _release_free_heap()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _proc_status_kb("VmRSS")
+        call()
+        print(max(0, (_proc_status_kb("VmHWM") - before) * 1024))

@@ -288,8 +288,11 @@ std::tuple<at::Tensor, at::Tensor> bernoulli_kl_backward_cpu_op(const at::Tensor
 // starve the rank-TA update of d P_B (N x 2^KB per tile: 2 TA / 4 flop per byte); measured
 // at K = 24, N = 192 on 2 cores: 2^15 -> 247 ms, 2^17 -> 127 ms, 2^18 -> 123 ms (that
 // version's backward).
+// At most a thread's share of the A codes per tile, so that small groups still use every thread.
 int64_t fused_tile_rows(int64_t wa, int64_t wb) {
-  return std::max<int64_t>(1, std::min<int64_t>(wa, (int64_t(1) << 18) / wb));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t by_cache = std::max<int64_t>(1, (int64_t(1) << 18) / wb);
+  return std::max<int64_t>(1, std::min({wa, by_cache, (wa + threads - 1) / threads}));
 }
 
 std::tuple<at::Tensor, at::Tensor> soft_code_entropy_cpu_op(const at::Tensor& x_in, double coef,
