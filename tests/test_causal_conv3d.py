@@ -234,6 +234,21 @@ def test_winograd_streams_bit_identically():
         assert all(torch.equal(out, whole) for out in streamed)
 
 
+def test_flop_counter_sees_the_op():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 8, 4, 6, 7, requires_grad=True)
+    w = torch.randn(4, 8, 3, 3, 3, requires_grad=True)
+    forward = 2 * 2 * 4 * 6 * 7 * 4 * 8 * 27          # 2 B To Ho Wo O C kt kh kw
+    with FlopCounterMode(display=False) as counter:
+        y, _ = ops.causal_conv3d(x, w, padding=1)
+    assert counter.get_total_flops() == forward
+    with FlopCounterMode(display=False) as counter:
+        y, _ = ops.causal_conv3d(x, w, padding=1)
+        y.sum().backward()
+    assert counter.get_total_flops() == 3 * forward     # forward, grad of x, grad of the weight
+
+
 def test_cpu_algorithm_rejects_unknown_names():
     with pytest.raises(ValueError, match=r"name='fast': expected one of \('auto', 'direct', 'winograd'\)"):
         with ops.cpu_algorithm("fast"):

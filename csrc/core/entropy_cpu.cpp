@@ -194,28 +194,9 @@ __attribute__((always_inline)) inline v8f load_q(const float* c, int valid, floa
   return q > kTinyF ? q : (v8f){} + kTinyF;
 }
 
-__attribute__((target_clones("avx2", "default")))
-double xlogq_sum_f32(const float* c, int64_t n, float inv_total) {
-  double acc = 0;
-  const int64_t body = n & ~int64_t(7);
-  for (int64_t i = 0; i < body;) {
-    v8f s = {};  // float lanes over <= 1024 counts, then double
-    for (const int64_t e = std::min<int64_t>(body, i + 1024); i < e; i += 8) {
-      v8f counts;
-      s += counts * log8(load_q<8>(c + i, 8, inv_total, counts));
-    }
-    for (int k = 0; k < 8; ++k) acc += s[k];
-  }
-  if (body < n) {
-    v8f counts;
-    const v8f l = log8(load_q<0>(c + body, int(n - body), inv_total, counts));
-    for (int k = 0; k < n - body; ++k) acc += counts[k] * l[k];
-  }
-  return acc;
-}
-
-__attribute__((target_clones("avx2", "default")))
-double entropy_tile_f32(float* c, int64_t n, float inv_total, float scale) {
+// sum c log(max(c inv_total, FLT_MIN)) over the tile; kGrad: also c <- scale (log(..) + 1).
+template <bool kGrad>
+__attribute__((always_inline)) inline double tile_f32(float* c, int64_t n, float inv_total, float scale) {
   double acc = 0;
   const int64_t body = n & ~int64_t(7);
   for (int64_t i = 0; i < body;) {
@@ -224,8 +205,10 @@ double entropy_tile_f32(float* c, int64_t n, float inv_total, float scale) {
       v8f counts;
       const v8f l = log8(load_q<8>(c + i, 8, inv_total, counts));
       s += counts * l;
-      const v8f g = scale * (l + 1.0f);
-      memcpy(c + i, &g, sizeof(g));
+      if (kGrad) {
+        const v8f g = scale * (l + 1.0f);
+        memcpy(c + i, &g, sizeof(g));
+      }
     }
     for (int k = 0; k < 8; ++k) acc += s[k];
   }
@@ -233,10 +216,22 @@ double entropy_tile_f32(float* c, int64_t n, float inv_total, float scale) {
     v8f counts;
     const v8f l = log8(load_q<0>(c + body, int(n - body), inv_total, counts));
     for (int k = 0; k < n - body; ++k) acc += counts[k] * l[k];
-    const v8f g = scale * (l + 1.0f);
-    memcpy(c + body, &g, sizeof(float) * (n - body));
+    if (kGrad) {
+      const v8f g = scale * (l + 1.0f);
+      memcpy(c + body, &g, sizeof(float) * (n - body));
+    }
   }
   return acc;
+}
+
+__attribute__((target_clones("avx2", "default")))
+double xlogq_sum_f32(const float* c, int64_t n, float inv_total) {
+  return tile_f32<false>(const_cast<float*>(c), n, inv_total, 0.0f);  // kGrad = false: read only
+}
+
+__attribute__((target_clones("avx2", "default")))
+double entropy_tile_f32(float* c, int64_t n, float inv_total, float scale) {
+  return tile_f32<true>(c, n, inv_total, scale);
 }
 
 }  // namespace

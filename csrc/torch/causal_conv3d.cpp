@@ -140,28 +140,23 @@ at::Tensor causal_conv3d_cpu_op(const at::Tensor& x, const at::Tensor& weight, c
   check_bias(bias, x, s.O);
   const DType dt = core_dtype(x, "x");
   const GemmKernels gemm = cpu_gemm();
-  if (forward_uses_winograd(dt, s, ConvAlgo(cpu_algorithm.load()))) {
-    auto packed = at::empty({winograd_weight_elements(s)}, x.options().dtype(compute_type(x)));
+  const bool winograd = forward_uses_winograd(dt, s, ConvAlgo(cpu_algorithm.load()));
+  const bool vnni = !winograd && forward_uses_bf16_vnni(dt, s, gemm);
+  auto packed = at::empty({winograd ? winograd_weight_elements(s) : packed_weight_elements(s)},
+                          x.options().dtype(vnni ? at::kBFloat16 : compute_type(x)));
+  if (winograd)
     pack_weight_winograd(dt, s, view5(weight), packed.data_ptr());
-    at::Tensor bias_acc = bias ? bias->to(compute_type(x)).contiguous() : at::Tensor();
-    auto y = at::empty({s.B, s.O, s.To, s.Ho, s.Wo}, x.options().memory_format(output_format(x)));
-    const ForwardArgs args{dt, s, view5(x), cache ? view5(*cache) : View5{nullptr, {0, 0, 0, 0, 0}},
-                           packed.data_ptr(), bias ? bias_acc.data_ptr() : nullptr, mut_view5(y)};
-    at::parallel_for(0, winograd_forward_tiles(s), 1, [&](int64_t begin, int64_t end) {
-      causal_conv3d_forward_winograd_cpu(args, gemm, begin, end);
-      at::native::cpublas::brgemm_release(false);
-    });
-    return y;
-  }
-  const bool vnni = forward_uses_bf16_vnni(dt, s, gemm);
-  auto packed = at::empty({packed_weight_elements(s)}, x.options().dtype(vnni ? at::kBFloat16 : compute_type(x)));
-  pack_weight_forward(dt, s, view5(weight), packed.data_ptr(), vnni);
+  else
+    pack_weight_forward(dt, s, view5(weight), packed.data_ptr(), vnni);
   at::Tensor bias_acc = bias ? bias->to(compute_type(x)).contiguous() : at::Tensor();
   auto y = at::empty({s.B, s.O, s.To, s.Ho, s.Wo}, x.options().memory_format(output_format(x)));
   const ForwardArgs args{dt, s, view5(x), cache ? view5(*cache) : View5{nullptr, {0, 0, 0, 0, 0}},
                          packed.data_ptr(), bias ? bias_acc.data_ptr() : nullptr, mut_view5(y)};
-  at::parallel_for(0, forward_tiles(s), 1, [&](int64_t begin, int64_t end) {
-    causal_conv3d_forward_cpu(args, gemm, begin, end);
+  at::parallel_for(0, winograd ? winograd_forward_tiles(s) : forward_tiles(s), 1, [&](int64_t begin, int64_t end) {
+    if (winograd)
+      causal_conv3d_forward_winograd_cpu(args, gemm, begin, end);
+    else
+      causal_conv3d_forward_cpu(args, gemm, begin, end);
     at::native::cpublas::brgemm_release(vnni);
   });
   return y;

@@ -20,6 +20,7 @@ import contextlib
 from typing import Optional, Sequence, Union
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from pyratok import _backend
 from pyratok.reference import causal_conv3d as ref
@@ -209,6 +210,27 @@ def _backward(ctx, grad_y, grad_new_cache):
 _causal_conv3d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# FLOPs for torch.utils.flop_counter.FlopCounterMode (which cannot look inside a custom op):
+# the direct algorithm's multiply-adds, 2 * B * To * Ho * Wo * O * C * kt * kh * kw, forward;
+# the backward counts that once per gradient of x (with the past frames) and of the weight.
+def _conv_flops(x_shape, w_shape, y_shape) -> int:
+    B = x_shape[0]
+    O, C, kt, kh, kw = w_shape
+    return 2 * B * y_shape[2] * y_shape[3] * y_shape[4] * O * C * kt * kh * kw
+
+
+@register_flop_formula(torch.ops.pyratok.causal_conv3d)
+def _causal_conv3d_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return _conv_flops(x_shape, w_shape, out_shape[0])
+
+
+@register_flop_formula(torch.ops.pyratok.causal_conv3d_backward)
+def _causal_conv3d_backward_flops(grad_y_shape, x_shape, w_shape, cache_shape, stride, dilation, padding,
+                                  replicate, output_mask, *args, out_shape=None, **kwargs) -> int:
+    grads = int(bool(output_mask[0] or output_mask[1])) + int(bool(output_mask[2]))
+    return grads * _conv_flops(x_shape, w_shape, grad_y_shape)
+
+
 # ---------------------------------------------------------------------------------------
 # public API
 
@@ -228,13 +250,14 @@ def cpu_algorithm(name: str):
     * ``"winograd"``: Winograd wherever the geometry allows, in every dtype (computing in the
       work type, fp32 or fp64).
 
-    The backward always runs the direct scheme.
+    The backward always runs the direct scheme.  Without the C++ extension (no cpu backend)
+    the block runs unchanged.
     """
     if name not in CPU_ALGORITHMS:
         raise ValueError(f"name={name!r}: expected one of {CPU_ALGORITHMS}")
-    reason = _backend.why_unavailable("cpu", torch.device("cpu"))
-    if reason is not None:
-        raise _backend.BackendUnavailable(f"cpu_algorithm: {reason}")
+    if _backend.why_unavailable("cpu", torch.device("cpu")) is not None:
+        yield
+        return
     previous = torch.ops.pyratok._set_cpu_conv3d_algorithm(CPU_ALGORITHMS.index(name))
     try:
         yield
