@@ -247,6 +247,13 @@ def test_flop_counter_sees_the_op():
         y, _ = ops.causal_conv3d(x, w, padding=1)
         y.sum().backward()
     assert counter.get_total_flops() == 3 * forward     # forward, grad of x, grad of the weight
+    # registered without importing the flop counter (which imports triton) at pyratok's import
+    import subprocess
+    import sys
+
+    code = "import sys, pyratok.ops; assert 'torch.utils.flop_counter' not in sys.modules, 'imported'"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
 
 
 def test_cpu_algorithm_rejects_unknown_names():
