@@ -102,14 +102,33 @@ def main(argv=None) -> int:
         with open(os.path.join(args.results_dir, f"{op}{suffix}.md"), "w") as f:
             f.write(table)
         if not args.no_csv:
-            path = os.path.join(args.results_dir, f"{op}{suffix}.csv")
-            new = not os.path.exists(path)
-            with open(path, "a", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=FIELDS)
-                if new:
-                    w.writeheader()
-                w.writerows({k: (_fmt(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in op_rows)
+            append_rows(os.path.join(args.results_dir, f"{op}{suffix}.csv"),
+                        [{k: (_fmt(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in op_rows])
     return 0
+
+
+def append_rows(path: str, rows: list[dict]) -> None:
+    """Appends rows to a results CSV.  A file written under an older FIELDS list is first rewritten
+    with the current header: each old row is read by the header whose length it has (rows that
+    were appended under a stale header have the current length), columns it lacks stay empty."""
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            table = list(csv.reader(f))
+        header = table[0] if table else FIELDS
+        if header != FIELDS:
+            old = [dict(zip(FIELDS if len(r) == len(FIELDS) else header, r)) for r in table[1:] if r]
+            tmp = path + ".tmp"
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=FIELDS, restval="", extrasaction="ignore")
+                w.writeheader()
+                w.writerows(old)
+            os.replace(tmp, path)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
 
 
 if __name__ == "__main__":
