@@ -198,8 +198,7 @@ def test_fused_path_at_k24_and_its_token_limit():
     got, grad = loss_and_grad(lambda t: ops.codebook_entropy(t, 0.5, backend="cpu"), x)
     torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0)
     # fp32 error of the gradient against fp64: at most twice that of the counts path in fp32
-    E_counts = pytest.MonkeyPatch.context()
-    with E_counts as mp:
+    with pytest.MonkeyPatch.context() as mp:
         mp.setattr(E, "FUSED_MAX_TOKENS", 0)
         _, counts_grad = loss_and_grad(lambda t: ops.codebook_entropy(t, 0.5, backend="cpu"), x)
     err = lambda g: (g.double() - want_grad).norm() / want_grad.norm()  # noqa: E731

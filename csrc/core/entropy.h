@@ -64,15 +64,13 @@ void bernoulli_kl_backward_cpu(DType dtype, const void* a, const void* b, double
 // The fused exact codebook entropy (few tokens, many codes) sees a tile of soft code counts
 // c at a time and never stores all 2^K of them (csrc/torch/entropy.cpp).  With
 // l = log(max(c * inv_total, tiny)) (tiny: the smallest normal number of the tile's type;
-// the counts are soft counts, in [0, total]):
-//   count_xlogq_sum_cpu     returns sum_c c * l                (H(q) = -that / total)
-//   count_entropy_tile_cpu  the same sum, and writes c <- scale * (l + 1) in place; with
-//                           scale = -1 / total that is d H / d c (one log per count).
-// `f64`: the tile is double (fp64 input), else float.  The float path uses a branch-free log
-// (Cephes' logf polynomial, < 2 ulp on normal numbers) in GCC vector extensions, built for
-// AVX2 and for the baseline and chosen at run time.
-double count_xlogq_sum_cpu(bool f64, const void* counts, int64_t n, double inv_total);
-double count_entropy_tile_cpu(bool f64, void* counts, int64_t n, double inv_total, double scale);
+// the counts are soft counts, in [0, total]) it returns sum_c c * l (H(q) = -that / total)
+// and, with `with_grad`, writes c <- scale * (l + 1) in place; with scale = -1 / total that is
+// d H / d c (one log per count).  `f64`: the tile is double (fp64 input), else float.  The
+// float path uses a branch-free log (Cephes' logf polynomial, < 2 ulp on normal numbers) in
+// GCC vector extensions, built for AVX2 and for the baseline and chosen at run time.
+double count_entropy_tile_cpu(bool f64, void* counts, int64_t n, double inv_total, bool with_grad,
+                              double scale);
 
 // counts[indices[t]] += 1 for t in [begin, end) (relaxed atomics: callers may run ranges in
 // parallel); indices must lie in [0, size of counts).

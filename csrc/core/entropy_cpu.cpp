@@ -225,33 +225,21 @@ __attribute__((always_inline)) inline double tile_f32(float* c, int64_t n, float
 }
 
 __attribute__((target_clones("avx2", "default")))
-double xlogq_sum_f32(const float* c, int64_t n, float inv_total) {
-  return tile_f32<false>(const_cast<float*>(c), n, inv_total, 0.0f);  // kGrad = false: read only
-}
-
-__attribute__((target_clones("avx2", "default")))
-double entropy_tile_f32(float* c, int64_t n, float inv_total, float scale) {
-  return tile_f32<true>(c, n, inv_total, scale);
+double entropy_tile_f32(float* c, int64_t n, float inv_total, bool with_grad, float scale) {
+  return with_grad ? tile_f32<true>(c, n, inv_total, scale) : tile_f32<false>(c, n, inv_total, scale);
 }
 
 }  // namespace
 
-double count_xlogq_sum_cpu(bool f64, const void* counts, int64_t n, double inv_total) {
-  if (!f64) return xlogq_sum_f32(static_cast<const float*>(counts), n, float(inv_total));
-  const double* c = static_cast<const double*>(counts);
-  double acc = 0;
-  for (int64_t i = 0; i < n; ++i) acc += c[i] * std::log(std::max(c[i] * inv_total, kTinyD));
-  return acc;
-}
-
-double count_entropy_tile_cpu(bool f64, void* counts, int64_t n, double inv_total, double scale) {
-  if (!f64) return entropy_tile_f32(static_cast<float*>(counts), n, float(inv_total), float(scale));
+double count_entropy_tile_cpu(bool f64, void* counts, int64_t n, double inv_total, bool with_grad,
+                              double scale) {
+  if (!f64) return entropy_tile_f32(static_cast<float*>(counts), n, float(inv_total), with_grad, float(scale));
   double* c = static_cast<double*>(counts);
   double acc = 0;
   for (int64_t i = 0; i < n; ++i) {
     const double l = std::log(std::max(c[i] * inv_total, kTinyD));
     acc += c[i] * l;
-    c[i] = scale * (l + 1.0);
+    if (with_grad) c[i] = scale * (l + 1.0);
   }
   return acc;
 }

@@ -202,18 +202,10 @@ struct CpuDevice {
 };
 
 template <typename Fn>
-double parallel_sum(int64_t numel, const Fn& partial) {
+double parallel_sum(int64_t numel, const Fn& partial, int64_t grain = kElementGrain) {
   return at::parallel_reduce(
-      0, numel, kElementGrain, 0.0,
+      0, numel, grain, 0.0,
       [&](int64_t b, int64_t e, double acc) { return acc + partial(b, e); }, std::plus<double>());
-}
-
-// Sum of partial(b, e) over [0, tasks) in parallel, one task (e.g. a tile) per unit.
-template <typename Fn>
-double parallel_sum_tasks(int64_t tasks, const Fn& partial) {
-  return at::parallel_reduce(
-      0, tasks, 1, 0.0, [&](int64_t b, int64_t e, double acc) { return acc + partial(b, e); },
-      std::plus<double>());
 }
 
 at::Tensor bit_probs_cpu_op(const at::Tensor& x_in, double coef) {
@@ -316,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor> soft_code_entropy_cpu_op(const at::Tensor& x_
     std::mutex gb_lock;
     for (int64_t r = 0; r < run.groups; ++r) {
       const at::Tensor pa_r = pa[r], pb_r = pb[r];
-      total -= inv_n * parallel_sum_tasks(tiles, [&](int64_t s, int64_t e) {
+      total -= inv_n * parallel_sum(tiles, [&](int64_t s, int64_t e) {
         at::Tensor q = at::empty({ta, wb}, work);
         at::Tensor gb_part = with_grad ? at::zeros({N, wb}, work) : at::Tensor();
         double acc = 0;
@@ -325,20 +317,18 @@ std::tuple<at::Tensor, at::Tensor> soft_code_entropy_cpu_op(const at::Tensor& x_
           at::Tensor qt = q.narrow(0, 0, rows);
           const at::Tensor pa_t = pa_r.narrow(1, a0, rows);
           at::mm_out(qt, pa_t.t(), pb_r);
-          if (!with_grad) {
-            acc += count_xlogq_sum_cpu(f64, qt.data_ptr(), qt.numel(), inv_n);
-            continue;
+          acc += count_entropy_tile_cpu(f64, qt.data_ptr(), qt.numel(), inv_n, with_grad, -inv_n);
+          if (with_grad) {  // qt holds G_t now
+            ga[r].narrow(1, a0, rows).copy_(at::mm(pb_r, qt.t()));
+            gb_part.addmm_(pa_t, qt);
           }
-          acc += count_entropy_tile_cpu(f64, qt.data_ptr(), qt.numel(), inv_n, -inv_n);  // qt: G_t now
-          ga[r].narrow(1, a0, rows).copy_(at::mm(pb_r, qt.t()));
-          gb_part.addmm_(pa_t, qt);
         }
         if (with_grad) {
           std::lock_guard<std::mutex> guard(gb_lock);
           gb[r].add_(gb_part);
         }
         return acc;
-      });
+      }, /*grain=*/1);
     }
     if (with_grad) CpuDevice::code_probs_backward(x, run, coef, 0, pa, ga, pb, gb, dx);
   }

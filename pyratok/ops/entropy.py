@@ -133,6 +133,13 @@ def _global_sum(total: torch.Tensor, tokens: int, process_group):
     return _AllReduceSum.apply(total, process_group), count.to(total.dtype)
 
 
+def _entropy_and_log_q(counts: torch.Tensor, total):
+    """(sum over groups of H(counts_g / total), log q clamped at the smallest normal number):
+    ref.entropy_of_counts, keeping the log for the gradient, d H / d counts = -(log q + 1) / total."""
+    log_q = (counts / total).clamp_min_(torch.finfo(counts.dtype).tiny).log_()
+    return -(counts * log_q).sum() / total, log_q
+
+
 class _CountsEntropy(torch.autograd.Function):
     """sum over groups of H(counts_g / total), as ref.entropy_of_counts, in three elementwise
     passes over the 2^K counts; the backward reuses the saved log q:
@@ -140,10 +147,9 @@ class _CountsEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, counts, total):
-        log_q = (counts / total).clamp_min_(torch.finfo(counts.dtype).tiny).log_()
-        total = torch.as_tensor(total, dtype=counts.dtype, device=counts.device)
-        ctx.save_for_backward(log_q, total)
-        return -(counts * log_q).sum() / total
+        value, log_q = _entropy_and_log_q(counts, total)
+        ctx.save_for_backward(log_q, torch.as_tensor(total, dtype=counts.dtype, device=counts.device))
+        return value
 
     @staticmethod
     def backward(ctx, grad):
@@ -271,12 +277,6 @@ _soft_code_counts_op.register_autograd(
     setup_context=_save_inputs_and_backend)
 
 
-def _counts_entropy_grad(counts: torch.Tensor, total: int) -> torch.Tensor:
-    """d H / d counts of ref.entropy_of_counts (as _CountsEntropy's backward with grad 1)."""
-    log_q = (counts / total).clamp_min_(torch.finfo(counts.dtype).tiny).log_()
-    return (log_q + 1) * (-1.0 / total)
-
-
 @torch.library.custom_op("pyratok::soft_code_entropy", mutates_args=())
 def _soft_code_entropy_op(x: torch.Tensor, coef: float, group_sizes: list[int], with_grad: bool,
                           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,8 +293,8 @@ def _soft_code_entropy_op(x: torch.Tensor, coef: float, group_sizes: list[int], 
     else:
         counts = _soft_code_counts_op(x, coef, group_sizes, backend)
         backward = lambda g: _soft_code_counts_backward_op(x, coef, group_sizes, g, backend)  # noqa: E731
-    value = ref.entropy_of_counts(counts, x.shape[0])
-    grad = backward(_counts_entropy_grad(counts, x.shape[0])).contiguous() if with_grad else x.new_empty(0)
+    value, log_q = _entropy_and_log_q(counts, x.shape[0])
+    grad = backward((log_q + 1) * (-1.0 / x.shape[0])).contiguous() if with_grad else x.new_empty(0)
     return value, grad
 
 

@@ -184,18 +184,18 @@ static void test_count_tiles() {
       want_grad[i] = scale * (l + 1);
       scale_err += std::fabs(double(c[i]) * l);
     }
-    const double sum = count_xlogq_sum_cpu(false, c.data(), n, inv_total);
+    const double sum = count_entropy_tile_cpu(false, c.data(), n, inv_total, false, 0.0);
     CHECK(std::fabs(sum - want) <= 1e-6 * scale_err);
     std::vector<float> g = c;
-    const double sum2 = count_entropy_tile_cpu(false, g.data(), n, inv_total, scale);
+    const double sum2 = count_entropy_tile_cpu(false, g.data(), n, inv_total, true, scale);
     CHECK(sum2 == sum);
     for (int64_t i = 0; i < n; ++i) CHECK(close(g[i], want_grad[i], 4e-7));
   }
   std::vector<double> d = {0.0, 1e-300, 0.5, 2.0, 7.0};
   double want = 0;
   for (double v : d) want += v * std::log(std::max(v / 7.0, 2.2250738585072014e-308));
-  CHECK(close(count_xlogq_sum_cpu(true, d.data(), 5, 1.0 / 7.0), want, 1e-15));
-  CHECK(close(count_entropy_tile_cpu(true, d.data(), 5, 1.0 / 7.0, -1.0), want, 1e-15));
+  CHECK(close(count_entropy_tile_cpu(true, d.data(), 5, 1.0 / 7.0, false, 0.0), want, 1e-15));
+  CHECK(close(count_entropy_tile_cpu(true, d.data(), 5, 1.0 / 7.0, true, -1.0), want, 1e-15));
   CHECK(close(d[2], -(std::log(0.5 / 7.0) + 1), 1e-15));
 }
 
