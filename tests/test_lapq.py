@@ -35,7 +35,7 @@ def test_decode_from_tokens_is_exact(backend):
     lapq = tiny(feature_dims=(6, 6, 5))
     lapq.backend = backend
     latent = torch.randn(2, 4, 3, 8, 12)
-    feats = [torch.randn(2, 6, 3, 16, 24), torch.randn(2, 6, 2, 8, 12), torch.randn(2, 5, 3, 8, 12)]
+    feats = [torch.randn(2, 6, 9, 16, 24), torch.randn(2, 6, 5, 8, 12), torch.randn(2, 5, 3, 8, 12)]  # 1 + r(t-1) frames
     out = lapq(latent, feats, text())
     assert out.grids == [(3, 2, 3), (3, 4, 6), (3, 8, 12)]
     assert [tuple(i.shape) for i in out.indices] == [(2, 3, 2, 3), (2, 3, 4, 6), (2, 3, 8, 12)]

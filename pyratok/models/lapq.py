@@ -6,17 +6,30 @@ grid):
 
     r_0 = normalised latent mean                                   # (B, z, T, H, W)
     for l in 1..L:
-        h   = in_proj(area_down(r_(l-1), grid_l)) + lateral_l(F^(l))   # (B, d, t, h, w)
+        h   = in_proj(area_down(r_(l-1), grid_l)) + lateral_l(causal_pool(F^(l), grid_l))  # (B, d, t, h, w)
         h   = h + cross_attention(h, text)        (masked; skipped when text is off)
-        h   = h + conv(h)
+        h   = h + conv(frame_norm(h))
         z_l = to_bits(h)                                           # (B, K, t, h, w) bit logits
         c_l = binary_quantize(z_l)                                 # +-1, straight-through
         u_l = phi_l(upsample(c_l))                                 # (B, z, T, H, W)
         r_l = r_(l-1) - u_l ;  q_l = q_(l-1) + u_l
+        text_l = text_head_l(sg(pool(e_t)))                        # (B, K) bit logits from the caption
     decoder input: q_L
 
 The lateral and text paths only choose the codes: ``codes_from_tokens`` + ``dequantize``
-rebuild q_L exactly from the token ids alone.  ``level_grids`` gives every level's grid
+rebuild q_L exactly from the token ids alone, and ``dequantize(..., levels=l)`` from the first
+l levels (coarse-to-fine, progressive decoding).
+
+Causality: every operation here is per latent frame (1x1x1 and 1x3x3 convolutions, per-frame
+group norms, per-position attention to the text), and encoder taps at a higher frame rate are
+averaged over the causal VAE's frame groups ({0}, {1..r}, {r+1..2r}, ... with r input-rate
+frames per latent frame: ``causal_pool``), never across them.  So the tokens of latent frame t
+depend only on the input frames latent frame t covers and the ones before, an image gets the
+first-frame tokens of any clip that starts with it, and streaming equals whole-clip encoding.
+
+The text head (one per level) maps the frozen caption embedding, mean-pooled over its valid
+tokens, to K bit logits: the language-alignment losses (pyratok.models.losses) train it to
+predict a clip's code bits from its caption and pull the tokens toward that prediction.  ``level_grids`` gives every level's grid
 (one function for the model, the prior, token files and docs); for a 17x256x256 clip on a
 4x8x8 VAE the latent is 5x32x32 and the grids are 5x4x4, 5x8x8, 5x16x16, 5x32x32:
 5 x (16 + 64 + 256 + 1024) = 6,800 tokens.
@@ -81,12 +94,46 @@ def token_count(grids: Sequence[Grid]) -> int:
     return sum(t * h * w for t, h, w in grids)
 
 
+def causal_pool(x: torch.Tensor, grid: Grid, first: bool = True) -> torch.Tensor:
+    """Average pooling of an encoder tap (B, C, T_f, H_f, W_f) onto a level grid (t, h, w) that
+    follows the causal VAE's frame groups: in a clip (``first``: the frames start at the clip's
+    frame 0) tap frame 0 alone gives latent frame 0 and each later latent frame averages the
+    r = (T_f - 1) / (t - 1) tap frames of its group; in a later chunk of a stream every latent
+    frame averages r = T_f / t frames.  Spatially each frame is area-pooled on its own."""
+    frames, T = grid[0], x.shape[2]
+    lead = 1 if first else 0
+    if T != frames:
+        groups = frames - lead
+        if groups < 1 or (T - lead) % groups:
+            raise ValueError(f"features: {T} frames cannot be grouped causally into {frames} latent frames "
+                             f"(expected {'1 + ' if first else ''}r * {groups} frames)")
+        r = (T - lead) // groups
+        x = torch.cat([x[:, :, :lead], x[:, :, lead:].unflatten(2, (groups, r)).mean(3)], dim=2)
+    return F.adaptive_avg_pool3d(x, grid)                                    # per frame: T is already t
+
+
+def pooled_text(text: TextEmbedding) -> torch.Tensor:
+    """(B, D) mean of the valid text tokens (the caption embedding e_t)."""
+    mask = text.mask.to(text.tokens.dtype).unsqueeze(-1)                    # (B, L, 1)
+    return (text.tokens * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm with statistics of each frame alone (B, C, T, H, W): a norm over the whole
+    clip would let later frames change the tokens of earlier ones."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        y = super().forward(rearrange(x, "b c t h w -> (b t) c h w"))
+        return rearrange(y, "(b t) c h w -> b c t h w", b=B)
+
+
 class LaPQOutput(NamedTuple):
     quantized: torch.Tensor                  # q_L (B, z, T, H, W): what the decoder gets
     codes: list[torch.Tensor]                # per level (B, K, t, h, w) +-1 (STE)
     indices: list[torch.Tensor]              # per level (B, t, h, w) token ids, shared index space
     logits: list[torch.Tensor]               # per level (B, K, t, h, w) pre-quantization values z_l
-    text_logits: Optional[list[torch.Tensor]]  # per level (B, K, t, h, w) text-head bit logits
+    text_logits: Optional[list[torch.Tensor]]  # per level (B, K, 1, 1, 1) text-head bit logits (caption only)
     residuals: list[torch.Tensor]            # per level (B, z, T, H, W) the residual each level quantized
     grids: list[Grid]
 
@@ -102,22 +149,23 @@ class _QuantizationBlock(nn.Module):
             self.text_proj = nn.Linear(cfg.text_dim, d)
             self.norm = nn.LayerNorm(d)
             self.attn = nn.MultiheadAttention(d, cfg.heads, batch_first=True)
-            self.text_head = nn.Linear(d, cfg.num_bits)
-        self.conv = nn.Sequential(nn.GroupNorm(1, d), nn.SiLU(), nn.Conv3d(d, d, (1, 3, 3), padding=(0, 1, 1)))
+            self.text_head = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, cfg.num_bits))
+        self.conv = nn.Sequential(FrameGroupNorm(1, d), nn.SiLU(), nn.Conv3d(d, d, (1, 3, 3), padding=(0, 1, 1)))
         self.to_bits = nn.Conv3d(d, cfg.num_bits, 1)
         self.phi = nn.Conv3d(cfg.num_bits, cfg.latent_dim, (1, 3, 3), padding=(0, 1, 1))
 
-    def forward(self, residual, grid, feature, text):
-        h = self.in_proj(F.adaptive_avg_pool3d(residual, grid))             # (B, d, t, h, w)
-        if self.lateral is not None:
-            h = h + F.adaptive_avg_pool3d(self.lateral(feature), grid)
+    def forward(self, residual, grid, feature, text, first: bool = True):
+        h = self.in_proj(F.adaptive_avg_pool3d(residual, grid))             # (B, d, t, h, w); t = T: per frame
+        if self.lateral is not None:                                        # pooling and a 1x1x1 conv commute
+            h = h + self.lateral(causal_pool(feature, grid, first))
         text_logits = None
         if self.text_conditioning:
             seq = rearrange(h, "b d t y x -> b (t y x) d")
-            ctx, _ = self.attn(self.norm(seq), self.text_proj(text.tokens), self.text_proj(text.tokens),
-                               key_padding_mask=~text.mask, need_weights=False)
-            text_logits = rearrange(self.text_head(ctx), "b (t y x) k -> b k t y x", t=grid[0], y=grid[1], x=grid[2])
+            keys = self.text_proj(text.tokens)
+            ctx, _ = self.attn(self.norm(seq), keys, keys, key_padding_mask=~text.mask, need_weights=False)
             h = h + rearrange(ctx, "b (t y x) d -> b d t y x", t=grid[0], y=grid[1], x=grid[2])
+            # stop-gradient on the caption embedding only: the head itself trains
+            text_logits = self.text_head(pooled_text(text).detach())[:, :, None, None, None]   # (B, K, 1, 1, 1)
         h = h + self.conv(h)
         return self.to_bits(h), text_logits
 
@@ -161,8 +209,9 @@ class LaPQ(nn.Module):
                 raise ValueError(f"text: batch {text.batch_size} does not match the video batch {latent.shape[0]}")
 
     def forward(self, latent: torch.Tensor, features: Optional[Sequence[torch.Tensor]] = None,
-                text: Optional[TextEmbedding] = None) -> LaPQOutput:
-        """latent (B, z, T, H, W) normalised; features: encoder taps (coarse-to-fine levels)."""
+                text: Optional[TextEmbedding] = None, first: bool = True) -> LaPQOutput:
+        """latent (B, z, T, H, W) normalised; features: encoder taps (coarse-to-fine levels);
+        ``first``: the latent starts at the clip's first frame (False for later stream chunks)."""
         self._check(latent, features, text)
         grid_latent = tuple(latent.shape[2:])
         grids = self.grids(grid_latent)
@@ -170,7 +219,7 @@ class LaPQ(nn.Module):
         codes, indices, logits, text_logits, residuals = [], [], [], [], []
         for l, (block, grid) in enumerate(zip(self.blocks, grids)):
             residuals.append(residual)
-            z, tl = block(residual, grid, None if features is None else features[l], text)
+            z, tl = block(residual, grid, None if features is None else features[l], text, first)
             q = ops.binary_quantize(z, spherical=self.config.spherical, backend=self.backend)
             lifted = block.lift(q.codes, grid_latent)
             residual = residual - lifted
@@ -189,8 +238,15 @@ class LaPQ(nn.Module):
         return [ops.indices_to_codes(i, self.config.num_bits, self.config.spherical, dim=1, dtype=dtype,
                                      backend=self.backend) for i in indices]
 
-    def dequantize(self, codes: Sequence[torch.Tensor], latent: Grid) -> torch.Tensor:
-        """Per-level codes -> q_L (B, z, T, H, W) on the latent grid ``latent``."""
+    def dequantize(self, codes: Sequence[torch.Tensor], latent: Grid, levels: Optional[int] = None) -> torch.Tensor:
+        """Per-level codes -> q_L (B, z, T, H, W) on the latent grid ``latent``; ``levels`` = l
+        sums only the first l (coarsest) levels' contributions, q_l (progressive decoding)."""
+        levels = self.config.levels if levels is None else levels
+        if not isinstance(levels, int) or not 1 <= levels <= self.config.levels:
+            raise ValueError(f"levels={levels!r}: expected an int in 1..{self.config.levels}")
+        if len(codes) < levels:
+            raise ValueError(f"codes: {len(codes)} levels given, {levels} needed")
+        codes = list(codes)[:levels]
         grids = self.grids(tuple(latent))
         for l, (c, g) in enumerate(zip(codes, grids)):
             if tuple(c.shape[2:]) != g or c.shape[1] != self.config.num_bits:

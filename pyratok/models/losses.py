@@ -5,9 +5,9 @@
     codebook = sum over levels l of
                commitment  ||z_l - sg(c_l)||^2
              + entropy     E H(p_l) - gamma H(q_l)      (pyratok.ops.lfq_entropy_loss, exact up to K=24)
-             + hierarchy   KL(p_l || sg(up(p_(l-1))))   (l > 0; coarse-to-fine consistency)
-             + text_token  KL(p_l || sg(p_text,l))
-             + text_code   KL(p_text,l || sg(usage_l))
+             + hierarchy   CE(p_l, sg(up(p_(l-1))))     (l > 0; coarse-to-fine consistency)
+             + text_token  CE(p_l, p_text,l)            (tokens <-> the caption's predicted bits)
+             + text_code   CE(u_l, p_text,l)            (the codewords a clip uses <-> the same)
     ar       = the prior's bitwise BCE of all levels given text and earlier levels
     drift    = mean squared distance of the LoRA encoder's tap features to the frozen encoder's
                (needs a second, frozen pass of the encoder's convolutional part; computed lazily,
@@ -16,9 +16,25 @@
                the pass's cost by drift_every; a forward call without a step computes it always)
 
 p_l = sigmoid(4 tau z_l) are the bit probabilities of level l's pre-quantization values
-(the same distribution the entropy term uses); p_text,l = sigmoid(text head); usage_l is the
-per-bit frequency of level l's codes in the batch.  Paper weights: 2.5 / 2.5 / 1.5 / 0.6.
-A term with weight 0 is not computed, so it sends no gradient anywhere.
+(the same distribution the entropy term uses); p_text,l = sigmoid(head_l(sg(e_t))) are the bit
+probabilities the level's text head predicts from the frozen caption embedding e_t (one K-vector
+per clip, pyratok.models.lapq); u_l is the per-bit frequency of the hard codes (straight-through)
+each clip uses.  Paper weights: 2.5 / 2.5 / 1.5 / 0.6.  A term with weight 0 is not computed, so
+it sends no gradient anywhere.
+
+Our reading of the paper's Eq. 2 (README, "How pyratok reads the paper"):
+* the stop-gradient is on the text embedding only.  The alignment terms therefore train the text
+  head to predict a clip's code bits from its caption, and pull the tokens (and, through the
+  straight-through codes, the codewords the clip uses) toward that prediction.  A target that is
+  the same for every caption (the batch's bit usage) would carry no language.
+* the alignment and hierarchy terms are Bernoulli cross-entropies CE(p, r) = KL(p || r) + H(p),
+  not the KLs themselves: KL(p || r) = CE(p, r) - H(p), so a KL term at the per-sample entropy's
+  weight would cancel its sharpening (- H(p) pushes the soft assignments back toward 1/2).  With
+  CE the entropy term alone decides how sharp the assignments are; the gradient that reaches r
+  (the text head, the coarse level) is the same as the KL's.
+* text_code's mean over clips is taken over the whole data-parallel batch (sum and count are
+  all-reduced, like the entropy statistics), so R ranks give the single-process value.
+* terms that need a caption (text_token, text_code) are computed only for clips that have one.
 """
 
 from __future__ import annotations
@@ -78,8 +94,38 @@ def _bit_logits(z: torch.Tensor, inv_temperature: float) -> torch.Tensor:
     return 4.0 * inv_temperature * z.float()
 
 
-def codebook_terms(lapq_out, cfg: LossConfig, process_group=None) -> dict[str, Optional[torch.Tensor]]:
-    """Per-term sums over levels of the codebook loss (unweighted inside each term)."""
+def bernoulli_cross_entropy(p_logits: torch.Tensor, r_logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Per-position CE(p, r) = -sum_k [p_k log r_k + (1 - p_k) log(1 - r_k)] of two Bernoulli
+    products given by logits (p = sigmoid(p_logits), r = sigmoid(r_logits); r broadcasts to p),
+    summed over the bits on ``dim``: softplus(r) - p r, stable for any logits.  -> the shape of
+    p without ``dim``."""
+    r = r_logits.float().expand_as(p_logits)
+    return (F.softplus(r) - torch.sigmoid(p_logits.float()) * r).sum(dim)
+
+
+def _probability_cross_entropy(p: torch.Tensor, r_logits: torch.Tensor) -> torch.Tensor:
+    """CE(p, r) for probabilities p (which may be exactly 0 or 1) and logits r, over the last axis."""
+    return (F.softplus(r_logits) - p * r_logits).sum(-1)
+
+
+def _group_mean(values: torch.Tensor, process_group=None) -> torch.Tensor:
+    """Mean of ``values`` over the whole data-parallel batch: sum and count all-reduced (each
+    rank's gradient is its slice of the single-process gradient, as for the entropy statistics)."""
+    total, count = values.sum(), values.numel()
+    if process_group is None:
+        return total / count
+    from pyratok.ops.entropy import _global_sum
+
+    total, count = _global_sum(total, count, process_group)
+    return total / count.clamp_min(1)
+
+
+def codebook_terms(lapq_out, cfg: LossConfig, process_group=None,
+                   has_text: Optional[torch.Tensor] = None) -> dict[str, Optional[torch.Tensor]]:
+    """Per-term sums over levels of the codebook loss (unweighted inside each term).
+
+    has_text: (B,) bool, the clips that have a caption (None: all of them); the text terms use
+    only those, and are absent when none has one."""
     K = lapq_out.codes[0].shape[1]
     method = cfg.entropy_method if cfg.entropy_method != "auto" else ("exact" if K <= 24 else "groups")
     terms: dict[str, Optional[torch.Tensor]] = {k: None for k in
@@ -99,14 +145,20 @@ def codebook_terms(lapq_out, cfg: LossConfig, process_group=None) -> dict[str, O
         if cfg.hierarchy and l > 0:
             coarse = _bit_logits(lapq_out.logits[l - 1], cfg.inv_temperature).detach()
             up = F.interpolate(coarse, size=z.shape[2:], mode="nearest")
-            add("hierarchy", ops.bernoulli_kl(logits, up))
+            add("hierarchy", bernoulli_cross_entropy(logits, up).mean())
         text_logits = None if lapq_out.text_logits is None else lapq_out.text_logits[l]
-        if text_logits is not None and cfg.text_token:
-            add("text_token", ops.bernoulli_kl(logits, text_logits.detach().float()))
-        if text_logits is not None and cfg.text_code:
-            usage = (c.detach() > 0).float().mean(dim=(0, 2, 3, 4)).clamp(1e-4, 1 - 1e-4)       # (K,)
-            usage_logits = torch.logit(usage).view(1, -1, 1, 1, 1).expand_as(text_logits)
-            add("text_code", ops.bernoulli_kl(text_logits.float(), usage_logits.contiguous()))
+        if text_logits is None:
+            continue
+        rows = torch.ones(z.shape[0], dtype=torch.bool, device=z.device) if has_text is None else has_text
+        local = bool(rows.any())
+        if cfg.text_token and local:                         # (B', t, h, w) per position, then the mean
+            add("text_token", bernoulli_cross_entropy(logits[rows], text_logits[rows]).mean())
+        if cfg.text_code and (local or process_group is not None):   # the all-reduce needs every rank
+            signs = c[rows].float()
+            bits = (signs / signs.detach().abs() + 1) / 2       # exactly 0/1, straight-through to the codes
+            usage = bits.mean(dim=(2, 3, 4))                                   # (B', K) per-clip bit usage
+            add("text_code", _group_mean(_probability_cross_entropy(usage, text_logits[rows].flatten(1).float()),
+                                         process_group))
     return terms
 
 

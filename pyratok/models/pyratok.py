@@ -5,9 +5,11 @@
       -> normalised latent r_0 -> LaPQ (L levels, shared K-bit codebook, text cross-attention)
       -> per-level token ids  (encode)            -> q_L -> frozen decoder -> video  (decode)
 
-``encode`` returns :class:`pyratok.tokens.Tokens`; ``decode`` rebuilds the video from the
-token ids alone; ``forward`` returns the reconstruction and a :class:`LossBreakdown` of
-every training term.  ``save_pretrained`` / ``from_pretrained`` use a folder with
+``encode`` returns :class:`pyratok.tokens.Tokens`; ``encode_stream`` does the same chunk by
+chunk (1 frame, then multiples of 4) with identical tokens; ``decode`` rebuilds the video from
+the token ids alone (``levels=l``: from the first l levels only); ``forward`` returns the
+reconstruction and a :class:`LossBreakdown` of every training term.  Tokens are causal: those
+of latent frame t depend only on the input frames up to the ones latent frame t covers.  ``save_pretrained`` / ``from_pretrained`` use a folder with
 ``config.json`` and ``model.safetensors`` (the backbone included, or referenced by path).
 """
 
@@ -29,9 +31,11 @@ from torch import nn
 from pyratok.metrics import ssim
 from pyratok.models import losses as L
 from pyratok.models.lapq import LaPQ, LaPQConfig, LaPQOutput
+from pyratok.models.lapq import causal_pool
 from pyratok.models.masking import MaskingConfig
-from pyratok.models.prior import ARPrior, PriorConfig
+from pyratok.models.prior import ARPrior, HFCausalLMPrior, PriorConfig
 from pyratok.models.text import HFTextEncoder, NullText, TextEmbedding, default_text_encoder
+from pyratok.models.teacher import VisionTeacher
 from pyratok.models.vae import WanVAE, WanVAEConfig
 from pyratok.tokens import Tokens
 from pyratok.utils import atomic_write
@@ -55,6 +59,10 @@ class PyraTokConfig:
     lora_alpha: float = 32.0
     tap_stages: Optional[tuple[int, ...]] = None  # encoder stage feeding each level, coarse to fine
     use_prior: bool = True
+    prior_path: Optional[str] = None          # a local Hugging Face causal LM folder as the AR prior
+    lateral: bool = True                      # lateral encoder taps into LaPQ (False: the ablation without them)
+    drift_teacher: Optional[str] = None       # a local HF vision model folder (DINOv2/v3, SigLIP, CLIP vision)
+                                              # as the drift term's frozen teacher; None: the frozen VAE encoder
     backbone_path: Optional[str] = None       # backbone weights (diffusers folder / Wan .pth) loaded at build
 
     @classmethod
@@ -105,6 +113,15 @@ class PyraTokConfig:
 TextInput = Union[None, str, Sequence[str], TextEmbedding]
 
 
+@dataclass
+class EncodeStream:
+    """State of :meth:`PyraTok.encode_stream` for one clip: the backbone's stream cache and the
+    number of input frames consumed so far."""
+
+    cache: "object"
+    frames: int = 0
+
+
 class PyraTok(nn.Module):
     def __init__(self, config: PyraTokConfig = PyraTokConfig(), text_encoder: Optional[nn.Module] = None):
         super().__init__()
@@ -121,15 +138,25 @@ class PyraTok(nn.Module):
         self.taps = config.tap_stage_list()
         stage_dims = [config.backbone.base_dim * m for m in config.backbone.dim_mult]
         config.lapq = dataclasses.replace(config.lapq, latent_dim=config.backbone.z_dim, text_dim=text_dim,
-                                          feature_dims=tuple(stage_dims[s] for s in self.taps))
+                                          feature_dims=tuple(stage_dims[s] for s in self.taps)
+                                          if config.lateral else ())
         config.prior = dataclasses.replace(config.prior, num_bits=config.lapq.num_bits, text_dim=text_dim,
                                            max_levels=max(config.prior.max_levels, config.lapq.levels))
         self.config = config
         self.lapq = LaPQ(config.lapq)
         self.null_text = NullText(text_dim)
-        self.prior = ARPrior(config.prior) if config.use_prior else None
+        if not config.use_prior:
+            self.prior = None
+        elif config.prior_path:
+            self.prior = HFCausalLMPrior(config.prior_path, config.lapq.num_bits, text_dim, config.prior.max_levels)
+        else:
+            self.prior = ARPrior(config.prior)
         if config.lora_rank > 0:
             self.vae.add_lora(rank=config.lora_rank, alpha=config.lora_alpha, target="encoder")
+        # drift teacher: frozen and never saved (like the text encoder); its projection head trains
+        self.drift_teacher = VisionTeacher(config.drift_teacher) if config.drift_teacher else None
+        self.drift_head = (nn.Conv3d(stage_dims[-1], self.drift_teacher.dim, 1) if self.drift_teacher is not None
+                           else None)
         self.lpips = None
         self._model_id = "unsaved-" + hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -167,15 +194,38 @@ class PyraTok(nn.Module):
             raise ValueError(f"text: {emb.batch_size} prompts for a batch of {batch} videos")
         return emb.to(self.null_text.embedding.device)
 
+    @staticmethod
+    def _has_caption(text: TextInput, batch: int) -> torch.Tensor:
+        """(B,) bool: the clips with a real caption (an empty string or no text has none)."""
+        if text is None:
+            return torch.zeros(batch, dtype=torch.bool)
+        if isinstance(text, str):
+            return torch.full((batch,), bool(text.strip()))
+        if isinstance(text, (list, tuple)):
+            flags = [bool(t.strip()) for t in text]
+            return torch.tensor(flags * (batch // len(flags)) if len(flags) != batch else flags)
+        return torch.ones(batch, dtype=torch.bool)                # a TextEmbedding
+
     def _latent_grid(self, video: torch.Tensor):
         T, H, W = video.shape[2:]
         return (1 + (T - 1) // self.vae.temporal_factor, H // self.vae.spatial_factor, W // self.vae.spatial_factor)
 
     # -- the pipeline ----------------------------------------------------------------------
 
-    def _encode_latent(self, video: torch.Tensor, tile: Optional[int] = None, overlap: Optional[int] = None):
+    def _encode_latent(self, video: torch.Tensor, tile: Optional[int] = None, overlap: Optional[int] = None,
+                       all_taps: bool = False):
         dist, features = self.vae.encoder_features(video, tile=tile, overlap=overlap)
-        return self.vae.normalize_latents(dist.mean), [features[s] for s in self.taps]
+        out = self.vae.normalize_latents(dist.mean), [features[s] for s in self.taps]
+        return (*out, features) if all_taps else out
+
+    def _teacher_drift(self, video: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        """1 - cosine similarity between the projected deepest encoder features (latent frame rate
+        and grid) and the frozen teacher's patch features of the same frames, pooled onto that grid
+        over the VAE's causal frame groups."""
+        student = self.drift_head(features[-1])                                # (B, D, t, h, w)
+        with torch.no_grad():
+            target = causal_pool(self.drift_teacher(video), tuple(student.shape[2:]))   # (B, D, t, h, w)
+        return 1 - F.cosine_similarity(student.float(), target.float(), dim=1).mean()
 
     def quantize(self, video: torch.Tensor, text: TextInput = None, tile: Optional[int] = None,
                  overlap: Optional[int] = None) -> LaPQOutput:
@@ -197,14 +247,48 @@ class PyraTok(nn.Module):
         also splits every frame into overlapping tiles (WanVAE.encode); with the default overlap
         the tiled tokens equal the untiled ones up to fp32 rounding of the blend."""
         out = self.quantize(video, text, tile, overlap)
-        captions = None
-        if isinstance(text, str):
-            captions = [text] * video.shape[0]
-        elif isinstance(text, (list, tuple)):
-            captions = list(text) if len(text) == video.shape[0] else list(text) * video.shape[0]
         T, H, W = video.shape[2:]
         return Tokens(out.indices, self.num_bits, out.grids, self._latent_grid(video),
-                      {"frames": T, "height": H, "width": W}, self.model_id, captions)
+                      {"frames": T, "height": H, "width": W}, self.model_id, self._captions(text, video.shape[0]))
+
+    @staticmethod
+    def _captions(text: TextInput, batch: int) -> Optional[list[str]]:
+        if isinstance(text, str):
+            return [text] * batch
+        if isinstance(text, (list, tuple)):
+            return list(text) if len(text) == batch else list(text) * batch
+        return None
+
+    @torch.no_grad()
+    def encode_stream(self, chunk: torch.Tensor, cache: Optional["EncodeStream"] = None,
+                      text: TextInput = None) -> tuple[Tokens, "EncodeStream"]:
+        """Encodes the next chunk of a clip: the first chunk has 1 + 4m frames, later ones 4m.
+        -> (tokens of the chunk's latent frames, the stream state to pass with the next chunk).
+        Concatenating the chunks' ids along time gives ``encode``'s tokens bit for bit, for any
+        chunk plan: the backbone always runs 1 + 4 + 4 + ... frames per pass, as ``encode`` does,
+        and LaPQ works per latent frame.  Pass the same ``text`` with every chunk."""
+        from pyratok.nn import StreamCache
+
+        state = EncodeStream(StreamCache()) if cache is None else cache
+        tf = self.vae.temporal_factor
+        first = state.frames == 0
+        if chunk.dim() != 5 or chunk.shape[2] < 1 or (chunk.shape[2] - first) % tf:
+            raise ValueError(f"chunk: {tuple(chunk.shape)}; the first chunk of a clip needs (B, 3, 1 + {tf}m, H, W), "
+                             f"later ones {tf}m frames (this is {'the first' if first else 'a later'} chunk)")
+        plan = ([1] if first else []) + [tf] * ((chunk.shape[2] - first) // tf)
+        means, feats = [], []
+        for piece in torch.split(chunk, plan, dim=2):
+            feats.append([])
+            means.append(self.vae.encode_stream(piece, state.cache, feats[-1]).mean)
+        state.frames += chunk.shape[2]
+        latent = self.vae.normalize_latents(torch.cat(means, dim=2))
+        features = [torch.cat(level, dim=2) for level in zip(*feats)]
+        out = self.lapq(latent, [features[s] for s in self.taps], self._text(text, chunk.shape[0]), first)
+        T, H, W = chunk.shape[2:]
+        frames = T if first else 1 + T                 # the chunk's latent grid, counted as a clip's
+        return (Tokens(out.indices, self.num_bits, out.grids, tuple(latent.shape[2:]),
+                       {"frames": frames, "height": H, "width": W}, self.model_id, self._captions(text, chunk.shape[0])),
+                state)
 
     def check_tokens(self, tokens: Tokens) -> None:
         if tokens.num_bits != self.num_bits or tokens.levels != self.config.lapq.levels:
@@ -218,12 +302,14 @@ class PyraTok(nn.Module):
             raise ValueError(f"tokens: made by model {tokens.model_id}, this is model {self.model_id}")
 
     @torch.no_grad()
-    def decode(self, tokens: Tokens, tile: Optional[int] = None, overlap: Optional[int] = None) -> torch.Tensor:
-        """Tokens -> video (B, 3, T, H, W) in [-1, 1], from the token ids alone; ``tile`` as in encode."""
+    def decode(self, tokens: Tokens, tile: Optional[int] = None, overlap: Optional[int] = None,
+               levels: Optional[int] = None) -> torch.Tensor:
+        """Tokens -> video (B, 3, T, H, W) in [-1, 1], from the token ids alone; ``tile`` as in
+        encode; ``levels`` = l decodes from the first (coarsest) l levels only (default: all)."""
         self.check_tokens(tokens)
         device = self.null_text.embedding.device
         codes = self.lapq.codes_from_tokens([i.to(device) for i in tokens.ids])
-        return self._decode_quantized(self.lapq.dequantize(codes, tokens.latent_grid), tile, overlap)
+        return self._decode_quantized(self.lapq.dequantize(codes, tokens.latent_grid, levels), tile, overlap)
 
     @contextlib.contextmanager
     def _adapters_off(self):
@@ -248,8 +334,9 @@ class PyraTok(nn.Module):
         enc_in = video if masked_video is None else masked_video
         if masked_video is not None and masked_video.shape != video.shape:
             raise ValueError(f"masked_video: shape {tuple(masked_video.shape)} differs from video {tuple(video.shape)}")
-        latent, taps = self._encode_latent(enc_in)
+        latent, taps, taps_all = self._encode_latent(enc_in, all_taps=True)
         text_emb = self._text(text, video.shape[0])
+        has_text = self._has_caption(text, video.shape[0]).to(video.device)
         out = self.lapq(latent, taps, text_emb)
         recon = self._decode_quantized(out.quantized)
         terms: dict[str, Optional[torch.Tensor]] = {}
@@ -258,12 +345,14 @@ class PyraTok(nn.Module):
             terms["ssim"] = 1 - ssim(recon, video, clamp=False) if cfg.ssim else None
             terms["lpips"] = self.lpips(recon, video) if (cfg.lpips and self.lpips is not None) else None
         if cfg.codebook:
-            terms.update(L.codebook_terms(out, cfg, process_group))
+            terms.update(L.codebook_terms(out, cfg, process_group, has_text))
         if cfg.ar and self.prior is not None:
             terms["ar"] = self.prior(text_emb, out.codes).loss
         drift_weight = cfg.drift if step is None else (cfg.drift * cfg.drift_every if step % cfg.drift_every == 0
                                                        else 0.0)
-        if drift_weight and self.config.lora_rank > 0:
+        if drift_weight and self.drift_teacher is not None:
+            terms["drift"] = self._teacher_drift(enc_in, taps_all)
+        elif drift_weight and self.config.lora_rank > 0:
             with torch.no_grad(), self._adapters_off():
                 frozen = self.vae.encoder_taps(enc_in)       # the convolutional part only: no latent head
             frozen = [frozen[s] for s in self.taps]
@@ -299,7 +388,8 @@ class PyraTok(nn.Module):
         backbone = {"vae." + k for k in self.vae.state_dict() if ".lora_" not in k}
         state_dict = self.state_dict() if state_dict is None else state_dict
         return {k: v.detach().contiguous().cpu() for k, v in state_dict.items()
-                if not k.startswith(("text_encoder.", "lpips.")) and (include_backbone or k not in backbone)}
+                if not k.startswith(("text_encoder.", "lpips.", "drift_teacher."))
+                and (include_backbone or k not in backbone)}
 
     def save_pretrained(self, path: str, include_backbone: bool = True, state_dict: Optional[dict] = None) -> None:
         """Writes ``config.json`` + ``model.safetensors`` (atomically).  include_backbone=False

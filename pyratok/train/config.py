@@ -20,8 +20,11 @@
     steps = 1000
     batch_size = 1
     grad_accum = 1
-    lr = 1e-4
+    lr = 1e-5                  # the paper's AdamW learning rate; warm-up then cosine decay
     ...
+
+    [loss]                     # optional: overrides of the stage's loss weights (LossConfig fields)
+    entropy = 0.2
 
 Every key is optional except data.source and train.out_dir; unknown keys are errors.
 """
@@ -34,18 +37,27 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Optional
 
-# What each stage trains (stages 1-3 are the paper's; our reading, the paper gives only step
-# counts):
-#   0 backbone:       the VAE itself (encoder + decoder, recon + KL), for when no pretrained
-#                     backbone exists, as for the embedded tiny model;
-#   1 reconstruction: LaPQ + LoRA with recon, commitment, entropy, hierarchy and drift terms;
-#   2 alignment:      + the text-alignment KLs and the AR prior;
-#   3 joint:          every term at the paper's weights.
+# The stages.  Each one sets EVERY loss weight (from LossConfig's defaults, the paper's
+# weights, plus the stage's switches below; a [loss] table then overrides single weights) and
+# EVERY trainable group, so a stage started from another stage's checkpoint trains exactly what
+# its row says, whatever the checkpoint's config held.  Stages 1-3 are the paper's:
+#   0 backbone:            the VAE itself (encoder + decoder; L1 + SSIM + a small KL), for when no
+#                          pretrained backbone exists (the embedded tiny model);
+#   1 language alignment:  reconstruction + the codebook loss with its text terms (commitment,
+#                          entropy, hierarchy, text_token, text_code); LaPQ (text heads included),
+#                          the encoder's LoRA and the null-text embedding train;
+#   2 token alignment:     + the AR objective through the prior (the prior trains too);
+#   3 joint:               + the frame-level retention (drift) term (its teacher head trains too).
+# Trainable groups: "backbone" (every VAE weight), "lapq", "lora", "null_text", "prior",
+# "drift_head"; train.train_decoder adds "decoder" (the VAE decoder + post_quant_conv).
 STAGES = {
-    0: {"loss": {}, "train_prior": False, "backbone": True},
-    1: {"loss": {"ar": 0.0, "text_token": 0.0, "text_code": 0.0}, "train_prior": False},
-    2: {"loss": {}, "train_prior": True},
-    3: {"loss": {}, "train_prior": True},
+    0: {"name": "backbone", "loss": {}, "train": ("backbone",)},
+    1: {"name": "language alignment", "loss": {"ar": 0.0, "drift": 0.0},
+        "train": ("lapq", "lora", "null_text")},
+    2: {"name": "token alignment", "loss": {"drift": 0.0},
+        "train": ("lapq", "lora", "null_text", "prior")},
+    3: {"name": "joint", "loss": {},
+        "train": ("lapq", "lora", "null_text", "prior", "drift_head")},
 }
 
 
@@ -55,6 +67,7 @@ class ModelSection:
     pretrained: str = ""
     text_encoder: str = ""          # "" keeps the preset's choice; "none" switches text off
     backbone_path: str = ""
+    lpips: str = ""                 # a local LPIPS (VGG) weights file: switches the LPIPS recon term on
 
 
 @dataclass
@@ -77,7 +90,7 @@ class TrainSection:
     steps: int = 1000
     batch_size: int = 1
     grad_accum: int = 1
-    lr: float = 1e-4
+    lr: float = 1e-5
     weight_decay: float = 0.01
     betas: list = field(default_factory=lambda: [0.9, 0.99])
     warmup: int = 100
@@ -100,6 +113,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    loss: dict = field(default_factory=dict)    # LossConfig overrides on top of the stage's weights
 
     def __post_init__(self):
         if not self.data.source:
@@ -117,13 +131,26 @@ class TrainConfig:
             raise ValueError(f"train.amp={self.train.amp!r}: expected 'bf16', 'fp16' or 'none'")
         if self.train.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"train.distributed={self.train.distributed!r}: expected 'ddp' or 'fsdp'")
+        self.loss_config()                                          # validates the [loss] table
+
+    def loss_config(self):
+        """The stage's complete LossConfig: defaults, the stage's switches, then [loss]."""
+        from pyratok.models.losses import LossConfig
+
+        known = {f.name for f in dataclasses.fields(LossConfig)}
+        bad = set(self.loss) - known
+        if bad:
+            raise ValueError(f"config: unknown keys in [loss]: {sorted(bad)}; known: {sorted(known)}")
+        values = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) and
+                  isinstance(getattr(LossConfig, k, None), float) else v for k, v in self.loss.items()}
+        return LossConfig(**(STAGES[self.train.stage]["loss"] | values))
 
     @classmethod
     def from_dict(cls, d: dict, base_dir: str = ".") -> "TrainConfig":
         sections = {"model": ModelSection, "data": DataSection, "train": TrainSection}
-        unknown = set(d) - set(sections)
+        unknown = set(d) - set(sections) - {"loss"}
         if unknown:
-            raise ValueError(f"config: unknown tables {sorted(unknown)}; expected [model], [data], [train]")
+            raise ValueError(f"config: unknown tables {sorted(unknown)}; expected [model], [data], [train], [loss]")
         built = {}
         for name, klass in sections.items():
             values = dict(d.get(name, {}))
@@ -133,11 +160,13 @@ class TrainConfig:
                 raise ValueError(f"config: unknown keys in [{name}]: {sorted(bad)}; known: {sorted(names)}")
             built[name] = klass(**values)
         for section, key in (("data", "source"), ("train", "out_dir"), ("model", "pretrained"),
-                             ("model", "backbone_path")):
+                             ("model", "backbone_path"), ("model", "lpips")):
             value = getattr(built[section], key)
             if value and not os.path.isabs(value):
                 setattr(built[section], key, os.path.normpath(os.path.join(base_dir, value)))
-        return cls(**built)
+        if not isinstance(d.get("loss", {}), dict):
+            raise ValueError("config: [loss] must be a table of LossConfig weights")
+        return cls(**built, loss=dict(d.get("loss", {})))
 
     @classmethod
     def from_file(cls, path: str) -> "TrainConfig":

@@ -89,7 +89,23 @@ class ResumableSampler(torch.utils.data.Sampler):
         return max(0, len(self._order()) - self.start)
 
 
+def parameter_group(name: str) -> Optional[str]:
+    """The trainable group (pyratok.train.config.STAGES) a PyraTok parameter belongs to; None for
+    the frozen text encoder, drift teacher and LPIPS network, which no stage trains."""
+    if name.startswith(("text_encoder.", "drift_teacher.", "lpips.")):
+        return None
+    if ".lora_" in name:
+        return "lora"
+    if name.startswith(("vae.decoder.", "vae.post_quant_conv.")):
+        return "decoder"
+    if name.startswith("vae."):
+        return "encoder"
+    return name.split(".")[0]                  # lapq, null_text, prior, drift_head
+
+
 def build_model(cfg: TrainConfig) -> PyraTok:
+    """The model of a training run, with the stage's complete loss weights and trainable groups
+    (nothing is inherited from the config of a checkpoint it starts from)."""
     if cfg.model.pretrained:
         model = PyraTok.from_pretrained(cfg.model.pretrained)
     else:
@@ -100,19 +116,19 @@ def build_model(cfg: TrainConfig) -> PyraTok:
             overrides["backbone_path"] = cfg.model.backbone_path
         preset = PyraTokConfig.tiny if cfg.model.preset == "tiny" else PyraTokConfig.paper
         model = PyraTok(preset(**overrides))
-    stage = STAGES[cfg.train.stage]
-    model.config.loss = dataclasses.replace(model.config.loss, **stage["loss"])
+    if cfg.model.lpips:
+        model.load_lpips(cfg.model.lpips)
+    model.config.loss = cfg.loss_config()
+    groups = set(STAGES[cfg.train.stage]["train"])
+    if "backbone" in groups:
+        groups |= {"encoder", "decoder"}
+    if cfg.train.train_decoder:
+        groups.add("decoder")
+    if model.config.loss.ar == 0:
+        groups.discard("prior")                # nothing would reach it
     model.requires_grad_(False)
     for name, p in model.named_parameters():
-        if stage.get("backbone"):
-            trained = name.startswith("vae.") and ".lora_" not in name
-        else:
-            trained = name.startswith(("lapq.", "null_text.")) or ".lora_" in name
-            if cfg.train.train_decoder:
-                trained = trained or name.startswith(("vae.decoder.", "vae.post_quant_conv."))
-            if name.startswith("prior."):
-                trained = stage["train_prior"] and model.config.loss.ar > 0
-        p.requires_grad_(trained)
+        p.requires_grad_(parameter_group(name) in groups)
     return model
 
 
@@ -131,7 +147,7 @@ class Trainer:
         self.dataset = VideoClipDataset(d.source, ClipConfig(num_frames=d.num_frames, height=d.height, width=d.width,
                                                              fps=d.fps or None, crop=d.crop, seed=t.seed, resize=d.resize,
                                                              buckets=[tuple(b) for b in d.buckets] or None))
-        self.backbone_stage = bool(STAGES[t.stage].get("backbone"))
+        self.backbone_stage = "backbone" in STAGES[t.stage]["train"]
         self.masking = VideoMasking(self.model.config.masking) if t.masking and not self.backbone_stage else None
         self.step = 0
         self.batches_seen = 0
@@ -245,7 +261,7 @@ class Trainer:
 
         state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
         weights = load_file(os.path.join(path, "model.safetensors"))
-        own = {k for k in self.model.state_dict() if not k.startswith(("text_encoder.", "lpips."))}
+        own = set(self.model._saved_state(include_backbone=True))
         missing, unexpected = sorted(own - set(weights)), sorted(set(weights) - own)
         if missing or unexpected:
             raise ValueError(f"{path}: checkpoint does not fit the model (missing {missing[:5]}, "
