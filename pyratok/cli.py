@@ -271,6 +271,8 @@ def cmd_train(args) -> int:
         config = TrainConfig.from_file(args.config)
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
+    if args.lpips:
+        config.model.lpips = os.path.abspath(args.lpips)
     if args.resume and not os.path.isfile(os.path.join(config.train.out_dir, "checkpoints", "latest")):
         raise UserError(f"--resume: no checkpoint under {config.train.out_dir}/checkpoints")
     trainer = Trainer(config)
@@ -424,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a TOML config (single process, or under torchrun)")
     p.add_argument("config", metavar="CONFIG")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--lpips", help="local LPIPS (VGG) weights file: adds the LPIPS reconstruction term "
+                                   "(overrides [model] lpips)")
     common(p, model=False)
     p.set_defaults(func=cmd_train)
 

@@ -5,9 +5,9 @@
     codebook = sum over levels l of
                commitment  ||z_l - sg(c_l)||^2
              + entropy     E H(p_l) - gamma H(q_l)      (pyratok.ops.lfq_entropy_loss, exact up to K=24)
-             + hierarchy   CE(p_l, sg(up(p_(l-1))))     (l > 0; coarse-to-fine consistency)
-             + text_token  CE(p_l, p_text,l)            (tokens <-> the caption's predicted bits)
-             + text_code   CE(u_l, p_text,l)            (the codewords a clip uses <-> the same)
+             + hierarchy   KL(sg(up(p_(l-1))) || p_l)   (l > 0; coarse-to-fine consistency)
+             + text_token  KL(p_text,l || p_l)          (tokens <-> the caption's predicted bits)
+             + text_code   KL(sg(u_l) || p_text,l)      (the text head <- the codewords a clip uses)
     ar       = the prior's bitwise BCE of all levels given text and earlier levels
     drift    = mean squared distance of the LoRA encoder's tap features to the frozen encoder's
                (needs a second, frozen pass of the encoder's convolutional part; computed lazily,
@@ -18,8 +18,7 @@
 p_l = sigmoid(4 tau z_l) are the bit probabilities of level l's pre-quantization values
 (the same distribution the entropy term uses); p_text,l = sigmoid(head_l(sg(e_t))) are the bit
 probabilities the level's text head predicts from the frozen caption embedding e_t (one K-vector
-per clip, pyratok.models.lapq); u_l is the per-bit frequency of the hard codes (straight-through)
-each clip uses.  Paper weights: 2.5 / 2.5 / 1.5 / 0.6.  A term with weight 0 is not computed, so
+per clip, pyratok.models.lapq); u_l is the per-bit frequency of the hard codes each clip uses.  Paper weights: 2.5 / 2.5 / 1.5 / 0.6.  A term with weight 0 is not computed, so
 it sends no gradient anywhere.
 
 Our reading of the paper's Eq. 2 (README, "How pyratok reads the paper"):
@@ -27,11 +26,16 @@ Our reading of the paper's Eq. 2 (README, "How pyratok reads the paper"):
   head to predict a clip's code bits from its caption, and pull the tokens (and, through the
   straight-through codes, the codewords the clip uses) toward that prediction.  A target that is
   the same for every caption (the batch's bit usage) would carry no language.
-* the alignment and hierarchy terms are Bernoulli cross-entropies CE(p, r) = KL(p || r) + H(p),
-  not the KLs themselves: KL(p || r) = CE(p, r) - H(p), so a KL term at the per-sample entropy's
-  weight would cancel its sharpening (- H(p) pushes the soft assignments back toward 1/2).  With
-  CE the entropy term alone decides how sharp the assignments are; the gradient that reaches r
-  (the text head, the coarse level) is the same as the KL's.
+* the KLs that pull the soft assignments p toward a target r are taken as KL(r || p), with p
+  second.  KL(p || r) = CE(p, r) - H(p): at the per-sample entropy's weight its - H(p) cancels
+  that term's sharpening (it pushes every p back toward 1/2), while KL(r || p) = CE(r, p) - H(r)
+  has no H(p) in it, so the entropy term alone decides how sharp p is; it is still minimised at
+  p = r (a cross-entropy CE(p, r) would not be: it drives p to 0/1 on r's side, and with the
+  straight-through codes that runs away, which we measured: every logit saturates on one code).
+* text_code trains the head toward the bits of the codewords a clip actually uses, KL(sg(u) || r);
+  the codewords move through text_token (the tokens choose them).  Pulling the hard codes
+  themselves through the straight-through estimator is a pressure that does not fade as the
+  codes agree, and it saturated the logits in the same measurement.
 * text_code's mean over clips is taken over the whole data-parallel batch (sum and count are
   all-reduced, like the entropy statistics), so R ranks give the single-process value.
 * terms that need a caption (text_token, text_code) are computed only for clips that have one.
@@ -94,18 +98,11 @@ def _bit_logits(z: torch.Tensor, inv_temperature: float) -> torch.Tensor:
     return 4.0 * inv_temperature * z.float()
 
 
-def bernoulli_cross_entropy(p_logits: torch.Tensor, r_logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Per-position CE(p, r) = -sum_k [p_k log r_k + (1 - p_k) log(1 - r_k)] of two Bernoulli
-    products given by logits (p = sigmoid(p_logits), r = sigmoid(r_logits); r broadcasts to p),
-    summed over the bits on ``dim``: softplus(r) - p r, stable for any logits.  -> the shape of
-    p without ``dim``."""
-    r = r_logits.float().expand_as(p_logits)
-    return (F.softplus(r) - torch.sigmoid(p_logits.float()) * r).sum(dim)
-
-
-def _probability_cross_entropy(p: torch.Tensor, r_logits: torch.Tensor) -> torch.Tensor:
-    """CE(p, r) for probabilities p (which may be exactly 0 or 1) and logits r, over the last axis."""
-    return (F.softplus(r_logits) - p * r_logits).sum(-1)
+def bernoulli_kl_from_probability(u: torch.Tensor, r_logits: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(u || r) over the last axis, for probabilities u that may be exactly 0 or 1
+    (0 log 0 = 0) and logits r: sum_k [u log u + (1-u) log(1-u)] + softplus(r) - u r."""
+    neg_entropy = torch.xlogy(u, u) + torch.xlogy(1 - u, 1 - u)
+    return (neg_entropy + F.softplus(r_logits) - u * r_logits).sum(-1)
 
 
 def _group_mean(values: torch.Tensor, process_group=None) -> torch.Tensor:
@@ -145,19 +142,18 @@ def codebook_terms(lapq_out, cfg: LossConfig, process_group=None,
         if cfg.hierarchy and l > 0:
             coarse = _bit_logits(lapq_out.logits[l - 1], cfg.inv_temperature).detach()
             up = F.interpolate(coarse, size=z.shape[2:], mode="nearest")
-            add("hierarchy", bernoulli_cross_entropy(logits, up).mean())
+            add("hierarchy", ops.bernoulli_kl(up.contiguous(), logits))
         text_logits = None if lapq_out.text_logits is None else lapq_out.text_logits[l]
         if text_logits is None:
             continue
         rows = torch.ones(z.shape[0], dtype=torch.bool, device=z.device) if has_text is None else has_text
         local = bool(rows.any())
-        if cfg.text_token and local:                         # (B', t, h, w) per position, then the mean
-            add("text_token", bernoulli_cross_entropy(logits[rows], text_logits[rows]).mean())
+        if cfg.text_token and local:                         # per position, then the mean
+            p_rows = logits[rows]
+            add("text_token", ops.bernoulli_kl(text_logits[rows].float().expand_as(p_rows).contiguous(), p_rows))
         if cfg.text_code and (local or process_group is not None):   # the all-reduce needs every rank
-            signs = c[rows].float()
-            bits = (signs / signs.detach().abs() + 1) / 2       # exactly 0/1, straight-through to the codes
-            usage = bits.mean(dim=(2, 3, 4))                                   # (B', K) per-clip bit usage
-            add("text_code", _group_mean(_probability_cross_entropy(usage, text_logits[rows].flatten(1).float()),
+            usage = (c[rows].detach() > 0).float().mean(dim=(2, 3, 4))           # (B', K) per-clip bit usage
+            add("text_code", _group_mean(bernoulli_kl_from_probability(usage, text_logits[rows].flatten(1).float()),
                                          process_group))
     return terms
 

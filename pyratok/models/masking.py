@@ -5,9 +5,12 @@ masked pixel is set to ``fill`` (0 = mid-grey in [-1, 1]).
 
 * frame masking: each frame after the first is dropped with probability ``frame_ratio``
   (frame 0 is kept: the causal VAE encodes it alone);
-* cosine spatial masking: per clip a ratio r = cos(pi/2 * u), u ~ U(0, 1), of the
-  ``patch`` x ``patch`` cells is masked in every frame (MaskGIT's schedule), so most
-  clips are lightly masked and a few heavily.
+* cosine spatial masking, per frame: every frame draws its own ratio r = max_spatial_ratio *
+  cos(pi/2 * u), u ~ U(0, 1) (MaskGIT's schedule: most frames lightly masked, a few heavily)
+  and its own set of ``patch`` x ``patch`` cells, independently of the other frames.
+
+Masking is a training-time transform only: the trainer applies it to the encoder's input while
+the model is in training mode, and ``PyraTok.encode`` / evaluation never see it.
 """
 
 from __future__ import annotations
@@ -53,11 +56,11 @@ class VideoMasking:
             keep &= ~drop[:, None, :, None, None]
         if cfg.spatial == "cosine":
             gh, gw = math.ceil(H / cfg.patch), math.ceil(W / cfg.patch)
-            u = torch.rand(B, generator=generator)
-            ratio = (torch.cos(math.pi / 2 * u) * cfg.max_spatial_ratio)            # (B,)
-            scores = torch.rand(B, gh * gw, generator=generator)
-            cells = scores < ratio[:, None]                                        # (B, gh*gw) masked cells
-            grid = cells.view(B, 1, 1, gh, gw).to(dev)
+            u = torch.rand(B, T, generator=generator)
+            ratio = torch.cos(math.pi / 2 * u) * cfg.max_spatial_ratio              # (B, T): per frame
+            scores = torch.rand(B, T, gh * gw, generator=generator)
+            cells = scores < ratio[..., None]                                      # (B, T, gh*gw) masked cells
+            grid = cells.view(B, 1, T, gh, gw).to(dev)
             grid = grid.repeat_interleave(cfg.patch, 3).repeat_interleave(cfg.patch, 4)[..., :H, :W]
             keep &= ~grid
         return torch.where(keep, video, torch.full_like(video, cfg.fill)), keep

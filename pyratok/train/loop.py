@@ -340,7 +340,7 @@ class Trainer:
                     captions = batch["caption"]
                     text = captions if (self.model.text_encoder is not None and any(captions)) else None
                     masked = None
-                    if self.masking is not None:
+                    if self.masking is not None and self.model.training:   # a training-time transform only
                         g = torch.Generator().manual_seed(t.seed * 1_000_003 + self.step * 97 + micro)
                         masked, _ = self.masking(video, g)
                     with self._autocast():

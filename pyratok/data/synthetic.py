@@ -1,0 +1,81 @@
+"""A procedurally generated captioned video set: coloured shapes moving in named directions.
+
+Each clip shows one object of a named colour and shape sliding in a named direction over a
+textured background, and its caption says which ("a red circle moving left").  The captions mean
+something a tokenizer can see, so the language-alignment terms have a signal to learn; every clip
+is a pure function of (seed, index), so train and held-out splits are disjoint by index.
+
+    videos, captions = moving_shapes(count=8, frames=9, size=32, seed=0)   # (8, 3, 9, 32, 32) in [-1, 1]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+COLOURS = {"red": (1.0, -0.8, -0.8), "green": (-0.8, 1.0, -0.8), "blue": (-0.8, -0.8, 1.0),
+           "yellow": (1.0, 1.0, -0.9)}
+SHAPES = ("square", "circle")
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+
+
+def caption_of(colour: str, shape: str, direction: str) -> str:
+    return f"a {colour} {shape} moving {direction}"
+
+
+def _background(size: int, generator: torch.Generator) -> torch.Tensor:
+    """(3, size, size) low-contrast texture: smooth noise plus a random-phase stripe pattern."""
+    coarse = torch.rand(3, 1, max(2, size // 8), max(2, size // 8), generator=generator)
+    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                          indexing="ij")
+    phase, freq = torch.rand(2, generator=generator)
+    stripes = torch.sin(2 * math.pi * ((x + y) * (0.05 + 0.1 * freq) + phase))
+    return (smooth - 0.5) * 0.6 + 0.15 * stripes
+
+
+def moving_shape(colour: str, shape: str, direction: str, frames: int, size: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """One clip (3, frames, size, size) in [-1, 1]."""
+    if colour not in COLOURS or shape not in SHAPES or direction not in DIRECTIONS:
+        raise ValueError(f"({colour!r}, {shape!r}, {direction!r}): expected a colour in {sorted(COLOURS)}, "
+                         f"a shape in {SHAPES} and a direction in {sorted(DIRECTIONS)}")
+    if frames < 1 or size < 8:
+        raise ValueError(f"frames={frames}, size={size}: expected frames >= 1 and size >= 8")
+    background = _background(size, generator)
+    radius = size / 5
+    dy, dx = DIRECTIONS[direction]
+    travel = size - 2 * radius - 2
+    jitter = (torch.rand(2, generator=generator) - 0.5) * 0.2 * size
+    y, x = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                          indexing="ij")
+    colour_value = torch.tensor(COLOURS[colour]).view(3, 1, 1)
+    video = torch.empty(3, frames, size, size)
+    for t in range(frames):
+        s = t / max(1, frames - 1) - 0.5                                    # -0.5 .. 0.5 along the path
+        cy = size / 2 + dy * s * travel + (jitter[0] if dy == 0 else 0)
+        cx = size / 2 + dx * s * travel + (jitter[1] if dx == 0 else 0)
+        if shape == "square":
+            inside = ((y - cy).abs() <= radius) & ((x - cx).abs() <= radius)
+        else:
+            inside = (y - cy) ** 2 + (x - cx) ** 2 <= radius ** 2
+        video[:, t] = torch.where(inside, colour_value, background)
+    return video.clamp(-1, 1)
+
+
+def moving_shapes(count: int, frames: int = 9, size: int = 32, seed: int = 0, start: int = 0
+                  ) -> tuple[torch.Tensor, list[str]]:
+    """Clips ``start`` .. ``start + count - 1`` of the set with this seed -> (videos (N, 3, T, S, S),
+    captions).  Clip i cycles through every (colour, shape, direction) combination; its texture and
+    jitter come from a generator seeded with (seed, i), so any index range is reproducible alone."""
+    if count < 1:
+        raise ValueError(f"count={count}: expected >= 1")
+    combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
+    videos, captions = [], []
+    for i in range(start, start + count):
+        colour, shape, direction = combos[i % len(combos)]
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        videos.append(moving_shape(colour, shape, direction, frames, size, g))
+        captions.append(caption_of(colour, shape, direction))
+    return torch.stack(videos), captions
