@@ -11,6 +11,8 @@ For a tiny config and the Wan 2.1-size config (random weights) on this machine:
                       (target <= 15% at K=16, and at K=24 with the exact entropy);
   lapq step           the training step with LaPQ but none of its losses, which splits the
                       share into LaPQ (lapq - backbone) and losses (train - lapq).
+Training steps get a caption (a fixed random text embedding of the model's text width), so the
+language-alignment terms (text_token, text_code) are computed and counted, as in stages 1-3.
 Peak memory per call is recorded too.  Rows go to benchmarks/results/model.csv.
 """
 
@@ -21,6 +23,7 @@ import torch
 
 from pyratok.models.pyratok import PyraTok, PyraTokConfig
 from pyratok.metrics import ssim
+from pyratok.models.text import TextEmbedding
 from _common import DEVICE, run
 
 CASES = [
@@ -58,6 +61,17 @@ def backbone_step(model, video):
         loss.backward()
 
 
+def caption(model, batch: int) -> TextEmbedding:
+    g = torch.Generator().manual_seed(0)
+    dim = model.config.lapq.text_dim
+    return TextEmbedding(torch.randn(batch, 8, dim, generator=g).to(video_device(model)),
+                         torch.ones(batch, 8, dtype=torch.bool, device=video_device(model)))
+
+
+def video_device(model):
+    return next(model.parameters()).device
+
+
 def lapq_step(model, video):
     """``train_step`` with the quantizer but none of its losses (codebook terms, AR and drift
     off): lapq_step - backbone_step is LaPQ's time, train_step - lapq_step the losses'."""
@@ -65,7 +79,7 @@ def lapq_step(model, video):
     model.config.loss = dataclasses.replace(full, codebook=0.0, ar=0.0, drift=0.0)
     try:
         for step in range(full.drift_every):
-            _, losses = model(video, step=step)
+            _, losses = model(video, caption(model, video.shape[0]), step=step)
             losses.total.backward()
     finally:
         model.config.loss = full
@@ -75,7 +89,7 @@ def train_step(model, video):
     """``drift_every`` consecutive training steps (steps 0..n-1: the lazy drift term runs on the
     first), so that the time is the mean cost of a step."""
     for step in range(model.config.loss.drift_every):
-        _, losses = model(video, step=step)
+        _, losses = model(video, caption(model, video.shape[0]), step=step)
         losses.total.backward()
 
 

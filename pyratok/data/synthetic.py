@@ -79,3 +79,36 @@ def moving_shapes(count: int, frames: int = 9, size: int = 32, seed: int = 0, st
         videos.append(moving_shape(colour, shape, direction, frames, size, g))
         captions.append(caption_of(colour, shape, direction))
     return torch.stack(videos), captions
+
+
+def photo_pan_zoom(image: torch.Tensor, frames: int = 17, height: int = 128, width: int = 128,
+                   mode: str = "pan") -> torch.Tensor:
+    """A camera move over a still photograph (H, W, 3) uint8 -> (3, frames, height, width) in
+    [-1, 1]: ``pan`` slides a window of 60% of the short side from the left to the right edge (the
+    top-left to bottom-right diagonal on a square photo), ``zoom`` closes in from the whole short
+    side to its middle 50%."""
+    if mode not in ("pan", "zoom"):
+        raise ValueError(f"mode={mode!r}: expected 'pan' or 'zoom'")
+    if image.dim() != 3 or image.shape[2] != 3:
+        raise ValueError(f"image: expected (H, W, 3), got {tuple(image.shape)}")
+    photo = image.permute(2, 0, 1).float()[None] / 127.5 - 1                 # (1, 3, H, W)
+    H, W = photo.shape[2:]
+    short = min(H, W)
+    out = []
+    for t in range(frames):
+        s = t / max(1, frames - 1)
+        if mode == "pan":
+            size = 0.6 * short
+            y = (H - size) * (s if H == W else 0.5)
+            x = (W - size) * s
+        else:
+            size = short * (1 - 0.5 * s)
+            y, x = (H - size) / 2, (W - size) / 2
+        box_h, box_w = size, size * width / height
+        if box_w > W:
+            box_w, box_h = W, W * height / width
+        y0, x0 = int(round(min(y, H - box_h))), int(round(min(x, W - box_w)))
+        crop = photo[:, :, y0:y0 + int(round(box_h)), x0:x0 + int(round(box_w))]
+        out.append(torch.nn.functional.interpolate(crop, size=(height, width), mode="bilinear",
+                                                   antialias=True, align_corners=False)[0])
+    return torch.stack(out, dim=1).clamp(-1, 1)

@@ -1,0 +1,53 @@
+"""The reproduction study's plumbing (pyratok.study, benchmarks/reproduce/run.py --quick): every arm
+trains and evaluates on held-out data, bit budgets are matched, finished runs are skipped on a
+re-run, and the report is written.  The numbers themselves come from the full run."""
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("skimage")
+
+from pyratok.study import ARMS, SWEEP, StudyConfig, beyond_spread, planned_runs, run_file, run_study, write_report
+
+
+def test_arms_are_matched_to_the_same_bit_budget():
+    bits = {a.name: a.bits_on_training_grid() for a in ARMS}
+    assert bits["pyratok"] == 3 * (1 + 4 + 16 + 64) * 16 == 4080
+    for name, b in bits.items():
+        assert abs(b - 4080) / 4080 < 0.06, (name, b)
+    assert {a.name for a in ARMS} >= {"pyratok", "lfq", "residual-lfq", "no-taps", "no-text", "no-hierarchy",
+                                      "no-ar-drift"}
+    assert {(a.num_bits, a.levels) for a in SWEEP} == {(k, l) for k in (8, 16, 24, 32) for l in (1, 2, 4)}
+    cfg = StudyConfig(out="x", seeds=(0, 1, 2), sweep=True)
+    assert len(planned_runs(cfg)) == 3 * len(ARMS) + len(SWEEP)
+    with pytest.raises(ValueError, match="arms: unknown"):
+        StudyConfig(arms=("nope",))
+
+
+def test_quick_study_runs_every_arm_resumes_and_reports(tmp_path):
+    cfg = StudyConfig(out=str(tmp_path / "runs"), steps=2, seeds=(0,), sweep=False, quick=True)
+    results = run_study(cfg, progress=False)
+    assert [r["arm"] for r in results] == [a.name for a in ARMS]
+    for r in results:
+        for part in ("real", "photos", "captioned"):
+            assert 0 < r["eval"][part]["psnr"] < 60 and r["eval"][part]["bits_per_pixel"] > 0
+        assert len(r["eval"]["real"]["usage"]) == r["levels"]
+        assert ("text_margin" in r["eval"]) == (r["arm"] not in ("lfq", "residual-lfq", "no-text"))
+    stamps = {a.name: os.path.getmtime(run_file(cfg, a, 0)) for a in ARMS}
+    again = run_study(cfg, progress=False)                       # everything finished: nothing re-runs
+    assert again == results
+    assert stamps == {a.name: os.path.getmtime(run_file(cfg, a, 0)) for a in ARMS}
+    paths = write_report(results, str(tmp_path / "report"), "python benchmarks/reproduce/run.py --quick")
+    table = open(paths["md"]).read()
+    assert all(f"| {a.name} |" in table for a in ARMS)
+    assert open(paths["csv"]).read().count("\n") == 1 + len(ARMS)
+    assert os.path.getsize(paths["png"]) > 10_000
+    json.dumps(results)
+
+
+def test_differences_beyond_the_seed_spread():
+    a = {"real_psnr": (20.0, 0.2)}
+    assert beyond_spread(a, {"real_psnr": (20.5, 0.2)}, "real_psnr")
+    assert not beyond_spread(a, {"real_psnr": (20.3, 0.2)}, "real_psnr")
