@@ -31,3 +31,20 @@ def backend_dtypes(backend: str):
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
         dtypes.remove(torch.bfloat16)
     return dtypes
+
+
+def lpips_weights_file(path) -> str:
+    """A state dict in the lpips package's VGG layout (random He-initialised convs, positive
+    channel weights), saved as a user would save the real one; -> its path."""
+    from pyratok.lpips import _CHANNELS, _SLICES
+
+    torch.manual_seed(0)
+    state = {}
+    for s, layers in enumerate(_SLICES):
+        for index, i, o in layers:
+            state[f"net.slice{s + 1}.{index}.weight"] = torch.randn(o, i, 3, 3) * (2 / (9 * i)) ** 0.5
+            state[f"net.slice{s + 1}.{index}.bias"] = torch.zeros(o)
+    for s, c in enumerate(_CHANNELS):
+        state[f"lin{s}.model.1.weight"] = torch.rand(1, c, 1, 1)
+    torch.save(state, path)
+    return str(path)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pyratok.metrics import psnr, ssim
+from conftest import lpips_weights_file
 
 
 def test_psnr_matches_the_255_convention():
@@ -31,18 +32,9 @@ def test_ssim_range_and_gradient():
 
 
 def test_lpips_from_a_local_file(tmp_path):
-    from pyratok.lpips import LPIPS, _SLICES
+    from pyratok.lpips import LPIPS
 
-    torch.manual_seed(0)
-    state = {}
-    for s, layers in enumerate(_SLICES):
-        for idx, i, o in layers:
-            state[f"net.slice{s + 1}.{idx}.weight"] = torch.randn(o, i, 3, 3) * (2 / (9 * i)) ** 0.5
-            state[f"net.slice{s + 1}.{idx}.bias"] = torch.zeros(o)
-    for s, c in enumerate([64, 128, 256, 512, 512]):
-        state[f"lin{s}.model.1.weight"] = torch.rand(1, c, 1, 1)
-    torch.save(state, tmp_path / "lpips_vgg.pth")
-    lp = LPIPS.from_file(str(tmp_path / "lpips_vgg.pth"))
+    lp = LPIPS.from_file(lpips_weights_file(tmp_path / "lpips_vgg.pth"))
     a = torch.rand(1, 3, 2, 32, 32) * 2 - 1
     assert lp(a, a).item() == pytest.approx(0.0, abs=1e-6)
     b = (a + 0.2 * torch.randn_like(a)).requires_grad_()

@@ -21,6 +21,7 @@ from pyratok.models.losses import LossConfig, bernoulli_kl_from_probability, cod
 from pyratok.models.masking import MaskingConfig, VideoMasking
 from pyratok.models.pyratok import PyraTok, PyraTokConfig
 from pyratok.models.text import TextEmbedding
+from conftest import lpips_weights_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -366,27 +367,11 @@ def test_drift_against_a_local_vision_teacher(dinov2_folder, tmp_path):
         VisionTeacher(str(tmp_path / "missing"))
 
 
-def _lpips_file(path):
-    """A state dict in the lpips package's VGG layout (random weights), as a user would save it."""
-    from pyratok.lpips import _CHANNELS, _SLICES
-
-    torch.manual_seed(0)
-    state = {}
-    for s, layers in enumerate(_SLICES):
-        for index, i, o in layers:
-            state[f"net.slice{s + 1}.{index}.weight"] = torch.randn(o, i, 3, 3) * (2 / (9 * i)) ** 0.5
-            state[f"net.slice{s + 1}.{index}.bias"] = torch.zeros(o)
-    for s, c in enumerate(_CHANNELS):
-        state[f"lin{s}.model.1.weight"] = torch.rand(1, c, 1, 1)
-    torch.save(state, path)
-    return str(path)
-
-
 def test_lpips_switched_on_in_training_from_the_config_and_the_cli(tmp_path):
     from pyratok.cli import main as cli_main
     from pyratok.train import TrainConfig, Trainer
 
-    weights = _lpips_file(tmp_path / "lpips_vgg.pth")
+    weights = lpips_weights_file(tmp_path / "lpips_vgg.pth")
     manifest = tmp_path / "train.jsonl"
     manifest.write_text(json.dumps({"path": bundled_clip_path("bikes.mp4")}) + "\n")
 
