@@ -15,8 +15,8 @@ from pyratok.pretrained import default_model_path, load_default_model
 from pyratok.data import bundled_clip_path
 
 # benchmarks/results/default_model.json holds the measured held-out numbers; the demo clip
-# (carphone, 17 held-out frames at 144x176) must stay within 1 dB / 0.03 SSIM of the demo's
-# recorded figures, and far above an untrained model (~12 dB).
+# (carphone, 17 held-out frames at 144x176) must give the demo's recorded figures (the run is
+# deterministic) and stay far above an untrained model (~12 dB).
 RESULTS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "default_model.json")
 
 
@@ -55,10 +55,14 @@ def test_demo_reconstructs_a_held_out_real_clip(tmp_path):
     assert metrics["backends_agree"] and metrics["decode_from_file_exact"]
     with open(RESULTS) as f:
         recorded = json.load(f)["demo"]
-    assert metrics["psnr"] > recorded["psnr"] - 1.0
-    assert metrics["ssim"] > recorded["ssim"] - 0.03
+    # the run is deterministic: the recorded figures to fp32 noise, and a floor an untrained
+    # (~12 dB) or broken model cannot reach
+    assert metrics["psnr"] == pytest.approx(recorded["psnr"], abs=0.05)
+    assert metrics["ssim"] == pytest.approx(recorded["ssim"], abs=0.002)
+    assert metrics["psnr"] > 16.0 and metrics["ssim"] > 0.4
     assert metrics["bits_per_pixel"] == pytest.approx(recorded["bits_per_pixel"])
-    assert min(metrics["codebook_usage"]) > 0
+    assert metrics["codebook_usage"] == pytest.approx(recorded["codebook_usage"], rel=0.02)
+    assert metrics["model_id"] == recorded["model_id"]
 
 
 def test_demo_bad_arguments():

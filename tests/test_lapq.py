@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pyratok.models.lapq import LaPQ, LaPQConfig, latent_grid, level_grids, token_count
 from pyratok.models.text import NullText, TextEmbedding
@@ -41,9 +42,23 @@ def test_decode_from_tokens_is_exact(backend):
     assert [tuple(i.shape) for i in out.indices] == [(2, 3, 2, 3), (2, 3, 4, 6), (2, 3, 8, 12)]
     rebuilt = lapq.dequantize(lapq.codes_from_tokens(out.indices), (3, 8, 12))
     assert torch.equal(rebuilt, out.quantized)
-    # residual bookkeeping: q_L + r_L = latent
-    last = out.residuals[-1] - lapq.blocks[-1].lift(out.codes[-1], (3, 8, 12))
-    torch.testing.assert_close(out.quantized + last, latent, atol=1e-5, rtol=1e-5)
+    # each level's contribution rebuilt by hand from its ids: MSB-first bits -> +-1 codes,
+    # nearest upsampling by explicit index, phi as a plain conv3d; the progressive sums add them
+    codes_by_hand, total = [], torch.zeros_like(latent)
+    for level, (ids, block) in enumerate(zip(out.indices, lapq.blocks)):
+        shifts = torch.arange(7, -1, -1).view(1, 8, 1, 1, 1)
+        codes = ((ids.long()[:, None] >> shifts) & 1).float() * 2 - 1                 # (B, K, t, h, w)
+        codes_by_hand.append(codes)
+        t, h, w = codes.shape[2:]
+        up = codes[:, :, (torch.arange(3) * t) // 3][:, :, :, (torch.arange(8) * h) // 8][..., (torch.arange(12) * w) // 12]
+        lifted = F.conv3d(up, block.phi.weight, block.phi.bias, padding=(0, 1, 1))
+        total = total + lifted
+        torch.testing.assert_close(lapq.dequantize(out.codes, (3, 8, 12), levels=level + 1), total,
+                                   atol=1e-5, rtol=1e-5, msg=f"level {level}")
+    assert all(torch.equal(a, b) for a, b in zip(codes_by_hand, out.codes))
+    # the residual each level quantized is the latent minus the levels before it
+    torch.testing.assert_close(out.residuals[2], latent - lapq.dequantize(out.codes, (3, 8, 12), levels=2),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_text_changes_tokens_only_when_conditioning_is_on():

@@ -47,3 +47,32 @@ def test_lpips_from_a_local_file(tmp_path):
         LPIPS.from_file(str(tmp_path / "other.pth"))
     with pytest.raises(FileNotFoundError, match="lpips weights: no such file"):
         LPIPS.from_file(str(tmp_path / "missing.pth"))
+
+
+def test_psnr_of_a_hand_computed_case():
+    a = torch.zeros(1, 3, 1, 4, 4)
+    b = a.clone()
+    b[0, 0, 0, 0, 0] = 1.0                        # one channel value off by 1 in range 2: MSE = 1 / 48
+    assert psnr(b, a).item() == pytest.approx(10 * math.log10(4 * 48), abs=1e-4)   # 22.833 dB
+
+
+def test_ssim_matches_scikit_image_on_real_frames():
+    """Our SSIM (torchmetrics: Gaussian window 11, sigma 1.5) is scikit-image's structural_similarity
+    with the same window averaged over the whole SSIM map; skimage's default mean leaves out a
+    5-pixel border, which on small frames differs by several hundredths (checked both ways)."""
+    skimage_metrics = pytest.importorskip("skimage.metrics")
+    from pyratok.data import bundled_clip_path, read_video, resize_and_crop
+
+    clip = resize_and_crop(read_video(bundled_clip_path("carphone_pristine.mp4"), 2), 64, 64, None)[None]
+    g = torch.Generator().manual_seed(0)
+    noisy = (clip + 0.15 * torch.randn(clip.shape, generator=g)).clamp(-1, 1)
+    full_maps, cropped = [], []
+    for t in range(2):
+        value, full = skimage_metrics.structural_similarity(
+            clip[0, :, t].permute(1, 2, 0).double().numpy(), noisy[0, :, t].permute(1, 2, 0).double().numpy(),
+            channel_axis=2, data_range=2.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, full=True)
+        full_maps.append(full.mean())
+        cropped.append(value)
+    got = ssim(noisy, clip).item()
+    assert got == pytest.approx(sum(full_maps) / 2, abs=2e-4)
+    assert abs(got - sum(cropped) / 2) > 0.02

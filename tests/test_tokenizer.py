@@ -496,3 +496,23 @@ def test_progressive_decoding_from_the_first_levels():
     assert curve[-1] > curve[0] + 3
     with pytest.raises(ValueError, match="levels=5: expected an int in 1..4"):
         model.decode(tokens, levels=5)
+
+
+def test_weighted_total_is_the_sum_of_the_weighted_terms():
+    model = tiny_model()
+    model.config.loss = dataclasses.replace(LossConfig(), l1=0.7, ssim=1.3, commitment=0.2, entropy=0.3,
+                                            hierarchy=0.4, text_token=0.5, text_code=0.6, recon=2.0,
+                                            codebook=3.0, ar=1.1, drift=0.9)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.01)
+    text = TextEmbedding(torch.randn(1, 3, 384), torch.ones(1, 3, dtype=torch.bool))
+    _, losses = model(random_clip(5, 32), text)
+    t, w = losses.terms, model.config.loss
+    assert set(t) == {"l1", "ssim", "commitment", "entropy", "hierarchy", "text_token", "text_code", "ar", "drift"}
+    want = (w.recon * (w.l1 * t["l1"] + w.ssim * t["ssim"])
+            + w.codebook * sum(getattr(w, k) * t[k] for k in ("commitment", "entropy", "hierarchy", "text_token",
+                                                              "text_code"))
+            + w.ar * t["ar"] + w.drift * t["drift"])
+    torch.testing.assert_close(losses.total, want, rtol=1e-6, atol=1e-6)
