@@ -39,6 +39,10 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 log = logging.getLogger(__name__)
 
 
+class NoUsableClipError(ValueError):
+    """Every video tried for an item was missing, unreadable or too short."""
+
+
 @dataclass
 class ClipConfig:
     num_frames: int = 17                  # 1 + 4k
@@ -90,15 +94,26 @@ def read_manifest(path: str) -> list[dict]:
                         raise ValueError(f"{path}:{n}: not a JSON line ({err})") from None
     items = []
     for n, row in enumerate(rows, 1):
-        if not row.get("path"):
-            raise ValueError(f"{path}: entry {n} has no 'path'")
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: entry {n} is a JSON {type(row).__name__}, expected an object with 'path'")
+        if not row.get("path") or not isinstance(row["path"], str):
+            raise ValueError(f"{path}: entry {n} has no 'path' (a string)")
         item = {"path": row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])}
         for key in ("caption",):
             if row.get(key):
                 item[key] = str(row[key])
         for key in ("start", "end"):
             if row.get(key) not in (None, ""):
-                item[key] = float(row[key])
+                try:
+                    item[key] = float(row[key])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{path}: entry {n}, column {key!r}: {row[key]!r} is not a number "
+                                     "(seconds)") from None
+                if not math.isfinite(item[key]) or item[key] < 0:
+                    raise ValueError(f"{path}: entry {n}, column {key!r}: {row[key]!r} is not a time "
+                                     "(expected finite seconds >= 0)")
+        if "start" in item and "end" in item and item["end"] <= item["start"]:
+            raise ValueError(f"{path}: entry {n}: end={item['end']:g} is not after start={item['start']:g}")
         items.append(item)
     if not items:
         raise ValueError(f"source: the manifest {path} lists no videos")
@@ -195,8 +210,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 self._skip(i, "too short", str(err))
             except ValueError as err:
                 self._skip(i, "unreadable", str(err))
-        raise RuntimeError(f"no readable clip found in {min(self.max_skips, len(self.items))} videos from index "
-                           f"{index}; skipped: {dict(self.skipped)}")
+        raise NoUsableClipError(f"no usable clip in {min(self.max_skips, len(self.items))} videos from index "
+                                f"{index}; skipped: {dict(self.skipped)}")
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
