@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from pyratok.data.video import open_video, read_frames
+from pyratok.utils import check_clip_pixels
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 log = logging.getLogger(__name__)
@@ -120,15 +121,21 @@ def read_manifest(path: str) -> list[dict]:
     return items
 
 
+def resized_size(H: int, W: int, height: int, width: int, short_side: int = 0) -> tuple[int, int]:
+    """The size resize_and_crop scales H x W frames to before cropping height x width."""
+    scale = max(height / H, width / W, short_side / min(H, W))
+    return max(height, math.ceil(H * scale - 1e-6)), max(width, math.ceil(W * scale - 1e-6))
+
+
 def resize_and_crop(frames: torch.Tensor, height: int, width: int, rng: Optional[random.Random],
                     short_side: int = 0) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> (3, T, height, width) float32 in [-1, 1]: resize so the short side
     is ``short_side`` (0: the smallest size that covers height x width; never smaller than
     that), then crop (random offsets from ``rng``, centred when it is None)."""
+    T, H, W = frames.shape[:3]
+    size = resized_size(H, W, height, width, short_side)
+    check_clip_pixels(T, *size, f"resizing {H}x{W} frames to cover {height}x{width}")
     video = frames.permute(0, 3, 1, 2).float()                               # (T, 3, H, W)
-    H, W = video.shape[-2:]
-    scale = max(height / H, width / W, short_side / min(H, W))
-    size = (max(height, math.ceil(H * scale - 1e-6)), max(width, math.ceil(W * scale - 1e-6)))
     if size != (H, W):
         video = F.interpolate(video, size=size, mode="bilinear", antialias=True, align_corners=False)
     dy, dx = size[0] - height, size[1] - width
@@ -178,7 +185,10 @@ class VideoClipDataset(torch.utils.data.Dataset):
             self._warned.add(path)
             warnings.warn(f"skipping {path}: {detail} ({sum(self.skipped.values())} skipped so far)", stacklevel=3)
 
-    def _load(self, index: int) -> dict:
+    def load_item(self, index: int) -> dict:
+        """Item ``index`` itself, never a replacement: FileNotFoundError (missing), EOFError
+        (too short) or ValueError (unreadable) otherwise.  Evaluation uses it so that each
+        video counts once; ``ds[i]`` falls back to the next readable video instead."""
         cfg = self.config
         item = self.items[index]
         reader = open_video(item["path"])
@@ -203,7 +213,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         for attempt in range(min(self.max_skips, len(self.items))):
             i = (index + attempt) % len(self.items)
             try:
-                return self._load(i)
+                return self.load_item(i)
             except FileNotFoundError as err:
                 self._skip(i, "missing", str(err))
             except EOFError as err:
