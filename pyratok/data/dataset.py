@@ -1,6 +1,6 @@
 """Video clip datasets for training and evaluation (DESIGN.md §4).
 
-``VideoClipDataset`` reads a folder of videos or a manifest (JSONL or CSV with ``path``,
+``VideoClipDataset`` reads a folder of videos, one video file, or a manifest (JSONL or CSV with ``path``,
 optional ``caption``, ``start`` and ``end`` in seconds) and returns random 1+4k-frame clips:
 
 * frames are sampled at ``fps`` (None keeps the file's rate): frame j of a clip is source
@@ -81,18 +81,23 @@ def read_manifest(path: str) -> list[dict]:
         return [{"path": f} for f in files]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"source: no such folder or manifest: {path}")
+    if path.lower().endswith(VIDEO_EXTENSIONS):  # one video
+        return [{"path": os.path.abspath(path)}]
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="") as f:
-        if path.endswith(".csv"):
-            rows = list(csv.DictReader(f))
-        else:
-            rows = []
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{n}: not a JSON line ({err})") from None
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if path.endswith(".csv"):
+                rows = list(csv.DictReader(f))
+            else:
+                rows = []
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as err:
+                            raise ValueError(f"{path}:{n}: not a JSON line ({err})") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"source: {path} is not a text manifest (JSONL or CSV): {err}") from None
     items = []
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict):

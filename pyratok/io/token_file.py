@@ -93,7 +93,7 @@ def _is_grid(g) -> bool:
 
 
 def _validated(meta: dict, where: str) -> dict:
-    """The decoded metadata after every field is checked: num_bits an int 1..64, grids a list of
+    """The decoded metadata after every field is checked: num_bits an int 1..63, grids a list of
     [t, h, w] positive ints, latent_grid one such triple, source an object, model_id a string.
     Run before any tensor is read, so an inconsistent file fails in one line."""
     try:
@@ -101,8 +101,8 @@ def _validated(meta: dict, where: str) -> dict:
     except ValueError:
         raise TokenFileError(f"{where}: metadata 'num_bits' is missing or not an integer "
                              f"({meta.get('num_bits')!r})") from None
-    if not 1 <= K <= 64:
-        raise TokenFileError(f"{where}: num_bits={K}: expected 1..64")
+    if not 1 <= K <= 63:
+        raise TokenFileError(f"{where}: num_bits={K}: token ids exist for 1..63 bits")
     grids = _json_field(meta, "grids", where)
     if not isinstance(grids, list) or not 1 <= len(grids) <= MAX_LEVELS or not all(_is_grid(g) for g in grids):
         raise TokenFileError(f"{where}: metadata 'grids' must be a list of 1..{MAX_LEVELS} [t, h, w] "
