@@ -102,7 +102,7 @@ def _tile(text: str, model, height: int, width: int) -> Optional[int]:
     except ValueError:
         raise UserError(f"--tile {text!r}: expected a number of latent pixels, 'auto' or 'none'") from None
     if not 8 <= tile <= MAX_TILE:
-        raise UserError(f"--tile {tile}: expected 8 to {MAX_TILE} latent pixels")
+        raise UserError(f"--tile {tile}: expected at least 8 and at most {MAX_TILE} latent pixels")
     return tile
 
 
