@@ -344,8 +344,10 @@ def cmd_train(args) -> int:
         config = TrainConfig.from_file(args.config)
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
-    if args.resume and not os.path.isfile(os.path.join(config.train.out_dir, "checkpoints", "latest")):
-        raise UserError(f"--resume: no checkpoint under {config.train.out_dir}/checkpoints")
+    root = os.path.join(config.train.out_dir, "checkpoints")
+    if args.resume and not any(name.startswith(("step-", ".old-step-")) for name in
+                               (os.listdir(root) if os.path.isdir(root) else ())):
+        raise UserError(f"--resume: no checkpoint under {root}")
     trainer = Trainer(config)
     record = trainer.run(resume=args.resume)
     if trainer.stopped_by_signal is not None:

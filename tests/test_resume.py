@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from pyratok.data import write_video
 from pyratok.train import TrainConfig, Trainer
 from pyratok.train.loop import NonFiniteLossError
-from pyratok.train.state_io import StateFileError, load_state, save_state
+from pyratok.train.state_io import load_state, save_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,9 +7,13 @@
   and clipping, autocast (bf16/fp16) on GPU, optional EMA of the trained weights;
 * the paper's stages as configs (pyratok.train.config.STAGES);
 * checkpoints ``out_dir/checkpoints/step-NNNNNNNN/`` = a loadable model folder
-  (config.json + model.safetensors) + ``trainer.pt`` (optimizer, scheduler, EMA, RNG,
-  step, data position), written to a temporary folder and renamed (atomic), every
-  ``checkpoint_every`` steps, at the end, and on SIGTERM/SIGINT; ``latest`` names the newest;
+  (config.json + model.safetensors) + ``trainer.json`` / ``trainer.safetensors`` (optimizer,
+  scheduler, EMA, RNG, step, data position; no pickle, see state_io.py), written to a
+  temporary folder and renamed (atomic; a re-saved step is swapped in crash-safely), every
+  ``checkpoint_every`` steps, at the end, and on SIGTERM/SIGINT (DataLoader workers ignore
+  those, so a signal to the whole process group is handled once); ``latest`` names the
+  newest, and resume falls back to the newest complete checkpoint if it is incomplete;
+* a non-finite loss or gradient norm stops the run (NonFiniteLossError) without saving;
 * resume is exact: data order and masks depend only on (seed, step), and the optimizer,
   scheduler and RNG states are restored, so a killed and resumed run reaches the weights of
   an uninterrupted one;
@@ -293,9 +297,9 @@ class Trainer:
         pointer = os.path.join(root, "latest")
         named = None
         if os.path.isfile(pointer):
-            with open(pointer) as f:
+            with open(pointer, errors="replace") as f:
                 named = os.path.join(root, f.read(256).strip())
-            if self.is_complete_checkpoint(named):
+            if re.fullmatch(r"step-\d+", os.path.basename(named)) and self.is_complete_checkpoint(named):
                 return named
         candidates = []
         for entry in os.listdir(root) if os.path.isdir(root) else ():
