@@ -457,3 +457,11 @@ def test_a_binary_file_as_manifest(tmp_path):
     manifest.write_bytes(b"\x00\xff\xfe binary")
     with pytest.raises(ValueError, match="not a text manifest"):
         read_manifest(str(manifest))
+
+
+def test_the_encode_memory_bomb_of_issue_19(model_dir, tmp_path, capsys):
+    """`encode --size 8x40000 --frames 1` grew past 16 GB; now one line before any decoding."""
+    start = time.perf_counter()
+    one_line_error(capsys, "encode", CLIP, "-o", tmp_path / "x.safetensors", "--model", model_dir,
+                   "--size", "8x40000", "--frames", 1, match="at most 8192")
+    assert time.perf_counter() - start < 30 and not (tmp_path / "x.safetensors").exists()
