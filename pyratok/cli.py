@@ -13,7 +13,11 @@ import os
 import sys
 from typing import Optional
 
+from pyratok.utils import MAX_FRAMES, MAX_SIDE, MAX_TILE, check_clip_pixels
+
 EXIT_USER_ERROR = 2
+EXIT_TRAINING_FAILED = 1
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a reader closing the pipe early gives other tools
 
 
 class UserError(Exception):
@@ -23,15 +27,50 @@ class UserError(Exception):
 # -- shared helpers ---------------------------------------------------------------------------
 
 
+def _check_device(text: str) -> str:
+    """--device must name a device this machine has (cpu, cuda, cuda:N, mps)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UserError(f"--device {text!r}: not a torch device (expected cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {text}: this machine (or this torch build) has no CUDA device; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {text}: only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise UserError(f"--device {text}: MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise UserError(f"--device {text}: expected cpu, cuda, cuda:N or mps")
+    return text
+
+
 def _load_model(path: Optional[str], device: str):
     from pyratok.models.pyratok import PyraTok
     from pyratok.pretrained import default_model_path
 
+    _check_device(device)
     path = path or default_model_path()
     if not os.path.isdir(path):
         raise UserError(f"--model: no such model folder: {path}")
     model = PyraTok.from_pretrained(path, device=device)
     return model.eval()
+
+
+def _load_lpips(model, path: Optional[str]) -> None:
+    if not path:
+        return
+    if not os.path.isfile(path):
+        raise UserError(f"--lpips {path}: no such file")
+    try:
+        model.load_lpips(path)
+    except Exception as err:  # torch.load / state-dict mismatches raise several types
+        raise UserError(f"--lpips {path}: not an LPIPS (VGG) weights file "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})") from None
 
 
 def _parse_size(text: Optional[str]):
@@ -43,6 +82,8 @@ def _parse_size(text: Optional[str]):
         raise UserError(f"--size {text!r}: expected HEIGHTxWIDTH, e.g. 128x128") from None
     if h <= 0 or w <= 0 or h % 8 or w % 8:
         raise UserError(f"--size {text}: height and width must be positive multiples of 8")
+    if max(h, w) > MAX_SIDE:
+        raise UserError(f"--size {text}: at most {MAX_SIDE} pixels a side")
     return h, w
 
 
@@ -60,20 +101,23 @@ def _tile(text: str, model, height: int, width: int) -> Optional[int]:
         tile = int(text)
     except ValueError:
         raise UserError(f"--tile {text!r}: expected a number of latent pixels, 'auto' or 'none'") from None
-    if tile < 8:
-        raise UserError(f"--tile {tile}: expected at least 8 latent pixels")
+    if not 8 <= tile <= MAX_TILE:
+        raise UserError(f"--tile {tile}: expected at least 8 and at most {MAX_TILE} latent pixels")
     return tile
 
 
 def _check_frames(frames: Optional[int]) -> None:
     if frames is not None and (frames < 1 or (frames - 1) % 4):
         raise UserError(f"--frames {frames}: the tokenizer takes 1 + 4k frames (1, 5, 9, 17, 33, ...)")
+    if frames is not None and frames > MAX_FRAMES:
+        raise UserError(f"--frames {frames}: at most {MAX_FRAMES} frames per clip")
 
 
 def load_clip(path: str, frames: Optional[int], size):
     """A video file -> ((1, 3, T, H, W) in [-1, 1], fps): T = 1+4k (the longest that fits, or
     ``frames``), centre-cropped to multiples of 8 or resized+cropped to ``size``."""
     from pyratok.data import resize_and_crop
+    from pyratok.data.dataset import resized_size
     from pyratok.data.video import open_video, read_frames
 
     try:
@@ -86,18 +130,40 @@ def load_clip(path: str, frames: Optional[int], size):
     if total < 1:
         raise UserError(f"{path}: the video has no frames")
     if frames is None:
-        frames = 1 + 4 * ((total - 1) // 4)
+        frames = min(1 + 4 * ((total - 1) // 4), MAX_FRAMES)
     _check_frames(frames)
     if frames > total:
         raise UserError(f"--frames {frames}: {path} has only {total} frames")
-    video = read_frames(reader, range(frames), path)                       # (T, H, W, 3)
-    H, W = video.shape[1:3]
+    H, W = _frame_size(reader, path)
+    try:  # the decoded source and the resized clip are bounded before either is allocated
+        check_clip_pixels(frames, H, W, f"{path} (decoded)")
+        if size is not None:
+            check_clip_pixels(frames, *resized_size(H, W, *size), f"{path} resized to cover --size {size[0]}x{size[1]}")
+    except ValueError as err:
+        raise UserError(str(err)) from None
     if size is None:
         size = (H - H % 8, W - W % 8)
         if min(size) == 0:
             raise UserError(f"{path}: frames of {H}x{W} are smaller than 8x8")
+    video = read_frames(reader, range(frames), path)                       # (T, H, W, 3)
     clip = resize_and_crop(video, size[0], size[1], None)[None]             # (1, 3, T, h, w)
     return clip, float(reader.get_avg_fps()) or 25.0
+
+
+def _frame_size(reader, path: str) -> tuple[int, int]:
+    """(height, width) of a video's frames from the container header, without decoding."""
+    from pyratok.data.video import read_frames
+
+    try:
+        import av
+
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            if stream.height > 0 and stream.width > 0:
+                return stream.height, stream.width
+    except Exception:  # PyAV cannot parse what decord opened: decode one frame instead
+        pass
+    return tuple(read_frames(reader, [0], path).shape[1:3])
 
 
 def _to_uint8(video):
@@ -175,7 +241,13 @@ def cmd_decode(args) -> int:
     except ValueError as err:
         raise UserError(f"{args.tokens}: {err}") from None
     src = tokens.source
-    tile = _tile(args.tile, model, src.get("height", 0), src.get("width", 0))
+    lt, lh, lw = tokens.latent_grid
+    try:  # the video the tokens decode to is bounded before the decoder allocates it
+        check_clip_pixels(1 + (lt - 1) * model.vae.temporal_factor, lh * model.vae.spatial_factor,
+                          lw * model.vae.spatial_factor, f"{args.tokens} decodes to")
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    tile = _tile(args.tile, model, lh * model.vae.spatial_factor, lw * model.vae.spatial_factor)
     with torch.no_grad():
         video = model.decode(tokens, tile=tile)[0]
     write_video(args.output, _to_uint8(video), fps=tokens.source.get("fps", 25.0))
@@ -242,9 +314,10 @@ def cmd_reconstruct(args) -> int:
     _check_frames(args.frames)
     if not os.path.isfile(args.video):
         raise UserError(f"{args.video}: no such file")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UserError(f"-o {args.output}: exists and is not a folder (reconstruct writes a folder of outputs)")
     model = _load_model(args.model, args.device)
-    if args.lpips:
-        model.load_lpips(args.lpips)
+    _load_lpips(model, args.lpips)
     text = _text_arg(model, args.text)
     _tile(args.tile, model, 0, 0)  # a bad --tile fails before any work
     clip, fps = load_clip(args.video, args.frames, size)
@@ -273,8 +346,10 @@ def cmd_train(args) -> int:
         raise UserError(str(err)) from None
     if args.lpips:
         config.model.lpips = os.path.abspath(args.lpips)
-    if args.resume and not os.path.isfile(os.path.join(config.train.out_dir, "checkpoints", "latest")):
-        raise UserError(f"--resume: no checkpoint under {config.train.out_dir}/checkpoints")
+    root = os.path.join(config.train.out_dir, "checkpoints")
+    if args.resume and not any(name.startswith(("step-", ".old-step-")) for name in
+                               (os.listdir(root) if os.path.isdir(root) else ())):
+        raise UserError(f"--resume: no checkpoint under {root}")
     trainer = Trainer(config)
     record = trainer.run(resume=args.resume)
     if trainer.stopped_by_signal is not None:
@@ -287,38 +362,54 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    """Each readable video is evaluated once; an unreadable one (missing, not a video, too
+    short) is listed with its reason and left out of the means."""
     from pyratok.data import ClipConfig, VideoClipDataset
     from pyratok.utils import atomic_write
 
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: expected at least 1 video")
+    _check_frames(args.frames)
     size = _parse_size(args.size) or (128, 128)
     try:
+        check_clip_pixels(args.frames, size[0], size[1], "--frames x --size")
         dataset = VideoClipDataset(args.data, ClipConfig(num_frames=args.frames, height=size[0], width=size[1],
                                                          crop="center", fps=args.fps, resize=args.resize))
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UserError(f"-o {args.output}: exists and is not a folder")
     model = _load_model(args.model, args.device)
-    if args.lpips:
-        model.load_lpips(args.lpips)
-    rows = []
-    count = min(len(dataset), args.limit) if args.limit else len(dataset)
-    for i in _progress(range(count), "eval", args.quiet):
-        item = dataset[i]
+    _load_lpips(model, args.lpips)
+    rows, unreadable = [], []
+    for i in _progress(range(len(dataset)), "eval", args.quiet):
+        if args.limit and len(rows) == args.limit:
+            break
+        try:
+            item = dataset.load_item(i)
+        except (FileNotFoundError, EOFError, ValueError) as err:
+            unreadable.append({"path": dataset.items[i]["path"], "reason": str(err).splitlines()[0]})
+            continue
         clip = item["video"][None].to(args.device)
         text = item["caption"] if (item["caption"] and model.text_encoder is not None and args.use_captions) else None
         rows.append({"path": item["path"], **reconstruct_clip(model, clip, text, _tile(args.tile, model, *size))["metrics"]})
     if not rows:
-        raise UserError(f"{args.data}: no readable clips")
+        first = unreadable[0] if unreadable else {"path": args.data, "reason": "no videos"}
+        raise UserError(f"{args.data}: no readable videos ({len(unreadable)} unreadable; "
+                        f"first: {first['path']}: {first['reason']})")
     keys = ["psnr", "ssim", "bits_per_pixel"] + (["lpips"] if "lpips" in rows[0] else [])
     summary = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     levels = len(rows[0]["codebook_usage"])
     summary["codebook_usage"] = [sum(r["codebook_usage"][l] for r in rows) / len(rows) for l in range(levels)]
-    summary.update({"videos": len(rows), "skipped": dict(dataset.skipped), "frames": args.frames,
+    summary.update({"videos": len(rows), "unreadable": len(unreadable), "frames": args.frames,
                     "height": size[0], "width": size[1], "model_id": model.model_id})
     os.makedirs(args.output, exist_ok=True)
     with atomic_write(os.path.join(args.output, "metrics.json"), "w") as f:
-        json.dump({"summary": summary, "videos": rows}, f, indent=2)
+        json.dump({"summary": summary, "videos": rows, "unreadable": unreadable}, f, indent=2)
     _eval_plot(rows, os.path.join(args.output, "eval.png"))
     if not args.quiet:
+        for bad in unreadable:
+            print(f"unreadable: {bad['path']}: {bad['reason']}", file=sys.stderr)
         print(json.dumps(summary))
     return 0
 
@@ -357,6 +448,8 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(meta, indent=2))
         return 0
+    if not isinstance(meta.get("source"), dict):
+        meta["source"] = {}
     src = meta["source"]
     print(f"file        {args.tokens}")
     print(f"format      {meta['format']} v{meta['format_version']}, bit order {meta['bit_order']}")
@@ -453,16 +546,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (``pyratok info --json | head -1``): stop quietly,
+    with the status a process killed by SIGPIPE has, and no traceback at interpreter exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv=None) -> int:
+    from pyratok.train.loop import NonFiniteLossError
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except UserError as err:
         print(f"pyratok: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (FileNotFoundError, ValueError) as err:
         print(f"pyratok: error: {err}".splitlines()[0], file=sys.stderr)
         return EXIT_USER_ERROR
+    except NonFiniteLossError as err:
+        print(f"pyratok: error: {err}", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
     except KeyboardInterrupt:
         print("pyratok: interrupted", file=sys.stderr)
         return 130

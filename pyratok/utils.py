@@ -6,6 +6,23 @@ import contextlib
 import os
 import tempfile
 
+# Bounds on sizes a user controls (CLI options, TOML, model config.json), checked before any
+# allocation so that a typo fails in one line instead of exhausting memory (issue 19):
+MAX_SIDE = 8192                 # pixels, height or width of a clip
+MAX_FRAMES = 4097               # frames of one clip (1 + 4k)
+MAX_CLIP_PIXELS = 1 << 30       # frames x height x width of one decoded clip (12 GiB as float32 RGB)
+MAX_TILE = 1024                 # latent pixels per spatial tile
+MAX_MODEL_PARAMS = 4 * 10 ** 9  # estimated parameters of a model built from a config (16 GB fp32)
+
+
+def check_clip_pixels(frames: int, height: int, width: int, what: str) -> None:
+    """ValueError when a clip of frames x height x width would exceed MAX_CLIP_PIXELS."""
+    pixels = frames * height * width
+    if pixels > MAX_CLIP_PIXELS:
+        raise ValueError(f"{what}: {frames} frames of {height}x{width} = {pixels / 2 ** 30:.1f} Gi pixels, "
+                         f"more than the {MAX_CLIP_PIXELS / 2 ** 30:.0f} Gi pixel limit "
+                         f"({12 * pixels / 2 ** 30:.0f} GiB as float32); use fewer frames or a smaller size")
+
 
 def default_file_mode() -> int:
     """0666 minus the process umask: the mode open() gives a new file."""

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from pyratok.data import (BucketBatchSampler, ClipConfig, VideoClipDataset, VideoInfo, bundled_clip_path,
+from pyratok.data import (BucketBatchSampler, ClipConfig, NoUsableClipError, VideoClipDataset, VideoInfo, bundled_clip_path,
                           collate_clips, read_video, resize_and_crop, write_video)
 
 
@@ -98,7 +98,7 @@ def test_manifests_with_captions_and_ranges(folder, tmp_path):
     csv_path = tmp_path / "train.csv"
     csv_path.write_text(f"path,caption,start,end\n{folder / 'a_carphone.mp4'},hello,0,0.2\n")
     short = VideoClipDataset(str(csv_path), ClipConfig(num_frames=9, height=32, width=32))
-    with pytest.raises(RuntimeError, match="no readable clip"), pytest.warns(UserWarning, match="too short|frames in range"):
+    with pytest.raises(NoUsableClipError, match="no usable clip"), pytest.warns(UserWarning, match="too short|frames in range"):
         short[0]                                           # 0.2 s at 30 fps is 6 frames < 9
 
 

@@ -3,6 +3,7 @@
 from pyratok.data.dataset import (
     BucketBatchSampler,
     ClipConfig,
+    NoUsableClipError,
     VideoClipDataset,
     collate_clips,
     read_manifest,
@@ -13,6 +14,7 @@ from pyratok.data.video import VideoInfo, bundled_clip_path, open_video, read_vi
 __all__ = [
     "BucketBatchSampler",
     "ClipConfig",
+    "NoUsableClipError",
     "VideoClipDataset",
     "VideoInfo",
     "bundled_clip_path",

@@ -1,6 +1,6 @@
 """Video clip datasets for training and evaluation (DESIGN.md §4).
 
-``VideoClipDataset`` reads a folder of videos or a manifest (JSONL or CSV with ``path``,
+``VideoClipDataset`` reads a folder of videos, one video file, or a manifest (JSONL or CSV with ``path``,
 optional ``caption``, ``start`` and ``end`` in seconds) and returns random 1+4k-frame clips:
 
 * frames are sampled at ``fps`` (None keeps the file's rate): frame j of a clip is source
@@ -34,9 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from pyratok.data.video import open_video, read_frames
+from pyratok.utils import check_clip_pixels
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 log = logging.getLogger(__name__)
+
+
+class NoUsableClipError(ValueError):
+    """Every video tried for an item was missing, unreadable or too short."""
 
 
 @dataclass
@@ -76,33 +81,55 @@ def read_manifest(path: str) -> list[dict]:
         return [{"path": f} for f in files]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"source: no such folder or manifest: {path}")
+    if path.lower().endswith(VIDEO_EXTENSIONS):  # one video
+        return [{"path": os.path.abspath(path)}]
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="") as f:
-        if path.endswith(".csv"):
-            rows = list(csv.DictReader(f))
-        else:
-            rows = []
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{n}: not a JSON line ({err})") from None
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if path.endswith(".csv"):
+                rows = list(csv.DictReader(f))
+            else:
+                rows = []
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as err:
+                            raise ValueError(f"{path}:{n}: not a JSON line ({err})") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"source: {path} is not a text manifest (JSONL or CSV): {err}") from None
     items = []
     for n, row in enumerate(rows, 1):
-        if not row.get("path"):
-            raise ValueError(f"{path}: entry {n} has no 'path'")
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: entry {n} is a JSON {type(row).__name__}, expected an object with 'path'")
+        if not row.get("path") or not isinstance(row["path"], str):
+            raise ValueError(f"{path}: entry {n} has no 'path' (a string)")
         item = {"path": row["path"] if os.path.isabs(row["path"]) else os.path.join(base, row["path"])}
         for key in ("caption",):
             if row.get(key):
                 item[key] = str(row[key])
         for key in ("start", "end"):
             if row.get(key) not in (None, ""):
-                item[key] = float(row[key])
+                try:
+                    item[key] = float(row[key])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{path}: entry {n}, column {key!r}: {row[key]!r} is not a number "
+                                     "(seconds)") from None
+                if not math.isfinite(item[key]) or item[key] < 0:
+                    raise ValueError(f"{path}: entry {n}, column {key!r}: {row[key]!r} is not a time "
+                                     "(expected finite seconds >= 0)")
+        if "start" in item and "end" in item and item["end"] <= item["start"]:
+            raise ValueError(f"{path}: entry {n}: end={item['end']:g} is not after start={item['start']:g}")
         items.append(item)
     if not items:
         raise ValueError(f"source: the manifest {path} lists no videos")
     return items
+
+
+def resized_size(H: int, W: int, height: int, width: int, short_side: int = 0) -> tuple[int, int]:
+    """The size resize_and_crop scales H x W frames to before cropping height x width."""
+    scale = max(height / H, width / W, short_side / min(H, W))
+    return max(height, math.ceil(H * scale - 1e-6)), max(width, math.ceil(W * scale - 1e-6))
 
 
 def resize_and_crop(frames: torch.Tensor, height: int, width: int, rng: Optional[random.Random],
@@ -110,10 +137,10 @@ def resize_and_crop(frames: torch.Tensor, height: int, width: int, rng: Optional
     """(T, H, W, 3) uint8 -> (3, T, height, width) float32 in [-1, 1]: resize so the short side
     is ``short_side`` (0: the smallest size that covers height x width; never smaller than
     that), then crop (random offsets from ``rng``, centred when it is None)."""
+    T, H, W = frames.shape[:3]
+    size = resized_size(H, W, height, width, short_side)
+    check_clip_pixels(T, *size, f"resizing {H}x{W} frames to cover {height}x{width}")
     video = frames.permute(0, 3, 1, 2).float()                               # (T, 3, H, W)
-    H, W = video.shape[-2:]
-    scale = max(height / H, width / W, short_side / min(H, W))
-    size = (max(height, math.ceil(H * scale - 1e-6)), max(width, math.ceil(W * scale - 1e-6)))
     if size != (H, W):
         video = F.interpolate(video, size=size, mode="bilinear", antialias=True, align_corners=False)
     dy, dx = size[0] - height, size[1] - width
@@ -163,7 +190,10 @@ class VideoClipDataset(torch.utils.data.Dataset):
             self._warned.add(path)
             warnings.warn(f"skipping {path}: {detail} ({sum(self.skipped.values())} skipped so far)", stacklevel=3)
 
-    def _load(self, index: int) -> dict:
+    def load_item(self, index: int) -> dict:
+        """Item ``index`` itself, never a replacement: FileNotFoundError (missing), EOFError
+        (too short) or ValueError (unreadable) otherwise.  Evaluation uses it so that each
+        video counts once; ``ds[i]`` falls back to the next readable video instead."""
         cfg = self.config
         item = self.items[index]
         reader = open_video(item["path"])
@@ -188,15 +218,15 @@ class VideoClipDataset(torch.utils.data.Dataset):
         for attempt in range(min(self.max_skips, len(self.items))):
             i = (index + attempt) % len(self.items)
             try:
-                return self._load(i)
+                return self.load_item(i)
             except FileNotFoundError as err:
                 self._skip(i, "missing", str(err))
             except EOFError as err:
                 self._skip(i, "too short", str(err))
             except ValueError as err:
                 self._skip(i, "unreadable", str(err))
-        raise RuntimeError(f"no readable clip found in {min(self.max_skips, len(self.items))} videos from index "
-                           f"{index}; skipped: {dict(self.skipped)}")
+        raise NoUsableClipError(f"no usable clip in {min(self.max_skips, len(self.items))} videos from index "
+                                f"{index}; skipped: {dict(self.skipped)}")
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):

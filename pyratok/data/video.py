@@ -75,12 +75,39 @@ def open_video(path: str):
         raise ValueError(f"path: {path} is not a readable video ({type(err).__name__}: {str(err)[:200]})") from None
 
 
+def _read_frames_av(path: str, indices: Sequence[int]) -> np.ndarray:
+    """PyAV decode of the given frame indices (in presentation order) -> (T, H, W, 3) uint8."""
+    import av
+
+    wanted = set(indices)
+    found: dict[int, np.ndarray] = {}
+    with av.open(path) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                found[i] = frame.to_ndarray(format="rgb24")
+            if len(found) == len(wanted):
+                break
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise ValueError(f"frames {missing[:5]} are past the end ({len(found)} decoded)")
+    return np.stack([found[i] for i in indices])
+
+
 def read_frames(reader, indices: Sequence[int], path: str = "video") -> torch.Tensor:
-    """Decodes the given frame indices -> (T, H, W, 3) uint8."""
+    """Decodes the given frame indices -> (T, H, W, 3) uint8.
+
+    decord cannot copy out frames of some small sizes (e.g. 8x8, 48x48: "Check failed:
+    from_size == to_size"); such files are decoded again with PyAV."""
     try:
         frames = reader.get_batch(list(indices)).asnumpy()
     except Exception as err:
-        raise ValueError(f"{path}: decoding frames failed ({type(err).__name__}: {str(err)[:200]})") from None
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: decoding frames failed ({type(err).__name__}: {str(err)[:200]})") from None
+        try:
+            frames = _read_frames_av(path, list(indices))
+        except Exception as av_err:
+            raise ValueError(f"{path}: decoding frames failed ({type(av_err).__name__}: "
+                             f"{str(av_err)[:200]})") from None
     return torch.from_numpy(np.ascontiguousarray(frames))
 
 

@@ -73,6 +73,66 @@ def _metadata(tokens: Tokens, caption: Optional[str]) -> dict:
     }
 
 
+MAX_HEADER_BYTES = 100 << 20   # safetensors' own limit on a header
+MAX_LEVELS = 64
+MAX_GRID_TOKENS = 1 << 34      # tokens of one level (a 2 GiB plane at K = 1)
+
+
+def _json_field(meta: dict, key: str, where: str):
+    if not isinstance(meta.get(key), str):
+        raise TokenFileError(f"{where}: metadata {key!r} is missing")
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as err:
+        raise TokenFileError(f"{where}: metadata {key!r} is not JSON ({err})") from None
+
+
+def _is_grid(g) -> bool:
+    return (isinstance(g, list) and len(g) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_GRID_TOKENS for v in g))
+
+
+def _validated(meta: dict, where: str) -> dict:
+    """The decoded metadata after every field is checked: num_bits an int 1..63, grids a list of
+    [t, h, w] positive ints, latent_grid one such triple, source an object, model_id a string.
+    Run before any tensor is read, so an inconsistent file fails in one line."""
+    try:
+        K = int(meta.get("num_bits", ""))
+    except ValueError:
+        raise TokenFileError(f"{where}: metadata 'num_bits' is missing or not an integer "
+                             f"({meta.get('num_bits')!r})") from None
+    if not 1 <= K <= 63:
+        raise TokenFileError(f"{where}: num_bits={K}: token ids exist for 1..63 bits")
+    grids = _json_field(meta, "grids", where)
+    if not isinstance(grids, list) or not 1 <= len(grids) <= MAX_LEVELS or not all(_is_grid(g) for g in grids):
+        raise TokenFileError(f"{where}: metadata 'grids' must be a list of 1..{MAX_LEVELS} [t, h, w] "
+                             f"triples of positive integers, got {meta.get('grids')[:120]}")
+    if any(t * h * w > MAX_GRID_TOKENS for t, h, w in grids):
+        raise TokenFileError(f"{where}: a level grid holds more than {MAX_GRID_TOKENS} tokens")
+    latent = _json_field(meta, "latent_grid", where)
+    if not _is_grid(latent):
+        raise TokenFileError(f"{where}: metadata 'latent_grid' must be a [t, h, w] triple of positive integers")
+    source = _json_field(meta, "source", where)
+    if not isinstance(source, dict):
+        raise TokenFileError(f"{where}: metadata 'source' must be a JSON object, got {type(source).__name__}")
+    if not isinstance(meta.get("model_id"), str):
+        raise TokenFileError(f"{where}: metadata 'model_id' is missing")
+    return {"num_bits": K, "grids": grids, "latent_grid": latent, "source": source}
+
+
+def _check_planes(shapes: dict, fields: dict, where: str, prefix: str = "") -> None:
+    """Every level's plane exists with shape (K, ceil(N/8)) and dtype uint8 (from the header)."""
+    K = fields["num_bits"]
+    for l, (t, h, w) in enumerate(fields["grids"]):
+        name = f"{prefix}level_{l}"
+        if name not in shapes:
+            raise TokenFileError(f"{where}: level {l} ({name}) is missing")
+        shape, dtype = shapes[name]
+        want = [K, (t * h * w + 7) // 8]
+        if list(shape) != want or dtype not in ("U8", torch.uint8):
+            raise TokenFileError(f"{where}: level {l} holds {tuple(shape)} {dtype}, expected {tuple(want)} uint8")
+
+
 def _tokens_from(meta: dict, planes: list[torch.Tensor], where: str) -> Tokens:
     K = int(meta["num_bits"])
     grids = [tuple(g) for g in json.loads(meta["grids"])]
@@ -132,30 +192,77 @@ def save_tokens(path: str, tokens: Tokens) -> None:
         f.write(blob)
 
 
+def _read_header(path: str) -> tuple[dict, dict, int]:
+    """(metadata, {name: (shape, dtype, (begin, end))}, data start) from a safetensors header,
+    without reading the tensor data."""
+    if not os.path.isfile(path):
+        raise TokenFileError(f"{path}: no such token file")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+        if len(head) < 9:
+            raise TokenFileError(f"{path}: truncated ({size} bytes) or not a token file")
+        header_len = int.from_bytes(head[:8], "little")
+        if head[8:9] != b"{":
+            raise TokenFileError(f"{path}: not a token file (no safetensors header)")
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise TokenFileError(f"{path}: truncated (header says {header_len} bytes, file has {size - 8})")
+        f.seek(8)
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TokenFileError(f"{path}: corrupted token file header ({err})") from None
+    if not isinstance(header, dict):
+        raise TokenFileError(f"{path}: corrupted token file header")
+    meta = header.pop("__metadata__", None)
+    infos = {}
+    for name, info in header.items():
+        try:
+            begin, end = info["data_offsets"]
+            infos[name] = (list(info["shape"]), info["dtype"], (int(begin), int(end)))
+        except (KeyError, TypeError, ValueError):
+            raise TokenFileError(f"{path}: corrupted entry {name!r} in the token file header") from None
+        if not 0 <= begin <= end <= size - 8 - header_len:
+            raise TokenFileError(f"{path}: truncated ({name} lies past the end of the file)")
+    return meta if isinstance(meta, dict) else {}, infos, 8 + header_len
+
+
 def read_token_metadata(path: str) -> dict:
-    """The decoded metadata of a token file (for `pyratok info`), after integrity checks."""
-    meta, tensors = _read(path)
+    """The decoded metadata of a token file (for `pyratok info`): the header is validated
+    before anything else is read, then the checksum is verified one level at a time (memory
+    bounded by one level's bit planes, never the whole file)."""
+    meta, infos, start = _read_header(path)
     _check_header(meta, path)
-    planes = [tensors[f"level_{l}"] for l in range(len(json.loads(meta["grids"])))] if "grids" in meta else []
-    if meta.get("checksum") != _checksum(meta, planes):
+    fields = _validated(meta, path)
+    _check_planes({k: (v[0], v[1]) for k, v in infos.items()}, fields, path)
+    h = hashlib.sha256(json.dumps({k: meta.get(k, "") for k in _KEYS}, sort_keys=True).encode())
+    with open(path, "rb") as f:
+        for l in range(len(fields["grids"])):
+            begin, end = infos[f"level_{l}"][2]
+            f.seek(start + begin)
+            remaining = end - begin
+            while remaining:
+                block = f.read(min(remaining, 1 << 22))
+                if not block:
+                    raise TokenFileError(f"{path}: truncated inside level {l}")
+                h.update(block)
+                remaining -= len(block)
+    if meta.get("checksum") != h.hexdigest():
         raise TokenFileError(f"{path}: checksum mismatch: the file is corrupted")
-    out = dict(meta)
-    for k in ("grids", "latent_grid", "source"):
-        out[k] = json.loads(meta[k])
-    out["num_bits"] = int(meta["num_bits"])
+    out = {**meta, **fields}
     out["num_tokens"] = sum(t * h * w for t, h, w in out["grids"])
     return out
 
 
 def load_tokens(path: str) -> Tokens:
     """Reads a token file; raises TokenFileError if it is truncated, corrupted or foreign."""
-    meta, tensors = _read(path)
+    meta, infos, _ = _read_header(path)
     _check_header(meta, path)
-    try:
-        levels = len(json.loads(meta["grids"]))
-        planes = [tensors[f"level_{l}"] for l in range(levels)]
-    except (KeyError, ValueError) as err:
-        raise TokenFileError(f"{path}: incomplete token file (missing {err})") from None
+    fields = _validated(meta, path)
+    _check_planes({k: (v[0], v[1]) for k, v in infos.items()}, fields, path)
+    meta, tensors = _read(path)
+    planes = [tensors[f"level_{l}"] for l in range(len(fields["grids"]))]
     if meta.get("checksum") != _checksum(meta, planes):
         raise TokenFileError(f"{path}: checksum mismatch: the file is corrupted")
     return _tokens_from(meta, planes, path)
@@ -249,10 +356,15 @@ class TokenShardDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Tokens:
         item = self.items[i]
         _, metas, tensors = self._shard(item["shard"])
-        meta = metas[item["key"]]
-        levels = len(json.loads(meta["grids"]))
-        planes = [tensors[f"{item['position']}.level_{l}"] for l in range(levels)]
-        return _tokens_from(meta, planes, f"{item['key']} in shard {item['shard']}")
+        where = f"{item['key']} in shard {item['shard']}"
+        meta = metas.get(item["key"])
+        if not isinstance(meta, dict):
+            raise TokenFileError(f"{where}: the shard has no metadata for this item")
+        fields = _validated(meta, where)
+        prefix = f"{item['position']}."
+        _check_planes({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, fields, where, prefix)
+        planes = [tensors[f"{prefix}level_{l}"] for l in range(len(fields["grids"]))]
+        return _tokens_from(meta, planes, where)
 
     def numpy(self, i: int) -> list[np.ndarray]:
         return [ids[0].numpy() for ids in self[i].ids]

@@ -406,9 +406,11 @@ class PyraTok(nn.Module):
             digest.update(state[k].numpy().tobytes() if state[k].dtype != torch.bfloat16 else state[k].view(torch.int16).numpy().tobytes())
         self._model_id = digest.hexdigest()[:16]
         os.makedirs(path, exist_ok=True)
+        blob = save(state, metadata={"format": FORMAT, "model_id": self._model_id})
         with atomic_write(os.path.join(path, WEIGHTS_FILE)) as f:
-            f.write(save(state, metadata={"format": FORMAT, "model_id": self._model_id}))
+            f.write(blob)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_id": self._model_id,
+                "weights_sha256": hashlib.sha256(blob).hexdigest(),  # verified by from_pretrained
                 "includes_backbone": include_backbone, "config": self.config.to_dict()}
         with atomic_write(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump(meta, f, indent=2)
@@ -416,28 +418,51 @@ class PyraTok(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, text_encoder: Optional[nn.Module] = None,
                         device: Union[str, torch.device] = "cpu") -> "PyraTok":
+        from safetensors import safe_open
         from safetensors.torch import load_file
+
+        from pyratok.models import model_files
 
         cfg_file, weights_file = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
         for f in (cfg_file, weights_file):
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"{f}: a PyraTok folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-        with open(cfg_file) as fh:
-            meta = json.load(fh)
+        meta = model_files.read_json_object(cfg_file, "PyraTok model config")
         if meta.get("format") != FORMAT:
             raise ValueError(f"{cfg_file}: not a PyraTok model folder (format={meta.get('format')!r})")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{cfg_file}: model format version {meta.get('format_version')}, this pyratok reads "
                              f"{FORMAT_VERSION}")
-        config = PyraTokConfig.from_dict(meta["config"])
+        if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("model_id"), str):
+            raise ValueError(f"{cfg_file}: 'config' (an object) and 'model_id' (a string) are required")
+        try:
+            config = PyraTokConfig.from_dict(meta["config"])
+        except (TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{cfg_file}: {str(err).splitlines()[0]}") from None
+        model_files.check_field_types(config, cfg_file)
+        model_files.check_dimensions(config, cfg_file)
         includes_backbone = meta.get("includes_backbone", True)
+        if not isinstance(includes_backbone, bool):
+            raise ValueError(f"{cfg_file}: includes_backbone must be true or false")
         if not includes_backbone and not config.backbone_path:
             raise ValueError(f"{cfg_file}: the backbone is not included and config.backbone_path is empty")
+        model_files.verify_weights(weights_file, meta, cfg_file)
+        try:
+            with safe_open(weights_file, "pt") as fh:
+                file_id = (fh.metadata() or {}).get("model_id")
+            state = load_file(weights_file)
+        except Exception as err:  # safetensors raises several types for damaged bytes
+            raise ValueError(f"{weights_file}: truncated or corrupted ({type(err).__name__}: {err})") from None
+        if file_id is not None and file_id != meta["model_id"]:
+            raise ValueError(f"{weights_file}: weights of model {file_id}, but {CONFIG_FILE} says model "
+                             f"{meta['model_id']}: the files come from different models")
         if includes_backbone:  # the file has the weights: do not read them from elsewhere first
             config = dataclasses.replace(config, backbone_path=None)
-        model = cls(config, text_encoder)
+        try:
+            model = cls(config, text_encoder)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{cfg_file}: cannot build the model ({str(err).splitlines()[0]})") from None
         model.config.backbone_path = meta["config"].get("backbone_path")
-        state = load_file(weights_file)
         own = model._saved_state(includes_backbone)
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))

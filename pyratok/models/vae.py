@@ -98,7 +98,20 @@ class WanVAEConfig:
 
     def __post_init__(self):
         for name in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise ValueError(f"{name}: expected a list, got {getattr(self, name)!r}")
             setattr(self, name, tuple(getattr(self, name)))
+        # sizes are bounded before any layer is built: absurd values fail here, not in an allocation
+        for name, high in (("base_dim", 4096), ("z_dim", 1024), ("num_res_blocks", 64), ("in_channels", 4096),
+                           ("out_channels", 4096), ("decoder_base_dim", 4096), ("patch_size", 64)):
+            value = getattr(self, name)
+            if value is None and name in ("decoder_base_dim", "patch_size"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not (0 if name == "num_res_blocks" else 1) <= value <= high:
+                raise ValueError(f"{name}={value!r}: expected an integer in "
+                                 f"{0 if name == 'num_res_blocks' else 1}..{high}")
+        if len(self.dim_mult) > 8 or any(isinstance(m, bool) or not isinstance(m, int) or m > 64 for m in self.dim_mult):
+            raise ValueError(f"dim_mult={list(self.dim_mult)}: expected at most 8 integer multipliers of at most 64")
         if not self.dim_mult or any(int(m) < 1 for m in self.dim_mult):
             raise ValueError(f"dim_mult: expected positive channel multipliers, got {list(self.dim_mult)}")
         if len(self.temperal_downsample) < len(self.dim_mult) - 1:
@@ -1024,8 +1037,12 @@ class WanVAE(nn.Module):
                 if not os.path.exists(f):
                     raise FileNotFoundError(f"{f} not found; a diffusers VAE folder holds {CONFIG_NAME} and "
                                             f"{WEIGHTS_NAME} (found: {sorted(os.listdir(path))})")
-            with open(config_file) as fh:
-                file_config = WanVAEConfig.from_dict(json.load(fh))
+            from pyratok.models.model_files import read_json_object
+
+            try:
+                file_config = WanVAEConfig.from_dict(read_json_object(config_file, "diffusers VAE config"))
+            except TypeError as err:
+                raise ValueError(f"{config_file}: {err}") from None
             if config is not None:
                 raise ValueError("config: a diffusers folder carries its own config.json; pass config only "
                                  "with a single checkpoint file")
@@ -1037,11 +1054,19 @@ class WanVAE(nn.Module):
         if isinstance(config, dict):
             config = WanVAEConfig.from_dict(config)
         model = cls(config or WanVAEConfig())
-        if path.endswith(".safetensors"):
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
+        try:
+            if path.endswith(".safetensors"):
+                state = load_file(path)
+            else:  # weights_only: tensors and plain containers, never other objects
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle, zip and safetensors errors come in several types
+            raise ValueError(f"{path}: not a loadable checkpoint ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path}: not a VAE checkpoint (expected a dict of tensors, "
+                             f"got {type(state).__name__})")
         if wan_checkpoint.is_wan_layout(state):
             state = wan_checkpoint.wan_to_diffusers(state, model.config)
         model.load_backbone_state_dict(state)

@@ -17,6 +17,15 @@ dispatching on ``backend`` (reference: pyratok/reference/entropy.py; cpu/cuda: t
 extension, csrc/torch/entropy.cpp; triton: kernels/entropy.py) with a fake kernel and a
 hand-written backward that is itself a custom op.
 
+Non-finite input (the same on every backend, because it is applied here, before dispatch):
+
+* +-inf in x is a saturated bit, p = 1 or 0: it adds 0 to the per-sample entropy, its exact
+  share to q, and its gradient is 0 (x is clamped to +-SATURATED_LOGIT / coef first, where
+  h and its derivative are exactly 0 in fp32 and fp64, so finite inputs are unchanged);
+* NaN in x gives NaN results and gradients: bad input is reported, not hidden (the trainer
+  stops with an error on a non-finite loss);
+* weights, inv_temperature and scale must be finite numbers (ValueError otherwise).
+
 Distributed: with ``process_group``, the batch statistics (the per-sample entropy sum, the
 code counts and the token count) are all-reduced before the entropy, so R ranks give the
 single-process value on the concatenated batch, and each rank's gradient w.r.t. its own x is
@@ -27,6 +36,7 @@ size if the single-process scale is wanted.)
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -61,9 +71,22 @@ class CodebookUsage(NamedTuple):
 def _check_number(value, name: str, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value}: expected a finite number")
     if positive and not value > 0:
         raise ValueError(f"{name}={value}: expected a positive number")
     return float(value)
+
+
+SATURATED_LOGIT = 1000.0  # |z| beyond which h(z) = softplus(z) - z sigmoid(z) and h'(z) are 0 in fp64
+
+
+def _saturate_infinities(x: torch.Tensor, coef: float) -> torch.Tensor:
+    """+-inf -> the finite value whose logit is +-SATURATED_LOGIT (NaN stays NaN).  The binary
+    entropy of an infinite logit is inf - inf = NaN in every backend's formula; clamping makes
+    it the limit, 0, with gradient 0 at the clamped elements."""
+    bound = min(SATURATED_LOGIT / coef, torch.finfo(x.dtype).max)
+    return x.clamp(-bound, bound)
 
 
 def _coefficient(inv_temperature, scale) -> float:
@@ -388,7 +411,8 @@ def per_sample_entropy(x: torch.Tensor, inv_temperature: float = 100.0, scale: f
     dim = _check_dim(dim, x.dim())
     _check_process_group(process_group)
     tokens, _ = _tokens_and_bits(x, dim, process_group)
-    total = _binary_entropy_sum_op(x, _coefficient(inv_temperature, scale), _backend.resolve(backend, x.device))
+    coef = _coefficient(inv_temperature, scale)
+    total = _binary_entropy_sum_op(_saturate_infinities(x, coef), coef, _backend.resolve(backend, x.device))
     total, tokens = _global_sum(total, tokens, process_group)
     return total / tokens
 

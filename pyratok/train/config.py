@@ -32,6 +32,7 @@ Every key is optional except data.source and train.out_dir; unknown keys are err
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -59,6 +60,35 @@ STAGES = {
     3: {"name": "joint", "loss": {},
         "train": ("lapq", "lora", "null_text", "prior", "drift_head")},
 }
+
+
+MAX_STEPS = 10 ** 9
+MAX_BATCH = 4096
+
+
+def _check_types(section: str, values) -> None:
+    """Each key must have its default's type (an int is accepted where a float is expected):
+    a TOML ``steps = "2"`` or ``ema = true`` is an error naming the key, not a crash later."""
+    for f in dataclasses.fields(values):
+        value = getattr(values, f.name)
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kind = type(default)
+        ok = (isinstance(value, bool) if kind is bool else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+              isinstance(value, int) and not isinstance(value, bool) if kind is int else
+              isinstance(value, kind))
+        if not ok:
+            expected = {float: "a number", int: "an integer", bool: "true or false", str: "a string",
+                        list: "a list"}.get(kind, kind.__name__)
+            raise ValueError(f"{section}.{f.name}={value!r}: expected {expected}, got {type(value).__name__}")
+
+
+def _check_range(name: str, value, low, high, low_open: bool = False, high_open: bool = False) -> None:
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if not math.isfinite(value) or too_low or too_high:
+        raise ValueError(f"{name}={value}: expected {low} {'<' if low_open else '<='} {name.split('.')[-1]} "
+                         f"{'<' if high_open else '<='} {high}")
 
 
 @dataclass
@@ -116,21 +146,60 @@ class TrainConfig:
     loss: dict = field(default_factory=dict)    # LossConfig overrides on top of the stage's weights
 
     def __post_init__(self):
-        if not self.data.source:
+        for name, section in (("model", self.model), ("data", self.data), ("train", self.train)):
+            _check_types(name, section)
+        d, t = self.data, self.train
+        if not d.source:
             raise ValueError("data.source: required (a folder of videos or a manifest)")
-        if not self.train.out_dir:
+        if not t.out_dir:
             raise ValueError("train.out_dir: required")
-        if self.train.stage not in STAGES:
-            raise ValueError(f"train.stage={self.train.stage}: expected one of {sorted(STAGES)}")
+        if t.stage not in STAGES:
+            raise ValueError(f"train.stage={t.stage}: expected one of {sorted(STAGES)}")
         if self.model.preset not in ("tiny", "paper"):
             raise ValueError(f"model.preset={self.model.preset!r}: expected 'tiny' or 'paper'")
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
-            if getattr(self.train, name) < 1:
-                raise ValueError(f"train.{name}={getattr(self.train, name)}: expected >= 1")
-        if self.train.amp not in ("bf16", "fp16", "none"):
-            raise ValueError(f"train.amp={self.train.amp!r}: expected 'bf16', 'fp16' or 'none'")
-        if self.train.distributed not in ("ddp", "fsdp"):
-            raise ValueError(f"train.distributed={self.train.distributed!r}: expected 'ddp' or 'fsdp'")
+            if getattr(t, name) < 1:
+                raise ValueError(f"train.{name}={getattr(t, name)}: expected >= 1")
+        _check_range("train.steps", t.steps, 1, MAX_STEPS)
+        _check_range("train.batch_size", t.batch_size, 1, MAX_BATCH)
+        _check_range("train.grad_accum", t.grad_accum, 1, MAX_BATCH)
+        _check_range("train.warmup", t.warmup, 0, MAX_STEPS)
+        _check_range("train.seed", t.seed, 0, 2 ** 63 - 1)
+        _check_range("train.lr", t.lr, 0.0, 1.0, low_open=True)
+        _check_range("train.weight_decay", t.weight_decay, 0.0, 1e3)
+        _check_range("train.min_lr_ratio", t.min_lr_ratio, 0.0, 1.0)
+        _check_range("train.clip_grad", t.clip_grad, 0.0, 1e12)
+        _check_range("train.ema", t.ema, 0.0, 1.0, high_open=True)
+        if len(t.betas) != 2:
+            raise ValueError(f"train.betas={t.betas}: expected two numbers [beta1, beta2]")
+        for i, b in enumerate(t.betas):
+            if isinstance(b, bool) or not isinstance(b, (int, float)):
+                raise ValueError(f"train.betas[{i}]={b!r}: expected a number")
+            _check_range(f"train.betas[{i}]", b, 0.0, 1.0, high_open=True)
+        if t.amp not in ("bf16", "fp16", "none"):
+            raise ValueError(f"train.amp={t.amp!r}: expected 'bf16', 'fp16' or 'none'")
+        if t.distributed not in ("ddp", "fsdp"):
+            raise ValueError(f"train.distributed={t.distributed!r}: expected 'ddp' or 'fsdp'")
+        from pyratok.utils import MAX_FRAMES, MAX_SIDE
+
+        if d.num_frames < 1 or (d.num_frames - 1) % 4:
+            raise ValueError(f"data.num_frames={d.num_frames}: clips have 1 + 4k frames (1, 5, 9, 17, 33, ...)")
+        _check_range("data.num_frames", d.num_frames, 1, MAX_FRAMES)
+        for name in ("height", "width"):
+            value = getattr(d, name)
+            _check_range(f"data.{name}", value, 8, MAX_SIDE)
+            if value % 8:
+                raise ValueError(f"data.{name}={value}: expected a multiple of 8")
+        _check_range("data.resize", d.resize, 0, MAX_SIDE)
+        _check_range("data.fps", d.fps, 0.0, 1000.0)
+        _check_range("data.num_workers", d.num_workers, 0, 256)
+        if d.crop not in ("random", "center"):
+            raise ValueError(f"data.crop={d.crop!r}: expected 'random' or 'center'")
+        for b in d.buckets:
+            if (not isinstance(b, list) or len(b) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  and 8 <= v <= MAX_SIDE and v % 8 == 0 for v in b)):
+                raise ValueError(f"data.buckets: {b!r} is not a [height, width] pair of multiples of 8 "
+                                 f"in 8..{MAX_SIDE}")
         self.loss_config()                                          # validates the [loss] table
 
     def loss_config(self):
@@ -141,8 +210,14 @@ class TrainConfig:
         bad = set(self.loss) - known
         if bad:
             raise ValueError(f"config: unknown keys in [loss]: {sorted(bad)}; known: {sorted(known)}")
-        values = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) and
-                  isinstance(getattr(LossConfig, k, None), float) else v for k, v in self.loss.items()}
+        values = {}
+        for k, v in self.loss.items():
+            default = getattr(LossConfig, k)
+            if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if type(v) is not type(default):
+                raise ValueError(f"[loss] {k}={v!r}: expected {type(default).__name__} (like {default!r})")
+            values[k] = v
         return LossConfig(**(STAGES[self.train.stage]["loss"] | values))
 
     @classmethod
@@ -153,6 +228,8 @@ class TrainConfig:
             raise ValueError(f"config: unknown tables {sorted(unknown)}; expected [model], [data], [train], [loss]")
         built = {}
         for name, klass in sections.items():
+            if not isinstance(d.get(name, {}), dict):
+                raise ValueError(f"config: [{name}] must be a table, got {type(d[name]).__name__}")
             values = dict(d.get(name, {}))
             names = {f.name for f in dataclasses.fields(klass)}
             bad = set(values) - names

@@ -7,9 +7,13 @@
   and clipping, autocast (bf16/fp16) on GPU, optional EMA of the trained weights;
 * the paper's stages as configs (pyratok.train.config.STAGES);
 * checkpoints ``out_dir/checkpoints/step-NNNNNNNN/`` = a loadable model folder
-  (config.json + model.safetensors) + ``trainer.pt`` (optimizer, scheduler, EMA, RNG,
-  step, data position), written to a temporary folder and renamed (atomic), every
-  ``checkpoint_every`` steps, at the end, and on SIGTERM/SIGINT; ``latest`` names the newest;
+  (config.json + model.safetensors) + ``trainer.json`` / ``trainer.safetensors`` (optimizer,
+  scheduler, EMA, RNG, step, data position; no pickle, see state_io.py), written to a
+  temporary folder and renamed (atomic; a re-saved step is swapped in crash-safely), every
+  ``checkpoint_every`` steps, at the end, and on SIGTERM/SIGINT (DataLoader workers ignore
+  those, so a signal to the whole process group is handled once); ``latest`` names the
+  newest, and resume falls back to the newest complete checkpoint if it is incomplete;
+* a non-finite loss or gradient norm stops the run (NonFiniteLossError) without saving;
 * resume is exact: data order and masks depend only on (seed, step), and the optimizer,
   scheduler and RNG states are restored, so a killed and resumed run reaches the weights of
   an uninterrupted one;
@@ -25,9 +29,11 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from typing import Callable, Optional
 
@@ -35,14 +41,17 @@ import torch
 import torch.distributed as dist
 
 from pyratok import ops
-from pyratok.data import ClipConfig, VideoClipDataset, collate_clips
+from pyratok.data import ClipConfig, NoUsableClipError, VideoClipDataset, collate_clips
 from pyratok.metrics import psnr
 from pyratok.models.masking import VideoMasking
 from pyratok.models.pyratok import PyraTok, PyraTokConfig
 from pyratok.train.config import STAGES, TrainConfig
+from pyratok.train.state_io import StateFileError, load_state, save_state
 from pyratok.utils import atomic_write
 
 CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer"            # trainer.json + trainer.safetensors (no pickle)
+LEGACY_TRAINER_STATE = "trainer.pt"  # older checkpoints; read with weights_only=True
 
 
 def _is_dist() -> bool:
@@ -67,6 +76,31 @@ def setup_distributed() -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def _check_writable(folder: str, name: str) -> None:
+    """Creates ``folder`` and writes a probe file in it, so that a read-only or impossible
+    output folder fails before the first step rather than at the first checkpoint."""
+    import tempfile
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{name}: cannot create or write {folder} ({err.strerror or err})") from None
+
+
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """SIGTERM / SIGINT sent to the whole process group (schedulers, Ctrl-C) must reach only
+    the main process, which finishes its step, saves a checkpoint and shuts the workers down;
+    a worker killed by it would make the DataLoader raise instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient norm became NaN/inf: the run stops without saving that state."""
 
 
 class ResumableSampler(torch.utils.data.Sampler):
@@ -186,9 +220,13 @@ class Trainer:
     def _loader(self, epoch: int, start: int):
         self.dataset.set_epoch(epoch)
         sampler = ResumableSampler(len(self.dataset), self.cfg.train.seed, epoch, start, _rank(), _world())
+        # The loader's own generator: an iterator otherwise draws its base seed from the global
+        # RNG, which a resume restores at a different point of the epoch than the first run.
+        generator = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
         return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.train.batch_size, sampler=sampler,
                                            num_workers=self.cfg.data.num_workers, collate_fn=collate_clips,
-                                           persistent_workers=False, drop_last=False)
+                                           persistent_workers=False, drop_last=False, generator=generator,
+                                           worker_init_fn=_worker_ignores_stop_signals)
 
     def _batches(self):
         """Batches from the current data position on, across epochs."""
@@ -222,7 +260,18 @@ class Trainer:
         return (get_model_state_dict(self.wrapped, options=options),
                 get_optimizer_state_dict(self.wrapped, self.optimizer, options=options))
 
+    def _trainer_state(self, optimizer_state) -> dict:
+        return {"step": self.step, "batches_seen": self.batches_seen,
+                "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "python_rng": random.getstate(), "config": self.cfg.to_dict()}
+
     def save_checkpoint(self) -> Optional[str]:
+        """Writes ``step-N`` through a temporary folder.  Re-saving an existing step never leaves
+        a moment without a complete copy: the old folder is renamed aside, the new one renamed
+        in, ``latest`` updated, and only then the old one deleted (``latest_checkpoint`` falls
+        back to the aside copy if a kill lands between the renames)."""
         if _is_dist():
             dist.barrier()
         model_state, optimizer_state = self._full_states()
@@ -231,58 +280,119 @@ class Trainer:
             root = self.checkpoint_dir()
             name = f"step-{self.step:08d}"
             path = os.path.join(root, name)
-            tmp = os.path.join(root, f".tmp-{name}")
+            tmp, old = os.path.join(root, f".tmp-{name}"), os.path.join(root, f".old-{name}")
             shutil.rmtree(tmp, ignore_errors=True)
             self.model.save_pretrained(tmp, state_dict=model_state)
-            state = {"step": self.step, "batches_seen": self.batches_seen,
-                     "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
-                     "ema": self.ema, "torch_rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                     "python_rng": random.getstate(), "config": self.cfg.to_dict()}
-            with atomic_write(os.path.join(tmp, "trainer.pt")) as f:
-                torch.save(state, f)
-            shutil.rmtree(path, ignore_errors=True)
+            save_state(tmp, TRAINER_STATE, self._trainer_state(optimizer_state))
+            replaced = os.path.isdir(path)
+            if replaced:
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
             os.replace(tmp, path)
             with atomic_write(os.path.join(root, "latest"), "w") as f:
                 f.write(name)
+            if replaced:
+                shutil.rmtree(old, ignore_errors=True)
         if _is_dist():
             dist.barrier()
         return path
 
+    @staticmethod
+    def is_complete_checkpoint(path: str) -> bool:
+        """Every file a resume reads is there and non-empty (contents are checked on load)."""
+        state = [TRAINER_STATE + ".json", TRAINER_STATE + ".safetensors"]
+        if not os.path.isfile(os.path.join(path, state[0])):
+            state = [LEGACY_TRAINER_STATE]
+        return all(os.path.isfile(os.path.join(path, f)) and os.path.getsize(os.path.join(path, f)) > 0
+                   for f in ["config.json", "model.safetensors", *state])
+
     def latest_checkpoint(self) -> Optional[str]:
-        pointer = os.path.join(self.checkpoint_dir(), "latest")
-        if not os.path.isfile(pointer):
+        """The checkpoint ``latest`` names if it is complete; otherwise (a kill during a save)
+        the newest complete ``step-N`` (or its renamed-aside copy ``.old-step-N``)."""
+        root = self.checkpoint_dir()
+        pointer = os.path.join(root, "latest")
+        named = None
+        if os.path.isfile(pointer):
+            with open(pointer, errors="replace") as f:
+                named = os.path.join(root, f.read(256).strip())
+            if re.fullmatch(r"step-\d+", os.path.basename(named)) and self.is_complete_checkpoint(named):
+                return named
+        candidates = []
+        for entry in os.listdir(root) if os.path.isdir(root) else ():
+            m = re.fullmatch(r"(\.old-)?step-(\d+)", entry)
+            if m and self.is_complete_checkpoint(os.path.join(root, entry)):
+                candidates.append((int(m.group(2)), m.group(1) is None, entry))
+        if not candidates:
             return None
-        with open(pointer) as f:
-            return os.path.join(self.checkpoint_dir(), f.read().strip())
+        best = os.path.join(root, max(candidates)[2])
+        if named is not None:
+            warnings.warn(f"{pointer} names {named}, which is incomplete; using {best}", stacklevel=2)
+        return best
+
+    def _read_trainer_state(self, path: str) -> dict:
+        if os.path.isfile(os.path.join(path, TRAINER_STATE + ".json")):
+            state = load_state(path, TRAINER_STATE)
+        else:  # checkpoints written before trainer.json: tensors and plain containers only
+            legacy = os.path.join(path, LEGACY_TRAINER_STATE)
+            try:
+                state = torch.load(legacy, map_location="cpu", weights_only=True)
+            except Exception as err:  # UnpicklingError for anything beyond tensors and containers
+                raise StateFileError(f"{legacy}: not a loadable trainer state; only tensors, numbers and "
+                                     f"containers are read, never other objects "
+                                     f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        where = os.path.join(path, TRAINER_STATE + ".json")
+        expected = {"step": int, "batches_seen": int, "optimizer": dict, "scheduler": dict,
+                    "torch_rng": torch.Tensor, "python_rng": tuple}
+        for key, kind in expected.items():
+            if not isinstance(state.get(key), kind) or (kind is int and state[key] < 0):
+                raise StateFileError(f"{where}: {key!r} missing or not a {kind.__name__}")
+        ema = state.get("ema")
+        if ema is not None and (not isinstance(ema, list) or len(ema) != len(self.params)
+                                or any(not isinstance(e, torch.Tensor) or e.shape != p.shape
+                                       for e, p in zip(ema, self.params))):
+            raise StateFileError(f"{where}: 'ema' does not match the {len(self.params)} trained parameters")
+        if (ema is None) != (self.ema is None):
+            raise StateFileError(f"{where}: the checkpoint was written with train.ema "
+                                 f"{'off' if ema is None else 'on'}; the config has it "
+                                 f"{'off' if self.ema is None else 'on'}")
+        return state
 
     def load_checkpoint(self, path: str) -> None:
         from safetensors.torch import load_file
 
-        state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
-        weights = load_file(os.path.join(path, "model.safetensors"))
+        state = self._read_trainer_state(path)
+        try:
+            weights = load_file(os.path.join(path, "model.safetensors"))
+        except Exception as err:
+            raise StateFileError(f"{path}/model.safetensors: truncated or corrupted "
+                                 f"({type(err).__name__}: {err})") from None
         own = set(self.model._saved_state(include_backbone=True))
         missing, unexpected = sorted(own - set(weights)), sorted(set(weights) - own)
         if missing or unexpected:
             raise ValueError(f"{path}: checkpoint does not fit the model (missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]})")
-        if self._fsdp():  # every rank reads the full files and keeps its own shards
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
+        try:
+            if self._fsdp():  # every rank reads the full files and keeps its own shards
+                from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                     set_optimizer_state_dict)
 
-            options = StateDictOptions(full_state_dict=True, strict=False)
-            set_model_state_dict(self.wrapped, weights, options=options)
-            set_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"], options=options)
-        else:
-            self.model.load_state_dict(weights, strict=False)
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.ema = state["ema"]
+                options = StateDictOptions(full_state_dict=True, strict=False)
+                set_model_state_dict(self.wrapped, weights, options=options)
+                set_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"], options=options)
+            else:
+                self.model.load_state_dict(weights, strict=False)
+                self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            random.setstate(state["python_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise StateFileError(f"{path}: the trainer state does not fit this run "
+                                 f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        if state.get("ema") is not None:
+            self.ema = [e.to(p.device, p.dtype) for e, p in zip(state["ema"], self.params)]
         self.step, self.batches_seen = state["step"], state["batches_seen"]
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        random.setstate(state["python_rng"])
 
     # -- logging -----------------------------------------------------------------------------
 
@@ -305,6 +415,22 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
 
+    def _check_finite(self, values: dict, what: str, last_good: Optional[str]) -> None:
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:
+            kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+            raise NonFiniteLossError(f"step {self.step + 1}: non-finite {what} "
+                                     f"({', '.join(f'{k}={v}' for k, v in bad.items())}); stopped without "
+                                     f"saving this state; {kept} (lower train.lr or check the data)")
+
+    def _check_data(self) -> None:
+        """One clip is read before the first step, so that a source without a usable video is a
+        clear error rather than a failure inside a DataLoader worker."""
+        try:
+            self.dataset[self.batches_seen * self.cfg.train.batch_size % len(self.dataset)]
+        except NoUsableClipError as err:
+            raise ValueError(f"data.source={self.cfg.data.source}: {err}") from None
+
     def _handle_signal(self, signum, frame):
         self._stop_signal = signum
 
@@ -312,12 +438,13 @@ class Trainer:
         """Trains to ``train.steps``; returns the last log record.  ``on_step`` is called after
         every optimizer step (tests use it to interrupt a run)."""
         t = self.cfg.train
-        os.makedirs(t.out_dir, exist_ok=True)
+        _check_writable(self.checkpoint_dir(), "train.out_dir")
         if resume:
             latest = self.latest_checkpoint()
             if latest is None:
                 raise FileNotFoundError(f"--resume: no checkpoint under {self.checkpoint_dir()}")
             self.load_checkpoint(latest)
+        self._check_data()
         old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         pg = dist.group.WORLD if _is_dist() else None
         bar = None
@@ -327,6 +454,7 @@ class Trainer:
             bar = tqdm(total=t.steps, initial=self.step, desc=f"stage {t.stage}", dynamic_ncols=True)
         record: dict = {}
         batches = self._batches()
+        last_good = self.latest_checkpoint() if _rank() == 0 else None
         try:
             self.model.train()
             while self.step < t.steps and self._stop_signal is None:
@@ -348,8 +476,10 @@ class Trainer:
                             recon, losses = self.model.backbone_forward(video)
                         else:
                             recon, losses = self.wrapped(video, text, masked, pg, self.step)
+                    scalars = losses.scalars()
+                    self._check_finite(scalars, "loss", last_good)
                     (losses.total / t.grad_accum).backward()
-                    for k, v in losses.scalars().items():
+                    for k, v in scalars.items():
                         sums[k] = sums.get(k, 0.0) + v / t.grad_accum
                     quality.append(psnr(recon.detach(), video).item())
                     if losses.indices is not None:
@@ -359,6 +489,8 @@ class Trainer:
                     else:
                         tokens += video[:, 0].numel()  # pixels per second in the backbone stage
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.clip_grad) if t.clip_grad > 0 else None
+                if grad_norm is not None:
+                    self._check_finite({"grad_norm": float(grad_norm)}, "gradient", last_good)
                 self.optimizer.step()
                 self.scheduler.step()
                 if self.ema is not None:
@@ -385,9 +517,10 @@ class Trainer:
                 if on_step is not None:
                     on_step(self)
                 if self.step % t.checkpoint_every == 0 and self.step < t.steps:
-                    self.save_checkpoint()
+                    last_good = self.save_checkpoint()
             self.save_checkpoint()
         finally:
+            batches.close()  # shuts the DataLoader workers down before the process exits
             for s, h in old.items():
                 signal.signal(s, h)
             if bar is not None:

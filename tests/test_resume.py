@@ -1,0 +1,283 @@
+"""Training faults (issue 19): exact resume for every stage from mid-epoch and epoch-aligned
+checkpoints, trainer state without pickle (a planted payload must not run), crash-safe
+checkpoint replacement, SIGTERM to the whole process group with DataLoader workers, a
+non-finite loss, and the checks made before the first step."""
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pyratok.data import write_video
+from pyratok.train import TrainConfig, Trainer
+from pyratok.train.loop import NonFiniteLossError
+from pyratok.train.state_io import load_state, save_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Two real (encoded, decoded) 9-frame 32x32 clips: moving gradients."""
+    folder = tmp_path_factory.mktemp("clips")
+    paths = []
+    for n in range(2):
+        t = torch.arange(9).view(9, 1, 1, 1)
+        y = torch.arange(32).view(1, 32, 1, 1)
+        x = torch.arange(32).view(1, 1, 32, 1)
+        c = torch.tensor([1, 2, 3]).view(1, 1, 1, 3)
+        frames = ((x * (3 + n) + y * 5 + t * 7 * (n + 1)) * c % 256).to(torch.uint8)
+        path = str(folder / f"clip{n}.mp4")
+        write_video(path, frames)
+        paths.append(path)
+    return paths
+
+
+def make_config(folder, clips, stage=1, steps=3, checkpoint_every=1, grad_accum=1, num_workers=0,
+                extra_train="", source=None, repeat=1):
+    folder.mkdir(parents=True, exist_ok=True)
+    if source is None:
+        source = folder / "train.jsonl"
+        source.write_text("".join(json.dumps({"path": p}) + "\n" for p in clips * repeat))
+    cfg = folder / "train.toml"
+    cfg.write_text(f"""
+[model]
+preset = "tiny"
+text_encoder = "none"
+
+[data]
+source = "{source}"
+num_frames = 5
+height = 32
+width = 32
+num_workers = {num_workers}
+
+[train]
+out_dir = "{folder / 'run'}"
+stage = {stage}
+steps = {steps}
+batch_size = 1
+grad_accum = {grad_accum}
+lr = 1e-3
+warmup = 1
+checkpoint_every = {checkpoint_every}
+log_every = 1
+progress = false
+{extra_train}
+""")
+    return cfg
+
+
+def checkpoint_tensors(path):
+    """Weights plus every tensor of the trainer state (optimizer moments, RNG, ...)."""
+    state = load_state(path, "trainer")
+    flat = {f"model.{k}": v for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+
+    def walk(obj, prefix):
+        if isinstance(obj, torch.Tensor):
+            flat[prefix] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{prefix}.{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{prefix}[{i}]")
+
+    walk({k: v for k, v in state.items() if k != "config"}, "state")
+    return flat, {k: state[k] for k in ("step", "batches_seen", "python_rng")}
+
+
+def start_from(checkpoint, cfg_path):
+    """A fresh run folder whose only checkpoint is a copy of ``checkpoint``."""
+    config = TrainConfig.from_file(str(cfg_path))
+    root = os.path.join(config.train.out_dir, "checkpoints")
+    shutil.rmtree(config.train.out_dir, ignore_errors=True)
+    os.makedirs(root)
+    shutil.copytree(checkpoint, os.path.join(root, os.path.basename(checkpoint)))
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write(os.path.basename(checkpoint))
+    return config
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_resume_is_exact_from_mid_epoch_and_epoch_aligned_checkpoints(tmp_path, clips, stage):
+    # 2 clips, batch 1: step 1 stops mid-epoch, step 2 at the end of epoch 0.
+    full = Trainer(TrainConfig.from_file(str(make_config(tmp_path / "full", clips, stage=stage))))
+    full.run()
+    want, want_counters = checkpoint_tensors(full.latest_checkpoint())
+    for resume_step in (1, 2):
+        cfg = make_config(tmp_path / f"from{resume_step}", clips, stage=stage)
+        ckpt = os.path.join(full.checkpoint_dir(), f"step-{resume_step:08d}")
+        resumed = Trainer(start_from(ckpt, cfg))
+        resumed.run(resume=True)
+        assert resumed.step == 3
+        got, got_counters = checkpoint_tensors(resumed.latest_checkpoint())
+        assert got_counters == want_counters
+        assert got.keys() == want.keys()
+        differ = [k for k in want if not torch.equal(want[k], got[k])]
+        assert not differ, f"stage {stage}, resumed at step {resume_step}: {len(differ)} tensors differ: {differ[:5]}"
+
+
+def test_the_loader_does_not_consume_the_global_rng(tmp_path, clips):
+    trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path, clips))))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    next(iter(trainer._loader(0, 0)))
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_trainer_state_round_trip_without_pickle(tmp_path):
+    state = {"step": 3, "tuple": (1, 2.5, None, "x"), "ids": {0: {"m": torch.arange(4.0)}, 7: torch.zeros(2, 2)},
+             "list": [torch.ones(3, dtype=torch.uint8), True], "nested": {"a": [(1, 2)]}}
+    save_state(str(tmp_path), "trainer", state)
+    back = load_state(str(tmp_path), "trainer")
+    assert back["step"] == 3 and back["tuple"] == (1, 2.5, None, "x") and back["nested"] == {"a": [(1, 2)]}
+    assert torch.equal(back["ids"][0]["m"], torch.arange(4.0)) and torch.equal(back["ids"][7], torch.zeros(2, 2))
+    assert back["list"][1] is True and back["list"][0].dtype == torch.uint8
+    with pytest.raises(TypeError, match="cannot be stored"):
+        save_state(str(tmp_path), "other", {"bad": object()})
+
+
+class _Payload:
+    """Unpickling this runs a shell command (the attack of issue 19, item 1)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture()
+def one_step_run(tmp_path, clips):
+    cfg = make_config(tmp_path, clips, steps=1)
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+    trainer.run()
+    return cfg, trainer.latest_checkpoint()
+
+
+@pytest.mark.parametrize("target", ["trainer.pt", "trainer.safetensors", "trainer.json", "model.safetensors"])
+def test_a_planted_pickle_never_runs_on_resume(tmp_path, one_step_run, target):
+    cfg, ckpt = one_step_run
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"step": 1, "x": _Payload(str(marker))})
+    if target == "trainer.pt":  # an old-style checkpoint: the state only in trainer.pt
+        os.remove(os.path.join(ckpt, "trainer.json"))
+        os.remove(os.path.join(ckpt, "trainer.safetensors"))
+        torch.save({"step": 1, "payload": _Payload(str(marker))}, os.path.join(ckpt, "trainer.pt"))
+    else:
+        with open(os.path.join(ckpt, target), "wb") as f:
+            f.write(payload)
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+    with pytest.raises(ValueError, match="trainer|model.safetensors|corrupted"):
+        trainer.run(resume=True)
+    assert not marker.exists(), "the planted pickle ran"
+
+
+def test_a_legacy_trainer_pt_with_plain_tensors_still_resumes(tmp_path, one_step_run):
+    cfg, ckpt = one_step_run
+    state = load_state(ckpt, "trainer")
+    torch.save(state, os.path.join(ckpt, "trainer.pt"))
+    os.remove(os.path.join(ckpt, "trainer.json"))
+    os.remove(os.path.join(ckpt, "trainer.safetensors"))
+    config = TrainConfig.from_file(str(cfg))
+    config.train.steps = 2
+    trainer = Trainer(config)
+    trainer.run(resume=True)
+    assert trainer.step == 2
+
+
+def test_resaving_a_step_is_crash_safe_and_resume_falls_back(tmp_path, clips):
+    cfg = make_config(tmp_path, clips, steps=2)
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+    trainer.run()
+    root = trainer.checkpoint_dir()
+    step2 = os.path.join(root, "step-00000002")
+    trainer.save_checkpoint()                          # re-save the same step: old copy swapped out, then deleted
+    assert sorted(os.listdir(root)) == ["latest", "step-00000001", "step-00000002"]
+    # a kill between "rename the old copy aside" and "rename the new one in":
+    os.replace(step2, os.path.join(root, ".old-step-00000002"))
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert trainer.latest_checkpoint() == os.path.join(root, ".old-step-00000002")
+    # a kill that left step-2 without its trainer state: the newest complete one is step 1
+    shutil.copytree(os.path.join(root, ".old-step-00000002"), step2)
+    shutil.rmtree(os.path.join(root, ".old-step-00000002"))
+    os.remove(os.path.join(step2, "trainer.json"))
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert trainer.latest_checkpoint() == os.path.join(root, "step-00000001")
+    resumed = Trainer(TrainConfig.from_file(str(cfg)))
+    with pytest.warns(UserWarning, match="incomplete"):
+        resumed.run(resume=True)
+    assert resumed.step == 2
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, clips):
+    cfg = make_config(tmp_path, clips, steps=6, checkpoint_every=2)
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+
+    def poison(t):
+        if t.step == 3:  # a fault after the step-2 checkpoint: the next loss is NaN
+            with torch.no_grad():
+                next(p for n, p in t.model.named_parameters() if n.startswith("lapq.")).fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match=r"step 4: non-finite loss .*step-00000002"):
+        trainer.run(on_step=poison)
+    assert trainer.step == 3
+    assert trainer.latest_checkpoint().endswith("step-00000002")
+    assert sorted(os.listdir(trainer.checkpoint_dir())) == ["latest", "step-00000002"]
+    weights = load_file(os.path.join(trainer.latest_checkpoint(), "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_an_unwritable_out_dir_fails_before_the_first_step(tmp_path, clips):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cfg = make_config(tmp_path, clips)
+    config = TrainConfig.from_file(str(cfg))
+    config.train.out_dir = str(blocker / "run")
+    trainer = Trainer(config)
+    steps = []
+    with pytest.raises(ValueError, match="train.out_dir: cannot create or write"):
+        trainer.run(on_step=lambda t: steps.append(t.step))
+    assert steps == []
+
+
+def test_no_usable_clips_is_one_clear_error(tmp_path, clips):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.mp4").write_bytes(b"not a video")
+    (bad / "b.mp4").write_bytes(b"")
+    cfg = make_config(tmp_path, clips, source=bad)
+    from pyratok.cli import main
+
+    with pytest.warns(UserWarning, match="skipping"):
+        assert main(["train", str(cfg), "-q"]) == 2
+
+
+def test_sigterm_to_the_process_group_with_workers_saves_and_exits_cleanly(tmp_path, clips):
+    # a long epoch, so that the signal lands while the workers still have batches to load
+    cfg = make_config(tmp_path, clips, steps=100000, checkpoint_every=100000, num_workers=2, repeat=50)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "pyratok.cli", "train", str(cfg), "-q"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    os.killpg(proc.pid, signal.SIGTERM)                 # as container and cluster schedulers do
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "checkpoint saved" in err, err[-3000:]
+    ckpt = Trainer.is_complete_checkpoint
+    root = tmp_path / "run" / "checkpoints"
+    latest = (root / "latest").read_text().strip()
+    assert ckpt(str(root / latest)) and int(latest.split("-")[1]) >= 2
