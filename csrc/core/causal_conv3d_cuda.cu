@@ -14,8 +14,8 @@
 // Index math without divisions in the K loop: every thread unravels its tile rows
 // (output positions or channels) and its first reduction index once, before the loop,
 // and then walks the reduction incrementally (channel += step, carrying into the taps;
-// or w += step, carrying into h, t, b).  The only division left in a loop is the 32-bit
-// test of the input gradient's stride (t = (p - it*dt)/st), on the strided branch only.
+// or w += step, carrying into h, t, b).  The input gradient's exact division by the stride,
+// t = (p - it*dt)/st, becomes a compare of remainders walked with the taps.
 //
 // Coalescing in both layouts: a tile is loaded either "reduction-fast" (consecutive
 // threads take consecutive reduction indices: channels of a channels_last_3d tensor) or
@@ -223,65 +223,116 @@ struct ForwardProblem {
 };
 
 // Input gradient.  A rows: padded input positions (b, p, h, w), p from p_begin; B: packed
-// weights (K' x C), row k at k*C.
+// weights (K' x C), row k at k*C.  Input index n reaches output index (n - tap*d)/s when that
+// divides exactly.  With n = q*s + r (per row, once) and tap*d = Q*s + R (walked with the
+// taps: R += d % s, carry into Q), that is q - Q (- 1 when r < R) exactly when r - R is 0
+// modulo s: no division in the K loop.
+struct StridedTapWalker {
+  TapWalker w;
+  int q[3], r[3];  // (t, h, w): tap * dilation = q * stride + r, 0 <= r < stride
+};
+
 template <bool CL>
 struct InputGradProblem {
   CudaConvArgs a;
   int64_t p_begin;   // 0 when grad_past is written, else P
+  int dq[3], dr[3];  // dilation / stride and dilation % stride per axis (t, h, w), from the host
   static constexpr bool kARedFast = CL, kBRedFast = false, kOutNFast = CL;
+  struct Axis {
+    int q, r;  // (input index + padding) = q * stride + r
+  };
   struct Row {
-    int b, pt, hp, wp;  // p, h + ph, w + pw
+    int b;
+    Axis t, h, w;
     bool valid;
   };
   using Col = int64_t;
-  using RedA = TapWalker;
+  using RedA = StridedTapWalker;
   using RedB = int64_t;
   __device__ int64_t frames() const { return a.shape.P + a.shape.T - p_begin; }
   __device__ int64_t rows() const { return a.shape.B * frames() * a.shape.H * a.shape.W; }
   __device__ int64_t cols() const { return a.shape.C; }
   __device__ int64_t reduction() const { return a.shape.kt * a.shape.kh * a.shape.kw * a.shape.O; }
-  __device__ Row unravel(int64_t m) const {
+  struct Position {
+    int b, p, h, w;
+  };
+  __device__ Position unravel(int64_t m) const {
     const ConvShape& s = a.shape;
     int64_t q = m / s.W;
     const int w = int(m - q * s.W);
     const int h = int(q % s.H);
     q /= s.H;
-    const int p = int(q % frames() + p_begin);
-    return {int(q / frames()), p, h, w, true};
+    return {int(q / frames()), int(q % frames() + p_begin), h, w};
   }
+  static __device__ __forceinline__ Axis axis(int n, int64_t stride) { return {int(n / stride), int(n % stride)}; }
   __device__ Row row(int64_t m, bool valid) const {
-    Row r = unravel(valid ? m : 0);
-    r.hp += int(a.shape.ph);
-    r.wp += int(a.shape.pw);
-    r.valid = valid;
-    return r;
+    const ConvShape& s = a.shape;
+    const Position p = unravel(valid ? m : 0);
+    return {p.b, axis(p.p, s.st), axis(p.h + int(s.ph), s.sh), axis(p.w + int(s.pw), s.sw), valid};
   }
   __device__ Col col(int64_t n, bool valid) const { return valid ? n : -1; }
-  __device__ RedA red_a(int64_t k) const { return tap_walker(k, a.shape, int(a.shape.O)); }
-  __device__ RedB red_b(int64_t k) const { return k; }
-  __device__ void step_a(RedA& w, int step) const { advance(w, step, a.shape, int(a.shape.O)); }
-  __device__ void step_b(RedB& k, int step) const { k += step; }
-  __device__ static int64_t index(const RedA& w) { return w.k; }
-  __device__ static int64_t index(const RedB& k) { return k; }
-  // The output index along one axis that input index `num` (already offset by the padding)
-  // receives through a tap, or -1 when it receives none.
-  static __device__ __forceinline__ int output_index(int num, int stride, int64_t extent) {
-    if (num < 0) return -1;
-    if (stride != 1) {
-      if (num % stride) return -1;
-      num /= stride;
+  __device__ int stride(int axis) const { return int(axis == 0 ? a.shape.st : axis == 1 ? a.shape.sh : a.shape.sw); }
+  __device__ void set_tap(StridedTapWalker& s, int axis, int tap) const {
+    const int64_t d = axis == 0 ? a.shape.dt : axis == 1 ? a.shape.dh : a.shape.dw;
+    s.q[axis] = int(tap * d / stride(axis));
+    s.r[axis] = int(tap * d % stride(axis));
+  }
+  __device__ void next_tap(StridedTapWalker& s, int axis) const {
+    s.q[axis] += dq[axis];
+    s.r[axis] += dr[axis];
+    if (s.r[axis] >= stride(axis)) {
+      s.r[axis] -= stride(axis);
+      ++s.q[axis];
     }
-    return num < extent ? num : -1;
+  }
+  __device__ RedA red_a(int64_t k) const {
+    StridedTapWalker s;
+    s.w = tap_walker(k, a.shape, int(a.shape.O));
+    set_tap(s, 0, s.w.it);
+    set_tap(s, 1, s.w.ih);
+    set_tap(s, 2, s.w.iw);
+    return s;
+  }
+  __device__ RedB red_b(int64_t k) const { return k; }
+  __device__ void step_a(RedA& s, int step) const {
+    const ConvShape& sh = a.shape;
+    s.w.k += step;
+    s.w.ch += step;
+    while (s.w.ch >= sh.O) {
+      s.w.ch -= int(sh.O);
+      if (++s.w.iw < sh.kw) {
+        next_tap(s, 2);
+        continue;
+      }
+      s.w.iw = 0;
+      s.q[2] = s.r[2] = 0;
+      if (++s.w.ih < sh.kh) {
+        next_tap(s, 1);
+        continue;
+      }
+      s.w.ih = 0;
+      s.q[1] = s.r[1] = 0;
+      ++s.w.it;
+      next_tap(s, 0);
+    }
+  }
+  __device__ void step_b(RedB& k, int step) const { k += step; }
+  __device__ static int64_t index(const RedA& s) { return s.w.k; }
+  __device__ static int64_t index(const RedB& k) { return k; }
+  // The output index along one axis that input index x receives through the walker's tap on
+  // that axis, or -1 when it receives none.
+  static __device__ __forceinline__ int output_index(Axis x, int tq, int tr, int64_t extent) {
+    return x.r == tr && x.q >= tq && x.q - tq < extent ? x.q - tq : -1;
   }
   template <typename F>
-  __device__ typename F::bits load_a(const Row& r, const RedA& w) const {
+  __device__ typename F::bits load_a(const Row& r, const RedA& s) const {
     if (!r.valid) return 0;
-    const ConvShape& s = a.shape;
-    const int to = output_index(r.pt - w.it * int(s.dt), int(s.st), s.To);
-    const int ho = output_index(r.hp - w.ih * int(s.dh), int(s.sh), s.Ho);
-    const int wo = output_index(r.wp - w.iw * int(s.dw), int(s.sw), s.Wo);
+    const ConvShape& sh = a.shape;
+    const int to = output_index(r.t, s.q[0], s.r[0], sh.To);
+    const int ho = output_index(r.h, s.q[1], s.r[1], sh.Ho);
+    const int wo = output_index(r.w, s.q[2], s.r[2], sh.Wo);
     if (to < 0 || ho < 0 || wo < 0) return 0;
-    return load_bits<F>(a.grad_y.data, a.grad_y.offset(r.b, w.ch, to, ho, wo));
+    return load_bits<F>(a.grad_y.data, a.grad_y.offset(r.b, s.w.ch, to, ho, wo));
   }
   template <typename F>
   __device__ typename F::bits load_b(const RedB& k, const Col& n) const {
@@ -289,11 +340,11 @@ struct InputGradProblem {
   }
   __device__ OutRow out_row(int64_t m, bool valid) const {
     if (!valid) return {0, -1};
-    const Row r = unravel(m);
-    const bool past = r.pt < a.shape.P;
+    const Position r = unravel(m);
+    const bool past = r.p < a.shape.P;
     const MutView5& dst = past ? a.grad_past : a.grad_x;
     if (!dst.data) return {0, -1};
-    return {dst.offset(r.b, 0, past ? r.pt : r.pt - a.shape.P, r.hp, r.wp), past ? 1 : 0};
+    return {dst.offset(r.b, 0, past ? r.p : r.p - a.shape.P, r.h, r.w), past ? 1 : 0};
   }
   template <typename F>
   __device__ void store(const OutRow& r, int64_t n, typename F::work v) const {
@@ -588,12 +639,14 @@ void causal_conv3d_input_grad_cuda(const CudaConvArgs& a, void* stream) {
   const int64_t p_begin = a.grad_past.data ? 0 : s.P;
   const int64_t M = s.B * (s.P + s.T - p_begin) * s.H * s.W, K = s.kt * s.kh * s.kw * s.O;
   const char* what = "causal_conv3d_input_grad_cuda";
+  const int dq[3] = {int(s.dt / s.st), int(s.dh / s.sh), int(s.dw / s.sw)};
+  const int dr[3] = {int(s.dt % s.st), int(s.dh % s.sh), int(s.dw % s.sw)};
   if (channels_last(a.grad_y, s.O)) {
-    PYRATOK_DISPATCH_DTYPE(a.dtype, launch<F>(InputGradProblem<true>{a, p_begin}, M, s.C, split_reduction(K, 1),
-                                              stream, what));
+    InputGradProblem<true> pb{a, p_begin, {dq[0], dq[1], dq[2]}, {dr[0], dr[1], dr[2]}};
+    PYRATOK_DISPATCH_DTYPE(a.dtype, launch<F>(pb, M, s.C, split_reduction(K, 1), stream, what));
   } else {
-    PYRATOK_DISPATCH_DTYPE(a.dtype, launch<F>(InputGradProblem<false>{a, p_begin}, M, s.C, split_reduction(K, 1),
-                                              stream, what));
+    InputGradProblem<false> pb{a, p_begin, {dq[0], dq[1], dq[2]}, {dr[0], dr[1], dr[2]}};
+    PYRATOK_DISPATCH_DTYPE(a.dtype, launch<F>(pb, M, s.C, split_reduction(K, 1), stream, what));
   }
 }
 
