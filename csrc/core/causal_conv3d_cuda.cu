@@ -68,8 +68,12 @@ inline void check_launch(const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
+// Host and device: the index logic below also runs in a host-only emulation of the kernel
+// (tests/cpp/test_causal_conv3d_cuda_host.cu).
+#define HD __host__ __device__ __forceinline__
+
 template <typename F>
-__device__ __forceinline__ typename F::bits load_bits(const void* base, int64_t off) {
+HD typename F::bits load_bits(const void* base, int64_t off) {
   return static_cast<const typename F::bits*>(base)[off];
 }
 
@@ -79,10 +83,10 @@ __device__ __forceinline__ typename F::bits load_bits(const void* base, int64_t 
 template <bool RedFast>
 struct TileMap {
   static constexpr int kFixed = RedFast ? kSlots : 1;
-  static __device__ __forceinline__ int fixed(int tid, int q) { return RedFast ? tid / BK + BK * q : tid % BM; }
-  static __device__ __forceinline__ int red(int tid) { return RedFast ? tid % BK : kSlots * (tid / BM); }
-  static __device__ __forceinline__ int slot_fixed(int tid, int q) { return RedFast ? fixed(tid, q) : tid % BM; }
-  static __device__ __forceinline__ int slot_red(int tid, int q) { return RedFast ? red(tid) : red(tid) + q; }
+  static HD int fixed(int tid, int q) { return RedFast ? tid / BK + BK * q : tid % BM; }
+  static HD int red(int tid) { return RedFast ? tid % BK : kSlots * (tid / BM); }
+  static HD int slot_fixed(int tid, int q) { return RedFast ? fixed(tid, q) : tid % BM; }
+  static HD int slot_red(int tid, int q) { return RedFast ? red(tid) : red(tid) + q; }
 };
 
 // ---- reduction walkers: unravelled once, then advanced without divisions ----------------
@@ -93,7 +97,7 @@ struct TapWalker {
   int ch, iw, ih, it;
 };
 
-__device__ __forceinline__ TapWalker tap_walker(int64_t k, const ConvShape& s, int channels) {
+HD TapWalker tap_walker(int64_t k, const ConvShape& s, int channels) {
   TapWalker w;
   w.k = k;
   const int64_t q = k / channels;
@@ -105,7 +109,7 @@ __device__ __forceinline__ TapWalker tap_walker(int64_t k, const ConvShape& s, i
   return w;
 }
 
-__device__ __forceinline__ void advance(TapWalker& w, int step, const ConvShape& s, int channels) {
+HD void advance(TapWalker& w, int step, const ConvShape& s, int channels) {
   w.k += step;
   w.ch += step;
   while (w.ch >= channels) {
@@ -126,7 +130,7 @@ struct PositionWalker {
   int b, t, h, w;
 };
 
-__device__ __forceinline__ PositionWalker position_walker(int64_t m, const ConvShape& s) {
+HD PositionWalker position_walker(int64_t m, const ConvShape& s) {
   PositionWalker p;
   p.k = m;
   int64_t q = m / s.Wo;
@@ -138,7 +142,7 @@ __device__ __forceinline__ PositionWalker position_walker(int64_t m, const ConvS
   return p;
 }
 
-__device__ __forceinline__ void advance(PositionWalker& p, int step, const ConvShape& s) {
+HD void advance(PositionWalker& p, int step, const ConvShape& s) {
   p.k += step;
   p.w += step;
   while (p.w >= s.Wo) {
@@ -155,7 +159,7 @@ __device__ __forceinline__ void advance(PositionWalker& p, int step, const ConvS
 
 // x padded causally in time and with zeros in space, at padded frame p; raw bits (0 = +0.0).
 template <typename F>
-__device__ __forceinline__ typename F::bits padded_input(const CudaConvArgs& a, int b, int c, int p, int hi,
+HD typename F::bits padded_input(const CudaConvArgs& a, int b, int c, int p, int hi,
                                                          int wi) {
   const ConvShape& s = a.shape;
   if (hi < 0 || hi >= s.H || wi < 0 || wi >= s.W) return 0;
@@ -184,39 +188,39 @@ struct ForwardProblem {
   using Col = int64_t;
   using RedA = TapWalker;
   using RedB = int64_t;
-  __device__ int64_t rows() const { return a.shape.B * a.shape.To * a.shape.Ho * a.shape.Wo; }
-  __device__ int64_t cols() const { return a.shape.O; }
-  __device__ int64_t reduction() const { return a.shape.kt * a.shape.kh * a.shape.kw * a.shape.C; }
-  __device__ Row row(int64_t m, bool valid) const {
+  HD int64_t rows() const { return a.shape.B * a.shape.To * a.shape.Ho * a.shape.Wo; }
+  HD int64_t cols() const { return a.shape.O; }
+  HD int64_t reduction() const { return a.shape.kt * a.shape.kh * a.shape.kw * a.shape.C; }
+  HD Row row(int64_t m, bool valid) const {
     const ConvShape& s = a.shape;
     const PositionWalker p = position_walker(valid ? m : 0, s);
     return {p.b, int(p.t * s.st), int(p.h * s.sh - s.ph), int(p.w * s.sw - s.pw), valid};
   }
-  __device__ Col col(int64_t n, bool valid) const { return valid ? n : -1; }
-  __device__ RedA red_a(int64_t k) const { return tap_walker(k, a.shape, int(a.shape.C)); }
-  __device__ RedB red_b(int64_t k) const { return k; }
-  __device__ void step_a(RedA& w, int step) const { advance(w, step, a.shape, int(a.shape.C)); }
-  __device__ void step_b(RedB& k, int step) const { k += step; }
-  __device__ static int64_t index(const RedA& w) { return w.k; }
-  __device__ static int64_t index(const RedB& k) { return k; }
+  HD Col col(int64_t n, bool valid) const { return valid ? n : -1; }
+  HD RedA red_a(int64_t k) const { return tap_walker(k, a.shape, int(a.shape.C)); }
+  HD RedB red_b(int64_t k) const { return k; }
+  HD void step_a(RedA& w, int step) const { advance(w, step, a.shape, int(a.shape.C)); }
+  HD void step_b(RedB& k, int step) const { k += step; }
+  HD static int64_t index(const RedA& w) { return w.k; }
+  HD static int64_t index(const RedB& k) { return k; }
   template <typename F>
-  __device__ typename F::bits load_a(const Row& r, const RedA& w) const {
+  HD typename F::bits load_a(const Row& r, const RedA& w) const {
     if (!r.valid) return 0;
     const ConvShape& s = a.shape;
     return padded_input<F>(a, r.b, w.ch, r.t0 + w.it * int(s.dt), r.h0 + w.ih * int(s.dh),
                            r.w0 + w.iw * int(s.dw));
   }
   template <typename F>
-  __device__ typename F::bits load_b(const RedB& k, const Col& n) const {
+  HD typename F::bits load_b(const RedB& k, const Col& n) const {
     return n < 0 ? 0 : load_bits<F>(a.packed_weight, k * a.shape.O + n);
   }
-  __device__ OutRow out_row(int64_t m, bool valid) const {
+  HD OutRow out_row(int64_t m, bool valid, int64_t split) const {
     if (!valid) return {0, -1};
     const PositionWalker p = position_walker(m, a.shape);
     return {a.y.offset(p.b, 0, p.t, p.h, p.w), 0};
   }
   template <typename F>
-  __device__ void store(const OutRow& r, int64_t n, typename F::work v) const {
+  HD void store(const OutRow& r, int64_t n, typename F::work v) const {
     if (a.bias) v += F::load(load_bits<F>(a.bias, n));
     static_cast<typename F::bits*>(a.y.data)[r.off + n * a.y.stride[1]] = F::store(v);
   }
@@ -249,14 +253,14 @@ struct InputGradProblem {
   using Col = int64_t;
   using RedA = StridedTapWalker;
   using RedB = int64_t;
-  __device__ int64_t frames() const { return a.shape.P + a.shape.T - p_begin; }
-  __device__ int64_t rows() const { return a.shape.B * frames() * a.shape.H * a.shape.W; }
-  __device__ int64_t cols() const { return a.shape.C; }
-  __device__ int64_t reduction() const { return a.shape.kt * a.shape.kh * a.shape.kw * a.shape.O; }
+  HD int64_t frames() const { return a.shape.P + a.shape.T - p_begin; }
+  HD int64_t rows() const { return a.shape.B * frames() * a.shape.H * a.shape.W; }
+  HD int64_t cols() const { return a.shape.C; }
+  HD int64_t reduction() const { return a.shape.kt * a.shape.kh * a.shape.kw * a.shape.O; }
   struct Position {
     int b, p, h, w;
   };
-  __device__ Position unravel(int64_t m) const {
+  HD Position unravel(int64_t m) const {
     const ConvShape& s = a.shape;
     int64_t q = m / s.W;
     const int w = int(m - q * s.W);
@@ -264,20 +268,20 @@ struct InputGradProblem {
     q /= s.H;
     return {int(q / frames()), int(q % frames() + p_begin), h, w};
   }
-  static __device__ __forceinline__ Axis axis(int n, int64_t stride) { return {int(n / stride), int(n % stride)}; }
-  __device__ Row row(int64_t m, bool valid) const {
+  static HD Axis axis(int n, int64_t stride) { return {int(n / stride), int(n % stride)}; }
+  HD Row row(int64_t m, bool valid) const {
     const ConvShape& s = a.shape;
     const Position p = unravel(valid ? m : 0);
     return {p.b, axis(p.p, s.st), axis(p.h + int(s.ph), s.sh), axis(p.w + int(s.pw), s.sw), valid};
   }
-  __device__ Col col(int64_t n, bool valid) const { return valid ? n : -1; }
-  __device__ int stride(int axis) const { return int(axis == 0 ? a.shape.st : axis == 1 ? a.shape.sh : a.shape.sw); }
-  __device__ void set_tap(StridedTapWalker& s, int axis, int tap) const {
+  HD Col col(int64_t n, bool valid) const { return valid ? n : -1; }
+  HD int stride(int axis) const { return int(axis == 0 ? a.shape.st : axis == 1 ? a.shape.sh : a.shape.sw); }
+  HD void set_tap(StridedTapWalker& s, int axis, int tap) const {
     const int64_t d = axis == 0 ? a.shape.dt : axis == 1 ? a.shape.dh : a.shape.dw;
     s.q[axis] = int(tap * d / stride(axis));
     s.r[axis] = int(tap * d % stride(axis));
   }
-  __device__ void next_tap(StridedTapWalker& s, int axis) const {
+  HD void next_tap(StridedTapWalker& s, int axis) const {
     s.q[axis] += dq[axis];
     s.r[axis] += dr[axis];
     if (s.r[axis] >= stride(axis)) {
@@ -285,7 +289,7 @@ struct InputGradProblem {
       ++s.q[axis];
     }
   }
-  __device__ RedA red_a(int64_t k) const {
+  HD RedA red_a(int64_t k) const {
     StridedTapWalker s;
     s.w = tap_walker(k, a.shape, int(a.shape.O));
     set_tap(s, 0, s.w.it);
@@ -293,8 +297,8 @@ struct InputGradProblem {
     set_tap(s, 2, s.w.iw);
     return s;
   }
-  __device__ RedB red_b(int64_t k) const { return k; }
-  __device__ void step_a(RedA& s, int step) const {
+  HD RedB red_b(int64_t k) const { return k; }
+  HD void step_a(RedA& s, int step) const {
     const ConvShape& sh = a.shape;
     s.w.k += step;
     s.w.ch += step;
@@ -316,16 +320,16 @@ struct InputGradProblem {
       next_tap(s, 0);
     }
   }
-  __device__ void step_b(RedB& k, int step) const { k += step; }
-  __device__ static int64_t index(const RedA& s) { return s.w.k; }
-  __device__ static int64_t index(const RedB& k) { return k; }
+  HD void step_b(RedB& k, int step) const { k += step; }
+  HD static int64_t index(const RedA& s) { return s.w.k; }
+  HD static int64_t index(const RedB& k) { return k; }
   // The output index along one axis that input index x receives through the walker's tap on
   // that axis, or -1 when it receives none.
-  static __device__ __forceinline__ int output_index(Axis x, int tq, int tr, int64_t extent) {
+  static HD int output_index(Axis x, int tq, int tr, int64_t extent) {
     return x.r == tr && x.q >= tq && x.q - tq < extent ? x.q - tq : -1;
   }
   template <typename F>
-  __device__ typename F::bits load_a(const Row& r, const RedA& s) const {
+  HD typename F::bits load_a(const Row& r, const RedA& s) const {
     if (!r.valid) return 0;
     const ConvShape& sh = a.shape;
     const int to = output_index(r.t, s.q[0], s.r[0], sh.To);
@@ -335,10 +339,10 @@ struct InputGradProblem {
     return load_bits<F>(a.grad_y.data, a.grad_y.offset(r.b, s.w.ch, to, ho, wo));
   }
   template <typename F>
-  __device__ typename F::bits load_b(const RedB& k, const Col& n) const {
+  HD typename F::bits load_b(const RedB& k, const Col& n) const {
     return n < 0 ? 0 : load_bits<F>(a.packed_weight, k * a.shape.C + n);
   }
-  __device__ OutRow out_row(int64_t m, bool valid) const {
+  HD OutRow out_row(int64_t m, bool valid, int64_t split) const {
     if (!valid) return {0, -1};
     const Position r = unravel(m);
     const bool past = r.p < a.shape.P;
@@ -347,7 +351,7 @@ struct InputGradProblem {
     return {dst.offset(r.b, 0, past ? r.p : r.p - a.shape.P, r.h, r.w), past ? 1 : 0};
   }
   template <typename F>
-  __device__ void store(const OutRow& r, int64_t n, typename F::work v) const {
+  HD void store(const OutRow& r, int64_t n, typename F::work v) const {
     const MutView5& dst = r.dst == 1 ? a.grad_past : a.grad_x;
     static_cast<typename F::bits*>(dst.data)[r.off + n * dst.stride[1]] = F::store(v);
   }
@@ -366,43 +370,78 @@ struct WeightGradProblem {
   };
   using RedA = PositionWalker;
   using RedB = PositionWalker;
-  __device__ int64_t rows() const { return a.shape.O; }
-  __device__ int64_t cols() const { return a.shape.kt * a.shape.kh * a.shape.kw * a.shape.C; }
-  __device__ int64_t reduction() const { return a.shape.B * a.shape.To * a.shape.Ho * a.shape.Wo; }
-  __device__ Row row(int64_t o, bool valid) const { return valid ? o * a.grad_y.stride[1] : -1; }
-  __device__ Col col(int64_t n, bool valid) const {
+  HD int64_t rows() const { return a.shape.O; }
+  HD int64_t cols() const { return a.shape.kt * a.shape.kh * a.shape.kw * a.shape.C; }
+  HD int64_t reduction() const { return a.shape.B * a.shape.To * a.shape.Ho * a.shape.Wo; }
+  HD Row row(int64_t o, bool valid) const { return valid ? o * a.grad_y.stride[1] : -1; }
+  HD Col col(int64_t n, bool valid) const {
     const ConvShape& s = a.shape;
     const TapWalker t = tap_walker(valid ? n : 0, s, int(s.C));
     return {t.ch, int(t.it * s.dt), int(t.ih * s.dh - s.ph), int(t.iw * s.dw - s.pw), valid};
   }
-  __device__ RedA red_a(int64_t m) const { return position_walker(m, a.shape); }
-  __device__ RedB red_b(int64_t m) const { return position_walker(m, a.shape); }
-  __device__ void step_a(RedA& p, int step) const { advance(p, step, a.shape); }
-  __device__ void step_b(RedB& p, int step) const { advance(p, step, a.shape); }
-  __device__ static int64_t index(const PositionWalker& p) { return p.k; }
+  HD RedA red_a(int64_t m) const { return position_walker(m, a.shape); }
+  HD RedB red_b(int64_t m) const { return position_walker(m, a.shape); }
+  HD void step_a(RedA& p, int step) const { advance(p, step, a.shape); }
+  HD void step_b(RedB& p, int step) const { advance(p, step, a.shape); }
+  HD static int64_t index(const PositionWalker& p) { return p.k; }
   template <typename F>
-  __device__ typename F::bits load_a(const Row& o, const RedA& p) const {
+  HD typename F::bits load_a(const Row& o, const RedA& p) const {
     if (o < 0) return 0;
     return load_bits<F>(a.grad_y.data, a.grad_y.offset(p.b, 0, p.t, p.h, p.w) + o);
   }
   template <typename F>
-  __device__ typename F::bits load_b(const RedB& p, const Col& c) const {
+  HD typename F::bits load_b(const RedB& p, const Col& c) const {
     if (!c.valid) return 0;
     const ConvShape& s = a.shape;
     return padded_input<F>(a, p.b, c.ch, p.t * int(s.st) + c.toff, p.h * int(s.sh) + c.hoff,
                            p.w * int(s.sw) + c.woff);
   }
-  __device__ OutRow out_row(int64_t o, bool valid) const {
+  HD OutRow out_row(int64_t o, bool valid, int64_t split) const {
     if (!valid) return {0, -1};
-    return {((int64_t)blockIdx.z * a.shape.O + o) * cols(), 0};
+    return {(split * a.shape.O + o) * cols(), 0};
   }
   template <typename F>
-  __device__ void store(const OutRow& r, int64_t n, typename F::work v) const {
+  HD void store(const OutRow& r, int64_t n, typename F::work v) const {
     static_cast<typename F::work*>(a.grad_weight_partial)[r.off + n] = v;
   }
 };
 
 // ---- the kernel ---------------------------------------------------------------------
+
+// One thread's share of the next K step: its kSlots elements of the A and B tiles (zero past
+// k_end), then both walkers advanced by BK.
+template <typename F, typename Problem>
+HD void fetch_tiles(const Problem& pb, const typename Problem::Row* rows, const typename Problem::Col* cols,
+                    typename Problem::RedA& walk_a, typename Problem::RedB& walk_b, int64_t k_end,
+                    typename F::bits* a_next, typename F::bits* b_next) {
+  using Bits = typename F::bits;
+  if constexpr (Problem::kARedFast) {
+    const bool in = Problem::index(walk_a) < k_end;
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) a_next[q] = in ? pb.template load_a<F>(rows[q], walk_a) : Bits(0);
+  } else {
+    typename Problem::RedA w = walk_a;
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) {
+      a_next[q] = Problem::index(w) < k_end ? pb.template load_a<F>(rows[0], w) : Bits(0);
+      if (q + 1 < kSlots) pb.step_a(w, 1);
+    }
+  }
+  if constexpr (Problem::kBRedFast) {
+    const bool in = Problem::index(walk_b) < k_end;
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) b_next[q] = in ? pb.template load_b<F>(walk_b, cols[q]) : Bits(0);
+  } else {
+    typename Problem::RedB w = walk_b;
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) {
+      b_next[q] = Problem::index(w) < k_end ? pb.template load_b<F>(w, cols[0]) : Bits(0);
+      if (q + 1 < kSlots) pb.step_b(w, 1);
+    }
+  }
+  pb.step_a(walk_a, BK);
+  pb.step_b(walk_b, BK);
+}
 
 template <typename F>
 constexpr bool kHalfFormat =
@@ -480,34 +519,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<F>) implicit_gemm_kernel(
   typename Problem::RedB walk_b = pb.red_b(k_begin + MapB::red(tid));
 
   Bits a_next[kSlots], b_next[kSlots];
-  auto fetch = [&]() {
-    if constexpr (Problem::kARedFast) {
-      const bool in = Problem::index(walk_a) < k_end;
-#pragma unroll
-      for (int q = 0; q < kSlots; ++q) a_next[q] = in ? pb.template load_a<F>(rows[q], walk_a) : Bits(0);
-    } else {
-      typename Problem::RedA w = walk_a;
-#pragma unroll
-      for (int q = 0; q < kSlots; ++q) {
-        a_next[q] = Problem::index(w) < k_end ? pb.template load_a<F>(rows[0], w) : Bits(0);
-        if (q + 1 < kSlots) pb.step_a(w, 1);
-      }
-    }
-    if constexpr (Problem::kBRedFast) {
-      const bool in = Problem::index(walk_b) < k_end;
-#pragma unroll
-      for (int q = 0; q < kSlots; ++q) b_next[q] = in ? pb.template load_b<F>(walk_b, cols[q]) : Bits(0);
-    } else {
-      typename Problem::RedB w = walk_b;
-#pragma unroll
-      for (int q = 0; q < kSlots; ++q) {
-        b_next[q] = Problem::index(w) < k_end ? pb.template load_b<F>(w, cols[0]) : Bits(0);
-        if (q + 1 < kSlots) pb.step_b(w, 1);
-      }
-    }
-    pb.step_a(walk_a, BK);
-    pb.step_b(walk_b, BK);
-  };
+  auto fetch = [&]() { fetch_tiles<F>(pb, rows, cols, walk_a, walk_b, k_end, a_next, b_next); };
   auto stash = [&](int stage) {
 #pragma unroll
     for (int q = 0; q < kSlots; ++q) {
@@ -577,7 +589,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<F>) implicit_gemm_kernel(
       for (int j = 0; j < 4; ++j) Cs[ty * 4 + i][tx * 4 + j] = acc[i][j];
   }
   if (tid < BM) {
-    const OutRow r = pb.out_row(m0 + tid, m0 + tid < M);
+    const OutRow r = pb.out_row(m0 + tid, m0 + tid < M, blockIdx.z);
     out_off[tid] = r.off;
     out_dst[tid] = r.dst;
   }
