@@ -33,8 +33,12 @@ import sys
 import time
 import traceback
 
-import torch
-import torch.nn.functional as F
+# cuBLAS is deterministic only with a fixed workspace; the determinism check turns on
+# torch.use_deterministic_algorithms, which otherwise raises for every cuBLAS GEMM
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
