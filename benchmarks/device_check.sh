@@ -1,21 +1,31 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (see DEVELOPERS.md): builds the CUDA extension,
-# runs the CUDA tests and the GPU benchmarks, and writes logs and CSVs under $OUT.
+# runs the GPU-readiness checks of issue 21, the CUDA tests and the GPU benchmarks, and
+# writes logs and CSVs under $OUT.
 #
 # usage: benchmarks/device_check.sh [--out DIR] [--python PY] [--bench FILE]... [--skip-build]
-#                                   [--skip-tests] [--skip-bench] [--dry-run]
-#   --out DIR      where results go (default: $OUT, else ./device_out)
-#   --python PY    interpreter that has a CUDA torch (default: python3)
-#   --bench FILE   benchmark file(s) to run (default: every benchmarks/bench_*.py)
-#   --dry-run      print the plan and the commands, run nothing
+#                                   [--skip-tests] [--skip-bench] [--readiness-only] [--dry-run]
+#   --out DIR         where results go (default: $OUT, else ./device_out)
+#   --python PY       interpreter that has a CUDA torch (default: python3)
+#   --bench FILE      benchmark file(s) to run (default: every benchmarks/bench_*.py)
+#   --readiness-only  build + the issue-21 checks only (< 8 minutes on one H200)
+#   --dry-run         print the plan and the commands, run nothing
 # Without a CUDA device it stops after the build (that part is exercised on CPU machines).
+#
+# The readiness checks (each a PASS/FAIL/SKIP line; gpu_check.json has the figures):
+#   benchmarks/gpu_check.py: empty reductions, device guard (2+ GPUs), the > 2^31-position
+#     overflow probe, fp32 error with TF32 on and off, weight-gradient and entropy-sum
+#     determinism (and torch.use_deterministic_algorithms), the CUDA backward's grad_y
+#     check, what `auto` runs per op, custom kernels vs the PyTorch path (speed);
+#   compute-sanitizer memcheck and racecheck over one small launch of every kernel;
+#   Nsight Compute's instruction mix of the convolution kernels (integer share), if time allows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 out_dir="${OUT:-$PWD/device_out}"
 py=python3
 benches=()
-skip_build=0 skip_tests=0 skip_bench=0 dry=0
+skip_build=0 skip_tests=0 skip_bench=0 readiness_only=0 dry=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out_dir="$2"; shift 2 ;;
@@ -24,8 +34,9 @@ while [ $# -gt 0 ]; do
     --skip-build) skip_build=1; shift ;;
     --skip-tests) skip_tests=1; shift ;;
     --skip-bench) skip_bench=1; shift ;;
+    --readiness-only) readiness_only=1; skip_tests=1; skip_bench=1; shift ;;
     --dry-run) dry=1; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "device_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -59,6 +70,49 @@ if [ "$dry" = 0 ] && ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_
 fi
 
 status=0
+
+# ---- issue 21: GPU readiness, every item in one run: capped at 7 minutes (210 + 2 x 75 + 60 s)
+echo "== readiness checks -> $out_dir/gpu_check.log, gpu_check.json"
+run timeout 210 "$py" benchmarks/gpu_check.py --out "$out_dir" 2>&1 | tee "$out_dir/gpu_check.log" || status=1
+if command -v compute-sanitizer > /dev/null || [ "$dry" = 1 ]; then
+  # the caching allocator hides out-of-bounds accesses inside its blocks: off for memcheck
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer --tool $tool over one small launch of every kernel -> $out_dir/sanitizer_$tool.log"
+    backends=cuda,triton
+    [ "$tool" = racecheck ] && backends=cuda  # racecheck serialises; the shared-memory kernels are cuda's
+    if [ "$dry" = 1 ]; then
+      echo "+ PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 75 compute-sanitizer --tool $tool --error-exitcode 9 $py benchmarks/gpu_check.py --small --backends $backends"
+    else
+      if PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 75 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+          "$py" benchmarks/gpu_check.py --small --backends "$backends" > "$out_dir/sanitizer_$tool.log" 2>&1; then
+        echo "[PASS] compute-sanitizer $tool"
+      else
+        echo "[FAIL] compute-sanitizer $tool (rc $?; 124 = timed out)"
+        status=1
+      fi
+      grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Race" "$out_dir/sanitizer_$tool.log" | head -5 || true
+    fi
+  done
+else
+  echo "[SKIP] compute-sanitizer not found"
+fi
+if command -v ncu > /dev/null || [ "$dry" = 1 ]; then
+  echo "== Nsight Compute: instruction mix of the convolution kernels -> $out_dir/ncu_instructions.csv"
+  if [ "$dry" = 1 ]; then
+    echo "+ timeout 60 ncu --csv --page raw --metrics sass__inst_executed_per_opcode ... $py benchmarks/gpu_check.py --small"
+  else
+    timeout 60 ncu --target-processes all --kernel-name "regex:implicit_gemm|_forward_kernel|_weight_grad_kernel" \
+      --launch-count 12 --csv --page raw --metrics sass__inst_executed_per_opcode \
+      --print-metric-instances details "$py" benchmarks/gpu_check.py --small --backends cuda,triton \
+      > "$out_dir/ncu_instructions.csv" 2> "$out_dir/ncu.log" || echo "[SKIP] ncu did not finish (see ncu.log)"
+    "$py" benchmarks/static/ncu_integer_share.py "$out_dir/ncu_instructions.csv" | tee "$out_dir/ncu_integer_share.txt" \
+      || true
+  fi
+else
+  echo "[SKIP] ncu not found"
+fi
+[ "$readiness_only" = 1 ] && exit $status
+
 if [ "$skip_tests" = 0 ]; then
   echo "== tests on the GPU -> $out_dir/tests.log"
   run "$py" -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$out_dir/tests.log" || status=1
@@ -81,6 +135,7 @@ PY
   fi
   # per-op GPU summaries (fractions of the GEMM / cuDNN / copy ceilings), one fragment per op
   for fragment in benchmarks/device_check_*.sh; do
+    # shellcheck source=/dev/null
     . "$fragment"
   done
 fi

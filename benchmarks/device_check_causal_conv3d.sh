@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034,SC2154  # sourced by device_check.sh: $py, $out_dir, $dry, $status, run()
 # causal_conv3d (issue 4): lines for benchmarks/device_check.sh, after its build step.
 # Uses that script's $py, $out_dir, $dry, $status and run().  Runs the CUDA tests of the
 # op (incl. the > 2^31-element case), the GPU benchmark (bf16, VAE-like layers, both

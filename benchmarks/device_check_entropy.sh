@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034,SC2154  # sourced by device_check.sh: $py, $out_dir, $dry, $status, run()
 # Fragment for benchmarks/device_check.sh (issue 3, entropy losses): paste after the
 # "== benchmarks" block.  It uses that script's $py, $out_dir, $dry, run() and status.
 # The tests (tests/test_entropy*.py, CUDA cases included) and benchmarks/bench_entropy.py

@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034,SC2154  # sourced by device_check.sh: $py, $out_dir, $dry, $status, run()
 # --- vae (issue 5) fragment for benchmarks/device_check.sh; uses its $py, $out_dir, run and status.
 # GPU parity with diffusers (tests/test_vae.py, incl. the CUDA test), then bench_vae.py on the GPU:
 # small config 17x256x256, full Wan 2.1 config 17x720x1280 (fp32 encode, bf16 decode), and one

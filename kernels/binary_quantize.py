@@ -5,8 +5,9 @@ element strides (s_outer, s_k, s_inner); token t = o*inner + i indexes the dense
 per-token outputs (indices, bit labels).  One program handles BLOCK tokens and loops
 over the K channels at compile time, so indices are built by integer shift/or.
 
-Code values are loaded from a one-element tensor already in the output dtype, so every
-backend writes the same bits for +scale / -scale.  The residual variant carries the
+Code values arrive as the bit pattern of +scale in the output dtype (rounded once by
+torch on the host, cached), so every backend writes the same bits for +scale / -scale and
+a launch copies nothing to the device (no stream sync; CUDA-graph capture works).  The residual variant carries the
 residual in fp32 (fp64 for fp64 input) like the reference.
 
 Cost: N*K elements read, N*K written (+ N indices): memory bound; judged against the
@@ -15,24 +16,39 @@ device's copy bandwidth.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from pyratok.kernels._launch import on_tensor_device
+
 BLOCK = 128
+
+# the integer type whose bits are a float dtype's bits
+_BITS_DTYPE = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+               torch.float64: torch.int64}
+_TL_BITS = {torch.float16: tl.int16, torch.bfloat16: tl.int16, torch.float32: tl.int32, torch.float64: tl.int64}
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, codes_ptr, idx_ptr, bits_ptr, pos_ptr, tokens, inner,
+def _code_value(bits, like, BITS_TYPE: tl.constexpr):
+    """+scale in like's dtype from its bit pattern ``bits``; shape of ``like``."""
+    return tl.full(like.shape, bits, BITS_TYPE).to(like.dtype, bitcast=True)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, codes_ptr, idx_ptr, bits_ptr, pos_bits, tokens, inner,
                      s_outer, s_k, s_inner,
                      K: tl.constexpr, WANT_CODES: tl.constexpr, INDEX_KIND: tl.constexpr,
-                     IDX64: tl.constexpr, BLOCK: tl.constexpr):
+                     IDX64: tl.constexpr, BITS_TYPE: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = t < tokens
     o = t // inner
     i = t - o * inner
     base = o * s_outer + i * s_inner
-    pos = tl.load(pos_ptr)
+    pos = _code_value(pos_bits, tl.zeros([BLOCK], dtype=codes_ptr.dtype.element_ty), BITS_TYPE)
     if IDX64:
         acc = tl.zeros([BLOCK], dtype=tl.int64)
     else:
@@ -88,14 +104,14 @@ def _residual_kernel(x_ptr, codes_ptr, idx_ptr, tokens, inner, s_outer, s_k, s_i
 
 
 @triton.jit
-def _indices_to_codes_kernel(idx_ptr, codes_ptr, pos_ptr, tokens, inner, s_outer, s_k, s_inner,
-                             K: tl.constexpr, BLOCK: tl.constexpr):
+def _indices_to_codes_kernel(idx_ptr, codes_ptr, pos_bits, tokens, inner, s_outer, s_k, s_inner,
+                             K: tl.constexpr, BITS_TYPE: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = t < tokens
     o = t // inner
     i = t - o * inner
     base = o * s_outer + i * s_inner
-    pos = tl.load(pos_ptr)
+    pos = _code_value(pos_bits, tl.zeros([BLOCK], dtype=codes_ptr.dtype.element_ty), BITS_TYPE)
     v = tl.load(idx_ptr + t, mask=mask, other=0).to(tl.int64)
     for k in tl.static_range(K):
         b = ((v >> (K - 1 - k)) & 1) != 0
@@ -165,10 +181,13 @@ def _grid(n: int):
     return (max(1, triton.cdiv(n, BLOCK)),)
 
 
-def _code_value(scale: float, dtype: torch.dtype, device) -> torch.Tensor:
-    return torch.tensor([scale], dtype=dtype, device=device)
+@functools.lru_cache(maxsize=None)
+def code_bits(scale: float, dtype: torch.dtype) -> int:
+    """The bit pattern of +scale in ``dtype`` as an int (rounded by torch on the CPU, once)."""
+    return torch.tensor(scale, dtype=dtype).view(_BITS_DTYPE[dtype]).item()
 
 
+@on_tensor_device
 def binary_quantize(x, layout, codes, scale, want_codes, index_kind, indices, bits):
     """Launch on a (outer, K, inner) ``layout`` = (outer, K, inner, s_outer, s_k, s_inner)."""
     outer, K, inner, so, sk, si = layout
@@ -178,10 +197,11 @@ def binary_quantize(x, layout, codes, scale, want_codes, index_kind, indices, bi
         x, codes if want_codes else dummy,
         indices if index_kind == 1 else dummy.new_empty(1, dtype=torch.int64),
         bits if index_kind == 2 else dummy.new_empty(1, dtype=torch.uint8),
-        _code_value(scale, x.dtype, x.device), tokens, inner, so, sk, si,
-        K=K, WANT_CODES=want_codes, INDEX_KIND=index_kind, IDX64=K > 31, BLOCK=BLOCK)
+        code_bits(scale, x.dtype), tokens, inner, so, sk, si,
+        K=K, WANT_CODES=want_codes, INDEX_KIND=index_kind, IDX64=K > 31, BITS_TYPE=_TL_BITS[x.dtype], BLOCK=BLOCK)
 
 
+@on_tensor_device
 def residual_binary_quantize(x, layout, codes, indices, levels):
     outer, K, inner, so, sk, si = layout
     tokens = outer * inner
@@ -191,32 +211,38 @@ def residual_binary_quantize(x, layout, codes, indices, levels):
         BLOCK=BLOCK)
 
 
+@on_tensor_device
 def indices_to_codes(indices, layout, codes, scale):
     outer, K, inner, so, sk, si = layout
     tokens = outer * inner
     _indices_to_codes_kernel[_grid(tokens)](
-        indices, codes, _code_value(scale, codes.dtype, codes.device), tokens, inner, so, sk, si,
-        K=K, BLOCK=BLOCK)
+        indices, codes, code_bits(scale, codes.dtype), tokens, inner, so, sk, si,
+        K=K, BITS_TYPE=_TL_BITS[codes.dtype], BLOCK=BLOCK)
 
 
+@on_tensor_device
 def indices_to_bits(indices, K, bits):
     _indices_to_bits_kernel[_grid(indices.numel())](indices, bits, indices.numel(), K=K, BLOCK=BLOCK)
 
 
+@on_tensor_device
 def bits_to_indices(bits, indices):
     K = bits.shape[-1]
     _bits_to_indices_kernel[_grid(indices.numel())](
         bits, indices, indices.numel(), K=K, IDX64=K > 31, BLOCK=BLOCK)
 
 
+@on_tensor_device
 def reverse_bit_order(indices, K, out):
     _reverse_bit_order_kernel[_grid(indices.numel())](indices, out, indices.numel(), K=K, BLOCK=BLOCK)
 
 
+@on_tensor_device
 def pack_bits(bits, packed):
     K = bits.shape[-1]
     _pack_bits_kernel[_grid(packed.numel())](bits, packed, packed.numel(), K, packed.shape[-1], BLOCK=BLOCK)
 
 
+@on_tensor_device
 def unpack_bits(packed, K, bits):
     _unpack_bits_kernel[_grid(bits.numel())](packed, bits, bits.numel(), K, packed.shape[-1], BLOCK=BLOCK)

@@ -9,12 +9,17 @@ Input gradient: the same over the padded input positions (b, p, h, w), K = (it, 
 iw, o), A gathered from dy at t = (p - it*dt)/st, ho, wo where those divisions are
 exact (so any stride works), N = input channels; rows p < P go to grad_past.
 Weight gradient: dW (O x K) = dy^T (O x M) @ A (M x K), the M reduction split over
-program axis 2 and summed with atomic adds into an fp32 (fp64) accumulator.
+program axis 2; each split stores its own partial and the launcher sums them in a fixed
+order (deterministic: no atomics).
 
 Layouts: every tensor is addressed through its 5 strides (channels-first,
-channels_last_3d or any view); int64 offsets throughout.  fp16/bf16 inputs accumulate
-in fp32 on tensor cores, fp32 in fp32 (TF32 only where PyTorch's own convolutions may
-use it: torch.backends.cudnn.allow_tf32), fp64 in fp64.
+channels_last_3d or any view).  Offsets and flat indices are int64: Triton passes integer
+arguments below 2^31 as int32, so products of sizes (M = B*To*Ho*Wo, Wo*Ho*To) are never
+formed in the kernels; M comes from the host and positions unravel by successive divisions
+of an int64 index.  fp16/bf16 inputs accumulate in fp32 on tensor cores, fp64 in fp64; fp32
+follows PyTorch's flag for its own (cuDNN) convolutions, like cuDNN: TF32 by default,
+IEEE fp32 with torch.backends.cudnn.allow_tf32 = False (kernels/_launch.py,
+conv_fp32_precision: the expected TF32 error is stated there).
 Cost: 2*M*N*K FLOPs; judged against the tensor-core peak and cuDNN (device_check.sh).
 """
 
@@ -23,6 +28,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from pyratok.kernels._launch import conv_fp32_precision, on_tensor_device
+
 
 def _blocks(t: torch.Tensor) -> dict:
     """Tile sizes; on the GPU fp64 multiplies by broadcast (a BLOCK_M x BLOCK_K x BLOCK_N
@@ -33,9 +41,7 @@ def _blocks(t: torch.Tensor) -> dict:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
+    return conv_fp32_precision() if dtype == torch.float32 else "ieee"
 
 
 @triton.jit
@@ -59,8 +65,12 @@ def _gather_input(x_ptr, cache_ptr, b, p, hi, wi, c, valid, P, H, W,
 
 @triton.jit
 def _unravel4(i, n0, n1, n2):
-    """Flat index -> (i0, i1, i2, i3) of a row-major (.., n2, n1, n0) grid, innermost first."""
-    return i % n0, (i // n0) % n1, (i // (n0 * n1)) % n2, i // (n0 * n1 * n2)
+    """Flat int64 index -> (i0, i1, i2, i3) of a row-major (.., n2, n1, n0) grid, innermost
+    first.  Successive divisions of i only: a product of the (possibly int32) sizes such as
+    n0 * n1 * n2 would wrap at 2^31."""
+    q0 = i // n0
+    q1 = q0 // n1
+    return i - q0 * n0, q0 - q1 * n1, q1 % n2, q1 // n2
 
 
 @triton.jit
@@ -88,7 +98,7 @@ def _mma(acc, a, b, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
 
 @triton.jit
 def _forward_kernel(x_ptr, cache_ptr, w_ptr, bias_ptr, y_ptr,
-                    B, C, H, W, O, To, Ho, Wo, P, KT, KH, KW, ST, SH, SW, DT, DH, DW, PH, PW,
+                    M, B, C, H, W, O, To, Ho, Wo, P, KT, KH, KW, ST, SH, SW, DT, DH, DW, PH, PW,
                     sxb, sxc, sxt, sxh, sxw, scb, scc, sct, sch, scw,
                     swo, swc, swt, swh, sww, syb, syc, syt, syh, syw,
                     HAS_CACHE: tl.constexpr, REPLICATE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -96,7 +106,6 @@ def _forward_kernel(x_ptr, cache_ptr, w_ptr, bias_ptr, y_ptr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    M = B * To * Ho * Wo
     K = KT * KH * KW * C
     mask_m = m < M
     mask_n = n < O
@@ -120,7 +129,7 @@ def _forward_kernel(x_ptr, cache_ptr, w_ptr, bias_ptr, y_ptr,
 
 @triton.jit
 def _input_grad_kernel(dy_ptr, w_ptr, gx_ptr, gp_ptr,
-                       B, C, H, W, O, To, Ho, Wo, P, T, P_BEGIN, KT, KH, KW, ST, SH, SW, DT, DH, DW, PH, PW,
+                       M, B, C, H, W, O, To, Ho, Wo, P, T, P_BEGIN, KT, KH, KW, ST, SH, SW, DT, DH, DW, PH, PW,
                        sdb, sdc, sdt, sdh, sdw, swo, swc, swt, swh, sww,
                        sgb, sgc, sgt, sgh, sgw, spb, spc, spt, sph, spw,
                        WRITE_X: tl.constexpr, WRITE_PAST: tl.constexpr,
@@ -129,7 +138,6 @@ def _input_grad_kernel(dy_ptr, w_ptr, gx_ptr, gp_ptr,
     frames = P + T - P_BEGIN
     m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    M = B * frames * H * W
     K = KT * KH * KW * O
     mask_m = m < M
     mask_n = n < C
@@ -167,16 +175,15 @@ def _input_grad_kernel(dy_ptr, w_ptr, gx_ptr, gp_ptr,
 
 @triton.jit
 def _weight_grad_kernel(x_ptr, cache_ptr, dy_ptr, dw_ptr,
-                        B, C, H, W, O, To, Ho, Wo, P, KT, KH, KW, ST, SH, SW, DT, DH, DW, PH, PW,
+                        M, B, C, H, W, O, To, Ho, Wo, P, KT, KH, KW, ST, SH, SW, DT, DH, DW, PH, PW,
                         sxb, sxc, sxt, sxh, sxw, scb, scc, sct, sch, scw, sdb, sdc, sdt, sdh, sdw,
                         POSITIONS_PER_PROGRAM, HAS_CACHE: tl.constexpr, REPLICATE: tl.constexpr,
                         PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dW[o, (it, ih, iw, c)] over a BLOCK_N x BLOCK_K tile, reducing over one slice of the
-    positions (program axis 2) and adding it into dw atomically."""
+    positions (program axis 2) and storing it as that slice's partial dw[split]."""
     n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-    M = B * To * Ho * Wo
     K = KT * KH * KW * C
     mask_n = n < O
     mask_k = k < K
@@ -194,9 +201,10 @@ def _weight_grad_kernel(x_ptr, cache_ptr, dy_ptr, dw_ptr,
                            P, H, W, ST, SH, SW, DT, DH, DW, PH, PW,
                            sxb, sxc, sxt, sxh, sxw, scb, scc, sct, sch, scw, HAS_CACHE, REPLICATE)
         acc = _mma(acc, dyt, a, PRECISION, ACC_DTYPE)
-    # accum is (O, C, kt, kh, kw) contiguous
-    dw_off = n[:, None] * K + c[None, :] * (KT * KH * KW) + it[None, :] * (KH * KW) + ih[None, :] * KW + iw[None, :]
-    tl.atomic_add(dw_ptr + dw_off, acc, mask=mask_n[:, None] & mask_k[None, :])
+    # partials are (splits, O, C, kt, kh, kw) contiguous
+    dw_off = (tl.program_id(2).to(tl.int64) * O + n[:, None]) * K + c[None, :] * (KT * KH * KW) \
+        + it[None, :] * (KH * KW) + ih[None, :] * KW + iw[None, :]
+    tl.store(dw_ptr + dw_off, acc, mask=mask_n[:, None] & mask_k[None, :])
 
 
 def _geometry(x_shape, weight_shape, stride, dilation, padding):
@@ -213,19 +221,23 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+@on_tensor_device
 def causal_conv3d_forward(x, weight, bias, cache, stride, dilation, padding, replicate, y):
     """y (B, O, To, Ho, Wo) = causal conv of x (B, C, T, H, W); y preallocated."""
     geom, _ = _geometry(x.shape, weight.shape, stride, dilation, padding)
     M, O = y.shape[0] * y.shape[2] * y.shape[3] * y.shape[4], y.shape[1]
+    if M == 0 or O == 0:
+        return
     cache_t = cache if cache is not None else x
     blocks = _blocks(x)
     grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(O, blocks["BLOCK_N"]))
-    _forward_kernel[grid](x, cache_t, weight, bias if bias is not None else x, y, *geom,
+    _forward_kernel[grid](x, cache_t, weight, bias if bias is not None else x, y, M, *geom,
                           *x.stride(), *cache_t.stride(), *weight.stride(), *y.stride(),
                           HAS_CACHE=cache is not None, REPLICATE=replicate, HAS_BIAS=bias is not None,
                           PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_dtype(x.dtype), **blocks)
 
 
+@on_tensor_device
 def causal_conv3d_input_grad(grad_y, weight, x_shape, stride, dilation, padding, grad_x, grad_past):
     """grad_x (B, C, T, H, W) and/or grad_past (B, C, P, H, W) from grad_y; None = skip."""
     geom, T = _geometry(x_shape, weight.shape, stride, dilation, padding)
@@ -233,30 +245,49 @@ def causal_conv3d_input_grad(grad_y, weight, x_shape, stride, dilation, padding,
     P = geom[8]
     p_begin = 0 if grad_past is not None else P
     M = B * (P + T - p_begin) * H * W
+    if M == 0:
+        return
     gx = grad_x if grad_x is not None else grad_y
     gp = grad_past if grad_past is not None else grad_y
     blocks = _blocks(grad_y)
     grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(C, blocks["BLOCK_N"]))
-    _input_grad_kernel[grid](grad_y, weight, gx, gp, *geom[:9], T, p_begin, *geom[9:],
+    _input_grad_kernel[grid](grad_y, weight, gx, gp, M, *geom[:9], T, p_begin, *geom[9:],
                              *grad_y.stride(), *weight.stride(), *gx.stride(), *gp.stride(),
                              WRITE_X=grad_x is not None, WRITE_PAST=grad_past is not None,
                              PRECISION=_dot_precision(grad_y.dtype), ACC_DTYPE=_acc_dtype(grad_y.dtype), **blocks)
 
 
-def causal_conv3d_weight_grad(x, cache, grad_y, stride, dilation, padding, replicate, accum):
-    """accum (O, C, kt, kh, kw) contiguous fp32 (fp64 for fp64), zeroed: += dL/dweight."""
+def weight_grad_splits(positions: int, tiles: int, device_type: str) -> int:
+    """How many slices the position reduction of the weight gradient is split into: about 1024
+    programs on a GPU (>= 4096 positions each); one under the interpreter."""
+    if device_type == "cpu":
+        return 1
+    return max(1, min(triton.cdiv(1024, tiles), positions // 4096))
+
+
+@on_tensor_device
+def causal_conv3d_weight_grad(x, cache, grad_y, stride, dilation, padding, replicate, accum, splits=None):
+    """accum (O, C, kt, kh, kw) contiguous fp32 (fp64 for fp64): = dL/dweight.
+
+    Each of ``splits`` slices of the positions stores its partial; the partials are summed
+    in a fixed order, so the result is the same bits on every run."""
     geom, _ = _geometry(x.shape, accum.shape, stride, dilation, padding)
     O, C, KT, KH, KW = accum.shape
+    positions = grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3] * grad_y.shape[4]
+    if positions == 0:  # an empty batch: no contribution
+        accum.zero_()
+        return
     cache_t = cache if cache is not None else x
     blocks = _blocks(x)
     tiles = triton.cdiv(O, blocks["BLOCK_N"]) * triton.cdiv(KT * KH * KW * C, blocks["BLOCK_K"])
-    positions = grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3] * grad_y.shape[4]
-    # split the position reduction until there are ~1024 programs (one under the interpreter)
-    splits = 1 if x.device.type == "cpu" else max(1, min(triton.cdiv(1024, tiles), positions // 4096))
+    if splits is None:
+        splits = weight_grad_splits(positions, tiles, x.device.type)
     per_program = triton.cdiv(triton.cdiv(positions, splits), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
-    grid = (triton.cdiv(O, blocks["BLOCK_N"]), triton.cdiv(KT * KH * KW * C, blocks["BLOCK_K"]),
-            triton.cdiv(positions, per_program))
-    _weight_grad_kernel[grid](x, cache_t, grad_y, accum, *geom,
+    splits = triton.cdiv(positions, per_program)
+    partial = torch.empty((splits, *accum.shape), dtype=accum.dtype, device=accum.device)
+    grid = (triton.cdiv(O, blocks["BLOCK_N"]), triton.cdiv(KT * KH * KW * C, blocks["BLOCK_K"]), splits)
+    _weight_grad_kernel[grid](x, cache_t, grad_y, partial, positions, *geom,
                               *x.stride(), *cache_t.stride(), *grad_y.stride(), per_program,
                               HAS_CACHE=cache is not None, REPLICATE=replicate,
                               PRECISION=_dot_precision(x.dtype), ACC_DTYPE=_acc_dtype(x.dtype), **blocks)
+    torch.sum(partial, 0, out=accum)

@@ -9,10 +9,20 @@ b-block, token split) rebuilds P_A (BLOCK_N, BLOCK_A) and P_B (BLOCK_N, BLOCK_B)
 each chunk of tokens (KA resp. KB multiplies per element) and accumulates P_A^T P_B with
 tl.dot in IEEE fp32 (no TF32; fp64 input: multiply-and-sum on 16-wide blocks, as tl.dot has no
 fp64 path on NVIDIA GPUs); token splits write partial counts that are summed after, so
-the result is deterministic.  Backward, one program per block of tokens and one launch per
-half ("own" bits, the "other" half): acc = P_other G^T block by block, W = acc * P_own, and
-the per-bit sums S1 / S0 (codes with the bit set / clear) are W times a 0/1 bit table, one
-more tl.dot; d x = coef * (S1 sigmoid(-z) - S0 sigmoid(z)).
+the result is deterministic.  Backward, one launch per half ("own" bits, the "other"
+half), programs over (block of tokens, slice of the own codes, slice of the other codes), so
+that a small batch still fills the device (N = 192 tokens and 2^8 own codes: 12 programs
+where one per token block gave 3): acc = P_other G^T over the program's other codes,
+W = acc * P_own, and the per-bit partial sums S1 / S0 (codes with the bit set / clear) are W
+times a 0/1 bit table, one more tl.dot.  Every quantity is linear in acc, so each program
+stores its partial S1 / S0 and the launcher sums them in a fixed order (deterministic) and
+forms d x = coef * (S1 sigmoid(-z) - S0 sigmoid(z)).
+
+Precision, an explicit choice: tl.dot in IEEE fp32 (input_precision="ieee", never TF32);
+tl.exp, which on NVIDIA GPUs compiles to ex2.approx.ftz.f32 after a multiply by log2(e) for
+fp32 (relative error ~2^-22 plus |z| * 2^-24 from the rounded product: < 6e-6 where exp does
+not underflow; results below 2^-126 flush to 0) and to libdevice's exp for fp64.  Triton's
+CPU interpreter uses numpy's exp; the tests' tolerances (tests/test_entropy.py) cover both.
 
 Cost: 3 * 2 * N * 2^K FLOPs for forward + backward, plus the rebuilt tiles
 (~N * 2^K * (KA + KB) / block multiplies); judged against the fp32 (non-tensor-core) FMA peak.
@@ -25,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pyratok.kernels._launch import on_tensor_device
 from pyratok.reference.entropy import half_split, work_dtype
 
 BLOCK = 1024
@@ -166,25 +177,32 @@ def _soft_code_counts_kernel(x_ptr, partial_ptr, N, K, bit0, coef, tokens_per_sp
 
 
 @triton.jit
-def _soft_code_counts_backward_kernel(x_ptr, g_ptr, dx_ptr, N, K, own0, other0, coef, g_stride_own,
-                                      g_stride_other, OWN: tl.constexpr, OTHER: tl.constexpr,
+def _soft_code_counts_backward_kernel(x_ptr, g_ptr, s1_ptr, s0_ptr, N, K, own0, other0, coef, g_stride_own,
+                                      g_stride_other, own_per_program, other_per_program,
+                                      OWN: tl.constexpr, OTHER: tl.constexpr,
                                       OWN_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
                                       BLOCK_T: tl.constexpr, F64: tl.constexpr):
+    """Partial S1 / S0 (BLOCK_N tokens, OWN bits) over own codes [a_begin, a_end) and other
+    codes [t_begin, t_end); stored at partial index (program 1, program 2)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     j = tl.arange(0, OWN_P2)
     j_mask = j < OWN
     shift = tl.where(j_mask, OWN - 1 - j, 0)
+    a_begin = tl.program_id(1) * own_per_program
+    a_end = tl.minimum(a_begin + own_per_program, 1 << OWN)
+    t_begin = tl.program_id(2) * other_per_program
+    t_end = tl.minimum(t_begin + other_per_program, 1 << OTHER)
     zero = _to_work(tl.zeros([BLOCK_N, OWN_P2], dtype=tl.float32), F64)
     s1 = zero
     s0 = zero
-    for a0 in range(0, 1 << OWN, BLOCK_O):
+    for a0 in range(a_begin, a_end, BLOCK_O):
         a = a0 + tl.arange(0, BLOCK_O)
-        a_mask = a < (1 << OWN)
+        a_mask = a < a_end
         acc = _to_work(tl.zeros([BLOCK_N, BLOCK_O], dtype=tl.float32), F64)
-        for t0 in range(0, 1 << OTHER, BLOCK_T):
+        for t0 in range(t_begin, t_end, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
-            t_mask = t < (1 << OTHER)
+            t_mask = t < t_end
             probs_t = _half_probs(x_ptr, rows, row_mask, K, other0, coef, t, t_mask, OTHER, F64)
             g = tl.load(g_ptr + t[:, None] * g_stride_other + a[None, :] * g_stride_own,
                         mask=t_mask[:, None] & a_mask[None, :], other=0)
@@ -194,11 +212,11 @@ def _soft_code_counts_backward_kernel(x_ptr, g_ptr, dx_ptr, N, K, own0, other0, 
         used = a_mask[:, None] & j_mask[None, :]
         s1 += _dot(w, _to_work(tl.where(used & (bit != 0), 1.0, 0.0), F64), F64)
         s0 += _dot(w, _to_work(tl.where(used & (bit == 0), 1.0, 0.0), F64), F64)
+    split = tl.program_id(1).to(tl.int64) * tl.num_programs(2) + tl.program_id(2)
+    offs = (split * N + rows[:, None]) * OWN_P2 + j[None, :]
     mask = row_mask[:, None] & j_mask[None, :]
-    offs = rows[:, None] * K + own0 + j[None, :]
-    z = coef * _to_work(tl.load(x_ptr + offs, mask=mask, other=0), F64)
-    dx = coef * (s1 * _sigmoid(-z) - s0 * _sigmoid(z))
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(s1_ptr + offs, s1, mask=mask)
+    tl.store(s0_ptr + offs, s0, mask=mask)
 
 
 def _grid(n: int, block: int = BLOCK):
@@ -213,6 +231,7 @@ def _token_block(f64: bool) -> int:
     return MIN_DOT if f64 else TOKEN_BLOCK
 
 
+@on_tensor_device
 def bit_probs(x, coef):
     out = torch.empty(x.shape, dtype=work_dtype(x.dtype), device=x.device)
     _bit_probs_kernel[_grid(x.numel())](x, out, x.numel(), coef, F64=x.dtype == torch.float64, BLOCK=BLOCK)
@@ -223,6 +242,7 @@ def _partial_sums(x):
     return torch.zeros(_grid(x.numel())[0], dtype=work_dtype(x.dtype), device=x.device)
 
 
+@on_tensor_device
 def binary_entropy_sum(x, coef):
     partial = _partial_sums(x)
     _binary_entropy_sum_kernel[_grid(x.numel())](x, partial, x.numel(), coef, F64=x.dtype == torch.float64,
@@ -234,6 +254,7 @@ def _grad_scalar(grad, dtype):
     return grad.to(work_dtype(dtype)).reshape(1).contiguous()
 
 
+@on_tensor_device
 def binary_entropy_backward(x, coef, grad):
     dx = torch.empty_like(x)
     _binary_entropy_backward_kernel[_grid(x.numel())](x, _grad_scalar(grad, x.dtype), dx, x.numel(), coef,
@@ -241,12 +262,14 @@ def binary_entropy_backward(x, coef, grad):
     return dx
 
 
+@on_tensor_device
 def bernoulli_kl_sum(a, b):
     partial = _partial_sums(a)
     _bernoulli_kl_sum_kernel[_grid(a.numel())](a, b, partial, a.numel(), F64=a.dtype == torch.float64, BLOCK=BLOCK)
     return partial.sum()
 
 
+@on_tensor_device
 def bernoulli_kl_backward(a, b, grad):
     da, db = torch.empty_like(a), torch.empty_like(b)
     _bernoulli_kl_backward_kernel[_grid(a.numel())](a, b, _grad_scalar(grad, a.dtype), da, db, a.numel(),
@@ -254,6 +277,7 @@ def bernoulli_kl_backward(a, b, grad):
     return da, db
 
 
+@on_tensor_device
 def code_histogram(indices, K):
     if indices.numel() >= 2**31:
         raise ValueError(f"indices: {indices.numel()} codes; the Triton histogram counts in int32 (< 2^31)")
@@ -272,6 +296,7 @@ def _groups(sizes):
         offset += 1 << g
 
 
+@on_tensor_device
 def soft_code_counts(x, coef, sizes):
     N, K = x.shape
     f64 = x.dtype == torch.float64
@@ -293,11 +318,38 @@ def soft_code_counts(x, coef, sizes):
     return torch.cat(counts)
 
 
+# partial S1/S0 buffers of the backward hold at most this many work elements
+MAX_PARTIAL_ELEMENTS = 1 << 26
+
+
+def _backward_splits(rows_blocks: int, own: int, other: int, block_o: int, block_t: int, N: int, own_p2: int,
+                     interpreted: bool) -> tuple[int, int]:
+    """(own codes per program, other codes per program): split the code space until about
+    TARGET_PROGRAMS programs run, within MAX_PARTIAL_ELEMENTS of partials; one split of each
+    under the interpreter (a CPU runs programs one after another)."""
+    own_blocks, other_blocks = triton.cdiv(1 << own, block_o), triton.cdiv(1 << other, block_t)
+    own_splits = other_splits = 1
+    if not interpreted:
+        budget = max(1, MAX_PARTIAL_ELEMENTS // max(1, 2 * N * own_p2))
+        want = max(1, triton.cdiv(TARGET_PROGRAMS, rows_blocks))
+        own_splits = max(1, min(own_blocks, want, budget))
+        other_splits = max(1, min(other_blocks, triton.cdiv(want, own_splits), budget // own_splits))
+    own_per = triton.cdiv(own_blocks, own_splits) * block_o
+    other_per = triton.cdiv(other_blocks, other_splits) * block_t
+    return own_per, other_per
+
+
+@on_tensor_device
 def soft_code_counts_backward(x, coef, sizes, grad_counts):
     N, K = x.shape
     f64 = x.dtype == torch.float64
-    G_all = grad_counts.to(work_dtype(x.dtype)).contiguous()
+    wd = work_dtype(x.dtype)
+    G_all = grad_counts.to(wd).contiguous()
     dx = torch.empty_like(x)
+    if N == 0:
+        return dx
+    token_block = _token_block(f64)
+    rows_blocks = triton.cdiv(N, token_block)
     for bit0, offset, ka, kb in _groups(sizes):
         G = G_all[offset:offset + (1 << (ka + kb))]  # (2^KA, 2^KB) row-major
         # own half A: G[a, b] at a * 2^KB + b; own half B: the transpose
@@ -305,8 +357,18 @@ def soft_code_counts_backward(x, coef, sizes, grad_counts):
                 (bit0, ka, bit0 + ka, kb, 1 << kb, 1), (bit0 + ka, kb, bit0, ka, 1, 1 << kb)):
             if own == 0:
                 continue
-            _soft_code_counts_backward_kernel[_grid(N, _token_block(f64))](
-                x, G, dx, N, K, own0, other0, coef, stride_own, stride_other, OWN=own, OTHER=other,
-                OWN_P2=max(MIN_DOT, triton.next_power_of_2(own)), BLOCK_N=_token_block(f64),
-                BLOCK_O=_code_block(own, f64), BLOCK_T=_code_block(other, f64), F64=f64)
+            own_p2 = max(MIN_DOT, triton.next_power_of_2(own))
+            block_o, block_t = _code_block(own, f64), _code_block(other, f64)
+            own_per, other_per = _backward_splits(rows_blocks, own, other, block_o, block_t, N, own_p2,
+                                                  x.device.type == "cpu")
+            grid = (rows_blocks, triton.cdiv(1 << own, own_per), triton.cdiv(1 << other, other_per))
+            s1 = torch.empty(grid[1] * grid[2], N, own_p2, dtype=wd, device=x.device)
+            s0 = torch.empty_like(s1)
+            _soft_code_counts_backward_kernel[grid](
+                x, G, s1, s0, N, K, own0, other0, coef, stride_own, stride_other, own_per, other_per,
+                OWN=own, OTHER=other, OWN_P2=own_p2, BLOCK_N=token_block, BLOCK_O=block_o, BLOCK_T=block_t,
+                F64=f64)
+            z = coef * x[:, own0:own0 + own].to(wd)
+            S1, S0 = s1.sum(0)[:, :own], s0.sum(0)[:, :own]  # fixed order: deterministic
+            dx[:, own0:own0 + own] = (coef * (S1 * torch.sigmoid(-z) - S0 * torch.sigmoid(z))).to(x.dtype)
     return dx

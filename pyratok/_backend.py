@@ -1,8 +1,10 @@
 """Backend choice for every pyratok op (DESIGN.md §1).
 
 Order of precedence: an explicit ``backend=`` argument, then the environment variable
-``PYRATOK_BACKEND``, then the automatic choice: the C++ extension (``cuda`` for CUDA
-tensors, ``cpu`` for CPU tensors) when it is built, else ``reference``.  Triton runs only
+``PYRATOK_BACKEND``, then the automatic choice: on CPU tensors the C++ extension (``cpu``)
+when it is built, else ``reference``; on CUDA tensors the PyTorch path each op's table entry
+in :data:`CUDA_AUTO` names (cuDNN / cuBLAS / ATen: the ``reference`` backend) until
+benchmarks/device_check.sh has measured a custom kernel faster on the GPU.  Triton runs only
 when asked for.  An explicitly requested backend that cannot run raises
 :class:`BackendUnavailable` saying why; all backends agree bit-exactly on discrete
 outputs, so the automatic choice never changes results.
@@ -16,6 +18,18 @@ from functools import lru_cache
 import torch
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+
+# What ``auto`` runs on CUDA tensors, per op family, and why.  No custom CUDA or Triton kernel
+# has been measured against the vendor path it replaces on a GPU yet, so every op takes the
+# PyTorch path; an entry changes to "cuda" (or "triton") only with a device_check.sh
+# measurement showing it faster on the same shapes.
+CUDA_AUTO = {
+    "causal_conv3d": ("reference", "cuDNN conv3d on x with only the P causal past frames concatenated in front "
+                                   "(spatial padding inside cuDNN); cuDNN's own backward"),
+    "binary_quantize": ("reference", "ATen elementwise ops (compare, where, shifts): memory bound either way"),
+    "entropy": ("reference", "ATen sigmoid/log-sum and cuBLAS GEMMs for the half-split code counts"),
+}
 
 
 class BackendUnavailable(RuntimeError):
@@ -79,11 +93,16 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [b for b in BACKENDS if why_unavailable(b, device) is None]
 
 
-def resolve(backend: str | None, device: torch.device) -> str:
-    """The backend to run for tensors on ``device``."""
+def resolve(backend: str | None, device: torch.device, op: str | None = None) -> str:
+    """The backend to run for tensors on ``device``; ``op`` (a key of :data:`CUDA_AUTO`)
+    chooses what ``auto`` runs on CUDA tensors."""
     if backend is None:
         backend = os.environ.get("PYRATOK_BACKEND") or "auto"
     if backend == "auto":
+        if device.type == "cuda" and op in CUDA_AUTO:
+            choice = CUDA_AUTO[op][0]
+            if why_unavailable(choice, device) is None:
+                return choice
         if device.type in ("cpu", "cuda") and why_unavailable(device.type, device) is None:
             return device.type
         return "reference"

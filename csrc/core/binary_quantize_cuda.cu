@@ -2,8 +2,11 @@
 //
 // One thread per token, grid-stride loop, 64-bit offsets throughout (tensors past
 // 2^31 elements are fine).  For channel-first input consecutive threads read
-// consecutive tokens of one channel plane, so every load and store is coalesced;
-// for channels-last input each thread walks its token's K contiguous values.
+// consecutive tokens of one channel plane, so every load and store is coalesced.
+// Channels-last input whose tokens are dense rows of K channels (x[t*K + k]) runs
+// element-parallel instead: consecutive threads take consecutive elements (coalesced
+// loads of x and stores of codes and bit labels, which share that layout), the bits of a
+// tile of tokens go through shared memory, and one thread per token assembles its index.
 // Memory bound: judged against the device copy bandwidth (device_check.sh).
 #include <cuda_runtime.h>
 
@@ -52,6 +55,48 @@ __global__ void quantize_kernel(QuantizeArgs a) {
       if (a.bit_labels) a.bit_labels[t * L.K + k] = (uint8_t)b;
     }
     if (indices) indices[t] = acc;
+  }
+}
+
+// Elements of x per tile of the channels-last kernel (4096 / K tokens).
+constexpr int kTileElements = 4096;
+
+inline bool dense_channels_last(const ChannelLayout& L) {
+  return L.K > 1 && L.s_k == 1 && L.s_inner == L.K && (L.outer == 1 || L.s_outer == L.inner * L.K);
+}
+
+template <typename F, typename Index>
+__global__ void quantize_channels_last_kernel(QuantizeArgs a) {
+  using B = typename F::bits;
+  __shared__ uint8_t tile_bits[kTileElements];
+  const ChannelLayout L = a.layout;
+  const B* x = static_cast<const B*>(a.x);
+  B* codes = static_cast<B*>(a.codes);
+  Index* indices = static_cast<Index*>(a.indices);
+  const B pos = F::store(static_cast<typename F::work>(a.scale));
+  const B neg = F::negate(pos);
+  const int K = (int)L.K;
+  const int tile_tokens = kTileElements / K;
+  const int64_t tokens = L.tokens();
+  for (int64_t t0 = (int64_t)blockIdx.x * tile_tokens; t0 < tokens; t0 += (int64_t)gridDim.x * tile_tokens) {
+    const int n_tokens = (int)(tokens - t0 < tile_tokens ? tokens - t0 : tile_tokens);
+    const int n = n_tokens * K;
+    const int64_t e0 = t0 * K;
+    for (int e = threadIdx.x; e < n; e += blockDim.x) {
+      const bool b = F::positive(x[e0 + e]);
+      if (codes) codes[e0 + e] = b ? pos : neg;
+      if (a.bit_labels) a.bit_labels[e0 + e] = (uint8_t)b;
+      tile_bits[e] = (uint8_t)b;
+    }
+    if (indices) {
+      __syncthreads();
+      for (int t = threadIdx.x; t < n_tokens; t += blockDim.x) {
+        Index acc = 0;
+        for (int k = 0; k < K; ++k) acc = (Index)((acc << 1) | (Index)tile_bits[t * K + k]);
+        indices[t0 + t] = acc;
+      }
+      __syncthreads();
+    }
   }
 }
 
@@ -188,12 +233,24 @@ void binary_quantize_cuda(const QuantizeArgs& a, void* stream) {
   const int64_t n = a.layout.tokens();
   if (n == 0) return;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  PYRATOK_DISPATCH_DTYPE(a.dtype, {
-    if (a.index_type == IndexType::I32)
-      quantize_kernel<F, uint32_t><<<grid_for(n), kThreads, 0, s>>>(a);
-    else
-      quantize_kernel<F, uint64_t><<<grid_for(n), kThreads, 0, s>>>(a);
-  });
+  if (dense_channels_last(a.layout)) {
+    const int64_t tile_tokens = kTileElements / a.layout.K;
+    const int64_t blocks = (n + tile_tokens - 1) / tile_tokens;
+    const unsigned grid = (unsigned)(blocks < 65535 * 16 ? blocks : 65535 * 16);
+    PYRATOK_DISPATCH_DTYPE(a.dtype, {
+      if (a.index_type == IndexType::I32)
+        quantize_channels_last_kernel<F, uint32_t><<<grid, kThreads, 0, s>>>(a);
+      else
+        quantize_channels_last_kernel<F, uint64_t><<<grid, kThreads, 0, s>>>(a);
+    });
+  } else {
+    PYRATOK_DISPATCH_DTYPE(a.dtype, {
+      if (a.index_type == IndexType::I32)
+        quantize_kernel<F, uint32_t><<<grid_for(n), kThreads, 0, s>>>(a);
+      else
+        quantize_kernel<F, uint64_t><<<grid_for(n), kThreads, 0, s>>>(a);
+    });
+  }
   check_launch("binary_quantize_cuda");
 }
 

@@ -70,7 +70,8 @@ struct ConvShape {
 };
 
 // Fills the derived fields; returns false when the geometry is invalid (P < 0, T not a
-// multiple of st, empty output).
+// multiple of st, empty output) or a reduction is empty (C, O, kt, kh, kw or the input's
+// H, W of 0; an empty batch B = 0 is valid).
 bool make_conv_shape(ConvShape& s);
 
 PYRATOK_HD int64_t past_frames(int64_t kt, int64_t st, int64_t dt) { return dt * (kt - 1) + 1 - st; }
@@ -202,20 +203,25 @@ void store_weight_grad(DType dtype, const ConvShape& s, const void* accum, MutVi
 
 struct CudaConvArgs {
   DType dtype;
-  ConvShape shape;
+  ConvShape shape;          // every extent below 2^31 (the kernels walk coordinates in int32)
   View5 x;
   View5 cache;
-  View5 weight;             // (O, C, kt, kh, kw), any strides
+  const void* packed_weight;  // forward: (kt, kh, kw, C, O), input_grad: (kt, kh, kw, O, C), contiguous
   const void* bias;         // (O,) contiguous, or nullptr
   View5 grad_y;
   MutView5 y;               // forward output
   MutView5 grad_x;          // input_grad outputs (data may be null)
   MutView5 grad_past;
-  MutView5 grad_weight;     // (O, C, kt, kh, kw) zeroed accumulator in the compute type
+  void* grad_weight_partial;  // (splits, O, kt*kh*kw*C) in the compute type, every element written
 };
 
+// Empty outputs launch nothing; an empty reduction (B = 0 in the weight gradient) stores
+// zeros.  C, O >= 1 (make_conv_shape).
 void causal_conv3d_forward_cuda(const CudaConvArgs& a, void* stream);
 void causal_conv3d_input_grad_cuda(const CudaConvArgs& a, void* stream);
+// Deterministic: split z of the position reduction stores partial z; the caller sums the
+// `causal_conv3d_weight_grad_splits(shape)` partials in a fixed order.
+int64_t causal_conv3d_weight_grad_splits(const ConvShape& s);
 void causal_conv3d_weight_grad_cuda(const CudaConvArgs& a, void* stream);
 
 }  // namespace pyratok

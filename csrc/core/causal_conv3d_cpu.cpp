@@ -22,6 +22,7 @@ bool make_conv_shape(ConvShape& s) {
   s.P = past_frames(s.kt, s.st, s.dt);
   if (s.P < 0 || s.st < 1 || s.sh < 1 || s.sw < 1 || s.dt < 1 || s.dh < 1 || s.dw < 1) return false;
   if (s.T < 1 || s.T % s.st != 0 || s.ph < 0 || s.pw < 0) return false;
+  if (s.B < 0 || s.C < 1 || s.O < 1 || s.H < 1 || s.W < 1 || s.kt < 1 || s.kh < 1 || s.kw < 1) return false;
   const int64_t span_h = s.dh * (s.kh - 1) + 1, span_w = s.dw * (s.kw - 1) + 1;
   if (s.H + 2 * s.ph < span_h || s.W + 2 * s.pw < span_w) return false;
   s.To = s.T / s.st;

@@ -6,12 +6,38 @@
 //                (b, p, h, w), K' = (it, ih, iw, o), A' = dy where t = (p - it*dt)/st,
 //                ho, wo divide exactly (so any stride works); rows p < P -> grad_past
 //   weight_grad  dW (O x K) = dy^T (O x M) A (M x K), the M reduction split over
-//                gridDim.z and summed with atomics into a compute-type accumulator.
+//                gridDim.z; each split stores its own partial (splits, O, K) and the
+//                binding sums them in a fixed order: deterministic, no float atomics.
 // A is never materialised: each K step gathers its BM x BK tile with the causal frame
 // choice (padded_frame) and the spatial zero border in the index math, int64 offsets.
+//
+// Index math without divisions in the K loop: every thread unravels its tile rows
+// (output positions or channels) and its first reduction index once, before the loop,
+// and then walks the reduction incrementally (channel += step, carrying into the taps;
+// or w += step, carrying into h, t, b).  The input gradient's exact division by the stride,
+// t = (p - it*dt)/st, becomes a compare of remainders walked with the taps.
+//
+// Coalescing in both layouts: a tile is loaded either "reduction-fast" (consecutive
+// threads take consecutive reduction indices: channels of a channels_last_3d tensor) or
+// "fixed-fast" (consecutive threads take consecutive rows/columns: the w positions of a
+// channels-first tensor, the output channels of the packed weights); the choice is a
+// template parameter picked from the tensor's channel stride.  The epilogue goes through
+// shared memory and stores along the output's contiguous axis (n for channels-last and
+// the weight-gradient partials, m for channels-first).  Weights arrive packed by the
+// binding as (kt, kh, kw, C, O) (forward) or (kt, kh, kw, O, C) (input gradient), so the
+// B tile is a contiguous row block.
+//
+// Double buffering: two shared stages; the next tile's global loads are issued into
+// registers before the current stage is multiplied, then stored into the other stage
+// (one __syncthreads per K step).  cp.async is not used: the gathered operand is built
+// element by element (2-byte elements, zero fill for padding), below cp.async's 4-byte
+// minimum copy.
+//
 // A block computes a 64 x 64 tile with 256 threads; fp16/bf16 tiles are staged in
 // shared memory in their own format and multiplied on tensor cores (WMMA 16x16x16,
-// fp32 accumulate), fp32/fp64 with a 4x4 register tile per thread (FMA).
+// fp32 accumulate) where the architecture has them (fp16: sm_70+, bf16: sm_80+); below
+// that, and for fp32/fp64, a 4x4 register tile per thread multiplies with FMAs (fp32
+// accumulate for halves).
 // Cost: 2*M*N*K FLOPs; judged against the tensor-core peak and cuDNN (device_check.sh).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -28,23 +54,113 @@ namespace pyratok {
 namespace {
 
 constexpr int BM = 64, BN = 64, BK = 16, kThreads = 256;
-constexpr int kLoadsA = BM * BK / kThreads;   // A elements per thread per K step
-constexpr int kLoadsB = BK * BN / kThreads;
+constexpr int kSlots = BM * BK / kThreads;   // elements per thread per operand tile (4)
+static_assert(BM == BN && BM * BK == kSlots * kThreads && kThreads == BM * kSlots, "tile mapping");
+
+#ifdef __CUDA_ARCH__
+constexpr int kArch = __CUDA_ARCH__;
+#else
+constexpr int kArch = 0;
+#endif
 
 inline void check_launch(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
+// Host and device: the index logic below also runs in a host-only emulation of the kernel
+// (tests/cpp/test_causal_conv3d_cuda_host.cu).
+#define HD __host__ __device__ __forceinline__
+
 template <typename F>
-__device__ __forceinline__ typename F::bits load_bits(const void* base, int64_t off) {
+HD typename F::bits load_bits(const void* base, int64_t off) {
   return static_cast<const typename F::bits*>(base)[off];
 }
 
-// x padded causally in time and with zeros in space; raw bits (0 = +0.0).
+// Which elements of a (64 fixed x 16 reduction) operand tile a thread loads.
+//   RedFast:   reduction index tid % 16, fixed indices tid / 16 + 16 * q (4 contexts, 1 walker)
+//   FixedFast: fixed index tid % 64, reduction indices 4 * (tid / 64) + q (1 context, 1 walker)
+template <bool RedFast>
+struct TileMap {
+  static constexpr int kFixed = RedFast ? kSlots : 1;
+  static HD int fixed(int tid, int q) { return RedFast ? tid / BK + BK * q : tid % BM; }
+  static HD int red(int tid) { return RedFast ? tid % BK : kSlots * (tid / BM); }
+  static HD int slot_fixed(int tid, int q) { return RedFast ? fixed(tid, q) : tid % BM; }
+  static HD int slot_red(int tid, int q) { return RedFast ? red(tid) : red(tid) + q; }
+};
+
+// ---- reduction walkers: unravelled once, then advanced without divisions ----------------
+
+// k = ((it * kh + ih) * kw + iw) * channels + ch
+struct TapWalker {
+  int64_t k;
+  int ch, iw, ih, it;
+};
+
+HD TapWalker tap_walker(int64_t k, const ConvShape& s, int channels) {
+  TapWalker w;
+  w.k = k;
+  const int64_t q = k / channels;
+  w.ch = int(k - q * channels);
+  w.iw = int(q % s.kw);
+  const int64_t r = q / s.kw;
+  w.ih = int(r % s.kh);
+  w.it = int(r / s.kh);
+  return w;
+}
+
+HD void advance(TapWalker& w, int step, const ConvShape& s, int channels) {
+  w.k += step;
+  w.ch += step;
+  while (w.ch >= channels) {
+    w.ch -= channels;
+    if (++w.iw == s.kw) {
+      w.iw = 0;
+      if (++w.ih == s.kh) {
+        w.ih = 0;
+        ++w.it;
+      }
+    }
+  }
+}
+
+// m = ((b * To + t) * Ho + h) * Wo + w over the output positions
+struct PositionWalker {
+  int64_t k;
+  int b, t, h, w;
+};
+
+HD PositionWalker position_walker(int64_t m, const ConvShape& s) {
+  PositionWalker p;
+  p.k = m;
+  int64_t q = m / s.Wo;
+  p.w = int(m - q * s.Wo);
+  p.h = int(q % s.Ho);
+  q /= s.Ho;
+  p.t = int(q % s.To);
+  p.b = int(q / s.To);
+  return p;
+}
+
+HD void advance(PositionWalker& p, int step, const ConvShape& s) {
+  p.k += step;
+  p.w += step;
+  while (p.w >= s.Wo) {
+    p.w -= int(s.Wo);
+    if (++p.h == s.Ho) {
+      p.h = 0;
+      if (++p.t == s.To) {
+        p.t = 0;
+        ++p.b;
+      }
+    }
+  }
+}
+
+// x padded causally in time and with zeros in space, at padded frame p; raw bits (0 = +0.0).
 template <typename F>
-__device__ __forceinline__ typename F::bits padded_input(const CudaConvArgs& a, int64_t b, int64_t c, int64_t p,
-                                                         int64_t hi, int64_t wi) {
+HD typename F::bits padded_input(const CudaConvArgs& a, int b, int c, int p, int hi,
+                                                         int wi) {
   const ConvShape& s = a.shape;
   if (hi < 0 || hi >= s.H || wi < 0 || wi >= s.W) return 0;
   const FrameSource src = padded_frame(s, p);
@@ -53,156 +169,332 @@ __device__ __forceinline__ typename F::bits padded_input(const CudaConvArgs& a, 
   return load_bits<F>(v.data, v.offset(b, c, src.frame, hi, wi));
 }
 
-struct Taps {
-  int64_t it, ih, iw, ch;   // ch: the channel running fastest in K
+struct OutRow {
+  int64_t off;  // element offset of column 0
+  int dst;      // -1: no output (row past the end), else which output tensor
 };
 
-__device__ __forceinline__ Taps split_taps(int64_t k, const ConvShape& s, int64_t channels) {
-  Taps t;
-  t.ch = k % channels;
-  int64_t q = k / channels;
-  t.iw = q % s.kw;
-  q /= s.kw;
-  t.ih = q % s.kh;
-  t.it = q / s.kh;
-  return t;
-}
+// ---- the three problems ----------------------------------------------------------------
 
-struct Position {
-  int64_t b, t, h, w;
-};
-
-__device__ __forceinline__ Position split_position(int64_t m, int64_t T, int64_t H, int64_t W) {
-  Position p;
-  p.w = m % W;
-  int64_t q = m / W;
-  p.h = q % H;
-  q /= H;
-  p.t = q % T;
-  p.b = q / T;
-  return p;
-}
-
-// ---- the three problems: rows x cols, reduction K; row context cached per thread ----
-
+// Forward.  A rows: output positions (b, t, h, w); B: packed weights (K x O), row k at k*O.
+template <bool CL>
 struct ForwardProblem {
   CudaConvArgs a;
-  using Row = Position;
-  __device__ int64_t rows() const { return a.shape.B * a.shape.To * a.shape.Ho * a.shape.Wo; }
-  __device__ int64_t cols() const { return a.shape.O; }
-  __device__ int64_t reduction() const { return a.shape.kt * a.shape.kh * a.shape.kw * a.shape.C; }
-  __device__ Row row(int64_t m) const { return split_position(m, a.shape.To, a.shape.Ho, a.shape.Wo); }
-  template <typename F>
-  __device__ typename F::bits load_a(const Row& r, int64_t k) const {
+  static constexpr bool kARedFast = CL, kBRedFast = false, kOutNFast = CL;
+  struct Row {
+    int b, t0, h0, w0;  // first padded frame / input row / column the window reads
+    bool valid;
+  };
+  using Col = int64_t;
+  using RedA = TapWalker;
+  using RedB = int64_t;
+  HD int64_t rows() const { return a.shape.B * a.shape.To * a.shape.Ho * a.shape.Wo; }
+  HD int64_t cols() const { return a.shape.O; }
+  HD int64_t reduction() const { return a.shape.kt * a.shape.kh * a.shape.kw * a.shape.C; }
+  HD Row row(int64_t m, bool valid) const {
     const ConvShape& s = a.shape;
-    const Taps t = split_taps(k, s, s.C);
-    return padded_input<F>(a, r.b, t.ch, r.t * s.st + t.it * s.dt, r.h * s.sh + t.ih * s.dh - s.ph,
-                           r.w * s.sw + t.iw * s.dw - s.pw);
+    const PositionWalker p = position_walker(valid ? m : 0, s);
+    return {p.b, int(p.t * s.st), int(p.h * s.sh - s.ph), int(p.w * s.sw - s.pw), valid};
+  }
+  HD Col col(int64_t n, bool valid) const { return valid ? n : -1; }
+  HD RedA red_a(int64_t k) const { return tap_walker(k, a.shape, int(a.shape.C)); }
+  HD RedB red_b(int64_t k) const { return k; }
+  HD void step_a(RedA& w, int step) const { advance(w, step, a.shape, int(a.shape.C)); }
+  HD void step_b(RedB& k, int step) const { k += step; }
+  HD static int64_t index(const RedA& w) { return w.k; }
+  HD static int64_t index(const RedB& k) { return k; }
+  template <typename F>
+  HD typename F::bits load_a(const Row& r, const RedA& w) const {
+    if (!r.valid) return 0;
+    const ConvShape& s = a.shape;
+    return padded_input<F>(a, r.b, w.ch, r.t0 + w.it * int(s.dt), r.h0 + w.ih * int(s.dh),
+                           r.w0 + w.iw * int(s.dw));
   }
   template <typename F>
-  __device__ typename F::bits load_b(int64_t k, int64_t n) const {
-    const Taps t = split_taps(k, a.shape, a.shape.C);
-    return load_bits<F>(a.weight.data, a.weight.offset(n, t.ch, t.it, t.ih, t.iw));
+  HD typename F::bits load_b(const RedB& k, const Col& n) const {
+    return n < 0 ? 0 : load_bits<F>(a.packed_weight, k * a.shape.O + n);
+  }
+  HD OutRow out_row(int64_t m, bool valid, int64_t split) const {
+    if (!valid) return {0, -1};
+    const PositionWalker p = position_walker(m, a.shape);
+    return {a.y.offset(p.b, 0, p.t, p.h, p.w), 0};
   }
   template <typename F>
-  __device__ void store(const Row& r, int64_t n, typename F::work v) const {
+  HD void store(const OutRow& r, int64_t n, typename F::work v) const {
     if (a.bias) v += F::load(load_bits<F>(a.bias, n));
-    static_cast<typename F::bits*>(a.y.data)[a.y.offset(r.b, n, r.t, r.h, r.w)] = F::store(v);
+    static_cast<typename F::bits*>(a.y.data)[r.off + n * a.y.stride[1]] = F::store(v);
   }
 };
 
+// Input gradient.  A rows: padded input positions (b, p, h, w), p from p_begin; B: packed
+// weights (K' x C), row k at k*C.  Input index n reaches output index (n - tap*d)/s when that
+// divides exactly.  With n = q*s + r (per row, once) and tap*d = Q*s + R (walked with the
+// taps: R += d % s, carry into Q), that is q - Q (- 1 when r < R) exactly when r - R is 0
+// modulo s: no division in the K loop.
+struct StridedTapWalker {
+  TapWalker w;
+  int q[3], r[3];  // (t, h, w): tap * dilation = q * stride + r, 0 <= r < stride
+};
+
+template <bool CL>
 struct InputGradProblem {
   CudaConvArgs a;
   int64_t p_begin;   // 0 when grad_past is written, else P
-  using Row = Position;  // t holds the padded frame p - p_begin
-  __device__ int64_t frames() const { return a.shape.P + a.shape.T - p_begin; }
-  __device__ int64_t rows() const { return a.shape.B * frames() * a.shape.H * a.shape.W; }
-  __device__ int64_t cols() const { return a.shape.C; }
-  __device__ int64_t reduction() const { return a.shape.kt * a.shape.kh * a.shape.kw * a.shape.O; }
-  __device__ Row row(int64_t m) const { return split_position(m, frames(), a.shape.H, a.shape.W); }
-  template <typename F>
-  __device__ typename F::bits load_a(const Row& r, int64_t k) const {
+  int dq[3], dr[3];  // dilation / stride and dilation % stride per axis (t, h, w), from the host
+  static constexpr bool kARedFast = CL, kBRedFast = false, kOutNFast = CL;
+  struct Axis {
+    int q, r;  // (input index + padding) = q * stride + r
+  };
+  struct Row {
+    int b;
+    Axis t, h, w;
+    bool valid;
+  };
+  using Col = int64_t;
+  using RedA = StridedTapWalker;
+  using RedB = int64_t;
+  HD int64_t frames() const { return a.shape.P + a.shape.T - p_begin; }
+  HD int64_t rows() const { return a.shape.B * frames() * a.shape.H * a.shape.W; }
+  HD int64_t cols() const { return a.shape.C; }
+  HD int64_t reduction() const { return a.shape.kt * a.shape.kh * a.shape.kw * a.shape.O; }
+  struct Position {
+    int b, p, h, w;
+  };
+  HD Position unravel(int64_t m) const {
     const ConvShape& s = a.shape;
-    const Taps t = split_taps(k, s, s.O);
-    const int64_t tn = r.t + p_begin - t.it * s.dt, hn = r.h + s.ph - t.ih * s.dh, wn = r.w + s.pw - t.iw * s.dw;
-    if (tn < 0 || hn < 0 || wn < 0 || tn % s.st || hn % s.sh || wn % s.sw) return 0;
-    const int64_t to = tn / s.st, ho = hn / s.sh, wo = wn / s.sw;
-    if (to >= s.To || ho >= s.Ho || wo >= s.Wo) return 0;
-    return load_bits<F>(a.grad_y.data, a.grad_y.offset(r.b, t.ch, to, ho, wo));
+    int64_t q = m / s.W;
+    const int w = int(m - q * s.W);
+    const int h = int(q % s.H);
+    q /= s.H;
+    return {int(q / frames()), int(q % frames() + p_begin), h, w};
+  }
+  static HD Axis axis(int n, int64_t stride) { return {int(n / stride), int(n % stride)}; }
+  HD Row row(int64_t m, bool valid) const {
+    const ConvShape& s = a.shape;
+    const Position p = unravel(valid ? m : 0);
+    return {p.b, axis(p.p, s.st), axis(p.h + int(s.ph), s.sh), axis(p.w + int(s.pw), s.sw), valid};
+  }
+  HD Col col(int64_t n, bool valid) const { return valid ? n : -1; }
+  HD int stride(int axis) const { return int(axis == 0 ? a.shape.st : axis == 1 ? a.shape.sh : a.shape.sw); }
+  HD void set_tap(StridedTapWalker& s, int axis, int tap) const {
+    const int64_t d = axis == 0 ? a.shape.dt : axis == 1 ? a.shape.dh : a.shape.dw;
+    s.q[axis] = int(tap * d / stride(axis));
+    s.r[axis] = int(tap * d % stride(axis));
+  }
+  HD void next_tap(StridedTapWalker& s, int axis) const {
+    s.q[axis] += dq[axis];
+    s.r[axis] += dr[axis];
+    if (s.r[axis] >= stride(axis)) {
+      s.r[axis] -= stride(axis);
+      ++s.q[axis];
+    }
+  }
+  HD RedA red_a(int64_t k) const {
+    StridedTapWalker s;
+    s.w = tap_walker(k, a.shape, int(a.shape.O));
+    set_tap(s, 0, s.w.it);
+    set_tap(s, 1, s.w.ih);
+    set_tap(s, 2, s.w.iw);
+    return s;
+  }
+  HD RedB red_b(int64_t k) const { return k; }
+  HD void step_a(RedA& s, int step) const {
+    const ConvShape& sh = a.shape;
+    s.w.k += step;
+    s.w.ch += step;
+    while (s.w.ch >= sh.O) {
+      s.w.ch -= int(sh.O);
+      if (++s.w.iw < sh.kw) {
+        next_tap(s, 2);
+        continue;
+      }
+      s.w.iw = 0;
+      s.q[2] = s.r[2] = 0;
+      if (++s.w.ih < sh.kh) {
+        next_tap(s, 1);
+        continue;
+      }
+      s.w.ih = 0;
+      s.q[1] = s.r[1] = 0;
+      ++s.w.it;
+      next_tap(s, 0);
+    }
+  }
+  HD void step_b(RedB& k, int step) const { k += step; }
+  HD static int64_t index(const RedA& s) { return s.w.k; }
+  HD static int64_t index(const RedB& k) { return k; }
+  // The output index along one axis that input index x receives through the walker's tap on
+  // that axis, or -1 when it receives none.
+  static HD int output_index(Axis x, int tq, int tr, int64_t extent) {
+    return x.r == tr && x.q >= tq && x.q - tq < extent ? x.q - tq : -1;
   }
   template <typename F>
-  __device__ typename F::bits load_b(int64_t k, int64_t n) const {
-    const Taps t = split_taps(k, a.shape, a.shape.O);
-    return load_bits<F>(a.weight.data, a.weight.offset(t.ch, n, t.it, t.ih, t.iw));
+  HD typename F::bits load_a(const Row& r, const RedA& s) const {
+    if (!r.valid) return 0;
+    const ConvShape& sh = a.shape;
+    const int to = output_index(r.t, s.q[0], s.r[0], sh.To);
+    const int ho = output_index(r.h, s.q[1], s.r[1], sh.Ho);
+    const int wo = output_index(r.w, s.q[2], s.r[2], sh.Wo);
+    if (to < 0 || ho < 0 || wo < 0) return 0;
+    return load_bits<F>(a.grad_y.data, a.grad_y.offset(r.b, s.w.ch, to, ho, wo));
   }
   template <typename F>
-  __device__ void store(const Row& r, int64_t n, typename F::work v) const {
-    const int64_t p = r.t + p_begin;
-    const MutView5& dst = p < a.shape.P ? a.grad_past : a.grad_x;
-    if (!dst.data) return;
-    const int64_t frame = p < a.shape.P ? p : p - a.shape.P;
-    static_cast<typename F::bits*>(dst.data)[dst.offset(r.b, n, frame, r.h, r.w)] = F::store(v);
+  HD typename F::bits load_b(const RedB& k, const Col& n) const {
+    return n < 0 ? 0 : load_bits<F>(a.packed_weight, k * a.shape.C + n);
+  }
+  HD OutRow out_row(int64_t m, bool valid, int64_t split) const {
+    if (!valid) return {0, -1};
+    const Position r = unravel(m);
+    const bool past = r.p < a.shape.P;
+    const MutView5& dst = past ? a.grad_past : a.grad_x;
+    if (!dst.data) return {0, -1};
+    return {dst.offset(r.b, 0, past ? r.p : r.p - a.shape.P, r.h, r.w), past ? 1 : 0};
+  }
+  template <typename F>
+  HD void store(const OutRow& r, int64_t n, typename F::work v) const {
+    const MutView5& dst = r.dst == 1 ? a.grad_past : a.grad_x;
+    static_cast<typename F::bits*>(dst.data)[r.off + n * dst.stride[1]] = F::store(v);
   }
 };
 
+// Weight gradient.  A rows: output channels o (A = dy^T); reduction: output positions;
+// B columns: taps n = (it, ih, iw, c) of the packed order.  Split z writes partial[z].
+template <bool CL>
 struct WeightGradProblem {
   CudaConvArgs a;
-  using Row = int64_t;  // output channel
-  __device__ int64_t rows() const { return a.shape.O; }
-  __device__ int64_t cols() const { return a.shape.kt * a.shape.kh * a.shape.kw * a.shape.C; }
-  __device__ int64_t reduction() const { return a.shape.B * a.shape.To * a.shape.Ho * a.shape.Wo; }
-  __device__ Row row(int64_t m) const { return m; }
-  template <typename F>
-  __device__ typename F::bits load_a(const Row& o, int64_t k) const {
-    const Position q = split_position(k, a.shape.To, a.shape.Ho, a.shape.Wo);
-    return load_bits<F>(a.grad_y.data, a.grad_y.offset(q.b, o, q.t, q.h, q.w));
-  }
-  template <typename F>
-  __device__ typename F::bits load_b(int64_t k, int64_t n) const {
+  static constexpr bool kARedFast = !CL, kBRedFast = !CL, kOutNFast = true;
+  using Row = int64_t;   // dy offset of channel o, or -1
+  struct Col {
+    int ch, toff, hoff, woff;  // channel and the tap's offsets it*dt, ih*dh - ph, iw*dw - pw
+    bool valid;
+  };
+  using RedA = PositionWalker;
+  using RedB = PositionWalker;
+  HD int64_t rows() const { return a.shape.O; }
+  HD int64_t cols() const { return a.shape.kt * a.shape.kh * a.shape.kw * a.shape.C; }
+  HD int64_t reduction() const { return a.shape.B * a.shape.To * a.shape.Ho * a.shape.Wo; }
+  HD Row row(int64_t o, bool valid) const { return valid ? o * a.grad_y.stride[1] : -1; }
+  HD Col col(int64_t n, bool valid) const {
     const ConvShape& s = a.shape;
-    const Position q = split_position(k, s.To, s.Ho, s.Wo);
-    const Taps t = split_taps(n, s, s.C);
-    return padded_input<F>(a, q.b, t.ch, q.t * s.st + t.it * s.dt, q.h * s.sh + t.ih * s.dh - s.ph,
-                           q.w * s.sw + t.iw * s.dw - s.pw);
+    const TapWalker t = tap_walker(valid ? n : 0, s, int(s.C));
+    return {t.ch, int(t.it * s.dt), int(t.ih * s.dh - s.ph), int(t.iw * s.dw - s.pw), valid};
+  }
+  HD RedA red_a(int64_t m) const { return position_walker(m, a.shape); }
+  HD RedB red_b(int64_t m) const { return position_walker(m, a.shape); }
+  HD void step_a(RedA& p, int step) const { advance(p, step, a.shape); }
+  HD void step_b(RedB& p, int step) const { advance(p, step, a.shape); }
+  HD static int64_t index(const PositionWalker& p) { return p.k; }
+  template <typename F>
+  HD typename F::bits load_a(const Row& o, const RedA& p) const {
+    if (o < 0) return 0;
+    return load_bits<F>(a.grad_y.data, a.grad_y.offset(p.b, 0, p.t, p.h, p.w) + o);
   }
   template <typename F>
-  __device__ void store(const Row& o, int64_t n, typename F::work v) const {
-    const Taps t = split_taps(n, a.shape, a.shape.C);
-    atomicAdd(static_cast<typename F::work*>(a.grad_weight.data) + a.grad_weight.offset(o, t.ch, t.it, t.ih, t.iw), v);
+  HD typename F::bits load_b(const RedB& p, const Col& c) const {
+    if (!c.valid) return 0;
+    const ConvShape& s = a.shape;
+    return padded_input<F>(a, p.b, c.ch, p.t * int(s.st) + c.toff, p.h * int(s.sh) + c.hoff,
+                           p.w * int(s.sw) + c.woff);
+  }
+  HD OutRow out_row(int64_t o, bool valid, int64_t split) const {
+    if (!valid) return {0, -1};
+    return {(split * a.shape.O + o) * cols(), 0};
+  }
+  template <typename F>
+  HD void store(const OutRow& r, int64_t n, typename F::work v) const {
+    static_cast<typename F::work*>(a.grad_weight_partial)[r.off + n] = v;
   }
 };
 
 // ---- the kernel ---------------------------------------------------------------------
 
+// One thread's share of the next K step: its kSlots elements of the A and B tiles (zero past
+// k_end), then both walkers advanced by BK.
+template <typename F, typename Problem>
+HD void fetch_tiles(const Problem& pb, const typename Problem::Row* rows, const typename Problem::Col* cols,
+                    typename Problem::RedA& walk_a, typename Problem::RedB& walk_b, int64_t k_end,
+                    typename F::bits* a_next, typename F::bits* b_next) {
+  using Bits = typename F::bits;
+  if constexpr (Problem::kARedFast) {
+    const bool in = Problem::index(walk_a) < k_end;
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) a_next[q] = in ? pb.template load_a<F>(rows[q], walk_a) : Bits(0);
+  } else {
+    typename Problem::RedA w = walk_a;
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) {
+      a_next[q] = Problem::index(w) < k_end ? pb.template load_a<F>(rows[0], w) : Bits(0);
+      if (q + 1 < kSlots) pb.step_a(w, 1);
+    }
+  }
+  if constexpr (Problem::kBRedFast) {
+    const bool in = Problem::index(walk_b) < k_end;
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) b_next[q] = in ? pb.template load_b<F>(walk_b, cols[q]) : Bits(0);
+  } else {
+    typename Problem::RedB w = walk_b;
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) {
+      b_next[q] = Problem::index(w) < k_end ? pb.template load_b<F>(w, cols[0]) : Bits(0);
+      if (q + 1 < kSlots) pb.step_b(w, 1);
+    }
+  }
+  pb.step_a(walk_a, BK);
+  pb.step_b(walk_b, BK);
+}
+
 template <typename F>
-constexpr bool kTensorCores =
+constexpr bool kHalfFormat =
     std::is_same<F, Format<DType::F16>>::value || std::is_same<F, Format<DType::BF16>>::value;
 
-// Shared-memory operand type: the half format itself for tensor cores, else the work type.
-template <typename F, bool TC = kTensorCores<F>>
+// WMMA where the architecture has it for the format; elsewhere the FMA path.
+template <typename F>
+constexpr bool kWmma = (std::is_same<F, Format<DType::F16>>::value && kArch >= 700) ||
+                       (std::is_same<F, Format<DType::BF16>>::value && kArch >= 800);
+
+// Shared-memory operand type: the half format itself for halves, else the work type.
+template <typename F, bool Half = kHalfFormat<F>>
 struct Staged {
   using type = typename F::work;
   static __device__ __forceinline__ type from_bits(typename F::bits b) { return F::load(b); }
+  static __device__ __forceinline__ typename F::work work(type v) { return v; }
 };
 template <>
 struct Staged<Format<DType::F16>, true> {
   using type = __half;
   static __device__ __forceinline__ type from_bits(uint16_t b) { return __ushort_as_half(b); }
+  static __device__ __forceinline__ float work(type v) { return __half2float(v); }
 };
 template <>
 struct Staged<Format<DType::BF16>, true> {
   using type = __nv_bfloat16;
   static __device__ __forceinline__ type from_bits(uint16_t b) { return __ushort_as_bfloat16(b); }
+  static __device__ __forceinline__ float work(type v) { return __bfloat162float(v); }
 };
 
+// Two blocks per SM (<= 128 registers) for the fp16/bf16/fp32 paths; fp64 (a correctness
+// path, 1/64 of the FMA rate on most parts) keeps one so that it does not spill.
+template <typename F>
+constexpr int kMinBlocks = sizeof(typename F::work) == 8 ? 1 : 2;
+
 template <typename F, typename Problem>
-__global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(Problem pb, int64_t reduction_per_split) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<F>) implicit_gemm_kernel(Problem pb, int64_t reduction_per_split) {
+  using Bits = typename F::bits;
   using Acc = typename F::work;
   using S = Staged<F>;
   using Stage = typename S::type;
-  constexpr bool TC = kTensorCores<F>;
-  __shared__ __align__(32) Stage As[BM][BK + 8];
-  __shared__ __align__(32) Stage Bs[BK][BN + 8];
+  using MapA = TileMap<Problem::kARedFast>;
+  using MapB = TileMap<Problem::kBRedFast>;
+  constexpr int kLdA = BK + 8, kLdB = BN + 8, kLdC = BN + 4;
+  constexpr size_t kLoopBytes = sizeof(Stage) * 2 * (BM * kLdA + BK * kLdB);
+  constexpr size_t kOutBytes = sizeof(Acc) * BM * kLdC;
+  // the output tile reuses the operand stages once the K loop is done
+  __shared__ __align__(32) unsigned char smem[kLoopBytes > kOutBytes ? kLoopBytes : kOutBytes];
+  __shared__ int64_t out_off[BM];
+  __shared__ int out_dst[BM];
+  auto* As = reinterpret_cast<Stage(*)[BM][kLdA]>(smem);
+  auto* Bs = reinterpret_cast<Stage(*)[BK][kLdB]>(smem + sizeof(Stage) * 2 * BM * kLdA);
+  auto* Cs = reinterpret_cast<Acc(*)[kLdC]>(smem);
 
   const int tid = threadIdx.x;
   const int64_t M = pb.rows(), N = pb.cols(), K = pb.reduction();
@@ -210,17 +502,31 @@ __global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(Problem pb, int
   const int64_t k_begin = (int64_t)blockIdx.z * reduction_per_split;
   const int64_t k_end = k_begin + reduction_per_split < K ? k_begin + reduction_per_split : K;
 
-  // A tile loads: this thread's K column is fixed (tid % BK), its rows fixed too.
-  const int a_k = tid % BK;
-  typename Problem::Row a_rows[kLoadsA];
-  bool a_valid[kLoadsA];
+  // per-thread contexts, unravelled once
+  typename Problem::Row rows[MapA::kFixed];
 #pragma unroll
-  for (int i = 0; i < kLoadsA; ++i) {
-    const int64_t m = m0 + tid / BK + i * (kThreads / BK);
-    a_valid[i] = m < M;
-    a_rows[i] = pb.row(a_valid[i] ? m : 0);
+  for (int q = 0; q < MapA::kFixed; ++q) {
+    const int64_t m = m0 + MapA::fixed(tid, q);
+    rows[q] = pb.row(m, m < M);
   }
-  const int b_n = tid % BN;
+  typename Problem::Col cols[MapB::kFixed];
+#pragma unroll
+  for (int q = 0; q < MapB::kFixed; ++q) {
+    const int64_t n = n0 + MapB::fixed(tid, q);
+    cols[q] = pb.col(n, n < N);
+  }
+  typename Problem::RedA walk_a = pb.red_a(k_begin + MapA::red(tid));
+  typename Problem::RedB walk_b = pb.red_b(k_begin + MapB::red(tid));
+
+  Bits a_next[kSlots], b_next[kSlots];
+  auto fetch = [&]() { fetch_tiles<F>(pb, rows, cols, walk_a, walk_b, k_end, a_next, b_next); };
+  auto stash = [&](int stage) {
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) {
+      As[stage][MapA::slot_fixed(tid, q)][MapA::slot_red(tid, q)] = S::from_bits(a_next[q]);
+      Bs[stage][MapB::slot_red(tid, q)][MapB::slot_fixed(tid, q)] = S::from_bits(b_next[q]);
+    }
+  };
 
   Acc acc[4][4] = {};
   using namespace nvcuda;
@@ -228,120 +534,158 @@ __global__ void __launch_bounds__(kThreads) implicit_gemm_kernel(Problem pb, int
   const int warp = tid / 32;
   const int frag_row = warp / 2, frag_col = (warp % 2) * 2;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> c_frag[2];
-  if constexpr (TC) {
+  if constexpr (kWmma<F>) {
     wmma::fill_fragment(c_frag[0], 0.0f);
     wmma::fill_fragment(c_frag[1], 0.0f);
   }
   const int ty = tid / 16, tx = tid % 16;   // FMA path: rows ty*4.., cols tx*4..
 
+  if (k_begin < k_end) {
+    fetch();
+    stash(0);
+  }
+  __syncthreads();
+  int stage = 0;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
-    const int64_t ka = k0 + a_k;
-#pragma unroll
-    for (int i = 0; i < kLoadsA; ++i) {
-      const typename F::bits v = a_valid[i] && ka < k_end ? pb.template load_a<F>(a_rows[i], ka) : 0;
-      As[tid / BK + i * (kThreads / BK)][a_k] = S::from_bits(v);
-    }
-#pragma unroll
-    for (int i = 0; i < kLoadsB; ++i) {
-      const int kk = tid / BN + i * (kThreads / BN);
-      const int64_t kb = k0 + kk, n = n0 + b_n;
-      const typename F::bits v = kb < k_end && n < N ? pb.template load_b<F>(kb, n) : 0;
-      Bs[kk][b_n] = S::from_bits(v);
-    }
-    __syncthreads();
-    if constexpr (TC) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    const bool more = k0 + BK < k_end;
+    if (more) fetch();   // global loads of the next tile overlap this tile's multiplies
+    if constexpr (kWmma<F>) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, Stage, wmma::row_major> a_frag;
-      wmma::load_matrix_sync(a_frag, &As[frag_row * 16][0], BK + 8);
+      wmma::load_matrix_sync(a_frag, &As[stage][frag_row * 16][0], kLdA);
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, Stage, wmma::row_major> b_frag;
-        wmma::load_matrix_sync(b_frag, &Bs[0][(frag_col + j) * 16], BN + 8);
+        wmma::load_matrix_sync(b_frag, &Bs[stage][0][(frag_col + j) * 16], kLdB);
         wmma::mma_sync(c_frag[j], a_frag, b_frag, c_frag[j]);
       }
-#endif
     } else {
 #pragma unroll
       for (int kk = 0; kk < BK; ++kk) {
         Acc av[4], bv[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) av[i] = As[ty * 4 + i][kk];
+        for (int i = 0; i < 4; ++i) av[i] = S::work(As[stage][ty * 4 + i][kk]);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) bv[j] = Bs[kk][tx * 4 + j];
+        for (int j = 0; j < 4; ++j) bv[j] = S::work(Bs[stage][kk][tx * 4 + j]);
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
           for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
       }
     }
+    if (more) stash(stage ^ 1);
     __syncthreads();
+    stage ^= 1;
   }
 
-  if constexpr (TC) {
-    // accumulators -> shared fp32 tile -> epilogue
-    __shared__ __align__(32) float Cs[BM][BN + 4];
+  // accumulators -> shared output tile -> stores along the output's contiguous axis
+  if constexpr (kWmma<F>) {
 #pragma unroll
     for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&Cs[frag_row * 16][(frag_col + j) * 16], c_frag[j], BN + 4, wmma::mem_row_major);
-    __syncthreads();
-    for (int e = tid; e < BM * BN; e += kThreads) {
-      const int64_t m = m0 + e / BN, n = n0 + e % BN;
-      if (m < M && n < N) pb.template store<F>(pb.row(m), n, Cs[e / BN][e % BN]);
-    }
+      wmma::store_matrix_sync(&Cs[frag_row * 16][(frag_col + j) * 16], c_frag[j], kLdC, wmma::mem_row_major);
   } else {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t m = m0 + ty * 4 + i;
-      if (m >= M) continue;
-      const typename Problem::Row r = pb.row(m);
+    for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t n = n0 + tx * 4 + j;
-        if (n < N) pb.template store<F>(r, n, acc[i][j]);
-      }
-    }
+      for (int j = 0; j < 4; ++j) Cs[ty * 4 + i][tx * 4 + j] = acc[i][j];
   }
+  if (tid < BM) {
+    const OutRow r = pb.out_row(m0 + tid, m0 + tid < M, blockIdx.z);
+    out_off[tid] = r.off;
+    out_dst[tid] = r.dst;
+  }
+  __syncthreads();
+#pragma unroll 4
+  for (int e = tid; e < BM * BN; e += kThreads) {
+    const int mm = Problem::kOutNFast ? e / BN : e % BM;
+    const int nn = Problem::kOutNFast ? e % BN : e / BM;
+    const int64_t n = n0 + nn;
+    if (out_dst[mm] >= 0 && n < N) pb.template store<F>(OutRow{out_off[mm], out_dst[mm]}, n, Cs[mm][nn]);
+  }
+}
+
+// Split of a reduction of K over at most `splits` blocks: elements per split (a multiple
+// of BK, at least BK) and the number of splits that hold any.  K = 0 (an empty batch in
+// the weight gradient) is one split that stores zeros.
+struct Split {
+  int64_t per_split, count;
+};
+
+Split split_reduction(int64_t K, int64_t splits) {
+  if (splits < 1) splits = 1;
+  int64_t per = (K + splits - 1) / splits;
+  per = (per + BK - 1) / BK * BK;
+  if (per < BK) per = BK;
+  return {per, K > 0 ? (K + per - 1) / per : 1};
 }
 
 template <typename F, typename Problem>
-void launch(const Problem& pb, int64_t M, int64_t N, int64_t K, int64_t splits, void* stream, const char* what) {
+void launch(const Problem& pb, int64_t M, int64_t N, Split split, void* stream, const char* what) {
   if (M == 0 || N == 0) return;
-  const int64_t per_split = ((K + splits - 1) / splits + BK - 1) / BK * BK;
-  const dim3 grid((unsigned)((M + BM - 1) / BM), (unsigned)((N + BN - 1) / BN),
-                  (unsigned)((K + per_split - 1) / per_split));
-  implicit_gemm_kernel<F, Problem><<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(pb, per_split);
+  const int64_t gx = (M + BM - 1) / BM, gy = (N + BN - 1) / BN;
+  if (gx > 0x7fffffff || gy > 65535 || split.count > 65535)
+    throw std::invalid_argument(std::string(what) + ": problem too large for one launch (" + std::to_string(M) +
+                                " x " + std::to_string(N) + ")");
+  const dim3 grid((unsigned)gx, (unsigned)gy, (unsigned)split.count);
+  implicit_gemm_kernel<F, Problem><<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(pb, split.per_split);
   check_launch(what);
 }
+
+// Channels are the contiguous axis of the gathered tensor: load along them.
+bool channels_last(const View5& v, int64_t channels) { return v.stride[1] == 1 && channels > 1; }
 
 }  // namespace
 
 void causal_conv3d_forward_cuda(const CudaConvArgs& a, void* stream) {
   const ConvShape& s = a.shape;
-  const ForwardProblem pb{a};
-  PYRATOK_DISPATCH_DTYPE(a.dtype, launch<F>(pb, s.B * s.To * s.Ho * s.Wo, s.O, s.kt * s.kh * s.kw * s.C, 1,
-                                            stream, "causal_conv3d_forward_cuda"));
+  const int64_t M = s.B * s.To * s.Ho * s.Wo, K = s.kt * s.kh * s.kw * s.C;
+  const char* what = "causal_conv3d_forward_cuda";
+  if (channels_last(a.x, s.C)) {
+    PYRATOK_DISPATCH_DTYPE(a.dtype, launch<F>(ForwardProblem<true>{a}, M, s.O, split_reduction(K, 1), stream, what));
+  } else {
+    PYRATOK_DISPATCH_DTYPE(a.dtype, launch<F>(ForwardProblem<false>{a}, M, s.O, split_reduction(K, 1), stream, what));
+  }
 }
 
 void causal_conv3d_input_grad_cuda(const CudaConvArgs& a, void* stream) {
   const ConvShape& s = a.shape;
-  const InputGradProblem pb{a, a.grad_past.data ? 0 : s.P};
-  PYRATOK_DISPATCH_DTYPE(a.dtype, launch<F>(pb, s.B * (s.P + s.T - pb.p_begin) * s.H * s.W, s.C,
-                                            s.kt * s.kh * s.kw * s.O, 1, stream, "causal_conv3d_input_grad_cuda"));
+  const int64_t p_begin = a.grad_past.data ? 0 : s.P;
+  const int64_t M = s.B * (s.P + s.T - p_begin) * s.H * s.W, K = s.kt * s.kh * s.kw * s.O;
+  const char* what = "causal_conv3d_input_grad_cuda";
+  const int dq[3] = {int(s.dt / s.st), int(s.dh / s.sh), int(s.dw / s.sw)};
+  const int dr[3] = {int(s.dt % s.st), int(s.dh % s.sh), int(s.dw % s.sw)};
+  if (channels_last(a.grad_y, s.O)) {
+    InputGradProblem<true> pb{a, p_begin, {dq[0], dq[1], dq[2]}, {dr[0], dr[1], dr[2]}};
+    PYRATOK_DISPATCH_DTYPE(a.dtype, launch<F>(pb, M, s.C, split_reduction(K, 1), stream, what));
+  } else {
+    InputGradProblem<false> pb{a, p_begin, {dq[0], dq[1], dq[2]}, {dr[0], dr[1], dr[2]}};
+    PYRATOK_DISPATCH_DTYPE(a.dtype, launch<F>(pb, M, s.C, split_reduction(K, 1), stream, what));
+  }
 }
+
+// Enough blocks to fill the device: split the position reduction, >= 1024 positions per split.
+static Split weight_grad_split(const ConvShape& s) {
+  const int64_t positions = s.B * s.To * s.Ho * s.Wo;
+  const int64_t taps = s.kt * s.kh * s.kw * s.C;
+  const int64_t tiles = ((s.O + BM - 1) / BM) * ((taps + BN - 1) / BN);
+  int64_t splits = (1024 + tiles - 1) / tiles;
+  const int64_t most = (positions + 1023) / 1024;
+  splits = splits < most ? splits : most;
+  return split_reduction(positions, splits);
+}
+
+int64_t causal_conv3d_weight_grad_splits(const ConvShape& s) { return weight_grad_split(s).count; }
 
 void causal_conv3d_weight_grad_cuda(const CudaConvArgs& a, void* stream) {
   const ConvShape& s = a.shape;
-  const WeightGradProblem pb{a};
-  const int64_t positions = s.B * s.To * s.Ho * s.Wo;
   const int64_t taps = s.kt * s.kh * s.kw * s.C;
-  // enough blocks to fill the device: split the position reduction, >= 1024 per split
-  const int64_t tiles = ((s.O + BM - 1) / BM) * ((taps + BN - 1) / BN);
-  int64_t splits = (1024 + tiles - 1) / tiles;
-  splits = splits < 1 ? 1 : splits;
-  splits = splits > (positions + 1023) / 1024 ? (positions + 1023) / 1024 : splits;
-  splits = splits < 1 ? 1 : splits;
-  PYRATOK_DISPATCH_DTYPE(a.dtype, launch<F>(pb, s.O, taps, positions, splits, stream,
-                                            "causal_conv3d_weight_grad_cuda"));
+  const char* what = "causal_conv3d_weight_grad_cuda";
+  if (channels_last(a.x, s.C)) {
+    PYRATOK_DISPATCH_DTYPE(a.dtype, launch<F>(WeightGradProblem<true>{a}, s.O, taps, weight_grad_split(s), stream,
+                                              what));
+  } else {
+    PYRATOK_DISPATCH_DTYPE(a.dtype, launch<F>(WeightGradProblem<false>{a}, s.O, taps, weight_grad_split(s), stream,
+                                              what));
+  }
 }
 
 }  // namespace pyratok

@@ -77,21 +77,25 @@ double count_entropy_tile_cpu(bool f64, void* counts, int64_t n, double inv_tota
 void code_histogram_cpu(const void* indices, IndexType it, int64_t* counts, int64_t begin,
                         int64_t end);
 
-// CUDA launchers (entropy_cuda.cu).  `rows` tokens starting at a.first_token; grad and the
-// sums are device scalars in the work type (sums: double, accumulated, caller zeroes them).
+// CUDA launchers (entropy_cuda.cu).  `rows` tokens starting at a.first_token; grad is a
+// device scalar in the work type.  The sums write one double per block into `partial`
+// (sum_partials_cuda(numel) of them, every one written); the caller adds them in a fixed
+// order, so the sums are deterministic.
 void code_probs_cuda(const CodeProbsArgs& a, void* probs, int64_t rows, void* stream);
 void code_probs_backward_cuda(const CodeProbsArgs& a, const void* probs, const void* grad_probs,
                               void* dx, int64_t rows, void* stream);
 void bit_probs_cuda(DType dtype, const void* x, double coef, void* probs, int64_t numel, void* stream);
-void binary_entropy_sum_cuda(DType dtype, const void* x, double coef, double* sum, int64_t numel,
+int64_t sum_partials_cuda(int64_t numel);
+void binary_entropy_sum_cuda(DType dtype, const void* x, double coef, double* partial, int64_t numel,
                              void* stream);
 void binary_entropy_backward_cuda(DType dtype, const void* x, double coef, const void* grad,
                                   void* dx, int64_t numel, void* stream);
-void bernoulli_kl_sum_cuda(DType dtype, const void* a, const void* b, double* sum, int64_t numel,
+void bernoulli_kl_sum_cuda(DType dtype, const void* a, const void* b, double* partial, int64_t numel,
                            void* stream);
 void bernoulli_kl_backward_cuda(DType dtype, const void* a, const void* b, const void* grad,
                                 void* da, void* db, int64_t numel, void* stream);
-void code_histogram_cuda(const void* indices, IndexType it, int64_t* counts, int64_t numel,
+// counts has `bins` = 2^K entries, zeroed by the caller.
+void code_histogram_cuda(const void* indices, IndexType it, int64_t* counts, int64_t bins, int64_t numel,
                          void* stream);
 
 // ---- scalar math shared by the CPU and CUDA kernels (work type W) ---------------------

@@ -4,9 +4,11 @@
 // of `bits` sigmoids (consecutive threads share a token row, so the x loads broadcast and the
 // tile stores coalesce).  The GEMMs that consume the tiles are cuBLAS calls in the binding.
 // code_probs_backward: one warp per token; lanes stride over the codes (coalesced reads of
-// the probability and gradient rows), keep S1/S0 for each of the <= 12 bits in registers and
-// reduce them with shuffles.  Sums (entropy, KL) reduce per block and add one double per
-// block atomically.  64-bit offsets throughout.
+// the probability and gradient rows), keep S1/S0 for each of the <= 12 bits in registers
+// (one instantiation per half size, fully unrolled) and reduce them with shuffles.  Sums
+// (entropy, KL) reduce per block into one double partial per block, which the binding sums
+// in a fixed order: deterministic.  The histogram counts in a per-block shared histogram for
+// 2^K <= 4096 codes (integer atomics: exact in any order).  64-bit offsets throughout.
 #include <cuda_runtime.h>
 
 #include <stdexcept>
@@ -58,28 +60,33 @@ __device__ __forceinline__ W warp_sum(W v) {
   return v;
 }
 
-template <typename F>
+// BITS is a compile-time constant (one instantiation per half size, 1..kMaxHalfBits), so the
+// per-bit sums S1/S0 are fully unrolled registers, not a local-memory array indexed at run
+// time.
+template <typename F, int BITS>
 __global__ void code_probs_backward_kernel(CodeProbsArgs a, const typename F::work* probs,
                                            const typename F::work* grad, typename F::bits* dx,
                                            int64_t rows) {
   using W = typename F::work;
   const auto* x = static_cast<const typename F::bits*>(a.x);
-  const int64_t width = int64_t(1) << a.bits;
+  constexpr int64_t width = int64_t(1) << BITS;
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarp);
   for (int64_t t = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / kWarp; t < rows; t += warps) {
-    W s1[kMaxHalfBits], s0[kMaxHalfBits];
-    for (int j = 0; j < kMaxHalfBits; ++j) s1[j] = s0[j] = W(0);
+    W s1[BITS], s0[BITS];
+#pragma unroll
+    for (int j = 0; j < BITS; ++j) s1[j] = s0[j] = W(0);
     for (int64_t c = lane; c < width; c += kWarp) {
       const W w = grad[t * width + c] * probs[t * width + c];
-      for (int j = 0; j < a.bits; ++j) {
-        if ((c >> (a.bits - 1 - j)) & 1)
-          s1[j] += w;
-        else
-          s0[j] += w;
+#pragma unroll
+      for (int j = 0; j < BITS; ++j) {
+        const bool one = (c >> (BITS - 1 - j)) & 1;
+        s1[j] += one ? w : W(0);
+        s0[j] += one ? W(0) : w;
       }
     }
-    for (int j = 0; j < a.bits; ++j) {
+#pragma unroll
+    for (int j = 0; j < BITS; ++j) {
       const W one = warp_sum(s1[j]), zero = warp_sum(s0[j]);
       if (lane == 0) {
         const int64_t off = (a.first_token + t) * a.K + a.bit0 + j;
@@ -96,26 +103,27 @@ __global__ void bit_probs_kernel(const typename F::bits* x, double coef, typenam
   PYRATOK_GRID_LOOP(i, n) probs[i] = sigmoid_w<W>(W(coef) * F::load(x[i]));
 }
 
-// Adds the block's sum of v to *sum (double) with one atomic per block.
-__device__ void block_add(double v, double* sum) {
-  __shared__ double partial[kThreads / kWarp];
+// Stores the block's sum of v in partial[blockIdx.x]: the caller sums the partials in a fixed
+// order, so the total is the same bits on every run (no floating-point atomics).
+__device__ void block_sum(double v, double* partial) {
+  __shared__ double warp_partial[kThreads / kWarp];
   v = warp_sum(v);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  if (lane == 0) partial[warp] = v;
+  if (lane == 0) warp_partial[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < (int)(blockDim.x / kWarp) ? partial[lane] : 0.0;
+    v = lane < (int)(blockDim.x / kWarp) ? warp_partial[lane] : 0.0;
     v = warp_sum(v);
-    if (lane == 0) atomicAdd(sum, v);
+    if (lane == 0) partial[blockIdx.x] = v;
   }
 }
 
 template <typename F>
-__global__ void binary_entropy_sum_kernel(const typename F::bits* x, double coef, double* sum, int64_t n) {
+__global__ void binary_entropy_sum_kernel(const typename F::bits* x, double coef, double* partial, int64_t n) {
   using W = typename F::work;
   double acc = 0;
   PYRATOK_GRID_LOOP(i, n) acc += (double)binary_entropy_w<W>(W(coef) * F::load(x[i]));
-  block_add(acc, sum);
+  block_sum(acc, partial);
 }
 
 template <typename F>
@@ -127,11 +135,11 @@ __global__ void binary_entropy_backward_kernel(const typename F::bits* x, double
 }
 
 template <typename F>
-__global__ void bernoulli_kl_sum_kernel(const typename F::bits* a, const typename F::bits* b, double* sum, int64_t n) {
+__global__ void bernoulli_kl_sum_kernel(const typename F::bits* a, const typename F::bits* b, double* partial, int64_t n) {
   using W = typename F::work;
   double acc = 0;
   PYRATOK_GRID_LOOP(i, n) acc += (double)bernoulli_kl_w<W>(F::load(a[i]), F::load(b[i]));
-  block_add(acc, sum);
+  block_sum(acc, partial);
 }
 
 template <typename F>
@@ -148,9 +156,26 @@ __global__ void bernoulli_kl_backward_kernel(const typename F::bits* a, const ty
   }
 }
 
+// Integer counts: atomics are exact and order-free, so the result is deterministic.
 template <typename Index>
 __global__ void code_histogram_kernel(const Index* indices, unsigned long long* counts, int64_t n) {
   PYRATOK_GRID_LOOP(i, n) atomicAdd(counts + (int64_t)indices[i], 1ULL);
+}
+
+// Small codebooks (2^K <= kSharedBins): each block counts into a shared histogram (shared
+// atomics, no contention across the device) and adds its non-zero bins to the global one.
+constexpr int kSharedBins = 4096;
+
+template <typename Index>
+__global__ void code_histogram_shared_kernel(const Index* indices, unsigned long long* counts, int bins,
+                                             int64_t n) {
+  __shared__ unsigned int local[kSharedBins];
+  for (int b = threadIdx.x; b < bins; b += blockDim.x) local[b] = 0;
+  __syncthreads();
+  PYRATOK_GRID_LOOP(i, n) atomicAdd(local + (int)indices[i], 1u);
+  __syncthreads();
+  for (int b = threadIdx.x; b < bins; b += blockDim.x)
+    if (local[b]) atomicAdd(counts + b, (unsigned long long)local[b]);
 }
 
 }  // namespace
@@ -164,16 +189,29 @@ void code_probs_cuda(const CodeProbsArgs& a, void* probs, int64_t rows, void* st
   check_launch("code_probs_cuda");
 }
 
+template <typename F, int BITS>
+void launch_code_probs_backward(const CodeProbsArgs& a, const void* probs, const void* grad_probs, void* dx,
+                                int64_t rows, cudaStream_t s) {
+  if constexpr (BITS <= kMaxHalfBits) {
+    if (a.bits != BITS) return launch_code_probs_backward<F, BITS + 1>(a, probs, grad_probs, dx, rows, s);
+    code_probs_backward_kernel<F, BITS><<<grid_for(rows * kWarp), kThreads, 0, s>>>(
+        a, static_cast<const typename F::work*>(probs), static_cast<const typename F::work*>(grad_probs),
+        static_cast<typename F::bits*>(dx), rows);
+  } else {
+    throw std::invalid_argument("code_probs_backward_cuda: a half holds 1.." + std::to_string(kMaxHalfBits) +
+                                " bits, got " + std::to_string(a.bits));
+  }
+}
+
 void code_probs_backward_cuda(const CodeProbsArgs& a, const void* probs, const void* grad_probs, void* dx,
                               int64_t rows, void* stream) {
   if (rows == 0 || a.bits == 0) return;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  PYRATOK_DISPATCH_DTYPE(a.dtype, code_probs_backward_kernel<F><<<grid_for(rows * kWarp), kThreads, 0, s>>>(
-                                      a, static_cast<const typename F::work*>(probs),
-                                      static_cast<const typename F::work*>(grad_probs),
-                                      static_cast<typename F::bits*>(dx), rows));
+  PYRATOK_DISPATCH_DTYPE(a.dtype, launch_code_probs_backward<F, 1>(a, probs, grad_probs, dx, rows, s));
   check_launch("code_probs_backward_cuda");
 }
+
+int64_t sum_partials_cuda(int64_t numel) { return grid_for(numel); }
 
 void bit_probs_cuda(DType dtype, const void* x, double coef, void* probs, int64_t numel, void* stream) {
   if (numel == 0) return;
@@ -184,11 +222,11 @@ void bit_probs_cuda(DType dtype, const void* x, double coef, void* probs, int64_
   check_launch("bit_probs_cuda");
 }
 
-void binary_entropy_sum_cuda(DType dtype, const void* x, double coef, double* sum, int64_t numel, void* stream) {
+void binary_entropy_sum_cuda(DType dtype, const void* x, double coef, double* partial, int64_t numel, void* stream) {
   if (numel == 0) return;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   PYRATOK_DISPATCH_DTYPE(dtype, binary_entropy_sum_kernel<F><<<grid_for(numel), kThreads, 0, s>>>(
-                                    static_cast<const typename F::bits*>(x), coef, sum, numel));
+                                    static_cast<const typename F::bits*>(x), coef, partial, numel));
   check_launch("binary_entropy_sum_cuda");
 }
 
@@ -203,12 +241,12 @@ void binary_entropy_backward_cuda(DType dtype, const void* x, double coef, const
   check_launch("binary_entropy_backward_cuda");
 }
 
-void bernoulli_kl_sum_cuda(DType dtype, const void* a, const void* b, double* sum, int64_t numel, void* stream) {
+void bernoulli_kl_sum_cuda(DType dtype, const void* a, const void* b, double* partial, int64_t numel, void* stream) {
   if (numel == 0) return;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   PYRATOK_DISPATCH_DTYPE(dtype, bernoulli_kl_sum_kernel<F><<<grid_for(numel), kThreads, 0, s>>>(
                                     static_cast<const typename F::bits*>(a),
-                                    static_cast<const typename F::bits*>(b), sum, numel));
+                                    static_cast<const typename F::bits*>(b), partial, numel));
   check_launch("bernoulli_kl_sum_cuda");
 }
 
@@ -225,14 +263,25 @@ void bernoulli_kl_backward_cuda(DType dtype, const void* a, const void* b, const
   check_launch("bernoulli_kl_backward_cuda");
 }
 
-void code_histogram_cuda(const void* indices, IndexType it, int64_t* counts, int64_t numel, void* stream) {
+void code_histogram_cuda(const void* indices, IndexType it, int64_t* counts, int64_t bins, int64_t numel,
+                         void* stream) {
   if (numel == 0) return;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   auto* out = reinterpret_cast<unsigned long long*>(counts);
-  if (it == IndexType::I32)
-    code_histogram_kernel<<<grid_for(numel), kThreads, 0, s>>>(static_cast<const int32_t*>(indices), out, numel);
-  else
-    code_histogram_kernel<<<grid_for(numel), kThreads, 0, s>>>(static_cast<const int64_t*>(indices), out, numel);
+  const bool shared = bins <= kSharedBins;
+  if (it == IndexType::I32) {
+    const auto* idx = static_cast<const int32_t*>(indices);
+    if (shared)
+      code_histogram_shared_kernel<<<grid_for(numel), kThreads, 0, s>>>(idx, out, (int)bins, numel);
+    else
+      code_histogram_kernel<<<grid_for(numel), kThreads, 0, s>>>(idx, out, numel);
+  } else {
+    const auto* idx = static_cast<const int64_t*>(indices);
+    if (shared)
+      code_histogram_shared_kernel<<<grid_for(numel), kThreads, 0, s>>>(idx, out, (int)bins, numel);
+    else
+      code_histogram_kernel<<<grid_for(numel), kThreads, 0, s>>>(idx, out, numel);
+  }
   check_launch("code_histogram_cuda");
 }
 

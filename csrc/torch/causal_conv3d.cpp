@@ -12,6 +12,7 @@
 
 #include <array>
 #include <atomic>
+#include <limits>
 #include <optional>
 
 #include "../core/causal_conv3d.h"
@@ -90,6 +91,12 @@ ConvShape conv_shape(const at::Tensor& x, const at::Tensor& weight, const std::o
                     " differs from x's ", x.scalar_type());
   TORCH_CHECK_VALUE(weight.size(1) == x.size(1), "x: has ", x.size(1), " channels but weight expects ",
                     weight.size(1));
+  // zero-sized dimensions: an empty batch is fine (empty output); an empty reduction or output
+  // channel axis, or an empty frame, is rejected here for every backend (as in pyratok.ops)
+  TORCH_CHECK_VALUE(x.size(1) > 0 && weight.size(0) > 0, "causal_conv3d: x has ", x.size(1),
+                    " channels and weight ", weight.size(0), " output channels; both must be >= 1");
+  TORCH_CHECK_VALUE(x.size(3) > 0 && x.size(4) > 0 && weight.size(2) > 0 && weight.size(3) > 0 && weight.size(4) > 0,
+                    "causal_conv3d: empty frame or kernel: x ", x.sizes(), ", weight ", weight.sizes());
   ConvShape s{x.size(0), x.size(1), weight.size(0), x.size(2), x.size(3), x.size(4),
               weight.size(2), weight.size(3), weight.size(4),
               stride[0], stride[1], stride[2], dilation[0], dilation[1], dilation[2], padding[0], padding[1],
@@ -113,6 +120,12 @@ void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int6
   TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == O, "bias: expected shape (", O, "), got ", bias->sizes());
   TORCH_CHECK_VALUE(bias->scalar_type() == x.scalar_type(), "bias: dtype ", bias->scalar_type(),
                     " differs from x's ", x.scalar_type());
+}
+
+void check_grad_y(const at::Tensor& grad_y, const ConvShape& s) {
+  const std::array<int64_t, 5> y_shape{s.B, s.O, s.To, s.Ho, s.Wo};
+  TORCH_CHECK_VALUE(grad_y.dim() == 5 && std::equal(y_shape.begin(), y_shape.end(), grad_y.sizes().begin()),
+                    "grad_y: shape ", grad_y.sizes(), ", expected ", at::IntArrayRef(y_shape.data(), 5));
 }
 
 at::Tensor grad_weight_like(const at::Tensor& weight) { return at::empty(weight.sizes(), weight.options()); }
@@ -170,9 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv3d_backwar
     at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding, bool replicate,
     std::array<bool, 4> output_mask) {
   const ConvShape s = conv_shape(x, weight, cache, stride, dilation, padding, replicate);
-  const std::array<int64_t, 5> y_shape{s.B, s.O, s.To, s.Ho, s.Wo};
-  TORCH_CHECK_VALUE(std::equal(y_shape.begin(), y_shape.end(), grad_y_in.sizes().begin()) && grad_y_in.dim() == 5,
-                    "grad_y: shape ", grad_y_in.sizes(), ", expected ", at::IntArrayRef(y_shape.data(), 5));
+  check_grad_y(grad_y_in, s);
   const at::Tensor grad_y = grad_y_in.to(x.scalar_type());
   const DType dt = core_dtype(x, "x");
   const GemmKernels gemm = cpu_gemm();
@@ -220,20 +231,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv3d_backwar
 
 void* current_stream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
+// The kernels walk coordinates in int32 (offsets stay int64).
+void check_cuda_extents(const ConvShape& s, const at::Tensor& weight) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  for (int64_t v : {s.B, s.C, s.O, s.P + s.T, s.H + 2 * s.ph, s.W + 2 * s.pw})
+    TORCH_CHECK_VALUE(v <= kMax, "causal_conv3d (cuda): every extent must be < 2^31, got x/weight/padding ",
+                      "making ", v, " (weight ", weight.sizes(), ")");
+}
+
+CudaConvArgs cuda_args(const at::Tensor& x, const std::optional<at::Tensor>& cache, const ConvShape& s) {
+  CudaConvArgs a{};
+  a.dtype = core_dtype(x, "x");
+  a.shape = s;
+  a.x = view5(x);
+  a.cache = cache ? view5(*cache) : View5{nullptr, {0, 0, 0, 0, 0}};
+  return a;
+}
+
 at::Tensor causal_conv3d_cuda_op(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& cache, at::IntArrayRef stride,
                                  at::IntArrayRef dilation, at::IntArrayRef padding, bool replicate) {
   c10::cuda::CUDAGuard guard(x.device());
   const ConvShape s = conv_shape(x, weight, cache, stride, dilation, padding, replicate);
   check_bias(bias, x, s.O);
+  check_cuda_extents(s, weight);
   at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
+  // (kt, kh, kw, C, O): the B operand's rows are contiguous runs of output channels
+  const at::Tensor packed = weight.permute({2, 3, 4, 1, 0}).contiguous();
   auto y = at::empty({s.B, s.O, s.To, s.Ho, s.Wo}, x.options().memory_format(output_format(x)));
-  CudaConvArgs a{};
-  a.dtype = core_dtype(x, "x");
-  a.shape = s;
-  a.x = view5(x);
-  a.cache = cache ? view5(*cache) : View5{nullptr, {0, 0, 0, 0, 0}};
-  a.weight = view5(weight);
+  CudaConvArgs a = cuda_args(x, cache, s);
+  a.packed_weight = packed.data_ptr();
   a.bias = bias ? bias_c.data_ptr() : nullptr;
   a.y = mut_view5(y);
   causal_conv3d_forward_cuda(a, current_stream(x));
@@ -246,28 +273,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv3d_backwar
     std::array<bool, 4> output_mask) {
   c10::cuda::CUDAGuard guard(x.device());
   const ConvShape s = conv_shape(x, weight, cache, stride, dilation, padding, replicate);
-  const at::Tensor grad_y = grad_y_in.to(x.scalar_type());
+  check_grad_y(grad_y_in, s);
+  check_cuda_extents(s, weight);
   const auto fmt = output_format(x);
+  // grad_y in x's layout, so that the gathers and the stores run along the same axis
+  const at::Tensor grad_y = grad_y_in.to(x.scalar_type()).contiguous(fmt);
   at::Tensor grad_x = at::empty(output_mask[0] ? x.sizes() : at::IntArrayRef{0}, x.options().memory_format(
                                     output_mask[0] ? fmt : at::MemoryFormat::Contiguous));
   at::Tensor grad_past = output_mask[1] ? at::empty({s.B, s.C, s.P, s.H, s.W}, x.options().memory_format(fmt))
                                         : at::empty({0}, x.options());
-  CudaConvArgs a{};
-  a.dtype = core_dtype(x, "x");
-  a.shape = s;
-  a.x = view5(x);
-  a.cache = cache ? view5(*cache) : View5{nullptr, {0, 0, 0, 0, 0}};
-  a.weight = view5(weight);
+  CudaConvArgs a = cuda_args(x, cache, s);
   a.grad_y = view5(grad_y);
   a.grad_x = output_mask[0] ? mut_view5(grad_x) : MutView5{nullptr, {0, 0, 0, 0, 0}};
   a.grad_past = output_mask[1] ? mut_view5(grad_past) : MutView5{nullptr, {0, 0, 0, 0, 0}};
-  if (output_mask[0] || (output_mask[1] && s.P > 0)) causal_conv3d_input_grad_cuda(a, current_stream(x));
+  if (output_mask[0] || (output_mask[1] && s.P > 0)) {
+    // (kt, kh, kw, O, C)
+    const at::Tensor packed = weight.permute({2, 3, 4, 0, 1}).contiguous();
+    a.packed_weight = packed.data_ptr();
+    causal_conv3d_input_grad_cuda(a, current_stream(x));
+  }
   at::Tensor grad_weight = at::empty({0}, weight.options());
   if (output_mask[2]) {
-    at::Tensor accum = at::zeros(weight.sizes(), weight.options().dtype(compute_type(x)));
-    a.grad_weight = mut_view5(accum);
+    // one partial per split of the position reduction, summed in a fixed order: the same
+    // bits on every run (torch.use_deterministic_algorithms needs nothing more)
+    const int64_t taps = s.kt * s.kh * s.kw;
+    at::Tensor partial = at::empty({causal_conv3d_weight_grad_splits(s), s.O, taps * s.C},
+                                   weight.options().dtype(compute_type(x)));
+    a.grad_weight_partial = partial.data_ptr();
     causal_conv3d_weight_grad_cuda(a, current_stream(x));
-    grad_weight = accum.to(weight.scalar_type());
+    // (O, kt, kh, kw, C) -> (O, C, kt, kh, kw)
+    grad_weight = partial.sum(0).view({s.O, s.kt, s.kh, s.kw, s.C}).permute({0, 4, 1, 2, 3})
+                      .to(weight.scalar_type()).contiguous();
   }
   at::Tensor grad_bias = output_mask[3] ? grad_bias_of(grad_y) : at::empty({0}, x.options());
   return {grad_x, grad_past, grad_weight, grad_bias};

@@ -398,10 +398,11 @@ at::Tensor bit_probs_cuda_op(const at::Tensor& x_in, double coef) {
 at::Tensor binary_entropy_sum_cuda_op(const at::Tensor& x_in, double coef) {
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
-  at::Tensor total = at::zeros({}, x.options().dtype(at::kDouble));
-  binary_entropy_sum_cuda(core_dtype(x, "x"), x.data_ptr(), coef, total.data_ptr<double>(), x.numel(),
+  // one partial per block, summed in a fixed order: deterministic
+  at::Tensor partial = at::zeros({sum_partials_cuda(x.numel())}, x.options().dtype(at::kDouble));
+  binary_entropy_sum_cuda(core_dtype(x, "x"), x.data_ptr(), coef, partial.data_ptr<double>(), x.numel(),
                           stream_of(x));
-  return total.to(work_scalar_type(x));
+  return partial.sum().to(work_scalar_type(x));
 }
 
 at::Tensor binary_entropy_backward_cuda_op(const at::Tensor& x_in, double coef, const at::Tensor& grad) {
@@ -418,10 +419,10 @@ at::Tensor bernoulli_kl_sum_cuda_op(const at::Tensor& a_in, const at::Tensor& b_
   c10::cuda::CUDAGuard guard(a_in.device());
   check_same(a_in, b_in);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
-  at::Tensor total = at::zeros({}, a.options().dtype(at::kDouble));
-  bernoulli_kl_sum_cuda(core_dtype(a, "p_logits"), a.data_ptr(), b.data_ptr(), total.data_ptr<double>(),
+  at::Tensor partial = at::zeros({sum_partials_cuda(a.numel())}, a.options().dtype(at::kDouble));
+  bernoulli_kl_sum_cuda(core_dtype(a, "p_logits"), a.data_ptr(), b.data_ptr(), partial.data_ptr<double>(),
                         a.numel(), stream_of(a));
-  return total.to(work_scalar_type(a));
+  return partial.sum().to(work_scalar_type(a));
 }
 
 std::tuple<at::Tensor, at::Tensor> bernoulli_kl_backward_cuda_op(const at::Tensor& a_in, const at::Tensor& b_in,
@@ -442,7 +443,7 @@ at::Tensor code_histogram_cuda_op(const at::Tensor& indices, int64_t K) {
   const at::Tensor idx = indices.contiguous();
   at::Tensor counts = at::zeros({int64_t(1) << K}, idx.options().dtype(at::kLong));
   code_histogram_cuda(idx.data_ptr(), core_index_type(idx, "indices"), counts.data_ptr<int64_t>(),
-                      idx.numel(), stream_of(idx));
+                      counts.numel(), idx.numel(), stream_of(idx));
   return counts;
 }
 #endif

@@ -137,12 +137,11 @@ def _empty_outputs(x: torch.Tensor, dim: int, want_codes: bool, index_kind: int)
 
 def _quantize_reference(x, dim, scale, want_codes, index_kind):
     codes, second = _empty_outputs(x, dim, want_codes, index_kind)
-    if want_codes or index_kind == _INDICES:
-        ref_codes, ref_indices = ref.binary_quantize(x, dim, scale)
-        if want_codes:
-            codes.copy_(ref_codes)
-        if index_kind == _INDICES:
-            second.copy_(ref_indices)
+    # codes on their own, so that K = 64 (bit labels, no index) works as on the other backends
+    if want_codes:
+        codes.copy_(ref.binary_codes(x, scale))
+    if index_kind == _INDICES:
+        second.copy_(ref.bits_to_indices(ref.binary_quantize_bits(x, dim)))
     if index_kind == _BIT_LABELS:
         second.copy_(ref.binary_quantize_bits(x, dim))
     return codes, second
@@ -328,7 +327,7 @@ def binary_quantize(x: torch.Tensor, dim: int = 1, spherical: bool = False, retu
     index_kind = _BIT_LABELS if bit_labels else (_INDICES if return_indices else _NO_INDEX)
     if not return_codes and index_kind == _NO_INDEX:
         raise ValueError("nothing requested: return_codes, return_indices and bit_labels are all False")
-    name = _backend.resolve(backend, x.device)
+    name = _backend.resolve(backend, x.device, "binary_quantize")
     scale = 1.0 / math.sqrt(K) if spherical else 1.0
     codes, second = _binary_quantize_op(x, dim, scale, return_codes, index_kind, name)
     if return_codes and spherical and x.requires_grad:
@@ -353,7 +352,7 @@ def residual_binary_quantize(x: torch.Tensor, levels: int, dim: int = 1, backend
     dim = _check_dim(dim, x.dim())
     _check_K(x.shape[dim], 1, 63, "per-level indices", name=f"x.shape[{dim}] (K)")
     _check_K(levels, 1, 32, "bit-plane levels", name="levels")
-    return _residual_op(x, levels, dim, _backend.resolve(backend, x.device))
+    return _residual_op(x, levels, dim, _backend.resolve(backend, x.device, "binary_quantize"))
 
 
 def indices_to_codes(indices: torch.Tensor, K: int, spherical: bool = False, dim: int = 1,
@@ -366,21 +365,21 @@ def indices_to_codes(indices: torch.Tensor, K: int, spherical: bool = False, dim
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype}")
     scale = 1.0 / math.sqrt(K) if spherical else 1.0
-    return _indices_to_codes_op(indices, K, dim, scale, dtype, _backend.resolve(backend, indices.device))
+    return _indices_to_codes_op(indices, K, dim, scale, dtype, _backend.resolve(backend, indices.device, "binary_quantize"))
 
 
 def indices_to_bits(indices: torch.Tensor, K: int, backend: Optional[str] = None) -> torch.Tensor:
     """MSB-first indices (...) -> (..., K) uint8 bits."""
     _check_K(K, 1, 63, "indices")
     _check_indices(indices, K)
-    return _indices_to_bits_op(indices, K, _backend.resolve(backend, indices.device))
+    return _indices_to_bits_op(indices, K, _backend.resolve(backend, indices.device, "binary_quantize"))
 
 
 def bits_to_indices(bits: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
     """(..., K) bits (uint8 or bool, nonzero = 1) -> MSB-first indices (...)."""
     _check_bits(bits)
     _check_K(bits.shape[-1], 1, 63, "indices", name="bits.shape[-1] (K)")
-    return _bits_to_indices_op(bits, -1, _backend.resolve(backend, bits.device))
+    return _bits_to_indices_op(bits, -1, _backend.resolve(backend, bits.device, "binary_quantize"))
 
 
 def pack_bits(bits: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
@@ -391,7 +390,7 @@ def pack_bits(bits: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor
     _check_bits(bits)
     if bits.shape[-1] < 1:
         raise ValueError("bits: the last axis (the bits to pack) is empty")
-    return _pack_bits_op(bits, -1, _backend.resolve(backend, bits.device))
+    return _pack_bits_op(bits, -1, _backend.resolve(backend, bits.device, "binary_quantize"))
 
 
 def unpack_bits(packed: torch.Tensor, K: int, backend: Optional[str] = None) -> torch.Tensor:
@@ -403,14 +402,14 @@ def unpack_bits(packed: torch.Tensor, K: int, backend: Optional[str] = None) -> 
     if packed.dim() < 1 or packed.shape[-1] != (K + 7) // 8:
         got = packed.shape[-1] if packed.dim() else "a 0-D tensor"
         raise ValueError(f"packed: last axis must hold ceil(K/8)={(K + 7) // 8} bytes for K={K}, got {got}")
-    return _unpack_bits_op(packed, K, _backend.resolve(backend, packed.device))
+    return _unpack_bits_op(packed, K, _backend.resolve(backend, packed.device, "binary_quantize"))
 
 
 def msb_to_lsb(indices: torch.Tensor, K: int, backend: Optional[str] = None) -> torch.Tensor:
     """MSB-first (pyratok, vector-quantize-pytorch) -> LSB-first (Open-MAGVIT2) indices."""
     _check_K(K, 1, 63, "indices")
     _check_indices(indices, K)
-    return _reverse_bit_order_op(indices, K, _backend.resolve(backend, indices.device))
+    return _reverse_bit_order_op(indices, K, _backend.resolve(backend, indices.device, "binary_quantize"))
 
 
 def lsb_to_msb(indices: torch.Tensor, K: int, backend: Optional[str] = None) -> torch.Tensor:

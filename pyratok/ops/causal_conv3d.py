@@ -331,6 +331,14 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         raise ValueError(f"weight: expected (out, in, kt, kh, kw), got shape {tuple(weight.shape)}")
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"x: has {x.shape[1]} channels but weight expects {weight.shape[1]}")
+    # zero-sized dimensions, the same decision for every backend: an empty batch gives an empty
+    # output; no input or output channels, or an empty frame or kernel axis, is an error
+    if x.shape[1] == 0 or weight.shape[0] == 0:
+        raise ValueError(f"x, weight: a convolution needs >= 1 input and >= 1 output channel, got "
+                         f"C={x.shape[1]} (x.shape[1]) and O={weight.shape[0]} (weight.shape[0])")
+    if 0 in x.shape[3:] or 0 in weight.shape[2:]:
+        raise ValueError(f"x, weight: empty frame {tuple(x.shape[3:])} or kernel {tuple(weight.shape[2:])}; "
+                         "every spatial and kernel size must be >= 1")
     if bias is not None:
         _check_tensor(bias, "bias", x)
         if tuple(bias.shape) != (weight.shape[0],):
@@ -352,4 +360,4 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         if tuple(cache.shape) != want:
             raise ValueError(f"cache: shape {tuple(cache.shape)} does not fit this layer and input; expected {want}")
     return _causal_conv3d_op(x, weight, bias, cache, list(stride), list(dilation), list(padding),
-                             time_pad_mode == "replicate", _backend.resolve(backend, x.device))
+                             time_pad_mode == "replicate", _backend.resolve(backend, x.device, "causal_conv3d"))

@@ -398,7 +398,7 @@ def bit_probs(x: torch.Tensor, inv_temperature: float = 100.0, scale: float = 1.
     """p = sigmoid(4 * inv_temperature * scale * x), elementwise, in the work dtype (fp32;
     fp64 for fp64 x): the probability that each bit is 1 under LFQ's softmax over codes +-scale."""
     _check_float(x)
-    return _bit_probs_op(x, _coefficient(inv_temperature, scale), _backend.resolve(backend, x.device))
+    return _bit_probs_op(x, _coefficient(inv_temperature, scale), _backend.resolve(backend, x.device, "entropy"))
 
 
 def per_sample_entropy(x: torch.Tensor, inv_temperature: float = 100.0, scale: float = 1.0, dim: int = 1,
@@ -412,7 +412,7 @@ def per_sample_entropy(x: torch.Tensor, inv_temperature: float = 100.0, scale: f
     _check_process_group(process_group)
     tokens, _ = _tokens_and_bits(x, dim, process_group)
     coef = _coefficient(inv_temperature, scale)
-    total = _binary_entropy_sum_op(_saturate_infinities(x, coef), coef, _backend.resolve(backend, x.device))
+    total = _binary_entropy_sum_op(_saturate_infinities(x, coef), coef, _backend.resolve(backend, x.device, "entropy"))
     total, tokens = _global_sum(total, tokens, process_group)
     return total / tokens
 
@@ -451,7 +451,7 @@ def codebook_entropy(x: torch.Tensor, inv_temperature: float = 100.0, scale: flo
     sizes = _check_group_sizes(K, method, group_size)
     coef = _coefficient(inv_temperature, scale)
     x2d = ref.tokens_by_bits(x, dim).contiguous()  # (N, K)
-    backend = _backend.resolve(backend, x.device)
+    backend = _backend.resolve(backend, x.device, "entropy")
     if process_group is None and _fused_pays(tokens, sizes, backend):
         with_grad = torch.is_grad_enabled() and x2d.requires_grad
         return _soft_code_entropy_op(x2d, coef, sizes, with_grad, backend)[0]
@@ -500,7 +500,7 @@ def bernoulli_kl(p_logits: torch.Tensor, r_logits: torch.Tensor, dim: int = 1,
     if positions == 0:
         raise ValueError(f"p_logits: no positions (shape {tuple(p_logits.shape)})")
     common = torch.promote_types(p_logits.dtype, r_logits.dtype)
-    total = _bernoulli_kl_sum_op(p_logits.to(common), r_logits.to(common), _backend.resolve(backend, p_logits.device))
+    total = _bernoulli_kl_sum_op(p_logits.to(common), r_logits.to(common), _backend.resolve(backend, p_logits.device, "entropy"))
     return total / positions
 
 
@@ -530,5 +530,5 @@ def codebook_usage(codes: torch.Tensor, K: Optional[int] = None, dim: int = 1,
         indices = codes
     if K > MAX_HISTOGRAM_BITS:
         return CodebookUsage(*ref.codebook_usage(indices, K))
-    counts = _code_histogram_op(indices, K, _backend.resolve(backend, indices.device))
+    counts = _code_histogram_op(indices, K, _backend.resolve(backend, indices.device, "entropy"))
     return CodebookUsage(*ref.usage_from_counts(counts, K))

@@ -46,11 +46,14 @@ def indices_to_bits(indices: torch.Tensor, K: int) -> torch.Tensor:
     return ((indices.to(torch.int64)[..., None] >> shifts) & 1).to(torch.uint8)
 
 
+def binary_codes(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """x float -> codes like x: +scale where x > 0, else -scale (any K, 64 included)."""
+    return torch.where(x > 0, torch.tensor(scale, dtype=x.dtype), torch.tensor(-scale, dtype=x.dtype))
+
+
 def binary_quantize(x: torch.Tensor, dim: int = 1, scale: float = 1.0):
     """x (.., K, ..) float -> (codes like x, indices (.., ..) int32/int64)."""
-    bits = _bits_last(x, dim)
-    codes = torch.where(x > 0, torch.tensor(scale, dtype=x.dtype), torch.tensor(-scale, dtype=x.dtype))
-    return codes, bits_to_indices(bits)
+    return binary_codes(x, scale), bits_to_indices(_bits_last(x, dim))
 
 
 def binary_quantize_bits(x: torch.Tensor, dim: int = 1) -> torch.Tensor:

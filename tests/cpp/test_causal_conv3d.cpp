@@ -251,6 +251,18 @@ static void test_shapes() {
   CHECK(!make_conv_shape(b));
   b.T = 6, b.kt = 1;  // P = 1 - 2 < 0
   CHECK(!make_conv_shape(b));
+  // zero-sized dimensions: an empty reduction or output axis is invalid (it divided by zero
+  // in the CUDA launcher's split of the reduction), an empty batch is not
+  const ConvShape good = shape_of(kGeometries[0]);
+  for (int64_t ConvShape::*field : {&ConvShape::C, &ConvShape::O, &ConvShape::H, &ConvShape::W, &ConvShape::kt,
+                                   &ConvShape::kh, &ConvShape::kw}) {
+    ConvShape z = good;
+    z.*field = 0;
+    CHECK(!make_conv_shape(z));
+  }
+  ConvShape empty_batch = good;
+  empty_batch.B = 0;
+  CHECK(make_conv_shape(empty_batch) && empty_batch.To == good.To && empty_batch.Ho == good.Ho);
 }
 
 static void test_padded_frame() {
