@@ -612,6 +612,10 @@ class LatentDistribution:
     def std(self) -> torch.Tensor:
         return torch.exp(0.5 * self.logvar)
 
+    @property
+    def var(self) -> torch.Tensor:
+        return torch.exp(self.logvar)
+
     def mode(self) -> torch.Tensor:
         return self.mean
 
@@ -800,14 +804,22 @@ class WanVAE(nn.Module):
         return LatentDistribution.from_moments(self.quant_conv(self.encoder(x, cache, features), cache))
 
     def encode(self, video: torch.Tensor, chunk_frames: Optional[int] = -1, tile: Optional[int] = None,
-               overlap: Optional[int] = None) -> LatentDistribution:
+               overlap: Optional[int] = None, return_dict: Optional[bool] = None):
         """video (B, C, T, H, W) in [-1, 1], T = 1 + 4k -> latent distribution (B, z_dim, 1 + k, H/8, W/8).
 
         chunk_frames: frames per encoder pass after the first frame (a multiple of 4); -1 (default)
         uses 4, Wan's plan; None encodes the whole clip in one pass (fastest, most memory).
         tile / overlap: spatial tiling in latent pixels (module docstring); overlap None gives
         exact tiling (2 x receptive-field radius + 2).
+        return_dict: None (default) returns the :class:`LatentDistribution`; True / False return
+        diffusers' ``AutoencoderKLOutput(latent_dist=...)`` / ``(latent_dist,)`` as
+        ``AutoencoderKLWan.encode`` does (pyratok.interop.diffusers).
         """
+        from pyratok.interop.diffusers import AutoencoderKLOutput, as_output
+
+        return as_output(self._encode(video, chunk_frames, tile, overlap), AutoencoderKLOutput, return_dict)
+
+    def _encode(self, video, chunk_frames, tile, overlap) -> LatentDistribution:
         self._check_video(video)
         plan = self._encode_plan(video.shape[2], chunk_frames)
         if tile is None:
@@ -891,13 +903,20 @@ class WanVAE(nn.Module):
         return unpatchify(x, self.config.patch_size).clamp_(-1.0, 1.0)
 
     def decode(self, latent: torch.Tensor, chunk_frames: Optional[int] = 1, tile: Optional[int] = None,
-               overlap: Optional[int] = None) -> torch.Tensor:
+               overlap: Optional[int] = None, return_dict: Optional[bool] = None):
         """latent (B, z_dim, T, h, w) -> video (B, C, 1 + 4(T-1), 8h, 8w) in [-1, 1].
 
         chunk_frames: latent frames per decoder pass (default 1, Wan's plan; None: all at once).
         tile / overlap: spatial tiling in latent pixels (module docstring); overlap None gives
         exact tiling (2 x receptive-field radius + 2).
+        return_dict: None (default) returns the video tensor; True / False return diffusers'
+        ``DecoderOutput(sample=...)`` / ``(video,)`` as ``AutoencoderKLWan.decode`` does.
         """
+        from pyratok.interop.diffusers import DecoderOutput, as_output
+
+        return as_output(self._decode(latent, chunk_frames, tile, overlap), DecoderOutput, return_dict)
+
+    def _decode(self, latent, chunk_frames, tile, overlap) -> torch.Tensor:
         self._check_latent(latent)
         if chunk_frames is not None and (not isinstance(chunk_frames, int) or chunk_frames < 1):
             raise ValueError(f"chunk_frames={chunk_frames!r}: expected None or a positive int")
@@ -955,10 +974,37 @@ class WanVAE(nn.Module):
                     weight[rows, cols] += w
         return [out.div_(weight).to(piece.dtype) for out, weight, piece in zip(outs, weights, pieces)]
 
-    def forward(self, video: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None):
-        """Reconstruction: decode(encode(video)), with the posterior mean unless ``sample``."""
-        dist = self.encode(video)
-        return self.decode(dist.sample(generator) if sample else dist.mode())
+    def forward(self, video: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None,
+                return_dict: Optional[bool] = None, sample_posterior: Optional[bool] = None):
+        """Reconstruction: decode(encode(video)), with the posterior mean unless ``sample``
+        (diffusers' name ``sample_posterior`` is accepted too); ``return_dict`` as in ``decode``."""
+        dist = self._encode(video, -1, None, None)
+        sample = sample if sample_posterior is None else sample_posterior
+        return self.decode(dist.sample(generator) if sample else dist.mode(), return_dict=return_dict)
+
+    # -- diffusers interop -------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The decoder's parameter dtype (diffusers pipelines cast latents to ``vae.dtype``)."""
+        return self._dtype(self.decoder)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @classmethod
+    def from_diffusers(cls, model) -> "WanVAE":
+        """A WanVAE with the config and weights of a diffusers ``AutoencoderKLWan`` (in memory)."""
+        from pyratok.interop.diffusers import wan_vae_from_diffusers
+
+        return wan_vae_from_diffusers(model)
+
+    def to_diffusers(self):
+        """A diffusers ``AutoencoderKLWan`` with this model's config and backbone weights."""
+        from pyratok.interop.diffusers import wan_vae_to_diffusers
+
+        return wan_vae_to_diffusers(self)
 
     # -- latent normalisation ----------------------------------------------------------------------
 
