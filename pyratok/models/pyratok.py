@@ -106,7 +106,10 @@ TextInput = Union[None, str, Sequence[str], TextEmbedding]
 
 
 class PyraTok(nn.Module):
-    def __init__(self, config: PyraTokConfig = PyraTokConfig(), text_encoder: Optional[nn.Module] = None):
+    def __init__(self, config: PyraTokConfig = PyraTokConfig(), text_encoder: Optional[nn.Module] = None,
+                 inference_lora: bool = False):
+        """inference_lora: build the LoRA adapters without peft (pyratok.models.lora_inference):
+        same weights and outputs, no import of peft/transformers, but no training helpers."""
         super().__init__()
         config = copy.deepcopy(config)
         if text_encoder is None and config.text_encoder is not None:
@@ -128,7 +131,11 @@ class PyraTok(nn.Module):
         self.lapq = LaPQ(config.lapq)
         self.null_text = NullText(text_dim)
         self.prior = ARPrior(config.prior) if config.use_prior else None
-        if config.lora_rank > 0:
+        if config.lora_rank > 0 and inference_lora:
+            from pyratok.models.lora_inference import add_inference_lora
+
+            add_inference_lora(self.vae, self.vae._conv_names("encoder"), config.lora_rank, config.lora_alpha)
+        elif config.lora_rank > 0:
             self.vae.add_lora(rank=config.lora_rank, alpha=config.lora_alpha, target="encoder")
         self.lpips = None
         self._model_id = "unsaved-" + hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
@@ -325,7 +332,9 @@ class PyraTok(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, text_encoder: Optional[nn.Module] = None,
-                        device: Union[str, torch.device] = "cpu") -> "PyraTok":
+                        device: Union[str, torch.device] = "cpu", inference: bool = False) -> "PyraTok":
+        """inference=True: LoRA adapters without peft (``inference_lora``), for encoding and decoding;
+        loads faster (peft and transformers are not imported) and gives the same outputs."""
         from safetensors.torch import load_file
 
         cfg_file, weights_file = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
@@ -345,7 +354,7 @@ class PyraTok(nn.Module):
             raise ValueError(f"{cfg_file}: the backbone is not included and config.backbone_path is empty")
         if includes_backbone:  # the file has the weights: do not read them from elsewhere first
             config = dataclasses.replace(config, backbone_path=None)
-        model = cls(config, text_encoder)
+        model = cls(config, text_encoder, inference_lora=inference)
         model.config.backbone_path = meta["config"].get("backbone_path")
         state = load_file(weights_file)
         own = model._saved_state(includes_backbone)
