@@ -177,7 +177,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, silu: bool = False, overwrite: bool = False) -> torch.Tensor:
         acc = torch.promote_types(x.dtype, torch.float32)
         gain = self.gamma * self.scale                                   # (C, 1, 1[, 1])
-        if not _can_overwrite(x, gain):
+        if not _can_overwrite(x, gain) or torch.compiler.is_compiling():  # compile: no out= into a view
             inv_norm = x.to(acc).square().sum(1, keepdim=True).clamp_min(_NORM_EPS_SQUARED).rsqrt()
             y = x * inv_norm.to(x.dtype) * gain.to(x.dtype)
             return F.silu(y) if silu else y
@@ -426,14 +426,16 @@ def _frames_seen(module: nn.Module, cache: Optional[StreamCache]) -> int:
     """Input frames the encoder or decoder ``module`` has streamed through ``cache`` (0: the next
     chunk is the first)."""
     seen = None if cache is None else cache.get(module)
-    return 0 if seen is None else int(seen)
+    return 0 if seen is None else seen
 
 
 def _advance_stream(module: nn.Module, cache: Optional[StreamCache], frames: int) -> None:
     # The stream position lives in the cache under the encoder/decoder itself, not under its
-    # conv_in: LoRA wraps conv_in, and the cache entries belong to the wrapped layer.
+    # conv_in: LoRA wraps conv_in, and the cache entries belong to the wrapped layer.  It is a
+    # Python int (a frame count known from shapes), not a tensor: reading a tensor back would
+    # be a .item() and a graph break under torch.compile.
     if cache is not None:
-        cache.set(module, torch.tensor(_frames_seen(module, cache) + frames))
+        cache.set(module, _frames_seen(module, cache) + frames)
 
 
 def _conv_receptive_radius(blocks: nn.ModuleList) -> float:
@@ -716,6 +718,12 @@ class WanVAE(nn.Module):
             raise ValueError(f"part={part!r}: expected 'encoder' or 'decoder'")
         return (self.encoder if part == "encoder" else self.decoder).spatial_radius
 
+    def check_video(self, video: torch.Tensor) -> None:
+        """The input checks of encode (type, layout, frame count, size, value range), also callable
+        on their own: under torch.compile encode skips the value-range check (it reads the data),
+        so run this outside the compiled function to keep it."""
+        self._check_video(video)
+
     def _check_video(self, video: torch.Tensor) -> None:
         if not isinstance(video, torch.Tensor):
             raise TypeError(f"video: expected a torch.Tensor, got {type(video).__name__}")
@@ -738,6 +746,8 @@ class WanVAE(nn.Module):
         sf = self.spatial_factor
         if H % sf or W % sf:
             raise ValueError(f"video: height and width must be multiples of {sf}, got {H}x{W}")
+        if torch.compiler.is_compiling():  # the range check reads data: run check_video outside the graph
+            return
         lo, hi = video.min().item(), video.max().item()
         if lo < -1.001 or hi > 1.001:
             warnings.warn(f"video: values span [{lo:.3g}, {hi:.3g}] but the VAE expects [-1, 1] "
@@ -876,7 +886,11 @@ class WanVAE(nn.Module):
         return [torch.cat(level, dim=2) for level in zip(*per_chunk)]
 
     def _encode_plan(self, frames: int, chunk_frames: Optional[int]) -> list[int]:
-        chunk_frames = self.temporal_factor if chunk_frames == -1 else chunk_frames
+        if chunk_frames == -1:
+            # Wan's plan (1, 4, 4, ...) is a Python loop over the frame count, which torch.compile
+            # would unroll and recompile for every clip length; compiled, the default is the whole
+            # clip in one pass (the same result: every chunk plan gives the whole-clip output)
+            chunk_frames = None if torch.compiler.is_compiling() else self.temporal_factor
         if chunk_frames is not None and (not isinstance(chunk_frames, int) or chunk_frames < 1
                                          or chunk_frames % self.temporal_factor):
             raise ValueError(f"chunk_frames={chunk_frames!r}: expected None or a positive multiple of "
