@@ -1,6 +1,7 @@
 """Start-up and CLI polish: peft-free inference loading (same outputs), --version, --threads,
 descriptions and examples in every subcommand's help, info -q."""
 
+import os
 import subprocess
 import sys
 
@@ -94,3 +95,15 @@ def test_threads_option(token_file):
         torch.set_num_threads(before)
     with pytest.raises(SystemExit):
         main(["--threads", "0", "info", token_file])
+
+
+def test_cli_sets_passive_openmp_waiting_before_torch_loads():
+    """libgomp reads OMP_WAIT_POLICY when torch loads it: the CLI module must set it first."""
+    code = ("import os, sys; import pyratok.cli; "
+            "print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert res.stdout.split() == ["False", "PASSIVE"], res.stderr
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert res.stdout.split() == ["False", "ACTIVE"], res.stderr
