@@ -19,7 +19,8 @@ Realistic inputs (``test_entropy_realistic``): K = 16 over 2 x 32 x 32 tokens (N
 video latent batch; the peer needs ~3.7 GB there, ~15 GB at 8192) at inv_temperature 1 and 100
 (the peer's default) with x ~ N(0, 1), N(0, 0.05) (a trained encoder's scale: at tau = 100 many
 code probabilities fall below FLT_MIN, the denormal case) and near +-1 (a converged quantizer:
-sign +-1 plus N(0, 0.05) noise), exact path against the peer on the same input.  The README's headline ratio is tau = 100, N(0, 0.05).
+sign +-1 plus N(0, 0.05) noise), exact path against the peer on the same input.  The README's
+headline ratio is tau = 100, N(0, 0.05).
 
 ``python benchmarks/bench_entropy.py summary benchmarks/results/entropy.csv`` prints the README
 table (with the skipped peer cells), checks the issue's targets and plots time vs N per method
@@ -284,7 +285,8 @@ def summary(csv_path: str, plot_path: str) -> str:
                 f"{ms(K, N, 'bits') or float('nan'):.1f} | {peer_cell} | "
                 f"{f'{peer / exact:.0f}' if peer else '-'} | {float(r['peak_mb'] or 'nan'):.0f} | "
                 f"{f'{100 * gemm / exact:.0f}' if gemm else '-'} |")
-    lines += ["", "| inv_temperature | x | exact ms | vector-quantize-pytorch ms | exact x peer |", "|---|---|---|---|---|"]
+    lines += ["", "| inv_temperature | x | exact ms | vector-quantize-pytorch ms | exact x peer |",
+              "|---|---|---|---|---|"]
     for tau in REALISTIC_TAUS:
         for kind in REALISTIC_INPUTS:
             group = realistic_group(tau, kind)

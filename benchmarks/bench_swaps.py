@@ -103,7 +103,8 @@ def test_wan_swaps(benchmark, provider, part):
 COG_SHAPE = (1, 128, 9, 64, 64)
 
 
-@pytest.mark.parametrize("provider", [DIFFUSERS + " CogVideoXCausalConv3d", "patch_causal_convs(CogVideoXCausalConv3d)"])
+@pytest.mark.parametrize("provider", [DIFFUSERS + " CogVideoXCausalConv3d",
+                                      "patch_causal_convs(CogVideoXCausalConv3d)"])
 def test_cogvideox_conv_swap(benchmark, provider):
     pytest.importorskip("diffusers")
     from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXCausalConv3d

@@ -40,7 +40,8 @@ def test_value_and_gradient_match_float64_at_denormal_scale(std):
     # the inputs do reach the denormal range: many code probabilities below FLT_MIN
     z = 4 * 100.0 * x.double().movedim(1, -1).reshape(-1, 14)
     least_likely = torch.nn.functional.logsigmoid(-z.abs()).sum(1)  # log of each token's least likely code
-    assert (least_likely < torch.log(torch.tensor(torch.finfo(torch.float32).tiny, dtype=torch.float64))).float().mean() > 0.3
+    log_tiny = torch.log(torch.tensor(torch.finfo(torch.float32).tiny, dtype=torch.float64))
+    assert (least_likely < log_tiny).float().mean() > 0.3
     torch.testing.assert_close(got.per_sample_entropy.double(), want.per_sample_entropy, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.codebook_entropy.double(), want.codebook_entropy, rtol=1e-5, atol=1e-6)
     scale = want_grad.abs().max()

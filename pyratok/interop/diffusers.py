@@ -143,8 +143,8 @@ def _wan_forward(self, x, cache_x=None):
 
 
 def _cogvideox_forward(self, inputs, conv_cache=None):
-    """diffusers CogVideoXCausalConv3d.forward (any pad_mode but "replicate", e.g. "constant", "first"): past frames from conv_cache
-    or frame 0 replicated, zero spatial padding; returns (output, the last kt-1 padded frames)."""
+    """diffusers CogVideoXCausalConv3d.forward (any pad_mode but "replicate", e.g. "constant" or
+    "first"): past frames from conv_cache or frame 0 replicated, zero spatial padding; returns (output, the last kt-1 padded frames)."""
     conv = self.conv
     if conv_cache is not None:
         conv_cache = conv_cache.to(device=inputs.device, dtype=inputs.dtype)

@@ -59,7 +59,8 @@ def _check_factorized_bits(factorized_bits, total: Optional[int] = None) -> list
     if sum(bits) > 63:
         raise ValueError(f"factorized_bits={factorized_bits!r}: the full index holds at most 63 bits")
     if total is not None and sum(bits) != total:
-        raise ValueError(f"factorized_bits={factorized_bits!r} sums to {sum(bits)}, expected log2(codebook_size)={total}")
+        raise ValueError(f"factorized_bits={factorized_bits!r} sums to {sum(bits)}, "
+                         f"expected log2(codebook_size)={total}")
     return bits
 
 
@@ -167,7 +168,8 @@ class LFQ(nn.Module):
             codebook_size = 2 ** dim
         if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 2 \
                 or codebook_size & (codebook_size - 1):
-            suggestion = 2 ** math.ceil(math.log2(max(codebook_size, 2))) if isinstance(codebook_size, (int, float)) else 2
+            numeric = isinstance(codebook_size, (int, float))
+            suggestion = 2 ** math.ceil(math.log2(max(codebook_size, 2))) if numeric else 2
             raise ValueError(f"codebook_size={codebook_size!r}: expected a power of 2 >= 2 for lookup-free "
                              f"quantization (suggested {suggestion})")
         codebook_dim = codebook_size.bit_length() - 1
