@@ -7,6 +7,8 @@
 // significant bit first: the two halves of w are the bit's S0 and S1, and adding the upper
 // half onto the lower one leaves the next bit most significant (~4 * 2^bits contiguous
 // operations per token instead of bits * 2^bits).
+//
+// Denormals: every entry point runs under FlushDenormals (entropy.h); see there for why.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -16,6 +18,7 @@
 
 namespace pyratok {
 namespace {
+
 
 template <typename F>
 void code_probs_impl(const CodeProbsArgs& a, void* probs_out, int64_t begin, int64_t end) {
@@ -72,15 +75,18 @@ void code_probs_backward_impl(const CodeProbsArgs& a, const void* probs_in, cons
 }  // namespace
 
 void code_probs_cpu(const CodeProbsArgs& a, void* probs, int64_t begin, int64_t end) {
+  const FlushDenormals flush;
   PYRATOK_DISPATCH_DTYPE(a.dtype, code_probs_impl<F>(a, probs, begin, end));
 }
 
 void code_probs_backward_cpu(const CodeProbsArgs& a, const void* probs, const void* grad_probs,
                              void* dx, int64_t begin, int64_t end) {
+  const FlushDenormals flush;
   PYRATOK_DISPATCH_DTYPE(a.dtype, code_probs_backward_impl<F>(a, probs, grad_probs, dx, begin, end));
 }
 
 void bit_probs_cpu(DType dtype, const void* x, double coef, void* probs, int64_t begin, int64_t end) {
+  const FlushDenormals flush;
   PYRATOK_DISPATCH_DTYPE(dtype, {
     using W = typename F::work;
     const auto* xs = static_cast<const typename F::bits*>(x);
@@ -90,6 +96,7 @@ void bit_probs_cpu(DType dtype, const void* x, double coef, void* probs, int64_t
 }
 
 double binary_entropy_sum_cpu(DType dtype, const void* x, double coef, int64_t begin, int64_t end) {
+  const FlushDenormals flush;
   double total = 0;
   PYRATOK_DISPATCH_DTYPE(dtype, {
     using W = typename F::work;
@@ -101,6 +108,7 @@ double binary_entropy_sum_cpu(DType dtype, const void* x, double coef, int64_t b
 
 void binary_entropy_backward_cpu(DType dtype, const void* x, double coef, double grad, void* dx,
                                  int64_t begin, int64_t end) {
+  const FlushDenormals flush;
   PYRATOK_DISPATCH_DTYPE(dtype, {
     using W = typename F::work;
     const auto* xs = static_cast<const typename F::bits*>(x);
@@ -112,6 +120,7 @@ void binary_entropy_backward_cpu(DType dtype, const void* x, double coef, double
 }
 
 double bernoulli_kl_sum_cpu(DType dtype, const void* a, const void* b, int64_t begin, int64_t end) {
+  const FlushDenormals flush;
   double total = 0;
   PYRATOK_DISPATCH_DTYPE(dtype, {
     using W = typename F::work;
@@ -124,6 +133,7 @@ double bernoulli_kl_sum_cpu(DType dtype, const void* a, const void* b, int64_t b
 
 void bernoulli_kl_backward_cpu(DType dtype, const void* a, const void* b, double grad, void* da,
                                void* db, int64_t begin, int64_t end) {
+  const FlushDenormals flush;
   PYRATOK_DISPATCH_DTYPE(dtype, {
     using W = typename F::work;
     using B = typename F::bits;
@@ -233,6 +243,7 @@ double entropy_tile_f32(float* c, int64_t n, float inv_total, bool with_grad, fl
 
 double count_entropy_tile_cpu(bool f64, void* counts, int64_t n, double inv_total, bool with_grad,
                               double scale) {
+  const FlushDenormals flush;
   if (!f64) return entropy_tile_f32(static_cast<float*>(counts), n, float(inv_total), with_grad, float(scale));
   double* c = static_cast<double*>(counts);
   double acc = 0;

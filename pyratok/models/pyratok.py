@@ -123,7 +123,10 @@ class EncodeStream:
 
 
 class PyraTok(nn.Module):
-    def __init__(self, config: PyraTokConfig = PyraTokConfig(), text_encoder: Optional[nn.Module] = None):
+    def __init__(self, config: PyraTokConfig = PyraTokConfig(), text_encoder: Optional[nn.Module] = None,
+                 inference_lora: bool = False):
+        """inference_lora: build the LoRA adapters without peft (pyratok.models.lora_inference):
+        same weights and outputs, no import of peft/transformers, but no training helpers."""
         super().__init__()
         config = copy.deepcopy(config)
         if text_encoder is None and config.text_encoder is not None:
@@ -151,7 +154,11 @@ class PyraTok(nn.Module):
             self.prior = HFCausalLMPrior(config.prior_path, config.lapq.num_bits, text_dim, config.prior.max_levels)
         else:
             self.prior = ARPrior(config.prior)
-        if config.lora_rank > 0:
+        if config.lora_rank > 0 and inference_lora:
+            from pyratok.models.lora_inference import add_inference_lora
+
+            add_inference_lora(self.vae, self.vae._conv_names("encoder"), config.lora_rank, config.lora_alpha)
+        elif config.lora_rank > 0:
             self.vae.add_lora(rank=config.lora_rank, alpha=config.lora_alpha, target="encoder")
         # drift teacher: frozen and never saved (like the text encoder); its projection head trains
         self.drift_teacher = VisionTeacher(config.drift_teacher) if config.drift_teacher else None
@@ -417,7 +424,9 @@ class PyraTok(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, text_encoder: Optional[nn.Module] = None,
-                        device: Union[str, torch.device] = "cpu") -> "PyraTok":
+                        device: Union[str, torch.device] = "cpu", inference: bool = False) -> "PyraTok":
+        """inference=True: LoRA adapters without peft (``inference_lora``), for encoding and decoding;
+        loads faster (peft and transformers are not imported) and gives the same outputs."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -459,7 +468,7 @@ class PyraTok(nn.Module):
         if includes_backbone:  # the file has the weights: do not read them from elsewhere first
             config = dataclasses.replace(config, backbone_path=None)
         try:
-            model = cls(config, text_encoder)
+            model = cls(config, text_encoder, inference_lora=inference)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{cfg_file}: cannot build the model ({str(err).splitlines()[0]})") from None
         model.config.backbone_path = meta["config"].get("backbone_path")

@@ -190,7 +190,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, silu: bool = False, overwrite: bool = False) -> torch.Tensor:
         acc = torch.promote_types(x.dtype, torch.float32)
         gain = self.gamma * self.scale                                   # (C, 1, 1[, 1])
-        if not _can_overwrite(x, gain):
+        if not _can_overwrite(x, gain) or torch.compiler.is_compiling():  # compile: no out= into a view
             inv_norm = x.to(acc).square().sum(1, keepdim=True).clamp_min(_NORM_EPS_SQUARED).rsqrt()
             y = x * inv_norm.to(x.dtype) * gain.to(x.dtype)
             return F.silu(y) if silu else y
@@ -439,14 +439,16 @@ def _frames_seen(module: nn.Module, cache: Optional[StreamCache]) -> int:
     """Input frames the encoder or decoder ``module`` has streamed through ``cache`` (0: the next
     chunk is the first)."""
     seen = None if cache is None else cache.get(module)
-    return 0 if seen is None else int(seen)
+    return 0 if seen is None else seen
 
 
 def _advance_stream(module: nn.Module, cache: Optional[StreamCache], frames: int) -> None:
     # The stream position lives in the cache under the encoder/decoder itself, not under its
-    # conv_in: LoRA wraps conv_in, and the cache entries belong to the wrapped layer.
+    # conv_in: LoRA wraps conv_in, and the cache entries belong to the wrapped layer.  It is a
+    # Python int (a frame count known from shapes), not a tensor: reading a tensor back would
+    # be a .item() and a graph break under torch.compile.
     if cache is not None:
-        cache.set(module, torch.tensor(_frames_seen(module, cache) + frames))
+        cache.set(module, _frames_seen(module, cache) + frames)
 
 
 def _conv_receptive_radius(blocks: nn.ModuleList) -> float:
@@ -625,6 +627,10 @@ class LatentDistribution:
     def std(self) -> torch.Tensor:
         return torch.exp(0.5 * self.logvar)
 
+    @property
+    def var(self) -> torch.Tensor:
+        return torch.exp(self.logvar)
+
     def mode(self) -> torch.Tensor:
         return self.mean
 
@@ -725,6 +731,12 @@ class WanVAE(nn.Module):
             raise ValueError(f"part={part!r}: expected 'encoder' or 'decoder'")
         return (self.encoder if part == "encoder" else self.decoder).spatial_radius
 
+    def check_video(self, video: torch.Tensor) -> None:
+        """The input checks of encode (type, layout, frame count, size, value range), also callable
+        on their own: under torch.compile encode skips the value-range check (it reads the data),
+        so run this outside the compiled function to keep it."""
+        self._check_video(video)
+
     def _check_video(self, video: torch.Tensor) -> None:
         if not isinstance(video, torch.Tensor):
             raise TypeError(f"video: expected a torch.Tensor, got {type(video).__name__}")
@@ -747,6 +759,8 @@ class WanVAE(nn.Module):
         sf = self.spatial_factor
         if H % sf or W % sf:
             raise ValueError(f"video: height and width must be multiples of {sf}, got {H}x{W}")
+        if torch.compiler.is_compiling():  # the range check reads data: run check_video outside the graph
+            return
         lo, hi = video.min().item(), video.max().item()
         if lo < -1.001 or hi > 1.001:
             warnings.warn(f"video: values span [{lo:.3g}, {hi:.3g}] but the VAE expects [-1, 1] "
@@ -813,14 +827,22 @@ class WanVAE(nn.Module):
         return LatentDistribution.from_moments(self.quant_conv(self.encoder(x, cache, features), cache))
 
     def encode(self, video: torch.Tensor, chunk_frames: Optional[int] = -1, tile: Optional[int] = None,
-               overlap: Optional[int] = None) -> LatentDistribution:
+               overlap: Optional[int] = None, return_dict: Optional[bool] = None):
         """video (B, C, T, H, W) in [-1, 1], T = 1 + 4k -> latent distribution (B, z_dim, 1 + k, H/8, W/8).
 
         chunk_frames: frames per encoder pass after the first frame (a multiple of 4); -1 (default)
         uses 4, Wan's plan; None encodes the whole clip in one pass (fastest, most memory).
         tile / overlap: spatial tiling in latent pixels (module docstring); overlap None gives
         exact tiling (2 x receptive-field radius + 2).
+        return_dict: None (default) returns the :class:`LatentDistribution`; True / False return
+        diffusers' ``AutoencoderKLOutput(latent_dist=...)`` / ``(latent_dist,)`` as
+        ``AutoencoderKLWan.encode`` does (pyratok.interop.diffusers).
         """
+        from pyratok.interop.diffusers import AutoencoderKLOutput, as_output
+
+        return as_output(self._encode(video, chunk_frames, tile, overlap), AutoencoderKLOutput, return_dict)
+
+    def _encode(self, video, chunk_frames, tile, overlap) -> LatentDistribution:
         self._check_video(video)
         plan = self._encode_plan(video.shape[2], chunk_frames)
         if tile is None:
@@ -877,7 +899,11 @@ class WanVAE(nn.Module):
         return [torch.cat(level, dim=2) for level in zip(*per_chunk)]
 
     def _encode_plan(self, frames: int, chunk_frames: Optional[int]) -> list[int]:
-        chunk_frames = self.temporal_factor if chunk_frames == -1 else chunk_frames
+        if chunk_frames == -1:
+            # Wan's plan (1, 4, 4, ...) is a Python loop over the frame count, which torch.compile
+            # would unroll and recompile for every clip length; compiled, the default is the whole
+            # clip in one pass (the same result: every chunk plan gives the whole-clip output)
+            chunk_frames = None if torch.compiler.is_compiling() else self.temporal_factor
         if chunk_frames is not None and (not isinstance(chunk_frames, int) or chunk_frames < 1
                                          or chunk_frames % self.temporal_factor):
             raise ValueError(f"chunk_frames={chunk_frames!r}: expected None or a positive multiple of "
@@ -904,13 +930,20 @@ class WanVAE(nn.Module):
         return unpatchify(x, self.config.patch_size).clamp_(-1.0, 1.0)
 
     def decode(self, latent: torch.Tensor, chunk_frames: Optional[int] = 1, tile: Optional[int] = None,
-               overlap: Optional[int] = None) -> torch.Tensor:
+               overlap: Optional[int] = None, return_dict: Optional[bool] = None):
         """latent (B, z_dim, T, h, w) -> video (B, C, 1 + 4(T-1), 8h, 8w) in [-1, 1].
 
         chunk_frames: latent frames per decoder pass (default 1, Wan's plan; None: all at once).
         tile / overlap: spatial tiling in latent pixels (module docstring); overlap None gives
         exact tiling (2 x receptive-field radius + 2).
+        return_dict: None (default) returns the video tensor; True / False return diffusers'
+        ``DecoderOutput(sample=...)`` / ``(video,)`` as ``AutoencoderKLWan.decode`` does.
         """
+        from pyratok.interop.diffusers import DecoderOutput, as_output
+
+        return as_output(self._decode(latent, chunk_frames, tile, overlap), DecoderOutput, return_dict)
+
+    def _decode(self, latent, chunk_frames, tile, overlap) -> torch.Tensor:
         self._check_latent(latent)
         if chunk_frames is not None and (not isinstance(chunk_frames, int) or chunk_frames < 1):
             raise ValueError(f"chunk_frames={chunk_frames!r}: expected None or a positive int")
@@ -968,10 +1001,37 @@ class WanVAE(nn.Module):
                     weight[rows, cols] += w
         return [out.div_(weight).to(piece.dtype) for out, weight, piece in zip(outs, weights, pieces)]
 
-    def forward(self, video: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None):
-        """Reconstruction: decode(encode(video)), with the posterior mean unless ``sample``."""
-        dist = self.encode(video)
-        return self.decode(dist.sample(generator) if sample else dist.mode())
+    def forward(self, video: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None,
+                return_dict: Optional[bool] = None, sample_posterior: Optional[bool] = None):
+        """Reconstruction: decode(encode(video)), with the posterior mean unless ``sample``
+        (diffusers' name ``sample_posterior`` is accepted too); ``return_dict`` as in ``decode``."""
+        dist = self._encode(video, -1, None, None)
+        sample = sample if sample_posterior is None else sample_posterior
+        return self.decode(dist.sample(generator) if sample else dist.mode(), return_dict=return_dict)
+
+    # -- diffusers interop -------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The decoder's parameter dtype (diffusers pipelines cast latents to ``vae.dtype``)."""
+        return self._dtype(self.decoder)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @classmethod
+    def from_diffusers(cls, model) -> "WanVAE":
+        """A WanVAE with the config and weights of a diffusers ``AutoencoderKLWan`` (in memory)."""
+        from pyratok.interop.diffusers import wan_vae_from_diffusers
+
+        return wan_vae_from_diffusers(model)
+
+    def to_diffusers(self):
+        """A diffusers ``AutoencoderKLWan`` with this model's config and backbone weights."""
+        from pyratok.interop.diffusers import wan_vae_to_diffusers
+
+        return wan_vae_to_diffusers(self)
 
     # -- latent normalisation ----------------------------------------------------------------------
 
