@@ -10,7 +10,7 @@ from pyratok.io.token_file import (
     save_tokens,
     write_token_shards,
 )
-from pyratok.io.shards import ShardError, TokenDataset, collate_tokens, read_index
+from pyratok.io.shards import ShardError, TokenDataset, collate_tokens, read_index, to_tokens
 
 __all__ = [
     "FORMAT_VERSION",
@@ -23,5 +23,6 @@ __all__ = [
     "read_index",
     "read_token_metadata",
     "save_tokens",
+    "to_tokens",
     "write_token_shards",
 ]

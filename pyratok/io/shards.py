@@ -292,6 +292,18 @@ def collate_tokens(batch: list[dict]) -> dict:
             "meta": [b["meta"] for b in batch]}
 
 
+def to_tokens(batch: dict):
+    """A ``collate_tokens`` batch -> pyratok Tokens (for ``PyraTok.decode``)."""
+    from pyratok.tokens import Tokens
+
+    meta = batch["meta"][0]
+    K = meta["num_bits"]
+    dtype = torch.int32 if K <= 31 else torch.int64
+    source = {"frames": meta["frames"], "height": meta["height"], "width": meta["width"], "fps": meta["fps"]}
+    return Tokens([i.to(dtype) for i in batch["ids"]], K, meta["grids"], meta["latent_grid"], source,
+                  meta["model_id"], list(batch["caption"]))
+
+
 @dataclass
 class ShardSummary:
     """Dataset totals of an index (what `pyratok info` prints)."""
