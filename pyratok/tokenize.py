@@ -403,6 +403,9 @@ def tokenize(source: str, out_dir: str, model, options: ClipOptions = ClipOption
         if os.path.exists(partial):
             os.unlink(partial)   # a shard that was in flight when a run was killed
         pending.append(shard)
+    index_path = os.path.join(out_dir, fmt.INDEX_FILE)
+    if pending and os.path.exists(index_path):
+        os.unlink(index_path)   # the dataset is incomplete until the redone shards are recorded
 
     tile_for = tile if callable(tile) else (lambda h, w: tile)
     text = model.text_encoder is not None

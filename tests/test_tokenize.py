@@ -342,3 +342,25 @@ def test_tokenize_has_help(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "usage: pyratok tokenize" in text and "--videos-per-shard" in text and "--overwrite" in text
+
+
+def test_clips_are_conditioned_on_their_captions_when_the_model_has_a_text_encoder(small_videos, tmp_path):
+    from pyratok.models.pyratok import PyraTok, PyraTokConfig
+    from pyratok.tokenize import ClipOptions, tokenize
+
+    torch.manual_seed(0)
+    model = PyraTok(PyraTokConfig.tiny()).eval()
+    assert model.text_encoder is not None
+    manifest = tmp_path / "captions.csv"
+    manifest.write_text(f"path,caption\n{small_videos / 'a.mp4'},a red car\n{small_videos / 'b.mp4'},\n")
+    done = tokenize(str(manifest), str(tmp_path / "shards"), model, ClipOptions(frames=1, size=(32, 32)), workers=0)
+    assert done.clips == 4 and done.index is not None
+    for s in TokenDataset(str(tmp_path / "shards")):
+        meta = s["meta"]
+        clip = resize_and_crop(read_frames(open_video(meta["video"]), [meta["first_frame"]]), 32, 32, None)[None]
+        caption = "a red car" if meta["video"].endswith("a.mp4") else ""
+        assert s["caption"] == caption
+        want = model.encode(clip, caption or None).ids
+        other = model.encode(clip, None if caption else "a red car").ids
+        assert all(torch.equal(a, b[0].long()) for a, b in zip(s["ids"], want)), s["key"]
+        assert not all(torch.equal(a, b[0].long()) for a, b in zip(s["ids"], other))   # the text matters
