@@ -256,7 +256,8 @@ def _fingerprint(config: dict) -> str:
 
 def _ours(name: str) -> bool:
     return (name in (fmt.CONFIG_FILE, fmt.INDEX_FILE, fmt.ERRORS_FILE) or
-            (name.startswith(("shard-", ".shard-")) and name.endswith((".tar", ".json", ".partial"))))
+            (name.startswith("shard-") and name.endswith((".tar", ".json"))) or
+            (name.startswith(".") and name.endswith(".partial")))
 
 
 def _prepare(out_dir: str, config: dict, overwrite: bool, rank: int) -> None:
@@ -281,7 +282,7 @@ def _prepare(out_dir: str, config: dict, overwrite: bool, rank: int) -> None:
                 os.unlink(os.path.join(out_dir, name))
     if dist.is_available() and dist.is_initialized():
         dist.barrier()   # no rank writes before rank 0 has cleared the folder
-    fmt.write_json(config_path, config)
+    fmt.write_json(config_path, config, tag=f".rank{rank}")
 
 
 def _finished(out_dir: str, shard: int, fingerprint: str) -> Optional[dict]:
@@ -326,7 +327,7 @@ def _write_shard(out_dir: str, shard: int, state: _ShardState, config: dict, fin
     return record
 
 
-def _write_index(out_dir: str, config: dict, fingerprint: str) -> Optional[str]:
+def _write_index(out_dir: str, config: dict, fingerprint: str, rank: int) -> Optional[str]:
     """Writes index.json and errors.jsonl when every shard is recorded; their path, else None."""
     records = []
     for shard in range(config["num_shards"]):
@@ -343,12 +344,10 @@ def _write_index(out_dir: str, config: dict, fingerprint: str) -> Optional[str]:
                        "videos": totals.videos, "videos_skipped": totals.videos_skipped,
                        "bits_per_pixel": totals.bits_per_pixel}
     lines = b"".join(fmt.canonical_json(s) + b"\n" for r in records for s in r["skipped"])
-    from pyratok.utils import atomic_write
-
-    with atomic_write(os.path.join(out_dir, fmt.ERRORS_FILE)) as f:
+    with fmt.atomic_file(os.path.join(out_dir, fmt.ERRORS_FILE), tag=f".rank{rank}") as f:
         f.write(lines)
     path = os.path.join(out_dir, fmt.INDEX_FILE)
-    fmt.write_json(path, index)
+    fmt.write_json(path, index, tag=f".rank{rank}")
     return path
 
 
@@ -394,14 +393,19 @@ def tokenize(source: str, out_dir: str, model, options: ClipOptions = ClipOption
     _prepare(out_dir, config, overwrite, rank)
 
     result = TokenizeResult(num_bits=model.num_bits)
+    for name in (fmt.CONFIG_FILE, fmt.INDEX_FILE, fmt.ERRORS_FILE):   # this rank's leftovers of a killed run
+        leftover = fmt.partial_path(os.path.join(out_dir, name), f".rank{rank}")
+        if os.path.exists(leftover):
+            os.unlink(leftover)
     pending = []
     for shard in range(rank, config["num_shards"], world):
         if _finished(out_dir, shard, fingerprint) is not None:
             result.shards_done_before += 1
             continue
-        partial = os.path.join(out_dir, f".{fmt.shard_file(shard)}.partial")
-        if os.path.exists(partial):
-            os.unlink(partial)   # a shard that was in flight when a run was killed
+        for name in (fmt.shard_file(shard), fmt.record_file(shard)):   # in flight when a run was killed
+            leftover = fmt.partial_path(os.path.join(out_dir, name))
+            if os.path.exists(leftover):
+                os.unlink(leftover)
         pending.append(shard)
     index_path = os.path.join(out_dir, fmt.INDEX_FILE)
     if pending and os.path.exists(index_path):
@@ -459,5 +463,5 @@ def tokenize(source: str, out_dir: str, model, options: ClipOptions = ClipOption
                 result.videos_skipped += len(record["skipped"])
     bar.close()
     result.seconds = time.perf_counter() - start
-    result.index = _write_index(out_dir, config, fingerprint)
+    result.index = _write_index(out_dir, config, fingerprint, rank)
     return result

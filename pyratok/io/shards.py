@@ -23,12 +23,13 @@ Why tar + .npy: every trainer can read it without pyratok (``webdataset.WebDatas
 .decode()``, Hugging Face ``datasets.load_dataset("webdataset", ...)``, or ``tarfile`` +
 ``numpy.load``), samples stream sequentially from object stores, and shards concatenate across
 ranks.  The tar headers are fixed (mtime 0, uid/gid 0, no user names, mode 0644, USTAR) and the
-samples sorted by key, so the same input gives the same bytes.  Shards are written to a
-``.partial`` file, fsynced and renamed, then recorded.
+samples sorted by key, so the same input gives the same bytes.  Every file is written to
+``.<name>.partial``, fsynced and renamed; a shard is recorded after its tar is in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -40,6 +41,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+
+from pyratok.utils import default_file_mode
 
 FORMAT = "pyratok-token-shards"
 FORMAT_VERSION = 1
@@ -101,36 +104,50 @@ class _HashingFile:
         return self.f.write(data)
 
 
-def write_shard(path: str, samples: Sequence[list[tuple[str, bytes]]]) -> tuple[str, int]:
-    """Writes the samples (each a list of (name, bytes)) as a deterministic tar at ``path``:
-    to ``.<name>.partial`` first, fsynced, then renamed.  Returns (sha256, bytes)."""
+def partial_path(path: str, tag: str = "") -> str:
+    """Where ``path`` is written before it is renamed into place: ``.<name><tag>.partial`` beside it.
+    Names are fixed (not random) so that a writer killed mid-file leaves a leftover its next run
+    knows and removes; ``tag`` tells apart writers of the same file (ranks)."""
     folder, name = os.path.split(os.path.abspath(path))
-    partial = os.path.join(folder, f".{name}.partial")
+    return os.path.join(folder, f".{name}{tag}.partial")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, tag: str = ""):
+    """A binary file at ``partial_path(path, tag)``, fsynced and renamed to ``path`` on success,
+    removed on failure."""
+    partial = partial_path(path, tag)
     try:
-        with open(partial, "wb") as raw:
-            hashed = _HashingFile(raw)
-            with tarfile.open(fileobj=hashed, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-                for files in samples:
-                    for member, data in files:
-                        info = tarfile.TarInfo(member)
-                        info.size, info.mtime, info.mode = len(data), 0, 0o644
-                        info.uid = info.gid = 0
-                        info.uname = info.gname = ""
-                        tar.addfile(info, io.BytesIO(data))
-            raw.flush()
-            os.fsync(raw.fileno())
+        with open(partial, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(partial, default_file_mode())
         os.replace(partial, path)
     except BaseException:
         if os.path.exists(partial):
             os.unlink(partial)
         raise
+
+
+def write_shard(path: str, samples: Sequence[list[tuple[str, bytes]]]) -> tuple[str, int]:
+    """Writes the samples (each a list of (name, bytes)) as a deterministic tar at ``path``
+    (atomically, see atomic_file).  Returns (sha256, bytes)."""
+    with atomic_file(path) as raw:
+        hashed = _HashingFile(raw)
+        with tarfile.open(fileobj=hashed, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for files in samples:
+                for member, data in files:
+                    info = tarfile.TarInfo(member)
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    tar.addfile(info, io.BytesIO(data))
     return hashed.sha.hexdigest(), hashed.size
 
 
-def write_json(path: str, obj) -> None:
-    from pyratok.utils import atomic_write
-
-    with atomic_write(path) as f:
+def write_json(path: str, obj, tag: str = "") -> None:
+    with atomic_file(path, tag) as f:
         f.write(json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n")
 
 
