@@ -46,7 +46,7 @@ from pyratok.data.video import bundled_clip_path  # noqa: E402
 
 FOOTAGE = ["bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4"]
 FIELDS = ["date", "commit", "machine", "torch", "experiment", "provider", "clips", "clip_shape", "batch_size",
-          "workers", "seconds", "clips_per_s", "speedup_vs_loop", "peak_pss_mb", "note"]
+          "workers", "seconds", "clips_per_s", "speedup_vs_loop", "peak_pss_mb", "median_pss_mb", "note"]
 
 
 def small_footage(work: str) -> list[str]:
@@ -125,24 +125,28 @@ def _tree_pss_kb(pid: int) -> int:
     return total
 
 
-def peak_of(cmd: list[str]) -> tuple[float, float]:
-    """(seconds, peak MB of the process tree) of a command run to completion."""
+def peak_of(cmd: list[str]) -> tuple[float, float, float]:
+    """(seconds, peak MB, median MB of the process tree while it held more than half its peak,
+    i.e. past start-up) of a command run to completion."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
+    samples = []
     while proc.poll() is None:
-        peak = max(peak, _tree_pss_kb(proc.pid))
+        samples.append(_tree_pss_kb(proc.pid))
         time.sleep(0.02)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
-    return seconds, peak / 1024
+    peak = max(samples)
+    steady = sorted(v for v in samples if v > peak / 2)
+    return seconds, peak / 1024, steady[len(steady) // 2] / 1024
 
 
 def main_bench(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="/tmp/bench_tokenize", help="scratch folder for clips and outputs")
-    parser.add_argument("--clips", type=int, default=120, help="clip files for the throughput runs (default 120)")
+    parser.add_argument("--clips", type=int, default=120,
+                        help="clip files for the throughput runs (default 120; 0 skips them)")
     parser.add_argument("--batch-sizes", default="1,4,16", help="tokenize batch sizes at 2 workers")
     parser.add_argument("--workers", default="0,1,2,4", help="tokenize worker counts at batch 16")
     parser.add_argument("--memory-entries", default="10,100", help="manifest entries (x10 clips) for the memory runs")
@@ -152,8 +156,6 @@ def main_bench(argv=None) -> int:
 
     os.makedirs(args.work, exist_ok=True)
     footage = small_footage(args.work)
-    folder = clip_files(args.work, footage, args.clips)
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
     facts = machine()
     base = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
             "commit": facts["commit"], "machine": facts["machine"], "torch": facts["torch"], "note": args.note}
@@ -164,6 +166,16 @@ def main_bench(argv=None) -> int:
         shutil.rmtree(path, ignore_errors=True)
         return path
 
+    if args.clips:
+        throughput(args, footage, base, rows, out)
+    memory(args, footage, base, rows, out)
+    write_csv(args.csv, rows)
+    return 0
+
+
+def throughput(args, footage, base, rows, out) -> None:
+    folder = clip_files(args.work, footage, args.clips)
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
     clip = ["--frames", 9, "--size", "64x64", "-q"]
     loop = timed(["encode", *files, "-o", out("encode") + os.sep, *clip])
     rows.append(dict(base, experiment="throughput", provider="encode loop", clips=len(files), clip_shape="9x64x64",
@@ -181,29 +193,42 @@ def main_bench(argv=None) -> int:
         print(f"tokenize batch {batch} workers {workers}: {len(files) / seconds:.2f} clips/s "
               f"({loop / seconds:.2f}x the loop)", flush=True)
 
+
+def memory(args, footage, base, rows, out) -> None:
     for entries in (int(e) for e in args.memory_entries.split(",")):
         source = manifest(args.work, footage, entries)
         cmd = [sys.executable, "-m", "pyratok.cli", "tokenize", source, "-o", out(f"mem{entries}"), "--frames", "5",
                "--stride", "5", "--size", "32x32", "--batch-size", "16", "--workers", "2", "-q"]
-        seconds, peak = peak_of(cmd)
+        seconds, peak, median = peak_of(cmd)
         rows.append(dict(base, experiment="memory", provider="tokenize", clips=10 * entries, clip_shape="5x32x32",
                          batch_size=16, workers=2, seconds=round(seconds, 2),
-                         clips_per_s=round(10 * entries / seconds, 2), peak_pss_mb=round(peak, 1)))
-        print(f"memory: {10 * entries} clips, peak {peak:.1f} MB (process + workers), {seconds:.1f} s", flush=True)
+                         clips_per_s=round(10 * entries / seconds, 2), peak_pss_mb=round(peak, 1),
+                         median_pss_mb=round(median, 1)))
+        print(f"memory: {10 * entries} clips, peak {peak:.1f} MB, median {median:.1f} MB PSS (process + workers), "
+              f"{seconds:.1f} s", flush=True)
 
-    new = not os.path.isfile(args.csv)
-    with open(args.csv, "a", newline="") as f:
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    """Appends rows; a file written under an older header is rewritten under the current one."""
+    old = []
+    if os.path.isfile(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old = list(reader)
+            current = reader.fieldnames == FIELDS
+        if current:
+            old = []
+    with open(path, "a" if os.path.isfile(path) and not old else "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
+        if f.tell() == 0:
             writer.writeheader()
-        writer.writerows(rows)
-    print("\n| experiment | command | clips | clip | batch | workers | s | clips/s | vs loop | peak MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+        writer.writerows(old + rows)
+    print("\n| experiment | command | clips | clip | batch | workers | s | clips/s | vs loop | peak MB | median MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['experiment']} | {r['provider']} | {r['clips']} | {r['clip_shape']} | {r['batch_size']} | "
               f"{r['workers']} | {r['seconds']} | {r['clips_per_s']} | {r.get('speedup_vs_loop', '')} | "
-              f"{r.get('peak_pss_mb', '')} |")
-    return 0
+              f"{r.get('peak_pss_mb', '')} | {r.get('median_pss_mb', '')} |")
 
 
 if __name__ == "__main__":
