@@ -23,6 +23,8 @@ decoded or encoded is skipped with its reason; it never stops the run.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import logging
 import math
@@ -189,11 +191,41 @@ class _Plan:
                     yield _Batch(shard, clips, n == len(batches) - 1, skipped if n == 0 else {})
 
 
+@functools.lru_cache(maxsize=None)
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:   # not glibc: nothing to trim
+        return None
+
+
+def _trim_heap() -> None:
+    """Returns freed heap pages to the OS (glibc malloc_trim).  Without it glibc keeps the pages of
+    freed frame and activation buffers and the resident set creeps up by ~40% over the first
+    hundreds of batches before it levels off (benchmarks/bench_tokenize.py measures the peak)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+def _map_large_buffers() -> None:
+    """In a decoding worker: frame buffers of 256 KiB and more are mapped and unmapped one by one
+    (a fixed mmap threshold also stops glibc from raising it after each free), so the worker's
+    resident set stays at the size of one batch's frames."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
+
+
 class _ClipDecoder(torch.utils.data.Dataset):
     """Runs in the DataLoader workers: _Batch -> its clips as one (B, 3, T, H, W) tensor in [-1, 1]."""
 
     def __init__(self):
         self._reader: Optional[tuple[str, object]] = None   # the last video opened, kept per worker
+        self._mapped = False
 
     def _open(self, path: str):
         from pyratok.data.video import open_video
@@ -207,6 +239,9 @@ class _ClipDecoder(torch.utils.data.Dataset):
         from pyratok.data import resize_and_crop
         from pyratok.data.video import read_frames
 
+        if torch.utils.data.get_worker_info() is not None and not self._mapped:
+            _map_large_buffers()
+            self._mapped = True
         by_video: dict[int, list[_Clip]] = {}
         for c in batch.clips:
             by_video.setdefault(c.video, []).append(c)
@@ -452,6 +487,8 @@ def tokenize(source: str, out_dir: str, model, options: ClipOptions = ClipOption
                 if v not in state.skipped:
                     log.warning("skipping %s: %s", path, reason)
                     state.skipped[v] = (path, reason)
+            del out
+            _trim_heap()
             if batch.last:
                 first = batch.shard * videos_per_shard
                 record = _write_shard(out_dir, batch.shard, states.pop(batch.shard), config, fingerprint, first,
