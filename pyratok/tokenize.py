@@ -200,9 +200,10 @@ def _libc():
 
 
 def _trim_heap() -> None:
-    """Returns freed heap pages to the OS (glibc malloc_trim).  Without it glibc keeps the pages of
-    freed frame and activation buffers and the resident set creeps up by ~40% over the first
-    hundreds of batches before it levels off (benchmarks/bench_tokenize.py measures the peak)."""
+    """Returns freed heap pages to the OS (glibc malloc_trim).  Without it (and _map_large_buffers in
+    the workers) glibc keeps the pages of freed frame and activation buffers and the resident set
+    creeps up over the first hundreds of batches (100-145 MB more at the peak in
+    benchmarks/bench_tokenize.py)."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
