@@ -552,6 +552,14 @@ def cmd_info(args) -> int:
 
     if os.path.isdir(args.tokens) or os.path.basename(args.tokens) == "index.json":
         try:
+            if args.quiet:  # the index read and every shard checked against its sha256
+                from pyratok.io.shards import read_index, read_samples
+
+                folder, index = read_index(args.tokens)
+                for shard in index["shards"]:
+                    for _ in read_samples(os.path.join(folder, shard["file"]), shard["sha256"]):
+                        pass
+                return 0
             _print_dataset(args.tokens, args.json)
         except ShardError as err:
             raise UserError(str(err)) from None
@@ -594,6 +602,12 @@ COMMAND_HELP = {
                ["pyratok encode clip.mp4 -o clip.safetensors",
                 "pyratok encode a.mp4 b.mp4 -o tokens/ --frames 17 --size 128x128",
                 "pyratok encode clip.mp4 -o clip.safetensors --model my_model/ --text 'a red car'"]),
+    "tokenize": ("Tokenize a whole dataset (a folder of videos or a JSONL/CSV manifest with path, caption, start, "
+                 "end) into WebDataset tar shards with an index: clips cut, decoded in worker processes, batched, "
+                 "encoded (with their captions when the model has a text encoder); resumable, torchrun-ready.",
+                 ["pyratok tokenize videos/ -o shards/ --frames 17 --size 256x256",
+                  "pyratok tokenize train.jsonl -o shards/ --batch-size 16 --workers 4",
+                  "torchrun --nproc_per_node 8 -m pyratok.cli tokenize train.jsonl -o shards/"]),
     "decode": ("Decode a token file back into a video (H.264 mp4); the model must be the one that made the "
                "tokens (checked through the model id in the file).",
                ["pyratok decode clip.safetensors -o clip.mp4",
@@ -611,9 +625,11 @@ COMMAND_HELP = {
              "PSNR, SSIM, LPIPS when weights are given, bits per pixel and codebook usage per level.",
              ["pyratok eval videos/ -o eval/",
               "pyratok eval manifest.jsonl -o eval/ --frames 17 --size 128x128 --limit 100 --use-captions"]),
-    "info": ("Describe a token file: format, model id, levels and grids, source size, bits per pixel, caption. "
-             "With -q it prints nothing and only checks the file (exit status 0: readable).",
+    "info": ("Describe a token file (format, model id, levels and grids, source size, bits per pixel, caption) "
+             "or a tokenized shard folder (clips, tokens, size, bits per pixel, the model that made it). "
+             "With -q it prints nothing and only checks the input (exit status 0: readable).",
              ["pyratok info clip.safetensors",
+              "pyratok info shards/",
               "pyratok info clip.safetensors --json",
               "pyratok info clip.safetensors -q && echo valid"]),
 }

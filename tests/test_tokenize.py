@@ -364,3 +364,20 @@ def test_clips_are_conditioned_on_their_captions_when_the_model_has_a_text_encod
         other = model.encode(clip, None if caption else "a red car").ids
         assert all(torch.equal(a, b[0].long()) for a, b in zip(s["ids"], want)), s["key"]
         assert not all(torch.equal(a, b[0].long()) for a, b in zip(s["ids"], other))   # the text matters
+
+
+def test_info_quiet_checks_every_shard(tmp_path):
+    """`pyratok info -q DIR` reads the index and verifies each shard: 0 for a good folder, 2 once a
+    shard's bytes change."""
+    from pyratok.cli import main as cli_main
+    from pyratok.data import bundled_clip_path
+
+    out = tmp_path / "shards"
+    assert cli_main(["tokenize", bundled_clip_path("carphone_pristine.mp4"), "-o", str(out), "--frames", "5",
+                     "--size", "32x32", "--workers", "0", "--quiet"]) == 0
+    assert cli_main(["info", str(out), "-q"]) == 0
+    shard = next(p for p in out.iterdir() if p.suffix == ".tar")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert cli_main(["info", str(out), "-q"]) == 2
