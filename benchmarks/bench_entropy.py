@@ -140,17 +140,7 @@ def test_entropy(benchmark, K, N, provider):
             pytest.skip(f"the peer needs ~{need / 2**30:.0f} GB > 16 GB")
         if DEVICE == "cpu" and need > _available_bytes() - 2 * 2**30:
             pytest.skip(f"the peer needs ~{need / 2**30:.0f} GB, more than is free on this machine")
-        step = _peer_step(x)
-        value = {}
-
-        def call():  # minutes per call at the large sizes: one timed call that also gives the peak
-            value["loss"] = float(step())
-            sync()
-
-        benchmark.extra_info.update(info, device=DEVICE)
-        benchmark.pedantic(lambda: benchmark.extra_info.update(peak_bytes=peak_memory_bytes(call)),
-                           rounds=1, warmup_rounds=0, iterations=1)
-        benchmark.extra_info["value"] = value["loss"]
+        _time_peer_once(benchmark, _peer_step(x), info)   # minutes per call at the large sizes
         return
     if provider.endswith("GEMM"):
         step = _gemm_step(K, N, torch.float32 if provider.startswith("fp32") else torch.bfloat16, DEVICE)
@@ -160,6 +150,20 @@ def test_entropy(benchmark, K, N, provider):
     step = _loss_step(x, method, backend)
     run(benchmark, step, rounds=_rounds(flops, DEVICE), flops=flops, bytes=3 * x.numel() * 4, **info)
     benchmark.extra_info["value"] = float(step())
+
+
+def _time_peer_once(benchmark, step, info) -> None:
+    """One timed call of the peer's loss step that also records its peak memory and value."""
+    value = {}
+
+    def call():
+        value["loss"] = float(step())
+        sync()
+
+    benchmark.extra_info.update(info, device=DEVICE)
+    benchmark.pedantic(lambda: benchmark.extra_info.update(peak_bytes=peak_memory_bytes(call)),
+                       rounds=1, warmup_rounds=0, iterations=1)
+    benchmark.extra_info["value"] = value["loss"]
 
 
 # ---- realistic inputs and temperatures ----------------------------------------------------------
@@ -196,17 +200,8 @@ def test_entropy_realistic(benchmark, tau, kind, provider):
     benchmark.group = realistic_group(tau, kind)
     info = dict(op="entropy", provider=provider, shape=f"(N={x.shape[0]}, K={REALISTIC_K})", dtype="float32",
                 layout="(N, K)", peer=PEER, ours=provider != PEER)
-    if provider == PEER:  # GBs and seconds per call: one timed call that also gives the peak
-        step, value = _peer_step(x, tau), {}
-
-        def call():
-            value["loss"] = float(step())
-            sync()
-
-        benchmark.extra_info.update(info, device=DEVICE)
-        benchmark.pedantic(lambda: benchmark.extra_info.update(peak_bytes=peak_memory_bytes(call)),
-                           rounds=1, warmup_rounds=0, iterations=1)
-        benchmark.extra_info["value"] = value["loss"]
+    if provider == PEER:  # GBs and seconds per call
+        _time_peer_once(benchmark, _peer_step(x, tau), info)
         return
     step = _loss_step(x, "exact", None, tau)
     run(benchmark, step, rounds=5, flops=exact_flops(REALISTIC_K, x.shape[0]), **info)
