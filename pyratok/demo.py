@@ -28,14 +28,14 @@ from pyratok.cli import reconstruct_clip, write_reconstruction  # noqa: E402
 from pyratok.data import VideoInfo, bundled_clip_path, read_video, resize_and_crop  # noqa: E402
 from pyratok.io import load_tokens, save_tokens  # noqa: E402
 from pyratok.models.pyratok import PyraTok  # noqa: E402
-from pyratok.pretrained import HELD_OUT, default_model_path  # noqa: E402
+from pyratok.pretrained import default_model_path, held_out_start  # noqa: E402
 from pyratok.utils import atomic_write  # noqa: E402
 
 
 def held_out_clip(path: str, frames: int) -> tuple[torch.Tensor, int, float]:
     """-> ((1, 3, T, H, W) in [-1, 1] from the held-out tail, its first frame index, fps)."""
     info = VideoInfo(path)
-    first = round(info.frames * (1 - HELD_OUT))
+    first = held_out_start(info.frames)
     available = info.frames - first
     if frames < 1 or (frames - 1) % 4:
         raise ValueError(f"--frames {frames}: the tokenizer takes 1 + 4k frames (1, 5, 9, 17, ...)")

@@ -8,6 +8,11 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 HELD_OUT = 0.2   # the last 20% of every training clip is held out (scripts/make_default_data.py)
 
 
+def held_out_start(frames: int) -> int:
+    """Index of the first held-out frame of a clip with ``frames`` frames."""
+    return round(frames * (1 - HELD_OUT))
+
+
 def default_model_path() -> str:
     """Folder of the bundled tiny PyraTok (trained by scripts/train_default.sh)."""
     return os.path.join(ASSETS, "default")

@@ -111,14 +111,9 @@ class StudyConfig:
 
 # -- data ------------------------------------------------------------------------------------------
 
-def _held_out_start(frames: int) -> int:
-    from pyratok.pretrained import HELD_OUT
-
-    return round(frames * (1 - HELD_OUT))
-
-
 def _rescaled(path: str, short_side: int, start: int = 0, count: Optional[int] = None) -> torch.Tensor:
-    """Frames [start, start + count) resized to ``short_side`` -> (T, H, W, 3) uint8."""
+    """Frames [start, start + count) resized to ``short_side`` -> (T, H, W, 3) uint8: the training
+    clips are kept in memory at the training scale, so a batch only crops."""
     from pyratok.data import read_video
 
     video = read_video(path, count, start=start).permute(0, 3, 1, 2).float()
@@ -135,11 +130,12 @@ class TrainData:
 
     def __init__(self, quick: bool = False):
         from pyratok.data import VideoInfo, bundled_clip_path
+        from pyratok.pretrained import held_out_start
 
         self.real = []
         for name in REAL_CLIPS[:1] if quick else REAL_CLIPS:
             path = bundled_clip_path(name)
-            cut = _held_out_start(VideoInfo(path).frames)
+            cut = held_out_start(VideoInfo(path).frames)
             self.real.append(_rescaled(path, 144, 0, cut))            # the training part only
 
     def batch(self, seed: int, step: int, pairs: int) -> tuple[torch.Tensor, list[str]]:
@@ -164,15 +160,16 @@ def held_out_sets(quick: bool = False) -> dict[str, list[tuple[str, torch.Tensor
     """{"real": [(name, (1, 3, T, H, W), None)], "photos": [...], "captioned": [(name, clip, caption)]}."""
     import skimage.data
 
-    from pyratok.data import VideoInfo, bundled_clip_path, resize_and_crop
+    from pyratok.data import VideoInfo, bundled_clip_path, read_video, resize_and_crop
     from pyratok.data.synthetic import moving_shapes, photo_pan_zoom
+    from pyratok.pretrained import held_out_start
 
     frames, (h, w), size = (5, (64, 64), 64) if quick else (17, (144, 176), 128)
     real = []
     for name in REAL_CLIPS[:1] if quick else REAL_CLIPS:
         path = bundled_clip_path(name)
-        start = _held_out_start(VideoInfo(path).frames)
-        clip = resize_and_crop(_rescaled(path, 144, start, frames), h, w, None)[None]
+        video = read_video(path, frames, start=held_out_start(VideoInfo(path).frames))
+        clip = resize_and_crop(video, h, w, None, short_side=144)[None]
         real.append((name.removesuffix(".mp4"), clip, None))
     photos = [(f"{p}-{mode}", photo_pan_zoom(torch.from_numpy(getattr(skimage.data, p)()), frames, size, size,
                                             mode)[None], None)
@@ -194,7 +191,7 @@ def _backbone_state(path: Optional[str]) -> tuple[PyraTokConfig, dict[str, torch
 
 def build_arm(arm: Arm, base: PyraTokConfig, backbone: dict, text_encoder, seed: int) -> PyraTok:
     lapq = dataclasses.replace(base.lapq, num_bits=arm.num_bits, levels=arm.levels, level_scales=arm.level_scales,
-                               text_conditioning=arm.text, feature_dims=())
+                               text_conditioning=arm.text)
     loss = LossConfig(hierarchy=0.1 if arm.hierarchy else 0.0)
     if arm.baseline:
         loss = dataclasses.replace(loss, hierarchy=0.0, text_token=0.0, text_code=0.0, ar=0.0, drift=0.0)

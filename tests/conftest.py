@@ -48,3 +48,14 @@ def lpips_weights_file(path) -> str:
         state[f"lin{s}.model.1.weight"] = torch.rand(1, c, 1, 1)
     torch.save(state, path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny PyraTok (random weights, no text encoder): a model folder for CLI tests."""
+    from pyratok.models.pyratok import PyraTok, PyraTokConfig
+
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    torch.manual_seed(0)
+    PyraTok(PyraTokConfig.tiny(text_encoder=None)).save_pretrained(str(path))
+    return str(path)

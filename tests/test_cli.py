@@ -15,14 +15,6 @@ from pyratok.models.pyratok import PyraTok, PyraTokConfig
 CLIP = bundled_clip_path("carphone_pristine.mp4")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    torch.manual_seed(0)
-    PyraTok(PyraTokConfig.tiny(text_encoder=None)).save_pretrained(str(path))
-    return str(path)
-
-
 def run(*args):
     return main([str(a) for a in args])
 

@@ -45,14 +45,6 @@ def one_line_error(capsys, *args, match=None):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny"
-    torch.manual_seed(0)
-    PyraTok(PyraTokConfig.tiny(text_encoder=None)).save_pretrained(str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def small_clips(tmp_path_factory):
     """Real 9-frame clips: 32x32, 48x48 (a size decord cannot copy out) and 8x8."""
     folder = tmp_path_factory.mktemp("small")
@@ -257,11 +249,9 @@ def test_wan_vae_config_dimensions_are_bounded(field, value):
 # -- command line options ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device,match", [("cuda:7", "--device cuda:7"), ("banana", "not a torch device"),
+@pytest.mark.parametrize("device,match", [("cuda:99", "--device cuda:99"), ("banana", "not a torch device"),
                                           ("meta", "expected cpu")])
 def test_a_device_that_does_not_exist(model_dir, tmp_path, capsys, device, match):
-    if device.startswith("cuda") and torch.cuda.device_count() > 7:
-        pytest.skip("this machine has 8 GPUs")
     one_line_error(capsys, "reconstruct", CLIP, "-o", tmp_path / "out", "--model", model_dir, "--device", device,
                    match=match)
 

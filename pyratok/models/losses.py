@@ -131,6 +131,9 @@ def codebook_terms(lapq_out, cfg: LossConfig, process_group=None,
     def add(name, value):
         terms[name] = value if terms[name] is None else terms[name] + value
 
+    # the clips the text terms use: all of them (no copy) unless some have no caption
+    local = has_text is None or bool(has_text.any())
+    rows = slice(None) if has_text is None or bool(has_text.all()) else has_text
     for l, (z, c) in enumerate(zip(lapq_out.logits, lapq_out.codes)):
         logits = _bit_logits(z, cfg.inv_temperature)
         if cfg.commitment:
@@ -142,12 +145,10 @@ def codebook_terms(lapq_out, cfg: LossConfig, process_group=None,
         if cfg.hierarchy and l > 0:
             coarse = _bit_logits(lapq_out.logits[l - 1], cfg.inv_temperature).detach()
             up = F.interpolate(coarse, size=z.shape[2:], mode="nearest")
-            add("hierarchy", ops.bernoulli_kl(up.contiguous(), logits))
+            add("hierarchy", ops.bernoulli_kl(up, logits))
         text_logits = None if lapq_out.text_logits is None else lapq_out.text_logits[l]
         if text_logits is None:
             continue
-        rows = torch.ones(z.shape[0], dtype=torch.bool, device=z.device) if has_text is None else has_text
-        local = bool(rows.any())
         if cfg.text_token and local:                         # per position, then the mean
             p_rows = logits[rows]
             add("text_token", ops.bernoulli_kl(text_logits[rows].float().expand_as(p_rows).contiguous(), p_rows))
