@@ -19,7 +19,11 @@ def test_arms_are_matched_to_the_same_bit_budget():
         assert abs(b - 4080) / 4080 < 0.06, (name, b)
     assert {a.name for a in ARMS} >= {"pyratok", "lfq", "residual-lfq", "no-taps", "no-text", "no-hierarchy",
                                       "no-ar-drift"}
-    assert {(a.num_bits, a.levels) for a in SWEEP} == {(k, l) for k in (8, 16, 24, 32) for l in (1, 2, 4)}
+    # the sweep's K=16, L=4 point is the pyratok arm itself (same config and seed 0)
+    assert {(a.num_bits, a.levels) for a in SWEEP} == {(k, l) for k in (8, 16, 32) for l in (1, 2, 4)} - {(16, 4)}
+    pyratok = next(a for a in ARMS if a.name == "pyratok")
+    assert (pyratok.num_bits, pyratok.levels, pyratok.stages, pyratok.text) == (16, 4, (1, 2, 3), True)
+    assert all(a.stages == pyratok.stages and a.text and a.lateral and a.hierarchy for a in SWEEP)
     cfg = StudyConfig(out="x", seeds=(0, 1, 2), sweep=True)
     assert len(planned_runs(cfg)) == 3 * len(ARMS) + len(SWEEP)
     with pytest.raises(ValueError, match="arms: unknown"):
@@ -51,3 +55,21 @@ def test_differences_beyond_the_seed_spread():
     a = {"real_psnr": (20.0, 0.2)}
     assert beyond_spread(a, {"real_psnr": (20.5, 0.2)}, "real_psnr")
     assert not beyond_spread(a, {"real_psnr": (20.3, 0.2)}, "real_psnr")
+
+
+def _fake_run(arm: str, seed: int, bits: int, levels: int, psnr: float) -> dict:
+    part = {"psnr": psnr, "ssim": 0.5, "bits_per_pixel": 0.01 * bits * levels, "usage": [0.1] * levels,
+            "perplexity": [10.0] * levels}
+    return {"arm": arm, "seed": seed, "note": "", "num_bits": bits, "levels": levels, "steps": 1,
+            "bits_on_training_grid": 4080, "train_seconds": 60.0,
+            "eval": {"real": part, "photos": part, "captioned": part}}
+
+
+def test_report_sweep_takes_the_pyratok_arm_as_its_K16_L4_point(tmp_path):
+    results = [_fake_run("pyratok", s, 16, 4, 20.0 + s) for s in range(3)]
+    results += [_fake_run(f"sweep-K{k}-L{l}", 0, k, l, 10.0 + k / 8 + l) for k in (8, 32) for l in (1, 4)]
+    md = open(write_report(results, str(tmp_path))["md"]).read()
+    sweep = md.split("Rate-distortion sweep")[1].splitlines()
+    rows = [line for line in sweep if line.startswith("| ") and line[2].isdigit()]
+    assert [tuple(int(x) for x in r.split("|")[1:3]) for r in rows] == [(8, 1), (8, 4), (16, 4), (32, 1), (32, 4)]
+    assert "| 16 | 4 | 0.6400 | 20.00 |" in md                   # seed 0 of pyratok, not the seed mean (21.0)

@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=None,
                    help="where reproduce.md/.csv/.png go (default: benchmarks/results; --quick: the runs folder)")
     p.add_argument("--backbone", default=None, help="a PyraTok model folder whose VAE is the frozen backbone")
-    p.add_argument("--steps", type=int, default=400, help="training steps per run")
+    p.add_argument("--steps", type=int, default=300, help="training steps per run")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm")
     p.add_argument("--arms", nargs="*", default=[a.name for a in ARMS],
                    help=f"arms to run (default: all); known: {' '.join(a.name for a in ARMS + SWEEP)}")
