@@ -100,6 +100,7 @@ class StudyConfig:
     arms: tuple[str, ...] = field(default_factory=lambda: tuple(a.name for a in ARMS))
     sweep: bool = True
     quick: bool = False                     # a few steps on small eval clips: checks the plumbing only
+    lpips: Optional[str] = None             # an LPIPS (VGG) weights file: LPIPS is added to the evaluation
 
     def __post_init__(self):
         if self.steps < 1:
@@ -255,8 +256,9 @@ def train_arm(arm: Arm, cfg: StudyConfig, seed: int, data: TrainData, base, back
 
 
 @torch.no_grad()
-def evaluate(model: PyraTok, arm: Arm, sets: dict) -> dict:
-    """Per-set PSNR / SSIM / bits per pixel / per-level usage and perplexity; text alignment on
+def evaluate(model: PyraTok, arm: Arm, sets: dict, lpips=None) -> dict:
+    """Per-set PSNR / SSIM / LPIPS (when ``lpips``, a pyratok.lpips.LPIPS, is given) / bits per
+    pixel / per-level usage and perplexity; text alignment on
     the captioned set (arms with text): how much better the text head predicts a clip's finest-
     level bits from its own caption than from another colour's (KL margin, nats)."""
     out = {}
@@ -271,6 +273,8 @@ def evaluate(model: PyraTok, arm: Arm, sets: dict) -> dict:
                          "bits_per_pixel": tokens.bits_per_pixel(),
                          "usage": [float(u.fraction_used) for u in usage],
                          "perplexity": [float(u.perplexity) for u in usage]})
+            if lpips is not None:
+                rows[-1]["lpips"] = float(lpips(recon.clamp(-1, 1), clip))
         out[name] = {"psnr": statistics.fmean(r["psnr"] for r in rows),
                      "ssim": statistics.fmean(r["ssim"] for r in rows),
                      "bits_per_pixel": statistics.fmean(r["bits_per_pixel"] for r in rows),
@@ -278,6 +282,8 @@ def evaluate(model: PyraTok, arm: Arm, sets: dict) -> dict:
                      "perplexity": [statistics.fmean(r["perplexity"][l] for r in rows)
                                     for l in range(len(rows[0]["perplexity"]))],
                      "clips": rows}
+        if lpips is not None:
+            out[name]["lpips"] = statistics.fmean(r["lpips"] for r in rows)
     if arm.text:
         clips = torch.cat([c for _, c, _ in sets["captioned"]])
         captions = [c for _, _, c in sets["captioned"]]
@@ -320,6 +326,11 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> list[dict]:
             from pyratok.models.text import default_text_encoder
 
             text_encoder = default_text_encoder()
+        lpips = None
+        if cfg.lpips:
+            from pyratok.lpips import LPIPS
+
+            lpips = LPIPS.from_file(cfg.lpips)
         bar = tqdm(total=len(todo) * cfg.steps, desc="reproduce", disable=not progress, dynamic_ncols=True)
         for arm, seed in todo:
             bar.set_postfix(arm=arm.name, seed=seed)
@@ -327,7 +338,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> list[dict]:
             result = {"arm": arm.name, "seed": seed, "note": arm.note, "num_bits": arm.num_bits,
                       "levels": arm.levels, "bits_on_training_grid": arm.bits_on_training_grid(),
                       "steps": cfg.steps, "lr": cfg.lr, "batch": 2 * cfg.batch_pairs,
-                      "eval": evaluate(model, arm, sets), **log}
+                      "eval": evaluate(model, arm, sets, lpips), **log}
             with atomic_write(run_file(cfg, arm, seed), "w") as f:
                 json.dump(result, f, indent=1)
         bar.close()
@@ -357,6 +368,8 @@ def summarise(results: list[dict]) -> list[dict]:
                                   for l in range(levels)]
         if "text_margin" in runs[0]["eval"]:
             row["text_margin"] = _mean_std([r["eval"]["text_margin"] for r in runs])
+        if all("lpips" in r["eval"]["real"] for r in runs):     # runs evaluated with an LPIPS file
+            row["real_lpips"] = _mean_std([r["eval"]["real"]["lpips"] for r in runs])
         rows.append(row)
     return rows
 
@@ -387,7 +400,7 @@ def write_report(results: list[dict], out_dir: str, command: str = "") -> dict[s
     buf = io.StringIO()
     fields = ["arm", "seed", "num_bits", "levels", "bits_on_training_grid", "steps", "train_seconds"] + [
         f"{p}_{m}" for p in ("real", "photos", "captioned") for m in ("psnr", "ssim", "bits_per_pixel")] + [
-        "text_margin", "real_usage", "real_perplexity"]
+        "real_lpips", "text_margin", "real_usage", "real_perplexity"]
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     for r in results:
@@ -396,6 +409,7 @@ def write_report(results: list[dict], out_dir: str, command: str = "") -> dict[s
                          "train_seconds": round(r["train_seconds"], 1),
                          **{f"{p}_{m}": round(r["eval"][p][m], 5) for p in ("real", "photos", "captioned")
                             for m in ("psnr", "ssim", "bits_per_pixel")},
+                         "real_lpips": round(r["eval"]["real"].get("lpips", float("nan")), 4),
                          "text_margin": round(r["eval"].get("text_margin", float("nan")), 4),
                          "real_usage": " ".join(f"{u:.5f}" for u in r["eval"]["real"]["usage"]),
                          "real_perplexity": " ".join(f"{u:.1f}" for u in r["eval"]["real"]["perplexity"])})
@@ -411,12 +425,15 @@ def write_report(results: list[dict], out_dir: str, command: str = "") -> dict[s
               "17 frames 128x128; captioned: the synthetic set's held-out range).  bits/px on the real set.  "
               "text margin: KL(own clip's bits || another colour's caption's prediction) - "
               "KL(... || its own caption's), nats, finest level.", "",
-              "| arm | K x L | bits (9x64x64) | bits/px | real PSNR | real SSIM | photos PSNR | captioned PSNR "
-              "| text margin | usage per level (real) | minutes/run |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| arm | K x L | bits (9x64x64) | bits/px | real PSNR | real SSIM |"
+              + (" real LPIPS |" if any("real_lpips" in r for r in main) else "")
+              + " photos PSNR | captioned PSNR | text margin | usage per level (real) | minutes/run |"]
+    lines.append("|---" * (lines[-1].count("|") - 1) + "|")
     for r in main:
+        lpips = (f" {_pm(r['real_lpips'], 3) if 'real_lpips' in r else '-'} |"
+                 if any("real_lpips" in x for x in main) else "")
         lines.append(f"| {r['arm']} | {r['num_bits']} x {r['levels']} | {r['bits']} | {r['real_bits_per_pixel'][0]:.4f} "
-                     f"| {_pm(r['real_psnr'])} | {_pm(r['real_ssim'], 3)} | {_pm(r['photos_psnr'])} "
+                     f"| {_pm(r['real_psnr'])} | {_pm(r['real_ssim'], 3)} |{lpips} {_pm(r['photos_psnr'])} "
                      f"| {_pm(r['captioned_psnr'])} | {_pm(r['text_margin']) if 'text_margin' in r else '-'} "
                      f"| {' / '.join(f'{u:.4f}' for u in r['real_usage'])} | {r['train_minutes']:.1f} |")
     ref = next((r for r in main if r["arm"] == "pyratok"), None)

@@ -73,3 +73,20 @@ def test_report_sweep_takes_the_pyratok_arm_as_its_K16_L4_point(tmp_path):
     rows = [line for line in sweep if line.startswith("| ") and line[2].isdigit()]
     assert [tuple(int(x) for x in r.split("|")[1:3]) for r in rows] == [(8, 1), (8, 4), (16, 4), (32, 1), (32, 4)]
     assert "| 16 | 4 | 0.6400 | 20.00 |" in md                   # seed 0 of pyratok, not the seed mean (21.0)
+
+
+def test_lpips_joins_the_evaluation_when_a_weights_file_is_given(tmp_path):
+    from conftest import lpips_weights_file
+
+    weights = lpips_weights_file(tmp_path / "lpips_vgg.pth")
+    cfg = StudyConfig(out=str(tmp_path / "runs"), steps=1, seeds=(0,), arms=("lfq",), sweep=False, quick=True,
+                      lpips=weights)
+    (result,) = run_study(cfg, progress=False)
+    for part in ("real", "photos", "captioned"):
+        assert result["eval"][part]["lpips"] > 0
+        assert all(c["lpips"] > 0 for c in result["eval"][part]["clips"])
+    md = open(write_report([result], str(tmp_path / "report"))["md"]).read()
+    header = next(line for line in md.splitlines() if line.startswith("| arm |"))
+    row = next(line for line in md.splitlines() if line.startswith("| lfq |"))
+    assert "real LPIPS" in header and header.count("|") == row.count("|")
+    assert f"{result['eval']['real']['lpips']:.3f} ± 0.000" in row

@@ -27,15 +27,16 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm")
     p.add_argument("--arms", nargs="*", default=[a.name for a in ARMS],
                    help=f"arms to run (default: all); known: {' '.join(a.name for a in ARMS + SWEEP)}")
+    p.add_argument("--lpips", default=None, help="an LPIPS (VGG) weights file: adds LPIPS to the evaluation")
     p.add_argument("--no-sweep", action="store_true", help="skip the K x L rate-distortion sweep")
     p.add_argument("--quick", action="store_true", help="3 steps, 1 seed, small eval clips: checks the plumbing")
     args = p.parse_args(argv)
     if args.quick:
         cfg = StudyConfig(out=args.out, backbone=args.backbone, steps=3, seeds=(0,), arms=tuple(args.arms),
-                          sweep=False, quick=True)
+                          sweep=False, quick=True, lpips=args.lpips)
     else:
         cfg = StudyConfig(out=args.out, backbone=args.backbone, steps=args.steps, seeds=tuple(range(args.seeds)),
-                          arms=tuple(args.arms), sweep=not args.no_sweep)
+                          arms=tuple(args.arms), sweep=not args.no_sweep, lpips=args.lpips)
     results = run_study(cfg)
     out = args.results or (args.out if args.quick else os.path.join(ROOT, "benchmarks", "results"))
     command = "python benchmarks/reproduce/run.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
