@@ -31,7 +31,7 @@
 // ahead, filled with cp.async where it can: a tile is cut into 16-byte spans (8 elements along
 // the tile mapping's fast axis, which is also the axis the stage is contiguous along), and a
 // span whose elements are contiguous in global memory, 16-byte aligned and wholly in bounds
-// (16 channels of a channels-last tap, 8 output channels of the packed weights, 8 columns of a
+// (8 channels of a channels-last tap, 8 output channels of the packed weights, 8 columns of a
 // channels-first row with stride 1) is one `cp.async.ca ... 16`; a span wholly in the padding
 // or past the tile's end is a zero-filling cp.async (src-size 0).  Spans that straddle the
 // padding, a tap or a row, misaligned pointers or strides, and partial spans at a tile's
@@ -583,6 +583,8 @@ HD void fetch_tiles(const Problem& pb, const typename Problem::Row* rows, const 
 // (bit q: a_next[q], bit kSlots + q: b_next[q]), the ones to stash.  Spans that are only
 // partly inside the tile (last reduction step, last rows/columns) take the element path.
 // (m0, n0): the tile's first row and column; M, N: rows and columns of the problem.
+// (the host emulation's sink is a host lambda: no execution-space check for Sink)
+#pragma nv_exec_check_disable
 template <typename F, typename Problem, typename Sink>
 HD unsigned fetch_tiles_async(const Problem& pb, int tid, int64_t m0, int64_t n0, int64_t M, int64_t N,
                               const typename Problem::Row* rows, const typename Problem::Col* cols,
