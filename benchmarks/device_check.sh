@@ -16,8 +16,10 @@
 #   benchmarks/gpu_check.py: empty reductions, device guard (2+ GPUs), the > 2^31-position
 #     overflow probe, fp32 error with TF32 on and off, weight-gradient and entropy-sum
 #     determinism (and torch.use_deterministic_algorithms), the CUDA backward's grad_y
-#     check, what `auto` runs per op, custom kernels vs the PyTorch path (speed);
-#   compute-sanitizer memcheck and racecheck over one small launch of every kernel;
+#     check, what `auto` runs per op, custom kernels vs the PyTorch path (speed), the CUDA
+#     conv's cp.async staging (fp16/bf16, both layouts, 16-byte aligned vs 2 bytes off);
+#   compute-sanitizer memcheck and racecheck over one small launch of every kernel (the
+#     cp.async path included: aligned and misaligned fp16/bf16 launches);
 #   Nsight Compute's instruction mix of the convolution kernels (integer share), if time allows.
 set -euo pipefail
 cd "$(dirname "$0")/.."

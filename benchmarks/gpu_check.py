@@ -22,6 +22,11 @@ Checks (issue 21 item in brackets):
                       the measurement that may move an op's CUDA_AUTO entry
   kernels        [8]  channels-last binary_quantize, the shared-memory histogram, the split Triton
                       entropy backward: equal to the reference
+  cpasync        [7]  the CUDA conv's cp.async staging (fp16/bf16, sm_80+): both layouts, 16-byte
+                      aligned tensors (spans copied) and the same tensors 2 bytes off (element path),
+                      spatial/causal padding, stride 2, a cache, C = 3: forward and both gradients
+                      equal the fp64 reference within the format's rounding, and the aligned and
+                      misaligned runs bit-identical (the same tiles reach the same MMAs)
 """
 
 from __future__ import annotations
@@ -289,6 +294,74 @@ def check_kernels():
     record("kernels", ok, **figures)
 
 
+def shifted(t, shift):
+    """t's values and strides in a fresh buffer whose first element sits `shift` elements past
+    the allocation (2 bytes off a 16-byte boundary for shift 1 in fp16/bf16)."""
+    flat = torch.empty(t.numel() + shift, dtype=t.dtype, device=t.device)
+    out = flat[shift:].as_strided(t.shape, t.stride())
+    out.copy_(t)
+    return out
+
+
+def cpasync_cases():
+    # (B, C, O, T, H, W, kernel, stride, padding, cache frames): 8-channel spans and 8-column rows
+    # that copy, spans wholly in the padding (zero fill), spans that straddle it, C = 3
+    return [
+        (2, 32, 48, 5, 12, 16, (3, 3, 3), 1, 1, 0),
+        (1, 16, 16, 4, 8, 32, (3, 1, 1), 1, 0, 0),
+        (1, 24, 40, 4, 10, 24, (3, 3, 3), 2, 1, 0),
+        (1, 16, 24, 3, 6, 16, (3, 3, 3), 1, 1, 2),
+        (2, 3, 16, 5, 9, 16, (3, 3, 3), 1, 1, 0),
+    ]
+
+
+def check_cpasync():
+    if "cuda" not in custom_backends():
+        return record("cpasync", None, reason="no cuda backend")
+    if torch.cuda.get_device_capability() < (8, 0):
+        return record("cpasync", None, reason="cp.async needs sm_80+ (the register-staged path runs instead)")
+    torch.manual_seed(0)
+    ok, figures = True, {}
+    for dtype in (torch.float16, torch.bfloat16):
+        tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+        for fmt in (torch.contiguous_format, torch.channels_last_3d):
+            worst, same = 0.0, True
+            for B, C, O, T, H, W, k, st, pad, past in cpasync_cases():
+                x0 = torch.randn(B, C, T, H, W, device="cuda").to(dtype).contiguous(memory_format=fmt)
+                w = (torch.randn(O, C, *k, device="cuda") / (C * k[0] * k[1] * k[2]) ** 0.5).to(dtype)
+                b = torch.randn(O, device="cuda").to(dtype)
+                cache0 = None if past == 0 else torch.randn(B, C, past, H, W, device="cuda").to(dtype).contiguous(
+                    memory_format=fmt)
+                kw = dict(stride=st, padding=pad, cache=cache0)
+                if past and (k[0] - 1) + 1 - st != past:
+                    continue
+                xr, wr, br = (t.double().detach().requires_grad_() for t in (x0, w, b))
+                yr, _ = ops.causal_conv3d(xr, wr, br, backend="reference", stride=st, padding=pad,
+                                          cache=None if cache0 is None else cache0.double())
+                gy0 = torch.randn(yr.shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
+                yr.backward(gy0.double())
+                want = {"y": yr.detach(), "gx": xr.grad, "gw": wr.grad}
+                runs = []
+                for shift in (0, 1):
+                    x, gy = shifted(x0, shift), shifted(gy0, shift)
+                    cache = None if cache0 is None else shifted(cache0, shift)
+                    assert (x.data_ptr() % 16 == 0) == (shift == 0)
+                    xx, ww = x.detach().requires_grad_(), w.detach().requires_grad_()
+                    y, _ = ops.causal_conv3d(xx, ww, b, backend="cuda", **{**kw, "cache": cache})
+                    y.backward(gy)
+                    got = {"y": y.detach(), "gx": xx.grad, "gw": ww.grad}
+                    for name, ref in want.items():
+                        rel = ((got[name].double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+                        worst = max(worst, rel)
+                    runs.append(got)
+                same &= all(torch.equal(runs[0][n], runs[1][n]) for n in ("y", "gx", "gw"))
+            tag = f"{str(dtype)[6:]}_{'cl' if fmt != torch.contiguous_format else 'cf'}"
+            figures[f"{tag}_max_rel_err"] = f"{worst:.1e}"
+            figures[f"{tag}_aligned_vs_misaligned"] = "bit-identical" if same else "DIFFER"
+            ok &= worst < tol and same
+    record("cpasync", ok, **figures)
+
+
 def small_launches(backends):
     """Every CUDA kernel once at a small size (for compute-sanitizer and Nsight Compute)."""
     for backend in backends:
@@ -301,6 +374,14 @@ def small_launches(backends):
                     w = torch.randn(6, 5, 3, 3, 3, device="cuda", dtype=dtype)
                     conv_grads(backend, x, w, torch.randn(6, device="cuda", dtype=dtype), padding=1,
                                stride=(stride, stride, stride) if stride == 2 else 1)
+            if backend == "cuda" and dtype in (torch.float16, torch.bfloat16):
+                # the cp.async staging: 8-channel / 8-column spans, 16-byte aligned and 2 bytes off
+                for fmt in (torch.contiguous_format, torch.channels_last_3d):
+                    for shift in (0, 1):
+                        x = shifted(torch.randn(1, 16, 4, 6, 16, device="cuda", dtype=dtype).contiguous(
+                            memory_format=fmt), shift)
+                        w = torch.randn(16, 16, 3, 3, 3, device="cuda", dtype=dtype)
+                        conv_grads(backend, x, w, None, padding=1)
             z = torch.randn(300, 12, device="cuda", dtype=dtype, requires_grad=True)
             ops.lfq_entropy_loss(z, backend=backend).loss.backward()
             ops.bernoulli_kl(z.detach(), z.detach().flip(0), backend=backend)
@@ -316,7 +397,7 @@ def small_launches(backends):
 
 CHECKS = {"empty": check_empty, "device_guard": check_device_guard, "overflow": check_overflow,
           "tf32": check_tf32, "determinism": check_determinism, "checks": check_backward_checks,
-          "dispatch": check_dispatch, "kernels": check_kernels, "speed": check_speed}
+          "dispatch": check_dispatch, "kernels": check_kernels, "cpasync": check_cpasync, "speed": check_speed}
 
 
 def main():

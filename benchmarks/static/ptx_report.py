@@ -1,5 +1,6 @@
-"""Static GPU evidence without a GPU: per-kernel registers, stack frame and spills (ptxas -v)
-and integer divisions (div/rem in the PTX), in the whole kernel and inside loops.
+"""Static GPU evidence without a GPU: per-kernel registers, stack frame, spills and static
+shared memory (ptxas -v) and integer divisions (div/rem in the PTX), in the whole kernel and
+inside loops.
 
 usage: python benchmarks/static/ptx_report.py KERNEL.ptx PTXAS_LOG [--filter SUBSTRING]
 
@@ -82,6 +83,8 @@ def ptxas_info(path):
         m = re.search(r"Used (\d+) registers", line)
         if m and name:
             info.setdefault(name, {})["regs"] = int(m.group(1))
+            m = re.search(r"(\d+) bytes smem", line)
+            info[name]["smem"] = int(m.group(1)) if m else 0
     return info
 
 
@@ -99,15 +102,15 @@ def main():
     info = {short(pretty[n]): v for n, v in info.items()}
     names = sorted(set(divs) | set(info))
     pretty = {n: n for n in names}
-    print("| kernel | regs | stack B | spill st/ld B | div+rem 64-bit (in loops) | div+rem 32-bit (in loops) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| kernel | regs | stack B | spill st/ld B | smem B | div+rem 64-bit (in loops) | div+rem 32-bit (in loops) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for n in names:
         if args.filter not in pretty[n]:
             continue
         i = info.get(n, {})
         total, loop = divs.get(n, ({"64": 0, "32": 0}, {"64": 0, "32": 0}))
         print(f"| {n} | {i.get('regs', '?')} | {i.get('stack', '?')} | "
-              f"{i.get('spill_st', '?')}/{i.get('spill_ld', '?')} | {total['64']} ({loop['64']}) | "
+              f"{i.get('spill_st', '?')}/{i.get('spill_ld', '?')} | {i.get('smem', '?')} | {total['64']} ({loop['64']}) | "
               f"{total['32']} ({loop['32']}) |")
 
 

@@ -27,11 +27,18 @@
 // binding as (kt, kh, kw, C, O) (forward) or (kt, kh, kw, O, C) (input gradient), so the
 // B tile is a contiguous row block.
 //
-// Double buffering: two shared stages; the next tile's global loads are issued into
-// registers before the current stage is multiplied, then stored into the other stage
-// (one __syncthreads per K step).  cp.async is not used: the gathered operand is built
-// element by element (2-byte elements, zero fill for padding), below cp.async's 4-byte
-// minimum copy.
+// Pipelining.  fp16/bf16 on sm_80+ (the tensor-core path): three shared stages, two K steps
+// ahead, filled with cp.async where it can: a tile is cut into 16-byte spans (8 elements along
+// the tile mapping's fast axis, which is also the axis the stage is contiguous along), and a
+// span whose elements are contiguous in global memory, 16-byte aligned and wholly in bounds
+// (8 channels of a channels-last tap, 8 output channels of the packed weights, 8 columns of a
+// channels-first row with stride 1) is one `cp.async.ca ... 16`; a span wholly in the padding
+// or past the tile's end is a zero-filling cp.async (src-size 0).  Spans that straddle the
+// padding, a tap or a row, misaligned pointers or strides, and partial spans at a tile's
+// end take the element path: loads into registers before the multiplies, stored into the
+// stage after them.  One commit_group per K step; wait_group<1> + __syncthreads at the top
+// of a step makes that step's stage complete and visible.  fp32/fp64, and fp16/bf16 below
+// sm_80, keep the register-staged double buffer (two stages, element path only).
 //
 // A block computes a 64 x 64 tile with 256 threads; fp16/bf16 tiles are staged in
 // shared memory in their own format and multiplied on tensor cores (WMMA 16x16x16,
@@ -169,6 +176,55 @@ HD typename F::bits padded_input(const CudaConvArgs& a, int b, int c, int p, int
   return load_bits<F>(v.data, v.offset(b, c, src.frame, hi, wi));
 }
 
+// ---- cp.async spans (fp16/bf16 on sm_80+) ----------------------------------------------
+// A span is 8 consecutive 2-byte elements (16 bytes) of an operand tile along the axis it is
+// staged contiguously in shared memory (the tile mapping's fast axis), starting at a tile
+// position that is a multiple of 8.  A span is copied straight into shared memory with one
+// 16-byte cp.async when its 8 elements are contiguous in global memory, in bounds and 16-byte
+// aligned; it is zero-filled (cp.async with src-size 0) when all 8 lie in the padding or past
+// the tile's end; otherwise (straddling a border, a tap or a row, strided, misaligned) the
+// element path gathers it.  Every thread that holds an element of a span computes the same
+// answer from its own context (checks that differ between the 8 threads come first), so the
+// span is written exactly once (tests/cpp/test_causal_conv3d_cuda_host.cu checks it).
+constexpr int kSpan = 8;
+enum class Fill : int { Element = 0, Zero = 1, Copy = 2 };
+struct SpanCopy {
+  const void* src;  // Fill::Copy: the first element, 16-byte aligned
+  Fill fill;
+};
+
+HD SpanCopy span_element() { return {nullptr, Fill::Element}; }
+HD SpanCopy span_zero() { return {nullptr, Fill::Zero}; }
+// elements off .. off+7 of a 2-byte tensor: copied when 16-byte aligned
+HD SpanCopy span_at(const void* base, int64_t off) {
+  const uint16_t* p = static_cast<const uint16_t*>(base) + off;
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0 ? SpanCopy{p, Fill::Copy} : span_element();
+}
+
+// x padded at (b, channels c .. c+7, padded frame p, hi, wi): one position, 8 channels.
+HD SpanCopy input_span_c(const CudaConvArgs& a, int b, int c, int p, int hi, int wi) {
+  const ConvShape& s = a.shape;
+  if (hi < 0 || hi >= s.H || wi < 0 || wi >= s.W) return span_zero();
+  const FrameSource src = padded_frame(s, p);
+  if (src.kind == FrameKind::Zero) return span_zero();
+  const View5& v = src.kind == FrameKind::Cache ? a.cache : a.x;
+  if (v.stride[1] != 1) return span_element();
+  return span_at(v.data, v.offset(b, c, src.frame, hi, wi));
+}
+
+// x padded at (b, c, padded frame p, hi, columns wi .. wi+7): zeros when all 8 columns are in
+// the padding, the element path when they straddle its border.
+HD SpanCopy input_span_w(const CudaConvArgs& a, int b, int c, int p, int hi, int wi) {
+  const ConvShape& s = a.shape;
+  if (hi < 0 || hi >= s.H || wi >= s.W || wi + kSpan <= 0) return span_zero();
+  const FrameSource src = padded_frame(s, p);
+  if (src.kind == FrameKind::Zero) return span_zero();
+  if (wi < 0 || wi + kSpan > s.W) return span_element();
+  const View5& v = src.kind == FrameKind::Cache ? a.cache : a.x;
+  if (v.stride[4] != 1) return span_element();
+  return span_at(v.data, v.offset(b, c, src.frame, hi, wi));
+}
+
 struct OutRow {
   int64_t off;  // element offset of column 0
   int dst;      // -1: no output (row past the end), else which output tensor
@@ -213,6 +269,25 @@ struct ForwardProblem {
   template <typename F>
   HD typename F::bits load_b(const RedB& k, const Col& n) const {
     return n < 0 ? 0 : load_bits<F>(a.packed_weight, k * a.shape.O + n);
+  }
+  // cp.async spans (element s of the span): channels-last, 8 channels of one tap; channels-first
+  // (stride 1), 8 output columns of one output row, i.e. 8 input columns of one tap.
+  HD SpanCopy span_a(const Row& r, const RedA& w, int s) const {
+    const ConvShape& sh = a.shape;
+    if (!r.valid) return span_zero();
+    const int p = r.t0 + w.it * int(sh.dt), hi = r.h0 + w.ih * int(sh.dh);
+    if constexpr (CL) {
+      const int c0 = w.ch - s;
+      if (c0 < 0 || c0 + kSpan > sh.C) return span_element();  // straddles two taps
+      return input_span_c(a, r.b, c0, p, hi, r.w0 + w.iw * int(sh.dw));
+    } else {
+      const int w0 = r.w0 - s;  // input column of the span's first position at tap iw = 0
+      if (sh.sw != 1 || w0 + int(sh.pw) < 0 || w0 + int(sh.pw) + kSpan > sh.Wo) return span_element();
+      return input_span_w(a, r.b, w.ch, p, hi, w0 + w.iw * int(sh.dw));
+    }
+  }
+  HD SpanCopy span_b(const RedB& k, const Col& n, int s) const {
+    return n < 0 ? span_zero() : span_at(a.packed_weight, k * a.shape.O + n - s);
   }
   HD OutRow out_row(int64_t m, bool valid, int64_t split) const {
     if (!valid) return {0, -1};
@@ -342,6 +417,35 @@ struct InputGradProblem {
   HD typename F::bits load_b(const RedB& k, const Col& n) const {
     return n < 0 ? 0 : load_bits<F>(a.packed_weight, k * a.shape.C + n);
   }
+  // cp.async spans: channels-last, 8 output channels of one tap at one output position;
+  // channels-first (stride 1 along w), 8 input columns of one row, i.e. 8 output columns.
+  HD SpanCopy span_a(const Row& r, const RedA& w, int s) const {
+    const ConvShape& sh = a.shape;
+    const View5& g = a.grad_y;
+    if (!r.valid) return span_zero();
+    if constexpr (CL) {
+      const int o0 = w.w.ch - s;
+      if (o0 < 0 || o0 + kSpan > sh.O) return span_element();  // straddles two taps
+      const int to = output_index(r.t, w.q[0], w.r[0], sh.To);
+      const int ho = output_index(r.h, w.q[1], w.r[1], sh.Ho);
+      const int wo = output_index(r.w, w.q[2], w.r[2], sh.Wo);
+      if (to < 0 || ho < 0 || wo < 0) return span_zero();
+      if (g.stride[1] != 1) return span_element();
+      return span_at(g.data, g.offset(r.b, o0, to, ho, wo));
+    } else {
+      const int x0 = r.w.q - s;  // (input column + pw) of the span's first position (stride 1)
+      if (sh.sw != 1 || x0 - int(sh.pw) < 0 || x0 - int(sh.pw) + kSpan > sh.W) return span_element();
+      const int to = output_index(r.t, w.q[0], w.r[0], sh.To);
+      const int ho = output_index(r.h, w.q[1], w.r[1], sh.Ho);
+      const int wo0 = x0 - w.q[2];
+      if (to < 0 || ho < 0 || wo0 >= sh.Wo || wo0 + kSpan <= 0) return span_zero();
+      if (wo0 < 0 || wo0 + kSpan > sh.Wo || g.stride[4] != 1) return span_element();
+      return span_at(g.data, g.offset(r.b, w.w.ch, to, ho, wo0));
+    }
+  }
+  HD SpanCopy span_b(const RedB& k, const Col& n, int s) const {
+    return n < 0 ? span_zero() : span_at(a.packed_weight, k * a.shape.C + n - s);
+  }
   HD OutRow out_row(int64_t m, bool valid, int64_t split) const {
     if (!valid) return {0, -1};
     const Position r = unravel(m);
@@ -396,6 +500,35 @@ struct WeightGradProblem {
     return padded_input<F>(a, p.b, c.ch, p.t * int(s.st) + c.toff, p.h * int(s.sh) + c.hoff,
                            p.w * int(s.sw) + c.woff);
   }
+  // cp.async spans.  A (dy): channels-last, 8 output channels at one position; channels-first,
+  // 8 positions of one output row.  B (x): channels-last, 8 channels of one tap at one position;
+  // channels-first (stride 1), 8 positions of one output row, i.e. 8 input columns.
+  HD SpanCopy span_a(const Row& o, const RedA& p, int s) const {
+    const View5& g = a.grad_y;
+    if (o < 0) return span_zero();
+    if constexpr (CL) {
+      if (g.stride[1] != 1) return span_element();
+      return span_at(g.data, g.offset(p.b, 0, p.t, p.h, p.w) + o - s);
+    } else {
+      const int w0 = p.w - s;
+      if (w0 < 0 || w0 + kSpan > a.shape.Wo || g.stride[4] != 1) return span_element();
+      return span_at(g.data, g.offset(p.b, 0, p.t, p.h, w0) + o);
+    }
+  }
+  HD SpanCopy span_b(const RedB& p, const Col& c, int s) const {
+    const ConvShape& sh = a.shape;
+    if (!c.valid) return span_zero();
+    const int frame = p.t * int(sh.st) + c.toff, hi = p.h * int(sh.sh) + c.hoff;
+    if constexpr (CL) {
+      const int c0 = c.ch - s;
+      if (c0 < 0 || c0 + kSpan > sh.C) return span_element();  // straddles two taps
+      return input_span_c(a, p.b, c0, frame, hi, p.w * int(sh.sw) + c.woff);
+    } else {
+      const int w0 = p.w - s;
+      if (sh.sw != 1 || w0 < 0 || w0 + kSpan > sh.Wo) return span_element();
+      return input_span_w(a, p.b, c.ch, frame, hi, w0 + c.woff);
+    }
+  }
   HD OutRow out_row(int64_t o, bool valid, int64_t split) const {
     if (!valid) return {0, -1};
     return {(split * a.shape.O + o) * cols(), 0};
@@ -443,6 +576,101 @@ HD void fetch_tiles(const Problem& pb, const typename Problem::Row* rows, const 
   pb.step_b(walk_b, BK);
 }
 
+// The cp.async variant of fetch_tiles: every span that fetch_tiles would gather (see SpanCopy)
+// is either handed to sink(is_b, fixed, red, SpanCopy) by the thread that holds its first
+// element (fixed/red: that element's tile position; the span runs along the fast axis), or,
+// on the element path, loaded into a_next/b_next as before.  Returns the element-path slots
+// (bit q: a_next[q], bit kSlots + q: b_next[q]), the ones to stash.  Spans that are only
+// partly inside the tile (last reduction step, last rows/columns) take the element path.
+// (m0, n0): the tile's first row and column; M, N: rows and columns of the problem.
+// (the host emulation's sink is a host lambda: no execution-space check for Sink)
+#pragma nv_exec_check_disable
+template <typename F, typename Problem, typename Sink>
+HD unsigned fetch_tiles_async(const Problem& pb, int tid, int64_t m0, int64_t n0, int64_t M, int64_t N,
+                              const typename Problem::Row* rows, const typename Problem::Col* cols,
+                              typename Problem::RedA& walk_a, typename Problem::RedB& walk_b, int64_t k_end,
+                              typename F::bits* a_next, typename F::bits* b_next, Sink& sink) {
+  static_assert(sizeof(typename F::bits) == 2, "cp.async spans are 8 two-byte elements");
+  using Bits = typename F::bits;
+  using MapA = TileMap<Problem::kARedFast>;
+  using MapB = TileMap<Problem::kBRedFast>;
+  unsigned element = 0;
+  if constexpr (Problem::kARedFast) {  // spans along the reduction: rows[q] shared by the span
+    const int s = MapA::red(tid) % kSpan;
+    const int64_t k = Problem::index(walk_a), len = k_end - (k - s);
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) {
+      const SpanCopy c = len <= 0 ? span_zero() : len < kSpan ? span_element() : pb.span_a(rows[q], walk_a, s);
+      if (c.fill == Fill::Element) {
+        a_next[q] = k < k_end ? pb.template load_a<F>(rows[q], walk_a) : Bits(0);
+        element |= 1u << q;
+      } else if (s == 0) {
+        sink(false, MapA::slot_fixed(tid, q), MapA::slot_red(tid, q), c);
+      }
+    }
+  } else {  // spans along the rows: one reduction index per slot
+    const int f = MapA::fixed(tid, 0), s = f % kSpan;
+    const int64_t len = M - (m0 + f - s);
+    typename Problem::RedA w = walk_a;
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) {
+      const bool in = Problem::index(w) < k_end;
+      const SpanCopy c = !in || len <= 0 ? span_zero() : len < kSpan ? span_element() : pb.span_a(rows[0], w, s);
+      if (c.fill == Fill::Element) {
+        a_next[q] = in ? pb.template load_a<F>(rows[0], w) : Bits(0);
+        element |= 1u << q;
+      } else if (s == 0) {
+        sink(false, MapA::slot_fixed(tid, q), MapA::slot_red(tid, q), c);
+      }
+      if (q + 1 < kSlots) pb.step_a(w, 1);
+    }
+  }
+  if constexpr (Problem::kBRedFast) {  // spans along the reduction: cols[q] shared by the span
+    const int s = MapB::red(tid) % kSpan;
+    const int64_t k = Problem::index(walk_b), len = k_end - (k - s);
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) {
+      const SpanCopy c = len <= 0 ? span_zero() : len < kSpan ? span_element() : pb.span_b(walk_b, cols[q], s);
+      if (c.fill == Fill::Element) {
+        b_next[q] = k < k_end ? pb.template load_b<F>(walk_b, cols[q]) : Bits(0);
+        element |= 1u << (kSlots + q);
+      } else if (s == 0) {
+        sink(true, MapB::slot_fixed(tid, q), MapB::slot_red(tid, q), c);
+      }
+    }
+  } else {  // spans along the columns: one reduction index per slot
+    const int f = MapB::fixed(tid, 0), s = f % kSpan;
+    const int64_t len = N - (n0 + f - s);
+    typename Problem::RedB w = walk_b;
+#pragma unroll
+    for (int q = 0; q < kSlots; ++q) {
+      const bool in = Problem::index(w) < k_end;
+      const SpanCopy c = !in || len <= 0 ? span_zero() : len < kSpan ? span_element() : pb.span_b(w, cols[0], s);
+      if (c.fill == Fill::Element) {
+        b_next[q] = in ? pb.template load_b<F>(w, cols[0]) : Bits(0);
+        element |= 1u << (kSlots + q);
+      } else if (s == 0) {
+        sink(true, MapB::slot_fixed(tid, q), MapB::slot_red(tid, q), c);
+      }
+      if (q + 1 < kSlots) pb.step_b(w, 1);
+    }
+  }
+  pb.step_a(walk_a, BK);
+  pb.step_b(walk_b, BK);
+  return element;
+}
+
+// Shared-memory layout of one stage of an operand tile (kFixed rows/columns x BK reduction
+// indices, padded by 8 elements against bank conflicts): reduction-contiguous [kFixed][BK + 8]
+// or, where the cp.async spans run along the fixed axis, fixed-contiguous [BK][kFixed + 8].
+template <bool FixedContig, int kFixed>
+struct TileLayout {
+  static constexpr bool kFixedContig = FixedContig;
+  static constexpr int kLd = FixedContig ? kFixed + 8 : BK + 8;
+  static constexpr int kElems = (FixedContig ? BK : kFixed) * kLd;
+  static HD int at(int fixed, int red) { return FixedContig ? red * kLd + fixed : fixed * kLd + red; }
+};
+
 template <typename F>
 constexpr bool kHalfFormat =
     std::is_same<F, Format<DType::F16>>::value || std::is_same<F, Format<DType::BF16>>::value;
@@ -477,6 +705,38 @@ struct Staged<Format<DType::BF16>, true> {
 template <typename F>
 constexpr int kMinBlocks = sizeof(typename F::work) == 8 ? 1 : 2;
 
+// cp.async (sm_80+): the 16-byte copies of the fp16/bf16 tensor-core path, 3 stages.  Spans are
+// cached in L1 (.ca): neighbouring output positions and taps of a block re-read the same input.
+template <typename F>
+constexpr bool kAsync = kHalfFormat<F> && kArch >= 800;
+template <typename F>
+constexpr int kStages = kAsync<F> ? 3 : 2;
+
+// the (never read) source of the zero-filling copies: src-size 0 reads no byte of it
+__device__ __align__(16) unsigned char zero_span_src[16];
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+
+__device__ __forceinline__ void cp_async_16(void* smem, const SpanCopy& c) {
+  const bool copy = c.fill == Fill::Copy;
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const size_t src = __cvta_generic_to_global(copy ? c.src : static_cast<const void*>(zero_span_src));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(copy ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// waits until at most `pending` of this thread's committed groups are still in flight
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
+}
+#else
+__device__ __forceinline__ void cp_async_16(void*, const SpanCopy&) {}
+__device__ __forceinline__ void cp_async_commit() {}
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() {}
+#endif
+
 template <typename F, typename Problem>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<F>) implicit_gemm_kernel(Problem pb, int64_t reduction_per_split) {
   using Bits = typename F::bits;
@@ -485,15 +745,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<F>) implicit_gemm_kernel(
   using Stage = typename S::type;
   using MapA = TileMap<Problem::kARedFast>;
   using MapB = TileMap<Problem::kBRedFast>;
-  constexpr int kLdA = BK + 8, kLdB = BN + 8, kLdC = BN + 4;
-  constexpr size_t kLoopBytes = sizeof(Stage) * 2 * (BM * kLdA + BK * kLdB);
+  constexpr bool kCp = kAsync<F>;
+  constexpr int kSt = kStages<F>;
+  // the shared tiles are contiguous along the fast axis of the tile mapping where cp.async copies
+  // spans along it; the register-staged path keeps A as [m][k] and B as [k][n]
+  using LA = TileLayout<kCp && !Problem::kARedFast, BM>;
+  using LB = TileLayout<!(kCp && Problem::kBRedFast), BN>;
+  constexpr int kLdC = BN + 4;
+  constexpr size_t kLoopBytes = sizeof(Stage) * kSt * (LA::kElems + LB::kElems);
   constexpr size_t kOutBytes = sizeof(Acc) * BM * kLdC;
   // the output tile reuses the operand stages once the K loop is done
-  __shared__ __align__(32) unsigned char smem[kLoopBytes > kOutBytes ? kLoopBytes : kOutBytes];
+  __shared__ __align__(128) unsigned char smem[kLoopBytes > kOutBytes ? kLoopBytes : kOutBytes];
   __shared__ int64_t out_off[BM];
   __shared__ int out_dst[BM];
-  auto* As = reinterpret_cast<Stage(*)[BM][kLdA]>(smem);
-  auto* Bs = reinterpret_cast<Stage(*)[BK][kLdB]>(smem + sizeof(Stage) * 2 * BM * kLdA);
+  auto As = [&](int stage) { return reinterpret_cast<Stage*>(smem) + stage * LA::kElems; };
+  auto Bs = [&](int stage) { return reinterpret_cast<Stage*>(smem) + kSt * LA::kElems + stage * LB::kElems; };
   auto* Cs = reinterpret_cast<Acc(*)[kLdC]>(smem);
 
   const int tid = threadIdx.x;
@@ -518,13 +784,30 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<F>) implicit_gemm_kernel(
   typename Problem::RedA walk_a = pb.red_a(k_begin + MapA::red(tid));
   typename Problem::RedB walk_b = pb.red_b(k_begin + MapB::red(tid));
 
+  // One K step into `stage`: cp.async spans are issued straight into it; the element path's
+  // loads land in a_next/b_next and `stash` stores them later (the returned slot mask).
   Bits a_next[kSlots], b_next[kSlots];
-  auto fetch = [&]() { fetch_tiles<F>(pb, rows, cols, walk_a, walk_b, k_end, a_next, b_next); };
-  auto stash = [&](int stage) {
+  auto fetch = [&](int stage) -> unsigned {
+    if constexpr (kCp) {
+      Stage* as = As(stage);
+      Stage* bs = Bs(stage);
+      auto sink = [&](bool is_b, int fixed, int red, const SpanCopy& c) {
+        cp_async_16(is_b ? bs + LB::at(fixed, red) : as + LA::at(fixed, red), c);
+      };
+      return fetch_tiles_async<F>(pb, tid, m0, n0, M, N, rows, cols, walk_a, walk_b, k_end, a_next, b_next, sink);
+    } else {
+      fetch_tiles<F>(pb, rows, cols, walk_a, walk_b, k_end, a_next, b_next);
+      return (1u << (2 * kSlots)) - 1;
+    }
+  };
+  auto stash = [&](int stage, unsigned element) {
+    Stage* as = As(stage);
+    Stage* bs = Bs(stage);
 #pragma unroll
     for (int q = 0; q < kSlots; ++q) {
-      As[stage][MapA::slot_fixed(tid, q)][MapA::slot_red(tid, q)] = S::from_bits(a_next[q]);
-      Bs[stage][MapB::slot_red(tid, q)][MapB::slot_fixed(tid, q)] = S::from_bits(b_next[q]);
+      if (element >> q & 1u) as[LA::at(MapA::slot_fixed(tid, q), MapA::slot_red(tid, q))] = S::from_bits(a_next[q]);
+      if (element >> (kSlots + q) & 1u)
+        bs[LB::at(MapB::slot_fixed(tid, q), MapB::slot_red(tid, q))] = S::from_bits(b_next[q]);
     }
   };
 
@@ -540,22 +823,37 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<F>) implicit_gemm_kernel(
   }
   const int ty = tid / 16, tx = tid % 16;   // FMA path: rows ty*4.., cols tx*4..
 
-  if (k_begin < k_end) {
-    fetch();
-    stash(0);
+  // Pipeline of kSt stages, kSt - 1 K steps ahead.  Step i is multiplied from stage i % kSt
+  // while step i + kSt - 1 is fetched into stage (i - 1) % kSt: the barrier at the top of step i
+  // follows everyone's reads of that stage in step i - 1.  One cp.async group per step (empty
+  // ones too), so wait_group<kSt - 2> at the top of step i leaves only the groups of the
+  // steps after i in flight; the barrier then publishes every thread's copies and stashes.
+  int64_t k_fetch = k_begin;
+#pragma unroll
+  for (int st = 0; st < kSt - 1; ++st) {
+    if (k_fetch < k_end) stash(st, fetch(st));
+    cp_async_commit();
+    k_fetch += BK;
   }
-  __syncthreads();
-  int stage = 0;
+  int stage = 0, fetch_stage = kSt - 1;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
-    const bool more = k0 + BK < k_end;
-    if (more) fetch();   // global loads of the next tile overlap this tile's multiplies
+    cp_async_wait<kSt - 2>();
+    __syncthreads();
+    const bool more = k_fetch < k_end;
+    unsigned element = 0;
+    if (more) element = fetch(fetch_stage);   // issued before this step's multiplies
+    cp_async_commit();
+    const Stage* as = As(stage);
+    const Stage* bs = Bs(stage);
     if constexpr (kWmma<F>) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, Stage, wmma::row_major> a_frag;
-      wmma::load_matrix_sync(a_frag, &As[stage][frag_row * 16][0], kLdA);
+      using LayoutA = std::conditional_t<LA::kFixedContig, wmma::col_major, wmma::row_major>;
+      using LayoutB = std::conditional_t<LB::kFixedContig, wmma::row_major, wmma::col_major>;
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, Stage, LayoutA> a_frag;
+      wmma::load_matrix_sync(a_frag, as + LA::at(frag_row * 16, 0), LA::kLd);
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, Stage, wmma::row_major> b_frag;
-        wmma::load_matrix_sync(b_frag, &Bs[stage][0][(frag_col + j) * 16], kLdB);
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, Stage, LayoutB> b_frag;
+        wmma::load_matrix_sync(b_frag, bs + LB::at((frag_col + j) * 16, 0), LB::kLd);
         wmma::mma_sync(c_frag[j], a_frag, b_frag, c_frag[j]);
       }
     } else {
@@ -563,19 +861,22 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<F>) implicit_gemm_kernel(
       for (int kk = 0; kk < BK; ++kk) {
         Acc av[4], bv[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) av[i] = S::work(As[stage][ty * 4 + i][kk]);
+        for (int i = 0; i < 4; ++i) av[i] = S::work(as[LA::at(ty * 4 + i, kk)]);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) bv[j] = S::work(Bs[stage][kk][tx * 4 + j]);
+        for (int j = 0; j < 4; ++j) bv[j] = S::work(bs[LB::at(tx * 4 + j, kk)]);
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
           for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
       }
     }
-    if (more) stash(stage ^ 1);
-    __syncthreads();
-    stage ^= 1;
+    if (more) stash(fetch_stage, element);   // the element path's registers, after the multiplies
+    k_fetch += BK;
+    stage = stage + 1 == kSt ? 0 : stage + 1;
+    fetch_stage = fetch_stage + 1 == kSt ? 0 : fetch_stage + 1;
   }
+  cp_async_wait<0>();
+  __syncthreads();   // every read of the stages done before the output tile overwrites them
 
   // accumulators -> shared output tile -> stores along the output's contiguous axis
   if constexpr (kWmma<F>) {
