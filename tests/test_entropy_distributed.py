@@ -1,6 +1,8 @@
 """lfq_entropy_loss with a process group: 2 gloo processes (torch.multiprocessing.spawn, CPU)
-give the single-process loss on the concatenated batch, and each rank's gradient is its slice
-of the single-process gradient.  The ranks hold unequal batches, so the token count matters."""
+give the single-process loss on the concatenated batch, and each rank's gradient is WORLD times
+its slice of the single-process gradient: data parallelism averages the ranks' gradients, so the
+averaged gradient is the single-process one.  The ranks hold unequal batches, so the token count
+matters."""
 
 import os
 import tempfile
@@ -58,7 +60,7 @@ def test_two_process_all_reduce_equals_single_process():
             torch.testing.assert_close(loss, want_loss, rtol=0, atol=1e-12)
             torch.testing.assert_close(sample, want_sample, rtol=0, atol=1e-12)
             torch.testing.assert_close(codebook, want_codebook, rtol=0, atol=1e-12)
-            torch.testing.assert_close(grad, slices[rank], rtol=0, atol=1e-12)
+            torch.testing.assert_close(grad / WORLD, slices[rank], rtol=0, atol=1e-12)
     # a local (non-reduced) loss differs: the test distinguishes the two
     local_loss = per_case(x[:SPLIT[0]])[0][0]
     assert abs(local_loss - single[0][0]) > 1e-3

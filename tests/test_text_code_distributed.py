@@ -1,7 +1,7 @@
 """The text_code alignment term with a process group: 2 gloo processes (torch.multiprocessing.spawn,
 CPU) give the single-process value on the concatenated batch, and each rank's gradient w.r.t. its
-own text-head logits is its slice of the single-process gradient.  Unequal per-rank batches, so
-the clip count matters."""
+own text-head logits is WORLD times its slice of the single-process gradient (data parallelism
+averages the ranks' gradients).  Unequal per-rank batches, so the clip count matters."""
 
 import os
 import tempfile
@@ -55,6 +55,6 @@ def test_two_ranks_equal_one_rank_on_the_union_batch():
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
     for rank, (value, grad) in enumerate(ranks):
         torch.testing.assert_close(value, want_value, rtol=0, atol=1e-12)
-        torch.testing.assert_close(grad, want_grad.split(SPLIT)[rank], rtol=0, atol=1e-12)
+        torch.testing.assert_close(grad / WORLD, want_grad.split(SPLIT)[rank], rtol=0, atol=1e-12)
     local_value, _ = term(codes[:SPLIT[0]], text_logits[:SPLIT[0]])   # a local mean differs: the test can tell
     assert abs(local_value - want_value) > 1e-3

@@ -107,7 +107,8 @@ def bernoulli_kl_from_probability(u: torch.Tensor, r_logits: torch.Tensor) -> to
 
 def _group_mean(values: torch.Tensor, process_group=None) -> torch.Tensor:
     """Mean of ``values`` over the whole data-parallel batch: sum and count all-reduced (each
-    rank's gradient is its slice of the single-process gradient, as for the entropy statistics)."""
+    rank's gradient is R times its slice of the single-process gradient, as for the entropy
+    statistics, so the gradient DDP averages over the R ranks is the single-process one)."""
     total, count = values.sum(), values.numel()
     if process_group is None:
         return total / count

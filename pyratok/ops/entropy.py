@@ -29,9 +29,8 @@ Non-finite input (the same on every backend, because it is applied here, before 
 Distributed: with ``process_group``, the batch statistics (the per-sample entropy sum, the
 code counts and the token count) are all-reduced before the entropy, so R ranks give the
 single-process value on the concatenated batch, and each rank's gradient w.r.t. its own x is
-that slice of the single-process gradient.  (DDP then averages parameter gradients over
-ranks, i.e. scales this loss's parameter gradient by 1/R; multiply the loss by the world
-size if the single-process scale is wanted.)
+R times that slice of the single-process gradient, so that the gradient data parallelism
+averages over ranks (DDP, FSDP) is the single-process one: R ranks train like one batch.
 """
 
 from __future__ import annotations
@@ -128,18 +127,22 @@ def _tokens_and_bits(x, dim: int, process_group) -> tuple[int, int]:
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """Sum over the process group; the backward is the identity, because every rank's loss
-    is the same function of the sum, so d loss / d (local term) = d loss / d (sum)."""
+    """Sum over the process group.  Every rank's loss is the same function f of the sum S, and
+    data parallelism (DDP, FSDP) averages the ranks' parameter gradients: the objective it
+    differentiates is the mean over ranks of f(S), so each rank's gradient through its local
+    term must be the sum over ranks of df/dS, i.e. world x df/dS (the ranks' df/dS are equal).
+    With the identity backward the all-reduced terms trained at 1/world of their weight."""
 
     @staticmethod
     def forward(ctx, t, group):
         out = t.clone()
         torch.distributed.all_reduce(out, group=group)
+        ctx.world = torch.distributed.get_world_size(group)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad * ctx.world, None
 
 
 def _check_process_group(process_group) -> None:
