@@ -13,13 +13,25 @@ side, then
   into a fresh folder.
 * memory: a manifest of N entries, each a 2-second window of one of the four videos that
   gives 10 clips of 5x32x32 (`--frames 5 --stride 5 --size 32x32`; small clips keep the
-  1,000-clip run affordable), N = 10 and 100: 100 and 1,000 clips, same shape.  Each run is a
-  fresh `python -m pyratok.cli tokenize` process; its peak memory is the largest sum of the
-  proportional set sizes (PSS) of the process and its DataLoader workers, sampled every 20 ms
-  from /proc/PID/smaps_rollup (PSS splits the pages the forked workers share with the parent,
-  so the sum counts them once).
+  1,000-clip run affordable), N = 10, 100 (and 200): 100, 1,000 (and 2,000) clips, same shape,
+  ``--repeat`` times each.  Each run is a fresh `python -m pyratok.cli tokenize` process; every
+  20 ms the sampler reads /proc/PID/smaps_rollup and /proc/PID/status of the process and its
+  DataLoader workers.  Its peak memory (``peak_mb``) is the largest, over the samples, of
 
-Writes benchmarks/results/tokenize.csv (one row per run) and prints a Markdown table.
+      sum over the processes of (Pss_Anon + Pss_Shmem)  +  RssFile of the main process
+
+  i.e. the tree's own memory counted once: anonymous and shared-memory pages are shared only
+  inside the tree (the workers are forked from it), so their proportional sizes add up to the
+  pages the tree holds; file-backed pages (torch's and decord's libraries) are counted in full
+  once, from the main process, which maps all of them.  ``peak_main_mb`` / ``peak_workers_mb``
+  are the same measure for the main process alone / the workers together (each its own peak).
+  ``peak_pss_mb`` is the older measure, the largest sum of plain PSS: it is kept for comparison
+  but is not a property of the run, because PSS divides a library page between every process on
+  the machine that maps it, so another job importing torch moves it by 100+ MB.
+
+Writes benchmarks/results/tokenize.csv (throughput, one row per run) and
+benchmarks/results/tokenize_memory.csv (memory, one row per run) and prints Markdown tables
+(memory: mean and standard deviation over the repetitions).
 
     python benchmarks/bench_tokenize.py --work /tmp/bench_tokenize
 """
@@ -34,6 +46,7 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -45,6 +58,8 @@ from pyratok.data import read_video, resize_and_crop, write_video  # noqa: E402
 from pyratok.data.video import bundled_clip_path  # noqa: E402
 
 FOOTAGE = ["bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4"]
+MEMORY_FIELDS = ["date", "commit", "machine", "torch", "clips", "clip_shape", "batch_size", "workers", "repeat",
+                 "seconds", "peak_mb", "peak_main_mb", "peak_workers_mb", "median_mb", "peak_pss_mb", "note"]
 FIELDS = ["date", "commit", "machine", "torch", "experiment", "provider", "clips", "clip_shape", "batch_size",
           "workers", "seconds", "clips_per_s", "speedup_vs_loop", "peak_pss_mb", "median_pss_mb", "note"]
 
@@ -100,10 +115,11 @@ def timed(args: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def _tree_pss_kb(pid: int) -> int:
-    """Proportional set size (resident memory, pages shared between processes split between
-    them, so the sum is not inflated by the workers' copy-on-write view of the parent) of a
-    process and all its descendants, in KiB (0 once it is gone)."""
+def _tree_memory_kb(pid: int) -> Optional[dict]:
+    """One sample of a process and its descendants, in KiB: ``tree`` (anonymous + shared-memory
+    PSS of all of them plus the file-backed RSS of ``pid``, see the module docstring), ``main``
+    (that measure for ``pid`` alone), ``workers`` (anonymous + shared-memory PSS of the
+    descendants) and ``pss`` (plain PSS of all of them).  None once ``pid`` is gone."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -113,33 +129,50 @@ def _tree_pss_kb(pid: int) -> int:
                 children.setdefault(ppid, []).append(int(entry))
             except (OSError, ValueError, IndexError):
                 continue
-    total, todo = 0, [pid]
+    sample = {"tree": 0, "main": 0, "workers": 0, "pss": 0}
+    todo = [pid]
     while todo:
         p = todo.pop()
         todo += children.get(p, [])
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
-                total += next(int(l.split()[1]) for l in f if l.startswith("Pss:"))
-        except (OSError, StopIteration):
-            pass
-    return total
+                fields = {l.split(":")[0]: int(l.split()[1]) for l in f if l.startswith(("Pss", "Rss"))}
+            with open(f"/proc/{p}/status") as f:
+                rss_file = next(int(l.split()[1]) for l in f if l.startswith("RssFile:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            if p == pid:
+                return None
+            continue
+        own = fields.get("Pss_Anon", 0) + fields.get("Pss_Shmem", 0)
+        sample["pss"] += fields.get("Pss", 0)
+        sample["tree"] += own
+        if p == pid:
+            sample["tree"] += rss_file
+            sample["main"] = own + rss_file
+        else:
+            sample["workers"] += own
+    return sample
 
 
-def peak_of(cmd: list[str]) -> tuple[float, float, float]:
-    """(seconds, peak MB, median MB of the process tree while it held more than half its peak,
-    i.e. past start-up) of a command run to completion."""
+def peak_of(cmd: list[str]) -> dict:
+    """Seconds and peak / median memory in MB (see _tree_memory_kb; the median is taken over the
+    samples where the tree held more than half its peak, i.e. past start-up) of a command run to
+    completion."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     samples = []
     while proc.poll() is None:
-        samples.append(_tree_pss_kb(proc.pid))
+        sample = _tree_memory_kb(proc.pid)
+        if sample is not None:
+            samples.append(sample)
         time.sleep(0.02)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
-    peak = max(samples)
-    steady = sorted(v for v in samples if v > peak / 2)
-    return seconds, peak / 1024, steady[len(steady) // 2] / 1024
+    peak = {k: max(s[k] for s in samples) / 1024 for k in ("tree", "main", "workers", "pss")}
+    steady = sorted(s["tree"] for s in samples if s["tree"] / 1024 > peak["tree"] / 2)
+    return {"seconds": seconds, "peak": peak["tree"], "main": peak["main"], "workers": peak["workers"],
+            "pss": peak["pss"], "median": steady[len(steady) // 2] / 1024}
 
 
 def main_bench(argv=None) -> int:
@@ -149,8 +182,11 @@ def main_bench(argv=None) -> int:
                         help="clip files for the throughput runs (default 120; 0 skips them)")
     parser.add_argument("--batch-sizes", default="1,4,16", help="tokenize batch sizes at 2 workers")
     parser.add_argument("--workers", default="0,1,2,4", help="tokenize worker counts at batch 16")
-    parser.add_argument("--memory-entries", default="10,100", help="manifest entries (x10 clips) for the memory runs")
+    parser.add_argument("--memory-entries", default="10,100",
+                        help="manifest entries (x10 clips) for the memory runs (empty: none)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each memory size (default 3)")
     parser.add_argument("--csv", default=os.path.join(ROOT, "benchmarks", "results", "tokenize.csv"))
+    parser.add_argument("--memory-csv", default=os.path.join(ROOT, "benchmarks", "results", "tokenize_memory.csv"))
     parser.add_argument("--note", default="", help="a remark stored with every row (e.g. machine load)")
     args = parser.parse_args(argv)
 
@@ -168,8 +204,12 @@ def main_bench(argv=None) -> int:
 
     if args.clips:
         throughput(args, footage, base, rows, out)
-    memory(args, footage, base, rows, out)
-    write_csv(args.csv, rows)
+        write_csv(args.csv, rows, FIELDS)
+        throughput_table(rows)
+    if args.memory_entries:
+        mem = memory(args, footage, base, out)
+        write_csv(args.memory_csv, mem, MEMORY_FIELDS)
+        memory_table(mem)
     return 0
 
 
@@ -194,41 +234,63 @@ def throughput(args, footage, base, rows, out) -> None:
               f"({loop / seconds:.2f}x the loop)", flush=True)
 
 
-def memory(args, footage, base, rows, out) -> None:
+def memory(args, footage, base, out) -> list[dict]:
+    rows = []
     for entries in (int(e) for e in args.memory_entries.split(",")):
         source = manifest(args.work, footage, entries)
-        cmd = [sys.executable, "-m", "pyratok.cli", "tokenize", source, "-o", out(f"mem{entries}"), "--frames", "5",
+        cmd = [sys.executable, "-m", "pyratok.cli", "tokenize", source, "-o", "", "--frames", "5",
                "--stride", "5", "--size", "32x32", "--batch-size", "16", "--workers", "2", "-q"]
-        seconds, peak, median = peak_of(cmd)
-        rows.append(dict(base, experiment="memory", provider="tokenize", clips=10 * entries, clip_shape="5x32x32",
-                         batch_size=16, workers=2, seconds=round(seconds, 2),
-                         clips_per_s=round(10 * entries / seconds, 2), peak_pss_mb=round(peak, 1),
-                         median_pss_mb=round(median, 1)))
-        print(f"memory: {10 * entries} clips, peak {peak:.1f} MB, median {median:.1f} MB PSS (process + workers), "
-              f"{seconds:.1f} s", flush=True)
+        for rep in range(args.repeat):
+            cmd[6] = out(f"mem{entries}")
+            m = peak_of(cmd)
+            rows.append(dict(base, clips=10 * entries, clip_shape="5x32x32", batch_size=16, workers=2, repeat=rep,
+                             seconds=round(m["seconds"], 2), peak_mb=round(m["peak"], 1),
+                             peak_main_mb=round(m["main"], 1), peak_workers_mb=round(m["workers"], 1),
+                             median_mb=round(m["median"], 1), peak_pss_mb=round(m["pss"], 1)))
+            print(f"memory: {10 * entries} clips (run {rep + 1}/{args.repeat}): peak {m['peak']:.1f} MB (main "
+                  f"{m['main']:.1f}, workers {m['workers']:.1f}; plain PSS {m['pss']:.1f}), {m['seconds']:.1f} s",
+                  flush=True)
+    return rows
 
 
-def write_csv(path: str, rows: list[dict]) -> None:
+def memory_table(rows: list[dict]) -> None:
+    import statistics
+
+    def stat(values):
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+    print("\n| clips | runs | peak MB (main + workers) | main MB | workers MB | median MB | plain PSS peak MB |")
+    print("|---|---|---|---|---|---|---|")
+    for clips in sorted({r["clips"] for r in rows}):
+        rs = [r for r in rows if r["clips"] == clips]
+        print(f"| {clips} | {len(rs)} | " + " | ".join(stat([r[k] for r in rs]) for k in
+              ("peak_mb", "peak_main_mb", "peak_workers_mb", "median_mb", "peak_pss_mb")) + " |")
+
+
+def write_csv(path: str, rows: list[dict], fields: list[str]) -> None:
     """Appends rows; a file written under an older header is rewritten under the current one."""
     old = []
     if os.path.isfile(path):
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             old = list(reader)
-            current = reader.fieldnames == FIELDS
+            current = reader.fieldnames == fields
         if current:
             old = []
     with open(path, "a" if os.path.isfile(path) and not old else "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         if f.tell() == 0:
             writer.writeheader()
         writer.writerows(old + rows)
-    print("\n| experiment | command | clips | clip | batch | workers | s | clips/s | vs loop | peak MB | median MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def throughput_table(rows: list[dict]) -> None:
+    print("\n| experiment | command | clips | clip | batch | workers | s | clips/s | vs loop |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['experiment']} | {r['provider']} | {r['clips']} | {r['clip_shape']} | {r['batch_size']} | "
-              f"{r['workers']} | {r['seconds']} | {r['clips_per_s']} | {r.get('speedup_vs_loop', '')} | "
-              f"{r.get('peak_pss_mb', '')} | {r.get('median_pss_mb', '')} |")
+              f"{r['workers']} | {r['seconds']} | {r['clips_per_s']} | {r.get('speedup_vs_loop', '')} |")
 
 
 if __name__ == "__main__":

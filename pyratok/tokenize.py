@@ -221,6 +221,23 @@ def _map_large_buffers() -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
 
 
+_RESIZE_BYTES = 8 * 2**20
+
+
+def _resize_in_chunks(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """resize_and_crop (centred) of (N, H, W, 3) uint8 frames -> (3, N, height, width), a few frames
+    at a time: the float32 copy at the source size (the largest buffer of decoding, 4x the frames)
+    stays near _RESIZE_BYTES however many frames a batch reads from one video.  Frames are resized
+    independently, so the result is the same bytes as one call."""
+    from pyratok.data import resize_and_crop
+
+    N, H, W = frames.shape[:3]
+    step = max(1, _RESIZE_BYTES // (3 * H * W * 4))
+    if step >= N:
+        return resize_and_crop(frames, height, width, None)
+    return torch.cat([resize_and_crop(frames[s:s + step], height, width, None) for s in range(0, N, step)], dim=1)
+
+
 class _ClipDecoder(torch.utils.data.Dataset):
     """Runs in the DataLoader workers: _Batch -> its clips as one (B, 3, T, H, W) tensor in [-1, 1]."""
 
@@ -237,10 +254,10 @@ class _ClipDecoder(torch.utils.data.Dataset):
         return self._reader[1]
 
     def __getitem__(self, batch: _Batch) -> dict:
-        from pyratok.data import resize_and_crop
         from pyratok.data.video import read_frames
 
-        if torch.utils.data.get_worker_info() is not None and not self._mapped:
+        in_worker = torch.utils.data.get_worker_info() is not None
+        if in_worker and not self._mapped:
             _map_large_buffers()
             self._mapped = True
         by_video: dict[int, list[_Clip]] = {}
@@ -252,7 +269,7 @@ class _ClipDecoder(torch.utils.data.Dataset):
                 wanted = sorted({f for c in group for f in c.frames})
                 frames = read_frames(self._open(group[0].path), wanted, group[0].path)       # (N, H, W, 3)
                 h, w = group[0].size
-                frames = resize_and_crop(frames, h, w, None)                               # (3, N, h, w)
+                frames = _resize_in_chunks(frames, h, w)                                   # (3, N, h, w)
             except (FileNotFoundError, ValueError, OSError, RuntimeError) as err:
                 self._reader = None
                 failed[v] = (group[0].path, str(err))
@@ -262,6 +279,9 @@ class _ClipDecoder(torch.utils.data.Dataset):
                 clips.append(frames[:, [row[f] for f in c.frames]])                        # (3, T, h, w)
                 done.append(c)
         video = torch.stack(clips) if clips else None                                      # (B, 3, T, h, w)
+        frames = clips = None   # the decoded frames go before the heap is trimmed
+        if in_worker:
+            _trim_heap()
         return {"batch": batch, "video": video, "clips": done, "failed": failed}
 
 

@@ -144,6 +144,19 @@ def test_rerun_skips_finished_shards_and_gives_the_same_bytes(reference, source,
     assert digest(out) == digest(reference)
 
 
+def test_frames_resized_a_few_at_a_time_give_the_same_bytes(reference, source, tmp_path, monkeypatch):
+    """Decoding resizes a video's frames a few at a time, so that a worker's memory does not grow
+    with the frames a batch reads from one video: one frame at a time gives the same bytes."""
+    import pyratok.tokenize as tokenize_module
+
+    frames = read_video(bundled_clip_path("bikes.mp4"), 3)
+    monkeypatch.setattr(tokenize_module, "_RESIZE_BYTES", 1)
+    assert torch.equal(tokenize_module._resize_in_chunks(frames, 32, 48), resize_and_crop(frames, 32, 48, None))
+    out = tmp_path / "shards"
+    assert run("tokenize", source, "-o", out, *OPTIONS, "--workers", 0, "-q") == 0
+    assert digest(out) == digest(reference)
+
+
 def _records(folder) -> int:
     return sum(1 for n in os.listdir(folder) if n.startswith("shard-") and n.endswith(".json")) if folder.exists() else 0
 
