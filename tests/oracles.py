@@ -80,15 +80,15 @@ def residual_binary_quantize(x: torch.Tensor, levels: int, dim: int = 1):
 
 def causal_conv3d(x, w, b, stride, dilation, padding, mode, cache):
     """Causal conv as an explicit float64 sum over the kernel taps of strided slices of the input
-    with its P past frames (cache, zeros or frame 0) and zero H/W padding written out.
-    -> (y, new cache = the last P frames of past + input)."""
-    x64, w64 = x.detach().double(), w.detach().double()
+    with its P past frames (cache, zeros or frame 0) and zero H/W padding written out; autograd
+    runs through it.  -> (y, new cache = the last P frames of past + input)."""
+    x64, w64 = x.double(), w.double()
     kt, kh, kw = w.shape[2:]
     (st, sh, sw), (dt, dh, dw), (ph, pw) = stride, dilation, padding
     P = dt * (kt - 1) + 1 - st
     B, C, T, H, W = x.shape
     if cache is not None:
-        past = cache.detach().double()
+        past = cache.double()
     elif mode == "replicate":
         past = torch.stack([x64[:, :, 0]] * P, dim=2) if P else x64[:, :, :0]
     else:
@@ -104,9 +104,9 @@ def causal_conv3d(x, w, b, stride, dilation, padding, mode, cache):
         patch = padded[:, :, a * dt: a * dt + st * (To - 1) + 1: st,
                        c * dh: c * dh + sh * (Ho - 1) + 1: sh,
                        e * dw: e * dw + sw * (Wo - 1) + 1: sw]              # (B, C, To, Ho, Wo)
-        y += torch.einsum("bcthw,oc->bothw", patch, w64[:, :, a, c, e])
+        y = y + torch.einsum("bcthw,oc->bothw", patch, w64[:, :, a, c, e])
     if b is not None:
-        y += b.detach().double().view(1, -1, 1, 1, 1)
+        y = y + b.double().view(1, -1, 1, 1, 1)
     return y, full[:, :, full.shape[2] - P:]
 
 
