@@ -72,6 +72,10 @@ timeout_constant = 30.0
 
 def run(name: str, entry: dict, jobs: int) -> int:
     tree = prepare(name, entry)
+    # mutants/ must exist before Python starts: a PYTHONPATH entry that does not exist yet is cached
+    # as "no finder", and pyratok would then be imported from the editable install, unmutated
+    # (mutmut then reports that no test reaches any mutant)
+    os.makedirs(os.path.join(tree, "mutants"), exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONPATH=os.path.join(tree, "mutants"))      # subprocesses of the tests see the mutants too
     env.pop("PYRATOK_BACKEND", None)
