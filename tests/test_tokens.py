@@ -61,7 +61,7 @@ def test_bits_per_pixel():
     for missing in ("frames", "height", "width"):
         src = {"frames": 5, "height": 16, "width": 32}
         del src[missing]
-        with pytest.raises(ValueError, match="source: frames, height and width are needed"):
+        with pytest.raises(ValueError, match="^source: frames, height and width are needed for bits per pixel$"):
             tokens(source=src).bits_per_pixel()
 
 
