@@ -66,11 +66,39 @@ def test_the_generator_decides_and_the_schedule():
     dropped = frames.flatten(2).all(2)
     fraction = frames.flatten(2).float().mean(2)[~dropped]
     assert 0.06 < fraction.mean() < 0.2
-    # the schedule: r = max_ratio * cos(pi u / 2) per frame, from the generator's draws in order
-    g = torch.Generator().manual_seed(5)
-    _, keep = VideoMasking(MaskingConfig(frame_ratio=0.0, patch=8, max_spatial_ratio=0.5))(torch.rand(1, 1, 2, 8, 16), g)
-    g = torch.Generator().manual_seed(5)
-    u = torch.rand(1, 2, generator=g)
-    scores = torch.rand(1, 2, 2, generator=g)
-    want = scores < (torch.cos(math.pi / 2 * u) * 0.5)[..., None]
-    assert torch.equal((~keep)[0, 0, :, ::8, ::8].flatten(1), want[0])
+
+
+def hand_keep(B, T, H, W, cfg, seed):
+    """The keep mask from the generator's draws in order, written out: frame drops (B, T) when
+    frame_ratio > 0 and T > 1 (frame 0 kept), then per frame u (B, T) with r = max_ratio cos(pi u / 2),
+    then per frame and cell a score (B, T, cells); a cell is hidden when its score < r."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.ones(B, 1, T, H, W, dtype=torch.bool)
+    if cfg.frame_ratio > 0 and T > 1:
+        drop = torch.rand(B, T, generator=g) < cfg.frame_ratio
+        drop[:, 0] = False
+        keep &= ~drop[:, None, :, None, None]
+    gh, gw = -(-H // cfg.patch), -(-W // cfg.patch)
+    u = torch.rand(B, T, generator=g)
+    scores = torch.rand(B, T, gh * gw, generator=g)
+    hidden = scores < (torch.cos(math.pi / 2 * u) * cfg.max_spatial_ratio)[..., None]
+    for b in range(B):
+        for t in range(T):
+            for cell in range(gh * gw):
+                if hidden[b, t, cell]:
+                    y, x = divmod(cell, gw)
+                    keep[b, 0, t, y * cfg.patch:(y + 1) * cfg.patch, x * cfg.patch:(x + 1) * cfg.patch] = False
+    return keep
+
+
+@pytest.mark.parametrize("B, T", [(3, 1), (3, 2), (2, 5)])
+def test_the_keep_mask_is_the_generators_draws_in_order(B, T):
+    cfg = MaskingConfig(frame_ratio=0.5, patch=3, max_spatial_ratio=0.6)
+    _, keep = VideoMasking(cfg)(torch.rand(B, 2, T, 7, 8), torch.Generator().manual_seed(7))
+    assert torch.equal(keep, hand_keep(B, T, 7, 8, cfg, 7))
+
+
+def test_outputs_stay_on_the_videos_device():
+    video = torch.empty(2, 3, 5, 16, 16, device="meta")
+    masked, keep = VideoMasking()(video, torch.Generator().manual_seed(0))
+    assert masked.device.type == "meta" and keep.device.type == "meta" and keep.shape == (2, 1, 5, 16, 16)
