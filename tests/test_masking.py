@@ -91,9 +91,9 @@ def hand_keep(B, T, H, W, cfg, seed):
     return keep
 
 
-@pytest.mark.parametrize("B, T", [(3, 1), (3, 2), (2, 5)])
-def test_the_keep_mask_is_the_generators_draws_in_order(B, T):
-    cfg = MaskingConfig(frame_ratio=0.5, patch=3, max_spatial_ratio=0.6)
+@pytest.mark.parametrize("B, T, frame_ratio", [(3, 1, 0.5), (3, 2, 0.5), (2, 5, 0.5), (2, 5, 0.0)])
+def test_the_keep_mask_is_the_generators_draws_in_order(B, T, frame_ratio):
+    cfg = MaskingConfig(frame_ratio=frame_ratio, patch=3, max_spatial_ratio=0.6)
     _, keep = VideoMasking(cfg)(torch.rand(B, 2, T, 7, 8), torch.Generator().manual_seed(7))
     assert torch.equal(keep, hand_keep(B, T, 7, 8, cfg, 7))
 
