@@ -103,7 +103,7 @@ def test_reconstruct_writes_everything(model_dir, tmp_path):
     # the PNG: originals above reconstructions, the 5 frames side by side
     with Image.open(out / "frames.png") as png:
         assert png.format == "PNG" and png.size == (5 * 32, 2 * 32)
-        top = torch.from_numpy(__import__("numpy").asarray(png.convert("RGB")))[:32, :32]
+        top = torch.from_numpy(__import__("numpy").array(png.convert("RGB")))[:32, :32]
     want_top = ((clip[0, :, 0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8)
     assert torch.equal(top, want_top)
 
