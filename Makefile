@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build cpp-test py-test test demo bench clean
+.PHONY: all venv build cpp-test py-test test demo bench mutation clean
 
 all: build
 
@@ -40,6 +40,12 @@ demo: build
 bench: build
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/last.json -q
 	$(PY) benchmarks/report.py benchmarks/results/last.json
+
+# mutation testing of the model, training and I/O layer (long: not part of `make test`);
+# MODULES="tokens masking" runs some of benchmarks/mutation/modules.toml.  Writes
+# benchmarks/results/mutation.md (per-module scores and the mutants not killed).
+mutation: build
+	OMP_NUM_THREADS=1 $(PY) benchmarks/mutation/run.py $(MODULES)
 
 clean:
 	rm -rf build build-cmake build-cmake.log pyratok/_C*.so *.egg-info

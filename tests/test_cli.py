@@ -57,13 +57,129 @@ def test_encode_several_videos_into_a_folder(model_dir, tmp_path):
     assert sorted(os.listdir(folder)) == ["carphone_distorted.safetensors", "carphone_pristine.safetensors"]
 
 
+def hand_clip(path, frames, size, fps=None, resize=0, centred=True):
+    """The clip the CLI should see, cut by hand: the centred span (eval; encode and reconstruct:
+    the first frames) of ``frames`` frames sampled at ``fps`` (frame j = start + round(j *
+    source_fps / fps)), resized so the short side is at least ``resize``, centre-cropped to
+    ``size``; (1, 3, T, H, W) in [-1, 1]."""
+    from pyratok.data import resize_and_crop
+    from pyratok.data.video import open_video
+
+    reader = open_video(path)
+    total, src_fps = len(reader), float(reader.get_avg_fps())
+    step = src_fps / fps if fps else 1.0
+    start = (total - 1 - (frames - 1) * step) / 2 if centred else 0
+    every = read_video(path)
+    picked = every[[min(total - 1, int(round(start + j * step))) for j in range(frames)]]
+    return resize_and_crop(picked, size[0], size[1], None, resize)[None]
+
+
 def test_reconstruct_writes_everything(model_dir, tmp_path):
+    from PIL import Image
+
+    from pyratok.cli import load_clip
+    from pyratok.metrics import psnr, ssim
+
     out = tmp_path / "recon"
     assert run("reconstruct", CLIP, "-o", out, "--model", model_dir, "--frames", 5, "--size", "32x32") == 0
     assert sorted(os.listdir(out)) == ["frames.png", "metrics.json", "reconstruction.mp4", "side_by_side.mp4"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["frames"] == 5 and metrics["psnr"] > 0 and len(metrics["codebook_usage"]) == 4
-    assert read_video(str(out / "side_by_side.mp4")).shape == (5, 32, 64, 3)
+    assert metrics["frames"] == 5 and (metrics["height"], metrics["width"]) == (32, 32)
+    # the figures are those of the model on that clip, recomputed here
+    model = PyraTok.from_pretrained(model_dir).eval()
+    clip, _ = load_clip(CLIP, 5, (32, 32))
+    with torch.no_grad():
+        tokens = model.encode(clip)
+        recon = model.decode(tokens)
+    assert metrics["psnr"] == pytest.approx(psnr(recon, clip).item(), abs=1e-4)
+    assert metrics["ssim"] == pytest.approx(ssim(recon, clip).item(), abs=1e-5)
+    assert metrics["tokens"] == tokens.num_tokens and metrics["bits_per_pixel"] == pytest.approx(tokens.bits_per_pixel())
+    assert metrics["model_id"] == model.model_id
+    # ... and the written reconstruction is that video (up to the H.264 round trip)
+    written = torch.as_tensor(read_video(str(out / "reconstruction.mp4"))).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    assert abs(psnr(written, clip).item() - metrics["psnr"]) < 1.0
+    side = read_video(str(out / "side_by_side.mp4"))
+    assert side.shape == (5, 32, 64, 3)
+    # the PNG: originals above reconstructions, the 5 frames side by side
+    with Image.open(out / "frames.png") as png:
+        assert png.format == "PNG" and png.size == (5 * 32, 2 * 32)
+        top = torch.from_numpy(__import__("numpy").array(png.convert("RGB")))[:32, :32]
+    want_top = ((clip[0, :, 0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8)
+    assert torch.equal(top, want_top)
+
+
+def test_encoded_tokens_equal_model_encode(model_dir, tmp_path):
+    from pyratok.cli import load_clip
+    from pyratok.io import load_tokens
+
+    out = tmp_path / "clip.safetensors"
+    assert run("encode", CLIP, "-o", out, "--model", model_dir, "--frames", 5, "--size", "32x48", "-q") == 0
+    model = PyraTok.from_pretrained(model_dir).eval()
+    clip, fps = load_clip(CLIP, 5, (32, 48))
+    torch.testing.assert_close(clip, hand_clip(CLIP, 5, (32, 48), centred=False), rtol=0, atol=0)
+    with torch.no_grad():
+        want = model.encode(clip)
+    got = load_tokens(str(out))
+    assert got.grids == want.grids and got.model_id == model.model_id
+    assert all(torch.equal(a, b) for a, b in zip(got.ids, want.ids))
+    assert got.source["fps"] == pytest.approx(fps) and got.source["path"] == os.path.abspath(CLIP)
+
+
+def test_commands_without_model_use_the_bundled_model(tmp_path, capsys):
+    from pyratok.cli import load_clip
+    from pyratok.io import load_tokens
+    from pyratok.metrics import psnr
+    from pyratok.pretrained import load_default_model
+
+    bundled = load_default_model()
+    tokens = tmp_path / "clip.safetensors"
+    assert run("encode", CLIP, "-o", tokens, "--frames", 1, "--size", "32x32", "-q") == 0
+    clip, _ = load_clip(CLIP, 1, (32, 32))
+    with torch.no_grad():
+        want = bundled.encode(clip)
+        want_video = bundled.decode(want)
+    got = load_tokens(str(tokens))
+    assert got.model_id == bundled.model_id and all(torch.equal(a, b) for a, b in zip(got.ids, want.ids))
+    assert run("decode", tokens, "-o", tmp_path / "d.mp4", "-q") == 0
+    assert read_video(str(tmp_path / "d.mp4")).shape == (1, 32, 32, 3)
+    assert run("reconstruct", CLIP, "-o", tmp_path / "r", "--frames", 1, "--size", "32x32", "-q") == 0
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["model_id"] == bundled.model_id
+    assert metrics["psnr"] == pytest.approx(psnr(want_video, clip).item(), abs=1e-4)
+    data = tmp_path / "videos"
+    data.mkdir()
+    os.symlink(CLIP, data / "a.mp4")
+    assert run("eval", data, "-o", tmp_path / "e", "--frames", 1, "--size", "32x32", "-q") == 0
+    summary = json.loads((tmp_path / "e" / "metrics.json").read_text())["summary"]
+    assert summary["model_id"] == bundled.model_id
+
+
+def test_tile_auto_tiles_only_above_512_pixels(model_dir, tmp_path, monkeypatch):
+    from pyratok import cli
+
+    model = PyraTok.from_pretrained(model_dir)
+    assert cli._tile("auto", model, 512, 512) is None and cli._tile("auto", model, 64, 512) is None
+    assert cli._tile("auto", model, 520, 64) == cli.AUTO_TILE == 64 and cli._tile("auto", model, 8, 513) == 64
+    assert cli._tile("none", model, 4096, 4096) is None and cli._tile("24", model, 8, 8) == 24
+    seen = []
+    encode = PyraTok.encode
+
+    def recording(self, video, text=None, tile=None, **kw):
+        seen.append(tile)
+        return encode(self, video, text, tile=tile, **kw)
+
+    monkeypatch.setattr(PyraTok, "encode", recording)
+    common = ["--model", model_dir, "--frames", 1, "-q"]
+    assert run("encode", CLIP, "-o", tmp_path / "wide.safetensors", "--size", "16x520", *common) == 0
+    assert run("encode", CLIP, "-o", tmp_path / "small.safetensors", "--size", "16x512", *common) == 0
+    assert seen == [64, None]
+    monkeypatch.setattr(PyraTok, "encode", encode)
+    assert run("encode", CLIP, "-o", tmp_path / "untiled.safetensors", "--size", "16x520", "--tile", "none",
+               *common) == 0
+    from pyratok.io import load_tokens
+
+    a, b = load_tokens(str(tmp_path / "wide.safetensors")), load_tokens(str(tmp_path / "untiled.safetensors"))
+    assert all(torch.equal(x, y) for x, y in zip(a.ids, b.ids))
 
 
 def test_eval_over_a_folder(model_dir, tmp_path):
@@ -75,7 +191,39 @@ def test_eval_over_a_folder(model_dir, tmp_path):
     assert run("eval", data, "-o", out, "--model", model_dir, "--frames", 5, "--size", "32x32", "-q") == 0
     result = json.loads((out / "metrics.json").read_text())
     assert result["summary"]["videos"] == 2 and len(result["summary"]["codebook_usage"]) == 4
-    assert (out / "eval.png").stat().st_size > 1000
+    assert sorted(os.path.basename(r["path"]) for r in result["videos"]) == ["carphone_distorted.mp4",
+                                                                              "carphone_pristine.mp4"]
+    for key in ("psnr", "ssim", "bits_per_pixel"):
+        assert result["summary"][key] == pytest.approx(sum(r[key] for r in result["videos"]) / 2)
+    from PIL import Image
+
+    with Image.open(out / "eval.png") as png:
+        assert png.format == "PNG" and png.size == (1000, 350)      # figsize 10 x 3.5 at 100 dpi
+
+
+def test_eval_fps_resize_and_limit(model_dir, tmp_path):
+    from pyratok.data.video import open_video
+    from pyratok.metrics import psnr
+
+    data = tmp_path / "videos"
+    data.mkdir()
+    for name in ("carphone_pristine.mp4", "carphone_distorted.mp4"):
+        os.symlink(bundled_clip_path(name), data / name)
+    fps = float(open_video(CLIP).get_avg_fps()) / 3
+    out = tmp_path / "eval"
+    assert run("eval", data, "-o", out, "--model", model_dir, "--frames", 5, "--size", "32x32", "--fps", fps,
+               "--resize", 48, "--limit", 1, "-q") == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["summary"]["videos"] == 1 and len(result["videos"]) == 1
+    path = result["videos"][0]["path"]
+    model = PyraTok.from_pretrained(model_dir).eval()
+    clip = hand_clip(path, 5, (32, 32), fps=fps, resize=48)     # every 3rd frame, short side 48, centre crop
+    with torch.no_grad():
+        want = psnr(model.decode(model.encode(clip)), clip).item()
+    assert result["videos"][0]["psnr"] == pytest.approx(want, abs=1e-4)
+    plain = hand_clip(path, 5, (32, 32))
+    with torch.no_grad():
+        assert abs(psnr(model.decode(model.encode(plain)), plain).item() - want) > 1e-3   # the flags mattered
 
 
 def test_bad_input_is_one_line_and_exit_2(model_dir, tmp_path, capsys):

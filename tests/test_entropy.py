@@ -10,6 +10,7 @@ import torch
 
 from pyratok import ops
 from pyratok.reference import entropy as ref
+import oracles as oracle
 from conftest import CPU_BACKENDS, CUDA_BACKENDS, backend_dtypes, requires_cuda
 
 BRUTE_FORCE_KS = [1, 2, 5, 8, 12]
@@ -31,7 +32,7 @@ def loss_and_grad(fn, x):
 
 
 def brute_force_loss(x, tau, scale, w_sample, w_codebook):
-    sample, codebook = ref.naive_lfq_entropies(x, tau, scale)
+    sample, codebook, _ = oracle.entropy_terms(x, tau, scale)
     return w_sample * sample - w_codebook * codebook
 
 
@@ -44,7 +45,7 @@ def test_brute_force_float64(backend, K):
     # (B, K, T) tokens, temperatures where neither term is saturated nor uniform
     x = latents((3, K, 5), seed=K)
     for tau, scale in [(1.0, 1.0), (3.0, 1 / math.sqrt(K))]:
-        sample, codebook = ref.naive_lfq_entropies(x, tau, scale)
+        sample, codebook, _ = oracle.entropy_terms(x, tau, scale)
         kw = dict(inv_temperature=tau, scale=scale, backend=backend)
         torch.testing.assert_close(ops.per_sample_entropy(x, **kw), sample, rtol=0, atol=1e-10)
         torch.testing.assert_close(ops.codebook_entropy(x, **kw), codebook, rtol=0, atol=1e-10)
@@ -76,9 +77,7 @@ def test_gradcheck(backend, K):
 def test_bernoulli_kl_brute_force(backend, K):
     # KL between the two product distributions summed over all 2^K codes
     a, b = latents((4, K), seed=K, spread=2.0), latents((4, K), seed=K + 1, spread=2.0)
-    log_p = torch.log(ref.code_probs(torch.sigmoid(a)))  # (N, 2^K)
-    log_r = torch.log(ref.code_probs(torch.sigmoid(b)))
-    want = (log_p.exp() * (log_p - log_r)).sum(1).mean()
+    want = oracle.bernoulli_kl(a, b)
     torch.testing.assert_close(ops.bernoulli_kl(a, b, backend=backend), want, rtol=0, atol=1e-12)
     # the bits on another axis give the same value
     torch.testing.assert_close(ops.bernoulli_kl(a.T[None], b.T[None], dim=1, backend=backend), want,
@@ -105,8 +104,25 @@ def _all_terms(x, backend, dim=1):
     return [(name, *loss_and_grad(fn, x)) for name, fn in cases]
 
 
+def _oracle_terms(x, dim=1):
+    """The terms of _all_terms from the float64 brute force over all 2^K codes (tests/oracles.py)."""
+    r_logits = (x.detach().float() * 0.7 - 0.2).double()
+    terms = lambda t: oracle.entropy_terms(t, 1.5, dim=dim, group_size=3)  # noqa: E731
+    cases = [
+        ("per_sample", lambda t: terms(t)[0]),
+        ("exact", lambda t: terms(t)[1]),
+        ("groups", lambda t: terms(t)[2]),
+        ("bits", lambda t: oracle.entropy_terms(t, 1.5, dim=dim, group_size=1)[2]),
+        ("loss", lambda t: 0.3 * terms(t)[0] - 1.1 * terms(t)[1]),
+        ("kl", lambda t: oracle.bernoulli_kl(t, r_logits, dim=dim)),
+        ("bit_probs", lambda t: (oracle.bit_probs(t, 1.5) ** 2).sum()),
+    ]
+    return [(name, *loss_and_grad(fn, x)) for name, fn in cases]
+
+
 def check_backend_against_reference(x, backend, dim=1):
-    want = _all_terms(x.cpu().to(torch.float64), "reference", dim)
+    """Every backend, the reference included, against the float64 brute force."""
+    want = _oracle_terms(x.cpu().to(torch.float64), dim)
     got = _all_terms(x, backend, dim)
     tol = TOL[x.dtype]
     grad_tol = tol if x.dtype in (torch.float32, torch.float64) else 4e-3  # grads stored in x.dtype
@@ -137,12 +153,16 @@ def test_tiles_and_large_K(backend):
     x = latents((16500, 18) if backend == "cpu" else (150, 12), seed=4, spread=0.2)
     dtype, tol = (torch.float32, 2e-5) if backend == "triton" else (torch.float64, 1e-10)
     got, grad = loss_and_grad(lambda t: ops.codebook_entropy(t, 0.5, backend=backend), x.to(dtype))
-    want, want_grad = loss_and_grad(lambda t: ref.codebook_entropy(t, 0.5), x)
+    # the reference backend against the float64 brute force (K=12), the others against the reference
+    exact = (lambda t: oracle.entropy_terms(t, 0.5)[1]) if backend == "reference" else \
+        (lambda t: ref.codebook_entropy(t, 0.5))
+    want, want_grad = loss_and_grad(exact, x)
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
     torch.testing.assert_close(grad.double(), want_grad, rtol=tol, atol=tol * 1e-2)
     for method, group_size in (("groups", 7), ("bits", None)):
         got = ops.codebook_entropy(x.to(dtype), 0.5, method=method, group_size=group_size, backend=backend)
-        want = ref.codebook_entropy(x, 0.5, method=method, group_size=group_size)
+        want = oracle.entropy_terms(x, 0.5, group_size=group_size or 1)[2] if backend == "reference" else \
+            ref.codebook_entropy(x, 0.5, method=method, group_size=group_size)
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
     if backend == "cpu":
         x24 = latents((40, 24), seed=5, spread=0.2)
@@ -224,7 +244,7 @@ def test_low_precision_accumulates_in_fp32(backend):
             torch.testing.assert_close(low, exact, rtol=1e-6, atol=1e-6)
         # a naive fp16 computation would round q's 4096 entries to ~3 digits; ours matches fp64
         torch.testing.assert_close(ops.codebook_entropy(x, 2.0, backend=backend).double(),
-                                   ref.codebook_entropy(x.double(), 2.0), rtol=1e-6, atol=1e-6)
+                                   oracle.entropy_terms(x.double(), 2.0)[1], rtol=1e-6, atol=1e-6)
 
 
 # ---- the bounds --------------------------------------------------------------------------
@@ -357,13 +377,14 @@ def test_bit_probs(backend):
     for dtype in backend_dtypes(backend):
         x = latents((3, 5, 7), seed=2, spread=3.0).to(dtype)
         got = ops.bit_probs(x, 0.5, scale=1 / math.sqrt(5), backend=backend)
-        want = torch.sigmoid(4 * 0.5 / math.sqrt(5) * x.double())
+        want = oracle.bit_probs(x, 0.5, 1 / math.sqrt(5))
         assert got.dtype == ref.work_dtype(dtype) and got.shape == x.shape
         torch.testing.assert_close(got.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
     # LFQ's softmax over the 2^K codes factorises into these bits
     x = latents((4, 6), seed=3)
-    softmax = torch.softmax(2 * 2.0 * x @ (2.0 * ref.code_bits(6).double() - 1).T, dim=-1)
-    torch.testing.assert_close(ref.code_probs(ops.bit_probs(x, 2.0, backend=backend)), softmax, rtol=0, atol=1e-14)
+    softmax = torch.softmax(2 * 2.0 * x @ (2.0 * oracle.all_codes(6) - 1).T, dim=-1)
+    p = ops.bit_probs(x, 2.0, backend=backend)
+    torch.testing.assert_close(oracle.code_distribution(torch.log(p) - torch.log1p(-p)), softmax, rtol=0, atol=1e-13)
 
 
 def test_torch_compile_fullgraph():

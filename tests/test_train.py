@@ -71,13 +71,34 @@ def test_five_steps_single_process_and_loadable_checkpoint(tmp_path):
     assert model.model_id and model.encode(torch.zeros(1, 3, 5, 32, 32)).num_tokens > 0
 
 
-def test_stage_zero_trains_the_backbone(tmp_path):
-    cfg = TrainConfig.from_file(str(write_config(tmp_path, steps=2, stage=0)))
+def changed_and_unchanged(tmp_path, stage, extra=""):
+    """Two steps of a stage -> ({names of parameters that changed}, {names that did not})."""
+    cfg = TrainConfig.from_file(str(write_config(tmp_path, steps=2, stage=stage, extra_train=extra)))
     trainer = Trainer(cfg)
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n.startswith("vae.decoder.")}
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.run()
-    after = dict(trainer.model.named_parameters())
-    assert any(not torch.equal(before[n], after[n]) for n in before)
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())}
+    return changed, set(before) - changed
+
+
+def test_stage_zero_trains_the_whole_backbone_and_nothing_else(tmp_path):
+    changed, unchanged = changed_and_unchanged(tmp_path, stage=0)
+    backbone = {n for n in changed | unchanged if n.startswith("vae.") and ".lora_" not in n}
+    assert changed == backbone                                  # every backbone weight moved, nothing else
+    assert any(n.startswith("vae.decoder.") for n in changed) and any(n.startswith("vae.encoder.") for n in changed)
+
+
+def test_stage_one_keeps_the_backbone_and_decoder_frozen(tmp_path):
+    changed, unchanged = changed_and_unchanged(tmp_path, stage=1)
+    assert not any(n.startswith("vae.") and ".lora_" not in n for n in changed)     # frozen: bit for bit
+    assert not any(n.startswith("prior.") for n in changed)                          # AR is off in stage 1
+    lapq = {n for n in changed | unchanged if n.startswith("lapq.")}
+    # the text heads get no gradient without a caption (text_encoder = "none"); every other LaPQ weight moves
+    assert {n for n in lapq if n not in changed} <= {n for n in lapq if ".text_" in n}
+    assert any(".lora_B" in n for n in changed)
+    changed, _ = changed_and_unchanged(tmp_path / "dec", stage=1, extra="train_decoder = true")
+    assert any(n.startswith("vae.decoder.") for n in changed)
+    assert not any(n.startswith("vae.encoder.") and ".lora_" not in n for n in changed)
 
 
 def test_what_each_stage_trains(tmp_path):
@@ -118,6 +139,103 @@ def test_resume_is_exact(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_ema_weights_follow_the_recursion_are_saved_and_restored(tmp_path):
+    """e_0 = p_0, e_(s+1) = e_s + (1 - decay) (p_(s+1) - e_s) after each optimizer step; the EMA is
+    in the checkpoint's trainer state and a resumed run continues from it."""
+    from pyratok.train.loop import TRAINER_STATE
+    from pyratok.train.state_io import load_state
+
+    cfg = TrainConfig.from_file(str(write_config(tmp_path, steps=3, checkpoint_every=100, extra_train="ema = 0.5")))
+    trainer = Trainer(cfg)
+    want = [p.detach().clone() for p in trainer.params]
+    trajectory = []
+
+    def record(t):
+        trajectory.append([p.detach().clone() for p in t.params])
+
+    trainer.run(on_step=record)
+    for params in trajectory:
+        want = [e + 0.5 * (p - e) for e, p in zip(want, params)]
+    assert any(not torch.equal(w, p) for w, p in zip(want, trajectory[-1]))       # it is not the raw weights
+    for got, w in zip(trainer.ema, want):
+        torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-7)
+    state = load_state(trainer.latest_checkpoint(), TRAINER_STATE)
+    assert len(state["ema"]) == len(want)
+    for got, w in zip(state["ema"], want):
+        torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-7)
+    again = Trainer(TrainConfig.from_file(str(write_config(tmp_path, steps=3, extra_train="ema = 0.5"))))
+    again.load_checkpoint(trainer.latest_checkpoint())
+    assert all(torch.equal(a, b) for a, b in zip(again.ema, state["ema"]))
+
+
+DDP_STEP = """
+import os, sys
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from pyratok.models.pyratok import PyraTok, PyraTokConfig
+from pyratok.models.text import TextEmbedding
+
+torch.manual_seed(0)
+model = PyraTok(PyraTokConfig.tiny(text_encoder=None))
+model.config.loss.drift = 0.0
+with torch.no_grad():                        # LoRA off its B = 0 start, so that every adapter gets a gradient
+    for n, p in model.named_parameters():
+        if ".lora_B." in n:
+            p.normal_(0, 0.02)
+model.requires_grad_(False)
+for n, p in model.named_parameters():
+    p.requires_grad_(not n.startswith("vae.") or ".lora_" in n)
+g = torch.Generator().manual_seed(1)
+video = torch.rand(2, 3, 5, 32, 32, generator=g) * 2 - 1
+text = TextEmbedding(torch.randn(2, 3, 384, generator=g), torch.ones(2, 3, dtype=torch.bool))
+world = int(os.environ.get("WORLD_SIZE", "1"))
+if world > 1:
+    dist.init_process_group("gloo")
+    r = dist.get_rank()
+    net, pg = DDP(model, find_unused_parameters=True), dist.group.WORLD
+    video, text = video[r:r + 1], TextEmbedding(text.tokens[r:r + 1], text.mask[r:r + 1])
+else:
+    net, pg = model, None
+opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+_, losses = net(video, text, None, pg)
+assert {"ar", "entropy", "text_code", "text_token", "hierarchy"} <= set(losses.terms), losses.terms
+losses.total.backward()
+opt.step()
+if world == 1 or dist.get_rank() == 0:
+    torch.save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, sys.argv[1])
+if world > 1:
+    dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known bug: the all-reduced terms (entropy, text_code) give each rank its slice "
+                   "of the union-batch gradient and DDP then averages over ranks, so under DDP their parameter "
+                   "gradients are 1/world of the single-process ones (pyratok/ops/entropy.py says so; "
+                   "models/losses.py and train/loop.py do not scale them back)")
+def test_two_ddp_ranks_equal_one_process_on_the_union_batch(tmp_path):
+    """One SGD step of every trained group (LaPQ with its text heads, LoRA, prior) with every
+    batch-coupled term on (entropy's H(q), text_code's mean, AR): 2 gloo ranks with one clip each
+    give the parameters of one process with both clips, to fp32 tolerance."""
+    script = tmp_path / "ddp_step.py"
+    script.write_text(DDP_STEP)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    if one.returncode != 0:                  # not an AssertionError: the xfail accepts only the comparison
+        raise RuntimeError(one.stderr[-3000:])
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path / "two.pt")], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=str(tmp_path))
+    if two.returncode != 0:
+        raise RuntimeError(two.stderr[-3000:])
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    if not (a.keys() == b.keys() and any(k.startswith("prior.") for k in a) and any(".lora_" in k for k in a)):
+        raise RuntimeError(f"parameters saved: {sorted(a)} vs {sorted(b)}")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-6, msg=k)
 
 
 def test_config_errors(tmp_path):

@@ -1,0 +1,169 @@
+"""Mutation testing of pyratok's model, training and I/O layer with mutmut (3.8.1), one module at a
+time, and the report benchmarks/results/mutation.md (per-module scores and every surviving mutant).
+
+    python benchmarks/mutation/run.py                      # every module of modules.toml
+    python benchmarks/mutation/run.py tokens masking       # some
+    python benchmarks/mutation/run.py --report-only        # rewrite the report from the last runs
+
+Each module runs in its own scratch tree build/mutation/<name>/: a copy of pyratok/ with the
+top-level kernels/ placed at pyratok/kernels (what setup.py's package_dir mapping does for an
+install) and the compiled pyratok/_C*.so, a copy of tests/, and a pyproject.toml whose
+[tool.mutmut] section mutates only that module and runs only its test files.  mutmut copies the tree
+to mutants/, imports pyratok from there, collects which tests reach each function once, and then
+runs each mutant against those tests only, in processes forked from a warm fork server (torch is
+not fork-safe from a process that has run it).  Statuses: killed (a test failed), survived (all
+passed), no tests (no selected test reaches the function), timeout, suspicious.
+
+Survivors judged equivalent (no behaviour can tell them apart) are listed with their one-line
+reason in benchmarks/mutation/equivalent.toml and counted apart in the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.join(ROOT, "benchmarks", "mutation")
+SCRATCH = os.path.join(ROOT, "build", "mutation")
+REPORT = os.path.join(ROOT, "benchmarks", "results", "mutation.md")
+
+
+def load(name: str) -> dict:
+    with open(os.path.join(HERE, name), "rb") as f:
+        return tomllib.load(f)
+
+
+def _toml_list(values) -> str:
+    return "[" + ", ".join(f'"{v}"' for v in values) + "]"
+
+
+def prepare(name: str, entry: dict) -> str:
+    """A fresh scratch tree for one module -> its path."""
+    tree = os.path.join(SCRATCH, name)
+    shutil.rmtree(tree, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(os.path.join(ROOT, "pyratok"), os.path.join(tree, "pyratok"), ignore=ignore, symlinks=False)
+    shutil.copytree(os.path.join(ROOT, "kernels"), os.path.join(tree, "pyratok", "kernels"), ignore=ignore)
+    shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(tree, "tests"), ignore=ignore)
+    with open(os.path.join(tree, "pyproject.toml"), "w") as f:
+        f.write(f"""[tool.pytest.ini_options]
+testpaths = ["tests"]
+markers = ["cuda: needs a CUDA device", "slow: longer than a few seconds"]
+
+[tool.mutmut]
+source_paths = ["pyratok"]
+only_mutate = {_toml_list(entry["mutate"])}
+pytest_add_cli_args_test_selection = {_toml_list(entry["tests"])}
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]
+process_isolation = "forkserver"
+use_git_change_detection = false
+timeout_multiplier = 10.0
+timeout_constant = 30.0
+""")
+    return tree
+
+
+def run(name: str, entry: dict, jobs: int) -> int:
+    tree = prepare(name, entry)
+    # mutants/ must exist before Python starts: a PYTHONPATH entry that does not exist yet is cached
+    # as "no finder", and pyratok would then be imported from the editable install, unmutated
+    # (mutmut then reports that no test reaches any mutant)
+    os.makedirs(os.path.join(tree, "mutants"), exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONPATH=os.path.join(tree, "mutants"))      # subprocesses of the tests see the mutants too
+    env.pop("PYRATOK_BACKEND", None)
+    mutmut = [sys.executable, "-m", "mutmut"]
+    print(f"== {name}: mutating {', '.join(entry['mutate'])}; tests {' '.join(entry['tests'])}", flush=True)
+    return subprocess.call(mutmut + ["run", "--max-children", str(jobs)], cwd=tree, env=env)
+
+
+def results(name: str) -> dict[str, str] | None:
+    """{mutant name: status} of a module's last run, or None when it has not run."""
+    tree = os.path.join(SCRATCH, name)
+    if not os.path.isdir(os.path.join(tree, "mutants")):
+        return None
+    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=tree,
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.path.join(tree, "mutants")))
+    found = {}
+    for line in out.stdout.splitlines():
+        m = re.match(r"\s*(\S+): (.+)$", line)
+        if m:
+            found[m.group(1)] = m.group(2).strip()
+    return found
+
+
+def diff_of(name: str, mutant: str) -> str:
+    tree = os.path.join(SCRATCH, name)
+    out = subprocess.run([sys.executable, "-m", "mutmut", "show", mutant], cwd=tree, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=os.path.join(tree, "mutants")))
+    lines = [l for l in out.stdout.splitlines() if l.startswith(("+", "-")) and not l.startswith(("+++", "---"))]
+    return " / ".join(l[:1] + " " + l[1:].strip() for l in lines)[:240]
+
+
+def report(names: list[str]) -> None:
+    modules = load("modules.toml")
+    equivalent = load("equivalent.toml") if os.path.isfile(os.path.join(HERE, "equivalent.toml")) else {}
+    rows, survivors = [], []
+    for name in modules:
+        found = results(name)
+        if found is None:
+            rows.append(f"| {name} | {', '.join(modules[name]['mutate'])} | not run yet | | | | | |")
+            continue
+        counts: dict[str, int] = {}
+        for status in found.values():
+            counts[status] = counts.get(status, 0) + 1
+        equiv = {k for k, v in found.items() if v == "survived" and k in equivalent}
+        killed = counts.get("killed", 0) + counts.get("timeout", 0)
+        tested = len(found) - counts.get("no tests", 0) - counts.get("skipped", 0) - len(equiv)
+        score = f"{100 * killed / tested:.1f}%" if tested else "-"
+        rows.append(f"| {name} | {', '.join(modules[name]['mutate'])} | {len(found)} | {killed} | "
+                    f"{counts.get('survived', 0) - len(equiv)} | {len(equiv)} | {counts.get('no tests', 0)} | {score} |")
+        for k, v in sorted(found.items()):
+            if v == "survived":
+                survivors.append(f"| {name} | `{k}` | {'equivalent: ' + equivalent[k] if k in equiv else 'open'} | "
+                                 f"`{diff_of(name, k).replace('|', '/')}` |")
+            elif v not in ("killed", "timeout"):
+                survivors.append(f"| {name} | `{k}` | {v} | `{diff_of(name, k).replace('|', '/')}` |")
+    text = ["# Mutation testing", "",
+            f"mutmut 3.8.1, `make mutation` (benchmarks/mutation/run.py; modules and their tests in "
+            f"benchmarks/mutation/modules.toml).  Written {datetime.date.today().isoformat()}.", "",
+            "Score = (killed + timeout) / (mutants - no tests - equivalent).  Target: >= 80% per module.", "",
+            "| module | files | mutants | killed | survived | equivalent | no tests | score |",
+            "|---|---|---:|---:|---:|---:|---:|---:|", *rows, ""]
+    if survivors:
+        text += ["## Mutants not killed", "", "| module | mutant | status | change |", "|---|---|---|---|",
+                 *survivors, ""]
+    os.makedirs(os.path.dirname(REPORT), exist_ok=True)
+    with open(REPORT, "w") as f:
+        f.write("\n".join(text))
+    print(f"wrote {REPORT}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", help="entries of modules.toml (default: all)")
+    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    modules = load("modules.toml")
+    names = args.modules or list(modules)
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        parser.error(f"unknown modules {unknown}; modules.toml has {list(modules)}")
+    status = 0
+    if not args.report_only:
+        for name in names:
+            status |= run(name, modules[name], args.jobs)
+    report(names)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
