@@ -52,6 +52,7 @@ def prepare(name: str, entry: dict) -> str:
     shutil.copytree(os.path.join(ROOT, "pyratok"), os.path.join(tree, "pyratok"), ignore=ignore, symlinks=False)
     shutil.copytree(os.path.join(ROOT, "kernels"), os.path.join(tree, "pyratok", "kernels"), ignore=ignore)
     shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(tree, "tests"), ignore=ignore)
+    shutil.copy2(os.path.join(ROOT, "README.md"), os.path.join(tree, "README.md"))   # tests parse its tables
     with open(os.path.join(tree, "pyproject.toml"), "w") as f:
         f.write(f"""[tool.pytest.ini_options]
 testpaths = ["tests"]
@@ -59,6 +60,7 @@ markers = ["cuda: needs a CUDA device", "slow: longer than a few seconds"]
 
 [tool.mutmut]
 source_paths = ["pyratok"]
+also_copy = ["README.md"]
 only_mutate = {_toml_list(entry["mutate"])}
 pytest_add_cli_args_test_selection = {_toml_list(entry["tests"])}
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]
