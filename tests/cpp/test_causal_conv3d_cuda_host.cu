@@ -55,6 +55,34 @@ void fill(std::vector<double>& v, std::mt19937& rng) {
 
 // Runs the kernel's schedule on the host: every block of the grid, every thread's fetches in
 // K-step order, the tile product, and the epilogue's stores.
+// Each thread's fixed rows/columns and reduction walkers at the start of a block, as the
+// kernel's prologue sets them up.
+template <typename Problem>
+struct BlockStart {
+  using MapA = TileMap<Problem::kARedFast>;
+  using MapB = TileMap<Problem::kBRedFast>;
+  std::vector<std::array<typename Problem::Row, MapA::kFixed>> rows;
+  std::vector<std::array<typename Problem::Col, MapB::kFixed>> cols;
+  std::vector<typename Problem::RedA> walk_a;
+  std::vector<typename Problem::RedB> walk_b;
+
+  BlockStart(const Problem& pb, int64_t M, int64_t N, int64_t m0, int64_t n0, int64_t k_begin)
+      : rows(kThreads), cols(kThreads) {
+    for (int tid = 0; tid < kThreads; ++tid) {
+      for (int q = 0; q < MapA::kFixed; ++q) {
+        const int64_t m = m0 + MapA::fixed(tid, q);
+        rows[tid][q] = pb.row(m, m < M);
+      }
+      for (int q = 0; q < MapB::kFixed; ++q) {
+        const int64_t n = n0 + MapB::fixed(tid, q);
+        cols[tid][q] = pb.col(n, n < N);
+      }
+      walk_a.push_back(pb.red_a(k_begin + MapA::red(tid)));
+      walk_b.push_back(pb.red_b(k_begin + MapB::red(tid)));
+    }
+  }
+};
+
 template <typename Problem>
 void emulate(const Problem& pb, int64_t M, int64_t N, Split split) {
   using MapA = TileMap<Problem::kARedFast>;
@@ -65,22 +93,11 @@ void emulate(const Problem& pb, int64_t M, int64_t N, Split split) {
       for (int64_t n0 = 0; n0 < N; n0 += BN) {
         const int64_t k_begin = bz * split.per_split;
         const int64_t k_end = std::min(k_begin + split.per_split, K);
-        std::vector<std::array<typename Problem::Row, MapA::kFixed>> rows(kThreads);
-        std::vector<std::array<typename Problem::Col, MapB::kFixed>> cols(kThreads);
-        std::vector<typename Problem::RedA> walk_a;
-        std::vector<typename Problem::RedB> walk_b;
-        for (int tid = 0; tid < kThreads; ++tid) {
-          for (int q = 0; q < MapA::kFixed; ++q) {
-            const int64_t m = m0 + MapA::fixed(tid, q);
-            rows[tid][q] = pb.row(m, m < M);
-          }
-          for (int q = 0; q < MapB::kFixed; ++q) {
-            const int64_t n = n0 + MapB::fixed(tid, q);
-            cols[tid][q] = pb.col(n, n < N);
-          }
-          walk_a.push_back(pb.red_a(k_begin + MapA::red(tid)));
-          walk_b.push_back(pb.red_b(k_begin + MapB::red(tid)));
-        }
+        BlockStart<Problem> start(pb, M, N, m0, n0, k_begin);
+        auto& rows = start.rows;
+        auto& cols = start.cols;
+        auto& walk_a = start.walk_a;
+        auto& walk_b = start.walk_b;
         std::vector<double> C(BM * BN, 0.0);
         for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
           std::vector<double> As(BM * BK, NAN), Bs(BK * BN, NAN);  // NaN: a slot nobody wrote
@@ -270,23 +287,13 @@ void check_spans(const Problem& pb, int64_t M, int64_t N, Split split, SpanStats
       for (int64_t n0 = 0; n0 < N; n0 += BN) {
         const int64_t k_begin = bz * split.per_split;
         const int64_t k_end = std::min(k_begin + split.per_split, K);
-        std::vector<std::array<typename Problem::Row, MapA::kFixed>> rows(kThreads);
-        std::vector<std::array<typename Problem::Col, MapB::kFixed>> cols(kThreads);
-        std::vector<typename Problem::RedA> ref_a, walk_a;
-        std::vector<typename Problem::RedB> ref_b, walk_b;
-        for (int tid = 0; tid < kThreads; ++tid) {
-          for (int q = 0; q < MapA::kFixed; ++q) {
-            const int64_t m = m0 + MapA::fixed(tid, q);
-            rows[tid][q] = pb.row(m, m < M);
-          }
-          for (int q = 0; q < MapB::kFixed; ++q) {
-            const int64_t n = n0 + MapB::fixed(tid, q);
-            cols[tid][q] = pb.col(n, n < N);
-          }
-          ref_a.push_back(pb.red_a(k_begin + MapA::red(tid)));
-          ref_b.push_back(pb.red_b(k_begin + MapB::red(tid)));
-        }
-        walk_a = ref_a, walk_b = ref_b;
+        BlockStart<Problem> start(pb, M, N, m0, n0, k_begin);
+        auto& rows = start.rows;
+        auto& cols = start.cols;
+        auto& ref_a = start.walk_a;
+        auto& ref_b = start.walk_b;
+        auto walk_a = ref_a;
+        auto walk_b = ref_b;
         for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
           // what the element path gathers: want_a[m][k], want_b[k][n]
           std::vector<uint16_t> want_a(BM * BK), want_b(BK * BN);
