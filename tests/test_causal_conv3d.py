@@ -532,3 +532,21 @@ def test_cpp_kernel_op_rejects_bad_input_cleanly():
         torch.ops.pyratok._causal_conv3d(x[:, :, :3], w, None, None, [2, 1, 1], [1, 1, 1], [1, 1], False)
     with pytest.raises(ValueError, match="cache: shape"):
         torch.ops.pyratok._causal_conv3d(x, w, None, torch.randn(1, 3, 3, 5, 5), [1, 1, 1], [1, 1, 1], [1, 1], False)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if torch.bfloat16 in backend_dtypes(b)])
+def test_autocast_runs_the_convolution_in_the_autocast_dtype(backend):
+    # like nn.Conv3d: under torch.autocast an fp32 input and fp32 weights give a bf16 output equal
+    # to the convolution of the bf16-rounded operands (custom ops are opaque to autocast)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 5, 6, 7, generator=g)
+    w = torch.randn(3, 4, 3, 3, 3, generator=g) * 0.2
+    b = torch.randn(3, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, cache = ops.causal_conv3d(x, w, b, padding=1, backend=backend)
+    assert y.dtype == torch.bfloat16 and cache.dtype == torch.bfloat16
+    want, _ = oracle.causal_conv3d(x.bfloat16().double(), w.bfloat16().double(), b.bfloat16().double(),
+                                   (1, 1, 1), (1, 1, 1), (1, 1), "zeros", None)
+    assert torch.allclose(y.double(), want, atol=0.05, rtol=0.02)
+    y32, _ = ops.causal_conv3d(x, w, b, padding=1, backend=backend)      # outside autocast: unchanged
+    assert y32.dtype == torch.float32

@@ -518,3 +518,19 @@ def test_cpp_kernel_ops_reject_bad_input_cleanly():
         torch.ops.pyratok._code_histogram(torch.tensor([1, 8]), 3)
     with pytest.raises(ValueError, match="float16/bfloat16/float32/float64"):
         torch.ops.pyratok._binary_entropy_sum(torch.ones(3, dtype=torch.int32), 1.0)
+
+
+def test_entropy_statistics_ignore_autocast():
+    # under torch.autocast (CPU bf16 training) the statistics are computed as without it: the
+    # fused forward-with-gradient must not mix a bf16 matmul into an fp32 computation
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 3, 4, 4, generator=g, requires_grad=True)
+    r = torch.randn(2, 16, 3, 4, 4, generator=g)
+    plain = [ops.codebook_entropy(x, 1.0), ops.per_sample_entropy(x, 1.0), ops.bernoulli_kl(x, r),
+             ops.lfq_entropy_loss(x, inv_temperature=1.0).loss]
+    grads = torch.autograd.grad(sum(plain), x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = [ops.codebook_entropy(x, 1.0), ops.per_sample_entropy(x, 1.0), ops.bernoulli_kl(x, r),
+                ops.lfq_entropy_loss(x, inv_temperature=1.0).loss]
+    assert all(a.dtype == torch.float32 and torch.equal(a, p) for a, p in zip(auto, plain))
+    assert torch.equal(torch.autograd.grad(sum(auto), x)[0], grads)

@@ -80,3 +80,41 @@ def test_model_from_a_backbone_folder_saved_without_it(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(model.encode(video).ids, again.encode(video).ids))
     with pytest.raises(ValueError, match="include_backbone=False needs config.backbone_path"):
         source.save_pretrained(str(tmp_path / "n"), include_backbone=False)
+
+
+def test_a_relative_backbone_path_is_relative_to_the_model_folder(tmp_path, monkeypatch):
+    # the bundled operating points are saved without the backbone and point to ../backbone
+    torch.manual_seed(0)
+    source = PyraTok(PyraTokConfig.tiny(text_encoder=None)).eval()
+    bundle = tmp_path / "bundle"
+    source.vae.save_pretrained(str(bundle / "backbone"))
+    source.config.backbone_path = "../backbone"
+    source.save_pretrained(str(bundle / "low"), include_backbone=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)                 # not resolved against the working directory
+    again = PyraTok.from_pretrained(str(bundle / "low")).eval()
+    video = clip()
+    assert all(torch.equal(x, y) for x, y in zip(source.encode(video).ids, again.encode(video).ids))
+    assert again.config.backbone_path == "../backbone"       # kept as written: re-saving next to it works
+    (bundle / "backbone" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="backbone"):
+        PyraTok.from_pretrained(str(bundle / "low"))
+
+
+def test_backbone_saved_in_fp16_loads_the_rounded_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from pyratok.models.vae import WanVAE
+
+    torch.manual_seed(0)
+    vae = PyraTok(PyraTokConfig.tiny(text_encoder=None)).vae
+    vae.save_pretrained(str(tmp_path / "half"), dtype=torch.float16)
+    stored = load_file(str(tmp_path / "half" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    again = WanVAE.from_pretrained(str(tmp_path / "half"))
+    want = vae.backbone_state_dict()
+    for k, v in again.backbone_state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, want[k].half().float()), k
+    with pytest.raises(TypeError, match="dtype: expected a floating torch.dtype"):
+        vae.save_pretrained(str(tmp_path / "bad"), dtype=torch.int8)

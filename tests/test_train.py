@@ -2,6 +2,7 @@
 checkpoints, exact resume after an interruption."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -274,3 +275,22 @@ def test_fsdp_on_cpu_is_a_clear_error(tmp_path):
     assert res.returncode != 0
     assert "train.distributed='fsdp' needs GPUs" in res.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cpu_bf16_autocast_trains_both_stages(tmp_path):
+    # train.cpu_amp = "bf16": the convolutions run in bf16 (AMX), the entropy statistics in fp32;
+    # the losses stay finite and the weights move in the backbone stage and in stage 1
+    for stage in (0, 1):
+        cfg = TrainConfig.from_file(str(write_config(tmp_path / f"s{stage}", steps=2, stage=stage,
+                                                     extra_train='cpu_amp = "bf16"')))
+        trainer = Trainer(cfg)
+        with trainer._autocast():
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        record = trainer.run()
+        assert all(math.isfinite(v) for k, v in record.items() if isinstance(v, float)), record
+        changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+        assert changed and all(v.dtype == torch.float32 for v in trainer.model.state_dict().values()
+                               if v.is_floating_point())
+    with pytest.raises(ValueError, match="train.cpu_amp='fp16'"):
+        TrainConfig.from_dict({"data": {"source": "v"}, "train": {"out_dir": "x", "cpu_amp": "fp16"}})

@@ -63,7 +63,9 @@ class PyraTokConfig:
     lateral: bool = True                      # lateral encoder taps into LaPQ (False: the ablation without them)
     drift_teacher: Optional[str] = None       # a local HF vision model folder (DINOv2/v3, SigLIP, CLIP vision)
                                               # as the drift term's frozen teacher; None: the frozen VAE encoder
-    backbone_path: Optional[str] = None       # backbone weights (diffusers folder / Wan .pth) loaded at build
+    backbone_path: Optional[str] = None       # backbone weights (diffusers folder / Wan .pth) loaded at build;
+                                              # in a saved folder's config.json a relative path is relative
+                                              # to that folder
 
     @classmethod
     def tiny(cls, **overrides) -> "PyraTokConfig":
@@ -467,6 +469,10 @@ class PyraTok(nn.Module):
                              f"{meta['model_id']}: the files come from different models")
         if includes_backbone:  # the file has the weights: do not read them from elsewhere first
             config = dataclasses.replace(config, backbone_path=None)
+        elif not os.path.isabs(config.backbone_path):
+            # a relative backbone_path in a saved folder is relative to that folder (a model that
+            # ships next to its backbone, like the bundled operating points and ../backbone)
+            config = dataclasses.replace(config, backbone_path=os.path.normpath(os.path.join(path, config.backbone_path)))
         try:
             model = cls(config, text_encoder, inference_lora=inference)
         except (TypeError, ValueError) as err:

@@ -1132,16 +1132,23 @@ class WanVAE(nn.Module):
         model.load_backbone_state_dict(state)
         return model.to(device)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> None:
         """Writes a diffusers folder that ``AutoencoderKLWan.from_pretrained`` and
-        :meth:`from_pretrained` both read.  LoRA adapters are not included (see save_lora)."""
-        from safetensors.torch import save_file
+        :meth:`from_pretrained` both read.  LoRA adapters are not included (see save_lora).
+        ``dtype`` stores the weights in that floating dtype (torch.float16 halves the file); they
+        load back into the model's own dtype."""
+        from safetensors.torch import save
+
+        from pyratok.utils import atomic_write
 
         os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, CONFIG_NAME), "w") as fh:
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in self.backbone_state_dict().items()}
+        with atomic_write(os.path.join(path, WEIGHTS_NAME)) as fh:   # temp file + rename, like every writer
+            fh.write(save(state))
+        with atomic_write(os.path.join(path, CONFIG_NAME), "w") as fh:
             json.dump({"_class_name": "AutoencoderKLWan", **self.config.to_dict()}, fh, indent=2)
-        state = {k: v.detach().contiguous() for k, v in self.backbone_state_dict().items()}
-        save_file(state, os.path.join(path, WEIGHTS_NAME))
 
     def save_wan_checkpoint(self, path: str | os.PathLike) -> None:
         """Writes the weights in the original Wan 2.1 ``.pth`` key layout."""

@@ -324,6 +324,13 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """
     stride, dilation, padding = _triple(stride, "stride"), _triple(dilation, "dilation"), _pair(padding, "padding")
     _check_tensor(x, "x")
+    if torch.is_autocast_enabled(x.device.type):
+        # like nn.Conv3d under autocast: the convolution runs in the autocast dtype (custom ops
+        # are opaque to autocast, so the cast happens here, before the checks)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        cache = cache.to(dtype) if cache is not None else None
     if x.dim() != 5:
         raise ValueError(f"x: expected a 5-D tensor (B, C, T, H, W), got shape {tuple(x.shape)}")
     _check_tensor(weight, "weight", x)

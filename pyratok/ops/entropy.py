@@ -396,6 +396,24 @@ def _(indices, K, backend):
 # public API
 
 
+def _statistics_in_fp32(fn):
+    """Under autocast the entropy statistics run with autocast off, on their inputs as given (the
+    ops compute in fp32, or fp64 for fp64 input): a reduced-precision matmul inside the fused
+    forward-with-gradient would mix dtypes, and entropies are fp32 ops like softmax and log."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        device = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+        if not torch.is_autocast_enabled(device):
+            return fn(x, *args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(x, *args, **kwargs)
+
+    return wrapper
+
+
+@_statistics_in_fp32
 def bit_probs(x: torch.Tensor, inv_temperature: float = 100.0, scale: float = 1.0,
               backend: Optional[str] = None) -> torch.Tensor:
     """p = sigmoid(4 * inv_temperature * scale * x), elementwise, in the work dtype (fp32;
@@ -404,6 +422,7 @@ def bit_probs(x: torch.Tensor, inv_temperature: float = 100.0, scale: float = 1.
     return _bit_probs_op(x, _coefficient(inv_temperature, scale), _backend.resolve(backend, x.device, "entropy"))
 
 
+@_statistics_in_fp32
 def per_sample_entropy(x: torch.Tensor, inv_temperature: float = 100.0, scale: float = 1.0, dim: int = 1,
                        process_group=None, backend: Optional[str] = None) -> torch.Tensor:
     """E_n H(P_n) = mean over tokens of sum_k h(p_nk), exact, in nats.
@@ -437,6 +456,7 @@ def _fused_pays(tokens: int, sizes: list[int], backend: str) -> bool:
     return backend == "cpu" and 0 < tokens <= FUSED_MAX_TOKENS and sum(1 << g for g in sizes) >= FUSED_MIN_CODES
 
 
+@_statistics_in_fp32
 def codebook_entropy(x: torch.Tensor, inv_temperature: float = 100.0, scale: float = 1.0, dim: int = 1,
                      method: str = "exact", group_size: Optional[int] = None, process_group=None,
                      backend: Optional[str] = None) -> torch.Tensor:
@@ -463,6 +483,7 @@ def codebook_entropy(x: torch.Tensor, inv_temperature: float = 100.0, scale: flo
     return _CountsEntropy.apply(counts, tokens)
 
 
+@_statistics_in_fp32
 def lfq_entropy_loss(x: torch.Tensor, per_sample_weight: float = 1.0, codebook_weight: float = 1.0,
                      method: str = "exact", process_group=None, *, inv_temperature: float = 100.0,
                      scale: float = 1.0, group_size: Optional[int] = None, dim: int = 1,
@@ -483,6 +504,7 @@ def lfq_entropy_loss(x: torch.Tensor, per_sample_weight: float = 1.0, codebook_w
     return EntropyLoss(w_sample * sample - w_codebook * codebook, sample, codebook)
 
 
+@_statistics_in_fp32
 def bernoulli_kl(p_logits: torch.Tensor, r_logits: torch.Tensor, dim: int = 1,
                  backend: Optional[str] = None) -> torch.Tensor:
     """Mean over positions of KL(p || r) between two Bernoulli-product distributions.

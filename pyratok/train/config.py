@@ -131,6 +131,7 @@ class TrainSection:
                                     # trained in-house; the paper keeps a pretrained one frozen)
     masking: bool = True
     amp: str = "bf16"               # autocast dtype on GPU: "bf16" | "fp16" | "none"
+    cpu_amp: str = "none"           # autocast on CPU: "bf16" (fast with AMX / AVX512-BF16) | "none"
     checkpoint_every: int = 500
     log_every: int = 10
     seed: int = 0
@@ -178,6 +179,8 @@ class TrainConfig:
             _check_range(f"train.betas[{i}]", b, 0.0, 1.0, high_open=True)
         if t.amp not in ("bf16", "fp16", "none"):
             raise ValueError(f"train.amp={t.amp!r}: expected 'bf16', 'fp16' or 'none'")
+        if t.cpu_amp not in ("bf16", "none"):
+            raise ValueError(f"train.cpu_amp={t.cpu_amp!r}: expected 'bf16' or 'none'")
         if t.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"train.distributed={t.distributed!r}: expected 'ddp' or 'fsdp'")
         from pyratok.utils import MAX_FRAMES, MAX_SIDE

@@ -4,7 +4,7 @@
     trainer.run(resume=True)
 
 * AdamW, linear warm-up then cosine decay to ``min_lr_ratio * lr``, gradient accumulation
-  and clipping, autocast (bf16/fp16) on GPU, optional EMA of the trained weights;
+  and clipping, autocast (bf16/fp16) on GPU and bf16 on CPU when asked (train.cpu_amp), optional EMA of the trained weights;
 * the paper's stages as configs (pyratok.train.config.STAGES);
 * checkpoints ``out_dir/checkpoints/step-NNNNNNNN/`` = a loadable model folder
   (config.json + model.safetensors) + ``trainer.json`` / ``trainer.safetensors`` (optimizer,
@@ -239,6 +239,8 @@ class Trainer:
 
     def _autocast(self):
         amp = self.cfg.train.amp
+        if self.device.type == "cpu" and self.cfg.train.cpu_amp == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         if self.device.type != "cuda" or amp == "none":
             return nullcontext()
         return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -481,7 +483,7 @@ class Trainer:
                     (losses.total / t.grad_accum).backward()
                     for k, v in scalars.items():
                         sums[k] = sums.get(k, 0.0) + v / t.grad_accum
-                    quality.append(psnr(recon.detach(), video).item())
+                    quality.append(psnr(recon.detach().float(), video).item())
                     if losses.indices is not None:
                         usage.append([ops.codebook_usage(i, self.model.num_bits).fraction_used.item()
                                       for i in losses.indices])
