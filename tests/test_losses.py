@@ -188,7 +188,8 @@ def entropy_formula(z, tau, gamma, sizes):
     (24, "auto", [24], [16, 8]),             # "auto": exact up to K = 24 ...
     (25, "auto", [16, 9], [17, 8]),          # ... then groups of 16 bits (the last one shorter)
     (20, "groups", [16, 4], [20]),           # an explicit method is kept, with groups of 16
-], ids=["K24-auto", "K25-auto", "K20-groups"])
+    (20, "bits", [1] * 20, [16, 4]),         # the per-bit bound (no group size passed on)
+], ids=["K24-auto", "K25-auto", "K20-groups", "K20-bits"])
 def test_entropy_method_and_group_size(K, method, sizes, other_sizes):
     g = torch.Generator().manual_seed(K)
     z = torch.randn(1, K, 1, 1, 3, generator=g, dtype=torch.float64)            # 3 tokens (T = 1)

@@ -142,7 +142,7 @@ def codebook_terms(lapq_out, cfg: LossConfig, process_group=None,
         if cfg.entropy:
             add("entropy", ops.lfq_entropy_loss(z, 1.0, cfg.entropy_gamma, method, process_group,
                                                 inv_temperature=cfg.inv_temperature,
-                                                group_size=None if method == "exact" else 16).loss)
+                                                group_size=16 if method == "groups" else None).loss)
         if cfg.hierarchy and l > 0:
             coarse = _bit_logits(lapq_out.logits[l - 1], cfg.inv_temperature).detach()
             up = F.interpolate(coarse, size=z.shape[2:], mode="nearest")
