@@ -7,8 +7,8 @@ Pipeline, per process:
       -> plan (main process, a thread per worker): open each video's header, cut it into clips of
          ``frames`` frames every ``stride`` sampled frames at ``fps``; group a shard's clips by
          shape (and caption or not) into batches of ``batch_size``
-      -> decode (DataLoader worker processes, decord): one read of the frames a batch needs per
-         video, resize + centre crop to ``size``
+      -> decode (DataLoader worker processes, decord): the frames a batch needs from each video, in
+         increasing order, read and resized + centre-cropped to ``size`` a few at a time
       -> encode (main process): PyraTok.encode on the batch, with the clips' captions when the
          model has a text encoder
       -> write (main process): when a shard's last batch is encoded, its clips sorted by key go
@@ -224,18 +224,38 @@ def _map_large_buffers() -> None:
 _RESIZE_BYTES = 8 * 2**20
 
 
-def _resize_in_chunks(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """resize_and_crop (centred) of (N, H, W, 3) uint8 frames -> (3, N, height, width), a few frames
-    at a time: the float32 copy at the source size (the largest buffer of decoding, 4x the frames)
-    stays near _RESIZE_BYTES however many frames a batch reads from one video.  Frames are resized
-    independently, so the result is the same bytes as one call."""
-    from pyratok.data import resize_and_crop
+def _decode_resized(reader, wanted: list[int], path: str, height: int, width: int) -> torch.Tensor:
+    """read_frames + resize_and_crop (centred) of the ``wanted`` frames (increasing indices) of one
+    video -> (3, N, height, width), a few frames at a time: each chunk is read and resized before the
+    next one is read, so the frames at the source size (uint8, and their float32 copy, 4x: the largest
+    buffer of decoding) never hold more than one chunk, about _RESIZE_BYTES as float32, however many
+    frames a batch wants from one video.  The first chunk is one frame, which gives the source size.
+    Frames are resized independently, so the result is the same bytes as one read_frames of every
+    wanted frame followed by one resize_and_crop.
 
-    N, H, W = frames.shape[:3]
-    step = max(1, _RESIZE_BYTES // (3 * H * W * 4))
-    if step >= N:
-        return resize_and_crop(frames, height, width, None)
-    return torch.cat([resize_and_crop(frames[s:s + step], height, width, None) for s in range(0, N, step)], dim=1)
+    Reading in chunks adds no seeks (decord 0.6.0, VideoReader::GetBatch / SeekAccurate): the reader
+    keeps its position between get_batch calls, and for each index that is not the next frame it
+    either skips forward (decodes without converting) within the current group of pictures, or seeks
+    to the index's keyframe when the index lies in another group or behind.  That depends only on the
+    position and the index, so increasing chunks decode and seek exactly as one call does; with gdb
+    on av_seek_frame, 155 frames of bikes.mp4 read in 1, 39 or 155 get_batch calls make the same two
+    seeks.  (read_frames' PyAV fallback, for the few sizes decord cannot copy out such as 8x8 or 48x48,
+    decodes from the start on every call; at those sizes a chunk is hundreds of frames.)"""
+    from pyratok.data import resize_and_crop
+    from pyratok.data.video import read_frames
+
+    out: Optional[torch.Tensor] = None
+    start, step = 0, 1
+    while start < len(wanted):
+        frames = read_frames(reader, wanted[start:start + step], path)                 # (n, H, W, 3) uint8
+        part = resize_and_crop(frames, height, width, None)                           # (3, n, height, width)
+        if out is None:
+            out = part.new_empty((3, len(wanted), height, width))
+        out[:, start:start + len(frames)] = part
+        start += len(frames)
+        step = max(1, _RESIZE_BYTES // (3 * frames.shape[1] * frames.shape[2] * 4))
+        frames = part = None   # this chunk goes before the next one is decoded
+    return out
 
 
 class _ClipDecoder(torch.utils.data.Dataset):
@@ -254,8 +274,6 @@ class _ClipDecoder(torch.utils.data.Dataset):
         return self._reader[1]
 
     def __getitem__(self, batch: _Batch) -> dict:
-        from pyratok.data.video import read_frames
-
         in_worker = torch.utils.data.get_worker_info() is not None
         if in_worker and not self._mapped:
             _map_large_buffers()
@@ -266,10 +284,8 @@ class _ClipDecoder(torch.utils.data.Dataset):
         clips, done, failed = [], [], {}
         for v, group in by_video.items():
             try:
-                wanted = sorted({f for c in group for f in c.frames})
-                frames = read_frames(self._open(group[0].path), wanted, group[0].path)       # (N, H, W, 3)
-                h, w = group[0].size
-                frames = _resize_in_chunks(frames, h, w)                                   # (3, N, h, w)
+                wanted = sorted({f for c in group for f in c.frames})   # increasing: decoding runs forward
+                frames = _decode_resized(self._open(group[0].path), wanted, group[0].path, *group[0].size)
             except (FileNotFoundError, ValueError, OSError, RuntimeError) as err:
                 self._reader = None
                 failed[v] = (group[0].path, str(err))

@@ -145,16 +145,69 @@ def test_rerun_skips_finished_shards_and_gives_the_same_bytes(reference, source,
 
 
 def test_frames_resized_a_few_at_a_time_give_the_same_bytes(reference, source, tmp_path, monkeypatch):
-    """Decoding resizes a video's frames a few at a time, so that a worker's memory does not grow
-    with the frames a batch reads from one video: one frame at a time gives the same bytes."""
+    """Decoding reads and resizes a video's frames a few at a time, so that a worker's memory does not
+    grow with the frames a batch reads from one video: one frame at a time gives the same bytes."""
     import pyratok.tokenize as tokenize_module
 
-    frames = read_video(bundled_clip_path("bikes.mp4"), 3)
+    path = bundled_clip_path("bikes.mp4")
     monkeypatch.setattr(tokenize_module, "_RESIZE_BYTES", 1)
-    assert torch.equal(tokenize_module._resize_in_chunks(frames, 32, 48), resize_and_crop(frames, 32, 48, None))
+    assert torch.equal(tokenize_module._decode_resized(open_video(path), [0, 1, 2], path, 32, 48),
+                       resize_and_crop(read_video(path, 3), 32, 48, None))
     out = tmp_path / "shards"
     assert run("tokenize", source, "-o", out, *OPTIONS, "--workers", 0, "-q") == 0
     assert digest(out) == digest(reference)
+
+
+def test_chunked_decode_gives_the_bytes_of_one_read_and_one_resize(monkeypatch):
+    """_decode_resized reads the wanted frames in increasing chunks (the first of one frame, then as
+    many as fit in _RESIZE_BYTES as float32) and resizes each before reading the next: the same bytes
+    as one read_frames of every frame and one resize_and_crop, across a keyframe (bikes.mp4: 30)."""
+    import pyratok.data.video as video_module
+    import pyratok.tokenize as tokenize_module
+
+    path = bundled_clip_path("bikes.mp4")                                        # 250 frames of 272x640
+    wanted = sorted({8 * c + j for c in range(8) for j in range(5)})            # a batch: 8 clips of 5 frames
+    want = resize_and_crop(read_frames(open_video(path), wanted), 72, 104, None)
+    H, W = open_video(path)[0].shape[:2]
+    monkeypatch.setattr(tokenize_module, "_RESIZE_BYTES", 3 * (3 * H * W * 4) + 5)   # 3 frames a chunk
+    reads = []
+    real = video_module.read_frames
+    monkeypatch.setattr(video_module, "read_frames", lambda r, i, p="video": reads.append(list(i)) or real(r, i, p))
+    got = tokenize_module._decode_resized(open_video(path), wanted, path, 72, 104)
+    assert got.shape == (3, 40, 72, 104) and torch.equal(got, want)
+    assert [len(i) for i in reads] == [1] + [3] * 13
+    assert sum(reads, []) == wanted                                             # each frame once, in order
+
+
+def test_a_worker_never_decodes_more_source_frames_than_a_chunk(tmp_path, monkeypatch):
+    """_ClipDecoder (a DataLoader worker) asks read_frames for at most one chunk of source-size
+    frames at a time (_RESIZE_BYTES as float32: 4 frames of 272x640), however many frames the batch
+    wants from a video (here 8 overlapping clips, 33 frames); the clips are those of a plain read and
+    resize, and a video that cannot be read is recorded in ``failed`` while the others go on."""
+    import pyratok.data.video as video_module
+    from pyratok.tokenize import _RESIZE_BYTES, _Batch, _Clip, _ClipDecoder
+
+    path = bundled_clip_path("bikes.mp4")
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 20)
+    clips = [_Clip(0, c, path, tuple(4 * c + j for j in range(5)), (64, 96), "", 25.0) for c in range(8)]
+    clips.append(_Clip(1, 0, str(bad), (0, 1, 2, 3, 4), (64, 96), "", 25.0))
+    sizes = []
+    real = video_module.read_frames
+
+    def recording(reader, indices, p="video"):
+        frames = real(reader, indices, p)
+        sizes.append((len(indices), frames.numel()))
+        return frames
+
+    monkeypatch.setattr(video_module, "read_frames", recording)
+    out = _ClipDecoder()[_Batch(0, clips, True)]
+    assert [c.clip for c in out["clips"]] == list(range(8)) and out["video"].shape == (8, 3, 5, 64, 96)
+    assert list(out["failed"]) == [1] and "not a readable video" in out["failed"][1][1]
+    assert sum(n for n, _ in sizes) == 33 and max(n for n, _ in sizes) == 4
+    assert max(b for _, b in sizes) <= _RESIZE_BYTES // 4                       # uint8 source frames at once
+    for b, c in enumerate(clips[:8]):
+        assert torch.equal(out["video"][b], resize_and_crop(real(open_video(path), c.frames), 64, 96, None))
 
 
 def _records(folder) -> int:
