@@ -169,6 +169,19 @@ def test_ema_weights_follow_the_recursion_are_saved_and_restored(tmp_path):
     again = Trainer(TrainConfig.from_file(str(write_config(tmp_path, steps=3, extra_train="ema = 0.5"))))
     again.load_checkpoint(trainer.latest_checkpoint())
     assert all(torch.equal(a, b) for a, b in zip(again.ema, state["ema"]))
+    # used: step-N/ema/ is a loadable model whose trained weights are the EMA and every other
+    # weight the model's; step-N/ itself keeps the raw weights (for resuming)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    trained = [names[id(p)] for p in trainer.params]
+    ema_model = PyraTok.from_pretrained(os.path.join(trainer.latest_checkpoint(), "ema"))
+    raw_model = PyraTok.from_pretrained(trainer.latest_checkpoint())
+    ema_params, raw_params = dict(ema_model.named_parameters()), dict(raw_model.named_parameters())
+    for name, w, p in zip(trained, want, trajectory[-1]):
+        torch.testing.assert_close(ema_params[name], w, rtol=1e-6, atol=1e-7)
+        assert torch.equal(raw_params[name], p)
+    untouched = set(raw_params) - set(trained)
+    assert untouched and all(torch.equal(ema_params[n], raw_params[n]) for n in untouched)
+    assert all(torch.equal(p, r) for p, r in zip(trainer.params, trajectory[-1]))    # saving put the raw weights back
 
 
 DDP_STEP = """

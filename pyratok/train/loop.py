@@ -12,7 +12,9 @@
   temporary folder and renamed (atomic; a re-saved step is swapped in crash-safely), every
   ``checkpoint_every`` steps, at the end, and on SIGTERM/SIGINT (DataLoader workers ignore
   those, so a signal to the whole process group is handled once); ``latest`` names the
-  newest, and resume falls back to the newest complete checkpoint if it is incomplete;
+  newest, and resume falls back to the newest complete checkpoint if it is incomplete; with
+  ``train.ema`` > 0 each checkpoint also holds ``ema/``, the model folder with the EMA of the
+  trained weights in their place (the weights to use; the raw ones are kept for resuming);
 * a non-finite loss or gradient norm stops the run (NonFiniteLossError) without saving;
 * resume is exact: data order and masks depend only on (seed, step), and the optimizer,
   scheduler and RNG states are restored, so a killed and resumed run reaches the weights of
@@ -51,6 +53,7 @@ from pyratok.utils import atomic_write
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer"            # trainer.json + trainer.safetensors (no pickle)
+EMA_MODEL = "ema"                    # with train.ema > 0: step-N/ema/ = the model with the EMA weights
 LEGACY_TRAINER_STATE = "trainer.pt"  # older checkpoints; read with weights_only=True
 
 
@@ -269,6 +272,19 @@ class Trainer:
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "python_rng": random.getstate(), "config": self.cfg.to_dict()}
 
+    def _save_ema_model(self, path: str) -> None:
+        """The model with the EMA of the trained weights in place of the trained weights: a loadable
+        model folder (the weights to use after training; the raw ones stay for resuming)."""
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in self.params]
+            try:
+                for p, e in zip(self.params, self.ema):
+                    p.copy_(e)
+                self.model.save_pretrained(path)
+            finally:
+                for p, r in zip(self.params, raw):
+                    p.copy_(r)
+
     def save_checkpoint(self) -> Optional[str]:
         """Writes ``step-N`` through a temporary folder.  Re-saving an existing step never leaves
         a moment without a complete copy: the old folder is renamed aside, the new one renamed
@@ -286,6 +302,8 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             self.model.save_pretrained(tmp, state_dict=model_state)
             save_state(tmp, TRAINER_STATE, self._trainer_state(optimizer_state))
+            if self.ema is not None and not self._fsdp():
+                self._save_ema_model(os.path.join(tmp, EMA_MODEL))
             replaced = os.path.isdir(path)
             if replaced:
                 shutil.rmtree(old, ignore_errors=True)
