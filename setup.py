@@ -66,6 +66,7 @@ setup(
         "pyratok.data",
         "pyratok.models",
         "pyratok.io",
+        "pyratok.interop",
         "pyratok.train",
         "pyratok.kernels",
     ],

@@ -53,3 +53,25 @@ def test_the_checkout_root_on_sys_path_does_not_shadow_the_pypi_kernels_package(
     assert out.returncode == 0, out.stderr[-2000:]
     theirs, ours = out.stdout.split()
     assert theirs != ours and ours == os.path.join(ROOT, "kernels", "__init__.py")
+
+
+def test_setup_installs_every_package_and_the_bundled_model():
+    # a non-editable install only has what setup.py lists: every package folder of pyratok/ and
+    # every file of the bundled model (pyratok.interop was once missing)
+    import ast
+    import glob
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tree = ast.parse(open(os.path.join(root, "setup.py")).read())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    kw = {k.arg: k.value for k in call.keywords}
+    listed = set(ast.literal_eval(kw["packages"]))
+    found = {os.path.relpath(os.path.dirname(f), root).replace(os.sep, ".")
+             for f in glob.glob(os.path.join(root, "pyratok", "**", "__init__.py"), recursive=True)}
+    assert found <= listed, sorted(found - listed)
+    # package_data is a literal with one generator expression: evaluated on its own, no builtins
+    data = set(eval(compile(ast.Expression(kw["package_data"]), "setup.py", "eval"), {"__builtins__": {}})["pyratok"])
+    shipped = {os.path.relpath(f, os.path.join(root, "pyratok")).replace(os.sep, "/")
+               for f in glob.glob(os.path.join(root, "pyratok", "assets", "**", "*"), recursive=True)
+               if os.path.isfile(f) and not os.path.basename(f).startswith(".")}
+    assert shipped and shipped == data, (sorted(shipped - data), sorted(data - shipped))
