@@ -19,6 +19,7 @@ threads are 1.7x one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import io
 import os
@@ -56,9 +57,8 @@ def build(name: str) -> PyraTok:
     kw.setdefault("latents_std", (1.0,) * kw["z_dim"])
     torch.manual_seed(0)
     cfg = PyraTokConfig.tiny(text_encoder=None)
-    cfg = PyraTokConfig.tiny(text_encoder=None, backbone=WanVAEConfig(**kw),
-                             lapq=type(cfg.lapq)(**{**cfg.lapq.__dict__, "latent_dim": kw["z_dim"]}))
-    return PyraTok(cfg)
+    return PyraTok(dataclasses.replace(cfg, backbone=WanVAEConfig(**kw),
+                                       lapq=dataclasses.replace(cfg.lapq, latent_dim=kw["z_dim"])))
 
 
 def run(name, threads, backend, amp, channels_last, compile_, batch, frames, size, steps):

@@ -35,6 +35,7 @@ averages over ranks (DDP, FSDP) is the single-process one: R ranks train like on
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -400,8 +401,6 @@ def _statistics_in_fp32(fn):
     """Under autocast the entropy statistics run with autocast off, on their inputs as given (the
     ops compute in fp32, or fp64 for fp64 input): a reduced-precision matmul inside the fused
     forward-with-gradient would mix dtypes, and entropies are fp32 ops like softmax and log."""
-    import functools
-
     @functools.wraps(fn)
     def wrapper(x, *args, **kwargs):
         device = x.device.type if isinstance(x, torch.Tensor) else "cpu"

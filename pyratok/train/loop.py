@@ -275,15 +275,10 @@ class Trainer:
     def _save_ema_model(self, path: str) -> None:
         """The model with the EMA of the trained weights in place of the trained weights: a loadable
         model folder (the weights to use after training; the raw ones stay for resuming)."""
-        with torch.no_grad():
-            raw = [p.detach().clone() for p in self.params]
-            try:
-                for p, e in zip(self.params, self.ema):
-                    p.copy_(e)
-                self.model.save_pretrained(path)
-            finally:
-                for p, r in zip(self.params, raw):
-                    p.copy_(r)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        state = self.model.state_dict()
+        state.update({names[id(p)]: e for p, e in zip(self.params, self.ema)})
+        self.model.save_pretrained(path, state_dict=state)
 
     def save_checkpoint(self) -> Optional[str]:
         """Writes ``step-N`` through a temporary folder.  Re-saving an existing step never leaves

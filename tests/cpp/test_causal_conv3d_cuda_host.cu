@@ -83,17 +83,26 @@ struct BlockStart {
   }
 };
 
-template <typename Problem>
-void emulate(const Problem& pb, int64_t M, int64_t N, Split split) {
-  using MapA = TileMap<Problem::kARedFast>;
-  using MapB = TileMap<Problem::kBRedFast>;
+// Every thread block of the launch grid (split, row tile, column tile) with its reduction range and
+// the start state of its threads: fn(bz, m0, n0, k_begin, k_end, start).
+template <typename Problem, typename Fn>
+void for_each_block(const Problem& pb, int64_t M, int64_t N, Split split, Fn&& fn) {
   const int64_t K = pb.reduction();
   for (int64_t bz = 0; bz < split.count; ++bz)
     for (int64_t m0 = 0; m0 < M; m0 += BM)
       for (int64_t n0 = 0; n0 < N; n0 += BN) {
         const int64_t k_begin = bz * split.per_split;
-        const int64_t k_end = std::min(k_begin + split.per_split, K);
         BlockStart<Problem> start(pb, M, N, m0, n0, k_begin);
+        fn(bz, m0, n0, k_begin, std::min(k_begin + split.per_split, K), start);
+      }
+}
+
+template <typename Problem>
+void emulate(const Problem& pb, int64_t M, int64_t N, Split split) {
+  using MapA = TileMap<Problem::kARedFast>;
+  using MapB = TileMap<Problem::kBRedFast>;
+  for_each_block(pb, M, N, split, [&](int64_t bz, int64_t m0, int64_t n0, int64_t k_begin, int64_t k_end,
+                                      BlockStart<Problem>& start) {
         auto& rows = start.rows;
         auto& cols = start.cols;
         auto& walk_a = start.walk_a;
@@ -118,7 +127,7 @@ void emulate(const Problem& pb, int64_t M, int64_t N, Split split) {
           if (r.dst < 0) continue;
           for (int nn = 0; nn < BN && n0 + nn < N; ++nn) pb.template store<F>(r, n0 + nn, C[mm * BN + nn]);
         }
-      }
+      });
 }
 
 struct Case {
@@ -280,14 +289,9 @@ void check_spans(const Problem& pb, int64_t M, int64_t N, Split split, SpanStats
   using MapB = TileMap<Problem::kBRedFast>;
   using LA = TileLayout<!Problem::kARedFast, BM>;  // the kernel's layouts where kAsync holds
   using LB = TileLayout<!Problem::kBRedFast, BN>;
-  const int64_t K = pb.reduction();
   int bad = 0;
-  for (int64_t bz = 0; bz < split.count; ++bz)
-    for (int64_t m0 = 0; m0 < M; m0 += BM)
-      for (int64_t n0 = 0; n0 < N; n0 += BN) {
-        const int64_t k_begin = bz * split.per_split;
-        const int64_t k_end = std::min(k_begin + split.per_split, K);
-        BlockStart<Problem> start(pb, M, N, m0, n0, k_begin);
+  for_each_block(pb, M, N, split, [&](int64_t bz, int64_t m0, int64_t n0, int64_t k_begin, int64_t k_end,
+                                      BlockStart<Problem>& start) {
         auto& rows = start.rows;
         auto& cols = start.cols;
         auto& ref_a = start.walk_a;
@@ -356,7 +360,7 @@ void check_spans(const Problem& pb, int64_t M, int64_t N, Split split, SpanStats
           for (int w : wb) total += w;
           bad += total != BM * BK + BK * BN;  // nothing written into the padding columns
         }
-      }
+      });
   CHECK(bad == 0);
 }
 
