@@ -4,6 +4,8 @@ backbone folder and saved without it."""
 
 import dataclasses
 
+import json
+
 import pytest
 import torch
 
@@ -100,6 +102,69 @@ def test_a_relative_backbone_path_is_relative_to_the_model_folder(tmp_path, monk
     (bundle / "backbone" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="backbone"):
         PyraTok.from_pretrained(str(bundle / "low"))
+
+
+def test_a_model_saved_with_its_own_decoder_over_a_shared_backbone(tmp_path):
+    # an operating point whose decoder was adapted to its quantizer (train.train_decoder) ships
+    # that decoder next to a shared backbone: loading takes the encoder from backbone_path and
+    # the decoder from the model's folder
+    from safetensors.torch import load_file
+
+    from pyratok.models.pyratok import DECODER_PREFIXES
+
+    torch.manual_seed(0)
+    source = PyraTok(PyraTokConfig.tiny(text_encoder=None)).eval()
+    bundle = tmp_path / "bundle"
+    source.vae.save_pretrained(str(bundle / "backbone"))
+    with torch.no_grad():                                 # the adapted decoder differs from the backbone's
+        for name, p in source.named_parameters():
+            if name.startswith(DECODER_PREFIXES):
+                p.add_(0.05 * torch.randn_like(p))
+    source.config.backbone_path = "../backbone"
+    source.save_pretrained(str(bundle / "own"), include_backbone=False, include_decoder=True)
+    source.save_pretrained(str(bundle / "shared"), include_backbone=False)
+    saved = load_file(str(bundle / "own" / "model.safetensors"))
+    assert {k for k in saved if k.startswith("vae.") and ".lora_" not in k} == \
+        {k for k, _ in source.named_parameters() if k.startswith(DECODER_PREFIXES)} | \
+        {k for k, _ in source.named_buffers() if k.startswith(DECODER_PREFIXES)}
+    own = PyraTok.from_pretrained(str(bundle / "own")).eval()
+    shared = PyraTok.from_pretrained(str(bundle / "shared")).eval()
+    video = clip()
+    tokens = dataclasses.replace(source.encode(video), model_id=None)   # each saved folder has its own id
+    assert all(torch.equal(x, y) for x, y in zip(tokens.ids, own.encode(video).ids))
+    assert torch.equal(own.decode(tokens), source.decode(tokens))
+    assert not torch.equal(shared.decode(tokens), source.decode(tokens))   # the backbone's decoder instead
+    assert json.loads((bundle / "own" / "config.json").read_text())["includes_decoder"] is True
+    assert json.loads((bundle / "shared" / "config.json").read_text())["includes_decoder"] is False
+    # fp16 storage: half the bytes, the rounded weights come back in float32
+    source.save_pretrained(str(bundle / "half"), include_backbone=False, include_decoder=True, dtype=torch.float16)
+    half = load_file(str(bundle / "half" / "model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in half.values() if v.is_floating_point())
+    again = PyraTok.from_pretrained(str(bundle / "half"))
+    state = dict(again.named_parameters())
+    for k, v in half.items():
+        if k in state:
+            assert state[k].dtype == torch.float32 and torch.equal(state[k], v.float()), k
+    with pytest.raises(ValueError, match="dtype=torch.int8: expected a floating-point"):
+        source.save_pretrained(str(bundle / "bad"), include_backbone=False, dtype=torch.int8)
+
+
+def test_a_model_file_without_its_declared_decoder_is_rejected(tmp_path):
+    torch.manual_seed(0)
+    source = PyraTok(PyraTokConfig.tiny(text_encoder=None)).eval()
+    source.vae.save_pretrained(str(tmp_path / "backbone"))
+    source.config.backbone_path = "../backbone"
+    source.save_pretrained(str(tmp_path / "m"), include_backbone=False)
+    cfg = tmp_path / "m" / "config.json"
+    meta = json.loads(cfg.read_text())
+    meta["includes_decoder"] = True                     # says the decoder is here; the file lacks it
+    cfg.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="missing"):
+        PyraTok.from_pretrained(str(tmp_path / "m"))
+    meta["includes_decoder"] = "yes"
+    cfg.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="includes_decoder must be true or false"):
+        PyraTok.from_pretrained(str(tmp_path / "m"))
 
 
 def test_backbone_saved_in_fp16_loads_the_rounded_weights(tmp_path):

@@ -44,6 +44,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "pyratok-model"
 FORMAT_VERSION = 1
+# the backbone decoder's weights (what train.train_decoder trains; save_pretrained(include_decoder=True))
+DECODER_PREFIXES = ("vae.decoder.", "vae.post_quant_conv.")
 
 
 @dataclass
@@ -393,22 +395,36 @@ class PyraTok(nn.Module):
 
     # -- saving and loading ----------------------------------------------------------------
 
-    def _saved_state(self, include_backbone: bool, state_dict: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    def _saved_state(self, include_backbone: bool, state_dict: Optional[dict] = None,
+                     include_decoder: bool = False) -> dict[str, torch.Tensor]:
         backbone = {"vae." + k for k in self.vae.state_dict() if ".lora_" not in k}
+        if include_decoder:
+            backbone = {k for k in backbone if not k.startswith(DECODER_PREFIXES)}
         state_dict = self.state_dict() if state_dict is None else state_dict
         return {k: v.detach().contiguous().cpu() for k, v in state_dict.items()
                 if not k.startswith(("text_encoder.", "lpips.", "drift_teacher."))
                 and (include_backbone or k not in backbone)}
 
-    def save_pretrained(self, path: str, include_backbone: bool = True, state_dict: Optional[dict] = None) -> None:
+    def save_pretrained(self, path: str, include_backbone: bool = True, state_dict: Optional[dict] = None,
+                        include_decoder: bool = False, dtype: Optional[torch.dtype] = None) -> None:
         """Writes ``config.json`` + ``model.safetensors`` (atomically).  include_backbone=False
         leaves the frozen backbone out; ``config.backbone_path`` must then point to it.
+        include_decoder=True (with include_backbone=False) keeps the backbone's decoder in this
+        folder: a decoder adapted to this model's quantizer (``train.train_decoder``) over a
+        shared backbone; loading reads the backbone from ``backbone_path``, then this decoder.
+        ``dtype`` stores the floating-point weights in that type (torch.float16 halves the file;
+        they load back into the model's float32).
         ``state_dict`` replaces this module's own (a full state dict gathered from FSDP shards)."""
         from safetensors.torch import save
 
         if not include_backbone and not self.config.backbone_path:
             raise ValueError("include_backbone=False needs config.backbone_path (where the backbone weights live)")
-        state = self._saved_state(include_backbone, state_dict)
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype={dtype!r}: expected a floating-point torch.dtype (e.g. torch.float16) or None")
+        include_decoder = bool(include_decoder or include_backbone)
+        state = self._saved_state(include_backbone, state_dict, include_decoder)
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
         for k in sorted(state):
             digest.update(k.encode())
@@ -420,7 +436,8 @@ class PyraTok(nn.Module):
             f.write(blob)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_id": self._model_id,
                 "weights_sha256": hashlib.sha256(blob).hexdigest(),  # verified by from_pretrained
-                "includes_backbone": include_backbone, "config": self.config.to_dict()}
+                "includes_backbone": include_backbone, "includes_decoder": include_decoder,
+                "config": self.config.to_dict()}
         with atomic_write(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump(meta, f, indent=2)
 
@@ -457,6 +474,9 @@ class PyraTok(nn.Module):
             raise ValueError(f"{cfg_file}: includes_backbone must be true or false")
         if not includes_backbone and not config.backbone_path:
             raise ValueError(f"{cfg_file}: the backbone is not included and config.backbone_path is empty")
+        includes_decoder = meta.get("includes_decoder", includes_backbone)
+        if not isinstance(includes_decoder, bool) or (includes_backbone and not includes_decoder):
+            raise ValueError(f"{cfg_file}: includes_decoder must be true or false (true when the backbone is included)")
         model_files.verify_weights(weights_file, meta, cfg_file)
         try:
             with safe_open(weights_file, "pt") as fh:
@@ -478,7 +498,7 @@ class PyraTok(nn.Module):
         except (TypeError, ValueError) as err:
             raise ValueError(f"{cfg_file}: cannot build the model ({str(err).splitlines()[0]})") from None
         model.config.backbone_path = meta["config"].get("backbone_path")
-        own = model._saved_state(includes_backbone)
+        own = model._saved_state(includes_backbone, include_decoder=includes_decoder)
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         shapes = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"

@@ -46,7 +46,7 @@ from pyratok import ops
 from pyratok.data import ClipConfig, NoUsableClipError, VideoClipDataset, collate_clips
 from pyratok.metrics import psnr
 from pyratok.models.masking import VideoMasking
-from pyratok.models.pyratok import PyraTok, PyraTokConfig
+from pyratok.models.pyratok import DECODER_PREFIXES, PyraTok, PyraTokConfig
 from pyratok.train.config import STAGES, TrainConfig
 from pyratok.train.state_io import StateFileError, load_state, save_state
 from pyratok.utils import atomic_write
@@ -133,7 +133,7 @@ def parameter_group(name: str) -> Optional[str]:
         return None
     if ".lora_" in name:
         return "lora"
-    if name.startswith(("vae.decoder.", "vae.post_quant_conv.")):
+    if name.startswith(DECODER_PREFIXES):
         return "decoder"
     if name.startswith("vae."):
         return "encoder"
