@@ -100,6 +100,9 @@ def test_stage_one_keeps_the_backbone_and_decoder_frozen(tmp_path):
     changed, _ = changed_and_unchanged(tmp_path / "dec", stage=1, extra="train_decoder = true")
     assert any(n.startswith("vae.decoder.") for n in changed)
     assert not any(n.startswith("vae.encoder.") and ".lora_" not in n for n in changed)
+    changed, _ = changed_and_unchanged(tmp_path / "enc", stage=1, extra="train_encoder = true")
+    assert any(n.startswith("vae.encoder.") and ".lora_" not in n for n in changed)
+    assert not any(n.startswith(("vae.decoder.", "vae.post_quant_conv.")) for n in changed)
 
 
 def test_what_each_stage_trains(tmp_path):
@@ -109,7 +112,7 @@ def test_what_each_stage_trains(tmp_path):
         cfg = TrainConfig.from_file(str(write_config(tmp_path / f"s{stage}{bool(extra)}", stage=stage,
                                                      extra_train=extra)))
         names = [n for n, p in build_model(cfg).named_parameters() if p.requires_grad]
-        if stage > 0:                                   # the frozen encoder trains only its LoRA adapters
+        if stage > 0 and "train_encoder" not in extra:  # the frozen encoder trains only its LoRA adapters
             assert all(".lora_" in n for n in names if n.startswith("vae.encoder."))
         return {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("vae.") else "") for n in names}
 
@@ -117,6 +120,9 @@ def test_what_each_stage_trains(tmp_path):
     assert trained(1) == {"lapq", "null_text", "vae.encoder"}            # vae.encoder: its LoRA only
     assert trained(1, "train_decoder = true") == {"lapq", "null_text", "vae.encoder", "vae.decoder",
                                                   "vae.post_quant_conv"}
+    # the whole encoder and quant_conv instead of the encoder's LoRA only
+    assert trained(1, "train_encoder = true") == trained(1) | {"vae.quant_conv"}
+    assert trained(1, "train_encoder = true\ntrain_decoder = true") == trained(0) | {"lapq", "null_text"}
     assert trained(2) == trained(1) | {"prior"}
 
 

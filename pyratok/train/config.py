@@ -50,7 +50,8 @@ from typing import Optional
 #   2 token alignment:     + the AR objective through the prior (the prior trains too);
 #   3 joint:               + the frame-level retention (drift) term (its teacher head trains too).
 # Trainable groups: "backbone" (every VAE weight), "lapq", "lora", "null_text", "prior",
-# "drift_head"; train.train_decoder adds "decoder" (the VAE decoder + post_quant_conv).
+# "drift_head"; train.train_decoder adds "decoder" (the VAE decoder + post_quant_conv) and
+# train.train_encoder adds "encoder" (the VAE encoder + quant_conv, besides its LoRA).
 STAGES = {
     0: {"name": "backbone", "loss": {}, "train": ("backbone",)},
     1: {"name": "language alignment", "loss": {"ar": 0.0, "drift": 0.0},
@@ -129,6 +130,8 @@ class TrainSection:
     ema: float = 0.0                # 0 = off, else the EMA decay
     train_decoder: bool = False     # stages 1-3: also train the backbone's decoder (for backbones
                                     # trained in-house; the paper keeps a pretrained one frozen)
+    train_encoder: bool = False     # stages 1-3: also train the backbone's encoder itself (end to end
+                                    # with the quantizer; for small backbones trained in-house)
     masking: bool = True
     amp: str = "bf16"               # autocast dtype on GPU: "bf16" | "fp16" | "none"
     cpu_amp: str = "none"           # autocast on CPU: "bf16" (fast with AMX / AVX512-BF16) | "none"

@@ -161,6 +161,8 @@ def build_model(cfg: TrainConfig) -> PyraTok:
         groups |= {"encoder", "decoder"}
     if cfg.train.train_decoder:
         groups.add("decoder")
+    if cfg.train.train_encoder:
+        groups.add("encoder")
     if model.config.loss.ar == 0:
         groups.discard("prior")                # nothing would reach it
     model.requires_grad_(False)
