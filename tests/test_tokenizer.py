@@ -168,7 +168,7 @@ progress = false
             assert trainer.model.config.loss.ar == 0 and trainer.model.config.loss.drift == 0
         record = trainer.run()
         terms = {k for k in record if k in {"l1", "ssim", "lpips", "commitment", "entropy", "hierarchy",
-                                            "text_token", "text_code", "ar", "drift"}}
+                                            "residual", "text_token", "text_code", "ar", "drift"}}
         groups = {parameter_group(n) for n, p in trainer.model.named_parameters() if p.requires_grad}
         want_terms, want_groups = table[stage]
         assert terms == want_terms, (stage, terms)

@@ -6,6 +6,8 @@
                commitment  ||z_l - sg(c_l)||^2
              + entropy     E H(p_l) - gamma H(q_l)      (pyratok.ops.lfq_entropy_loss, exact up to K=24)
              + hierarchy   KL(sg(up(p_(l-1))) || p_l)   (l > 0; coarse-to-fine consistency)
+             + residual    ||sg(r_l) - phi_l(up(c_l))||^2  (each level's lift fits the residual it
+                                                       quantizes; off by default, see LossConfig)
              + text_token  KL(p_text,l || p_l)          (tokens <-> the caption's predicted bits)
              + text_code   KL(sg(u_l) || p_text,l)      (the text head <- the codewords a clip uses)
     ar       = the prior's bitwise BCE of all levels given text and earlier levels
@@ -70,6 +72,11 @@ class LossConfig:
     entropy_method: str = "auto"          # "exact" up to K=24, then "groups"
     inv_temperature: float = 1.0          # tau in p = sigmoid(4 tau z)
     hierarchy: float = 0.1
+    # residual fit (not in the paper's Eq. 2, off by default): without it nothing ties a level's
+    # learned lift phi_l to the residual r_l it quantizes, and the residuals stop meaning anything
+    # (measured on the bundled model's run: the latent error grew with every level).  The
+    # bundled default model trains with residual = 1.0 (scripts/train_default.sh).
+    residual: float = 0.0
     text_token: float = 0.1
     text_code: float = 0.1
 
@@ -118,6 +125,9 @@ def _group_mean(values: torch.Tensor, process_group=None) -> torch.Tensor:
     return total / count.clamp_min(1)
 
 
+CODEBOOK_TERMS = ("commitment", "entropy", "hierarchy", "residual", "text_token", "text_code")
+
+
 def codebook_terms(lapq_out, cfg: LossConfig, process_group=None,
                    has_text: Optional[torch.Tensor] = None) -> dict[str, Optional[torch.Tensor]]:
     """Per-term sums over levels of the codebook loss (unweighted inside each term).
@@ -127,7 +137,7 @@ def codebook_terms(lapq_out, cfg: LossConfig, process_group=None,
     K = lapq_out.codes[0].shape[1]
     method = cfg.entropy_method if cfg.entropy_method != "auto" else ("exact" if K <= 24 else "groups")
     terms: dict[str, Optional[torch.Tensor]] = {k: None for k in
-                                                ("commitment", "entropy", "hierarchy", "text_token", "text_code")}
+                                                CODEBOOK_TERMS}
 
     def add(name, value):
         terms[name] = value if terms[name] is None else terms[name] + value
@@ -143,6 +153,12 @@ def codebook_terms(lapq_out, cfg: LossConfig, process_group=None,
             add("entropy", ops.lfq_entropy_loss(z, 1.0, cfg.entropy_gamma, method, process_group,
                                                 inv_temperature=cfg.inv_temperature,
                                                 group_size=16 if method == "groups" else None).loss)
+        if cfg.residual:
+            # lift_l = r_l - r_(l+1) (r_L = z - q_L): in the graph exactly phi_l(up(c_l)), so the
+            # gradient reaches the lift (phi_l, and the bits through the straight-through codes) only
+            r = lapq_out.residuals
+            following = r[l + 1] if l + 1 < len(r) else r[0] - lapq_out.quantized
+            add("residual", F.mse_loss((r[l] - following).float(), r[l].detach().float()))
         if cfg.hierarchy and l > 0:
             coarse = _bit_logits(lapq_out.logits[l - 1], cfg.inv_temperature).detach()
             up = F.interpolate(coarse, size=z.shape[2:], mode="nearest")

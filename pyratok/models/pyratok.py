@@ -372,8 +372,7 @@ class PyraTok(nn.Module):
         recon_parts = [getattr(cfg, k) * terms[k] for k in ("l1", "ssim", "lpips") if terms.get(k) is not None]
         if recon_parts:
             total = total + cfg.recon * sum(recon_parts)
-        codebook = L.codebook_total({k: terms.get(k) for k in ("commitment", "entropy", "hierarchy", "text_token",
-                                                               "text_code")}, cfg)
+        codebook = L.codebook_total({k: terms.get(k) for k in L.CODEBOOK_TERMS}, cfg)
         if codebook is not None:
             total = total + cfg.codebook * codebook
         if terms.get("ar") is not None:
