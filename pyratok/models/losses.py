@@ -6,8 +6,8 @@
                commitment  ||z_l - sg(c_l)||^2
              + entropy     E H(p_l) - gamma H(q_l)      (pyratok.ops.lfq_entropy_loss, exact up to K=24)
              + hierarchy   KL(sg(up(p_(l-1))) || p_l)   (l > 0; coarse-to-fine consistency)
-             + residual    ||sg(r_l) - phi_l(up(c_l))||^2  (each level's lift fits the residual it
-                                                       quantizes; off by default, see LossConfig)
+             + residual    ||sg(r_l) - phi_l(up(sg(c_l)))||^2  (each level's lift fits the residual it
+                                                       quantizes; trains phi_l only; off by default)
              + text_token  KL(p_text,l || p_l)          (tokens <-> the caption's predicted bits)
              + text_code   KL(sg(u_l) || p_text,l)      (the text head <- the codewords a clip uses)
     ar       = the prior's bitwise BCE of all levels given text and earlier levels
@@ -74,8 +74,10 @@ class LossConfig:
     hierarchy: float = 0.1
     # residual fit (not in the paper's Eq. 2, off by default): without it nothing ties a level's
     # learned lift phi_l to the residual r_l it quantizes, and the residuals stop meaning anything
-    # (measured on the bundled model's run: the latent error grew with every level).  The
-    # bundled default model trains with residual = 1.0 (scripts/train_default.sh).
+    # (measured on the bundled model's run: the latent error grew with every level).  The codes
+    # are detached: the term trains the lifts phi_l only (a least-squares fit, like a VQ codebook
+    # loss); letting it reach the bits through the straight-through codes diverged within 400
+    # steps when the encoder trained too.  The bundled default model trains with residual = 1.0.
     residual: float = 0.0
     text_token: float = 0.1
     text_code: float = 0.1
@@ -129,8 +131,10 @@ CODEBOOK_TERMS = ("commitment", "entropy", "hierarchy", "residual", "text_token"
 
 
 def codebook_terms(lapq_out, cfg: LossConfig, process_group=None,
-                   has_text: Optional[torch.Tensor] = None) -> dict[str, Optional[torch.Tensor]]:
+                   has_text: Optional[torch.Tensor] = None, lapq=None) -> dict[str, Optional[torch.Tensor]]:
     """Per-term sums over levels of the codebook loss (unweighted inside each term).
+
+    lapq: the LaPQ that made lapq_out (its lifts phi_l), needed by the residual term only.
 
     has_text: (B,) bool, the clips that have a caption (None: all of them); the text terms use
     only those, and are absent when none has one."""
@@ -154,11 +158,11 @@ def codebook_terms(lapq_out, cfg: LossConfig, process_group=None,
                                                 inv_temperature=cfg.inv_temperature,
                                                 group_size=16 if method == "groups" else None).loss)
         if cfg.residual:
-            # lift_l = r_l - r_(l+1) (r_L = z - q_L): in the graph exactly phi_l(up(c_l)), so the
-            # gradient reaches the lift (phi_l, and the bits through the straight-through codes) only
-            r = lapq_out.residuals
-            following = r[l + 1] if l + 1 < len(r) else r[0] - lapq_out.quantized
-            add("residual", F.mse_loss((r[l] - following).float(), r[l].detach().float()))
+            if lapq is None:
+                raise ValueError("LossConfig.residual > 0 needs the LaPQ (codebook_terms(..., lapq=model.lapq))")
+            r = lapq_out.residuals[l]
+            lift = lapq.blocks[l].lift(c.detach(), tuple(r.shape[2:]))
+            add("residual", F.mse_loss(lift.float(), r.detach().float()))
         if cfg.hierarchy and l > 0:
             coarse = _bit_logits(lapq_out.logits[l - 1], cfg.inv_temperature).detach()
             up = F.interpolate(coarse, size=z.shape[2:], mode="nearest")

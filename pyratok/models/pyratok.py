@@ -356,7 +356,7 @@ class PyraTok(nn.Module):
             terms["ssim"] = 1 - ssim(recon, video, clamp=False) if cfg.ssim else None
             terms["lpips"] = self.lpips(recon, video) if (cfg.lpips and self.lpips is not None) else None
         if cfg.codebook:
-            terms.update(L.codebook_terms(out, cfg, process_group, has_text))
+            terms.update(L.codebook_terms(out, cfg, process_group, has_text, lapq=self.lapq))
         if cfg.ar and self.prior is not None:
             terms["ar"] = self.prior(text_emb, out.codes).loss
         drift_weight = cfg.drift if step is None else (cfg.drift * cfg.drift_every if step % cfg.drift_every == 0
