@@ -3,7 +3,7 @@ time, and the report benchmarks/results/mutation.md (per-module scores and every
 
     python benchmarks/mutation/run.py                      # every module of modules.toml
     python benchmarks/mutation/run.py tokens masking       # some
-    python benchmarks/mutation/run.py --report-only        # rewrite the report from the last runs
+    python benchmarks/mutation/run.py --report-only        # re-read the last runs into the report
 
 Each module runs in its own scratch tree build/mutation/<name>/: a copy of pyratok/ with the
 top-level kernels/ placed at pyratok/kernels (what setup.py's package_dir mapping does for an
@@ -16,6 +16,10 @@ passed), no tests (no selected test reaches the function), timeout, suspicious.
 
 Survivors judged equivalent (no behaviour can tell them apart) are listed with their one-line
 reason in benchmarks/mutation/equivalent.toml and counted apart in the report.
+
+The report is merged, not rewritten: a run of some modules replaces their score rows and survivor
+rows and keeps every other module's rows, their survivor tables and the notes under the score table
+(such as a module's triage by hand) as they are in the file.
 """
 
 from __future__ import annotations
@@ -109,14 +113,94 @@ def diff_of(name: str, mutant: str) -> str:
     return " / ".join(l[:1] + " " + l[1:].strip() for l in lines)[:240]
 
 
+TABLE_HEAD = ["| module | files | mutants | killed | survived | equivalent | no tests | score |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+SURVIVOR_HEADING = "## Mutants not killed"
+SURVIVOR_HEAD = ["| module | mutant | status | change |", "|---|---|---|---|"]
+
+
+def _row_module(line: str) -> str | None:
+    m = re.match(r"\|\s*([^|`\s]+)\s*\|", line)
+    return m.group(1) if m else None
+
+
+def parse_report(text: str) -> tuple[dict[str, str], list[str], dict[str, list[str]]]:
+    """An existing report -> (score row per module, the notes between the score table and the
+    survivor table, the survivor rows per module, in their order)."""
+    rows: dict[str, str] = {}
+    notes: list[str] = []
+    survivors: dict[str, list[str]] = {}
+    lines = text.splitlines()
+    section = "head"
+    for line in lines:
+        if section == "head":
+            if line.strip() == TABLE_HEAD[0]:
+                section = "table"
+            continue
+        if section == "table":
+            if line.startswith("|"):
+                name = _row_module(line)
+                if name and name != "---" and not line.startswith("|---"):
+                    rows[name] = line
+                continue
+            section = "notes"
+        if section == "notes":
+            if line.strip() == SURVIVOR_HEADING:
+                section = "survivors"
+            else:
+                notes.append(line)
+            continue
+        if section == "survivors" and line.startswith("|") and line not in SURVIVOR_HEAD:
+            name = _row_module(line)
+            if name:
+                survivors.setdefault(name, []).append(line)
+    while notes and not notes[0].strip():
+        notes.pop(0)
+    while notes and not notes[-1].strip():
+        notes.pop()
+    return rows, notes, survivors
+
+
+def merge_report(old: str | None, order: list[str], files: dict[str, str], rows: dict[str, str],
+                 survivors: dict[str, list[str]], date: str) -> str:
+    """The report text with the score rows and survivor rows of the modules in `rows` (those just
+    run or re-read) replaced, and every other module's rows, survivor rows and the notes kept from
+    `old` (the current report, or None).  Modules are listed in `order` (modules.toml's); one never
+    run shows "not run yet"."""
+    old_rows, notes, old_survivors = parse_report(old) if old else ({}, [], {})
+    table = []
+    for name in order:
+        if name in rows:
+            table.append(rows[name])
+        elif name in old_rows:
+            table.append(old_rows[name])
+        else:
+            table.append(f"| {name} | {files[name]} | not run yet | | | | | |")
+    listed = []
+    for name in order + sorted(set(old_survivors) - set(order)):
+        listed += survivors.get(name, []) if name in rows else old_survivors.get(name, [])
+    text = ["# Mutation testing", "",
+            f"mutmut 3.8.1, `make mutation` (benchmarks/mutation/run.py; modules and their tests in "
+            f"benchmarks/mutation/modules.toml).  Written {date}.", "",
+            "Score = (killed + timeout) / (mutants - no tests - equivalent).  Target: >= 80% per module.", "",
+            *TABLE_HEAD, *table, ""]
+    if notes:
+        text += [*notes, ""]
+    if listed:
+        text += [SURVIVOR_HEADING, "", *SURVIVOR_HEAD, *listed, ""]
+    return "\n".join(text)
+
+
 def report(names: list[str]) -> None:
+    """Re-read the last runs of `names` and merge their rows into the report (a module whose
+    scratch tree is gone keeps its rows)."""
     modules = load("modules.toml")
     equivalent = load("equivalent.toml") if os.path.isfile(os.path.join(HERE, "equivalent.toml")) else {}
-    rows, survivors = [], []
-    for name in modules:
+    rows: dict[str, str] = {}
+    survivors: dict[str, list[str]] = {}
+    for name in names:
         found = results(name)
         if found is None:
-            rows.append(f"| {name} | {', '.join(modules[name]['mutate'])} | not run yet | | | | | |")
             continue
         counts: dict[str, int] = {}
         for status in found.values():
@@ -125,27 +209,22 @@ def report(names: list[str]) -> None:
         killed = counts.get("killed", 0) + counts.get("timeout", 0)
         tested = len(found) - counts.get("no tests", 0) - counts.get("skipped", 0) - len(equiv)
         score = f"{100 * killed / tested:.1f}%" if tested else "-"
-        rows.append(f"| {name} | {', '.join(modules[name]['mutate'])} | {len(found)} | {killed} | "
-                    f"{counts.get('survived', 0) - len(equiv)} | {len(equiv)} | {counts.get('no tests', 0)} | {score} |")
+        rows[name] = (f"| {name} | {', '.join(modules[name]['mutate'])} | {len(found)} | {killed} | "
+                      f"{counts.get('survived', 0) - len(equiv)} | {len(equiv)} | {counts.get('no tests', 0)} | {score} |")
+        listed = survivors.setdefault(name, [])
         for k, v in sorted(found.items()):
             if v == "survived":
-                survivors.append(f"| {name} | `{k}` | {'equivalent: ' + equivalent[k] if k in equiv else 'open'} | "
-                                 f"`{diff_of(name, k).replace('|', '/')}` |")
+                listed.append(f"| {name} | `{k}` | {'equivalent: ' + equivalent[k] if k in equiv else 'open'} | "
+                              f"`{diff_of(name, k).replace('|', '/')}` |")
             elif v not in ("killed", "timeout"):
-                survivors.append(f"| {name} | `{k}` | {v} | `{diff_of(name, k).replace('|', '/')}` |")
-    text = ["# Mutation testing", "",
-            f"mutmut 3.8.1, `make mutation` (benchmarks/mutation/run.py; modules and their tests in "
-            f"benchmarks/mutation/modules.toml).  Written {datetime.date.today().isoformat()}.", "",
-            "Score = (killed + timeout) / (mutants - no tests - equivalent).  Target: >= 80% per module.", "",
-            "| module | files | mutants | killed | survived | equivalent | no tests | score |",
-            "|---|---|---:|---:|---:|---:|---:|---:|", *rows, ""]
-    if survivors:
-        text += ["## Mutants not killed", "", "| module | mutant | status | change |", "|---|---|---|---|",
-                 *survivors, ""]
+                listed.append(f"| {name} | `{k}` | {v} | `{diff_of(name, k).replace('|', '/')}` |")
+    old = open(REPORT).read() if os.path.isfile(REPORT) else None
+    text = merge_report(old, list(modules), {n: ", ".join(e["mutate"]) for n, e in modules.items()}, rows, survivors,
+                        datetime.date.today().isoformat())
     os.makedirs(os.path.dirname(REPORT), exist_ok=True)
     with open(REPORT, "w") as f:
-        f.write("\n".join(text))
-    print(f"wrote {REPORT}")
+        f.write(text)
+    print(f"wrote {REPORT} (rows of {', '.join(rows) or 'no module'} updated)")
 
 
 def main() -> int:
