@@ -126,3 +126,117 @@ def test_hf_causal_lm_as_prior(tmp_path):
     check = prior(t, levels)
     for logit, target in zip(check.logits, check.targets):
         assert torch.equal((logit > 0).float(), target)
+
+
+# -- pinned details (issue #20: mutation testing) ---------------------------------------------------
+
+def _expected_sincos(pos, dim):
+    half = dim // 2
+    freq = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+    angles = pos.double()[:, None] * freq[None] * 64.0
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def test_positional_features_follow_the_formula():
+    """sin/cos features of 64 * pos at frequencies 10000^(-i/half); a cell's features are those of
+    (t / 64, (y + .5) / h, (x + .5) / w), (dim // 6) * 2 each, raster order, zero-padded to dim."""
+    from pyratok.models.prior import _sincos, grid_positions
+
+    pos = torch.tensor([0.0, 0.5, 3.0, 10.0])
+    torch.testing.assert_close(_sincos(pos, 8).double(), _expected_sincos(pos, 8), atol=1e-4, rtol=0)
+    t, h, w = 2, 2, 3
+    cells = torch.tensor([[ti / 64.0, (yi + 0.5) / h, (xi + 0.5) / w]
+                          for ti in range(t) for yi in range(h) for xi in range(w)], dtype=torch.float64)
+    want = torch.cat([_expected_sincos(cells[:, i], 4) for i in range(3)] + [torch.zeros(len(cells), 2)], -1)
+    torch.testing.assert_close(grid_positions((t, h, w), 14, "cpu").double(), want, atol=1e-4, rtol=0)
+
+
+def test_sequence_inputs_are_projection_plus_position():
+    """The text prefix is text_proj(tokens) + the features of position i / 64 then SOI (valid);
+    a level's tokens are code_proj(code) + that level's embedding + the cell features."""
+    from pyratok.models.prior import _sincos, grid_positions
+
+    prior = small_prior()
+    t = text(2)
+    with torch.no_grad():
+        prefix, valid = prior._text_prefix(t)
+        pos = _sincos(torch.arange(3) / 64.0, 32)
+        torch.testing.assert_close(prefix[:, :3], prior.text_proj(t.tokens) + pos)
+        torch.testing.assert_close(prefix[:, 3], prior.soi.expand(2, -1))
+        assert torch.equal(valid, torch.cat([t.mask, torch.ones(2, 1, dtype=torch.bool)], 1))
+        codes = random_codes(2, 6, [(2, 2, 3)])[0]
+        for level in (0, 2):
+            want = (prior.code_proj(codes.permute(0, 2, 3, 4, 1).reshape(2, 12, 6)) + prior.level_emb.weight[level]
+                    + grid_positions((2, 2, 3), 32, "cpu"))
+            torch.testing.assert_close(prior._level_inputs(codes, level), want)
+
+
+def test_forward_targets_and_loss():
+    """Targets are the bits (code > 0) in raster order; the loss is the mean BCE over all levels."""
+    prior = small_prior()
+    codes = random_codes(2, 6, GRIDS, seed=3)
+    out = prior(text(2), codes)
+    for c, target in zip(codes, out.targets):
+        assert torch.equal(target, (c.flatten(2).transpose(1, 2) > 0).float())
+    want = torch.nn.functional.binary_cross_entropy_with_logits(torch.cat(out.logits, 1), torch.cat(out.targets, 1))
+    torch.testing.assert_close(out.loss, want)
+
+
+def test_level_and_grid_limits():
+    prior = ARPrior(PriorConfig(num_bits=6, text_dim=12, width=32, depth=1, heads=2, max_levels=2))
+    with pytest.raises(ValueError, match=r"codes: expected one \(B, K, t, h, w\) tensor per level, got none"):
+        prior(text(2), [])
+    with pytest.raises(ValueError, match="codes: 3 levels, the prior was built for at most 2"):
+        prior(text(2), random_codes(2, 6, GRIDS))
+    with pytest.raises(ValueError, match=r"codes\[0\]: expected \(B, 6, t, h, w\), got \(2, 6, 1, 1\)"):
+        prior(text(2), [torch.ones(2, 6, 1, 1)])
+    for grids in ([], GRIDS):
+        with pytest.raises(ValueError, match=rf"grids: expected 1..2 level grids, got {len(grids)}"):
+            prior.sample(text(2), grids)
+    assert [tuple(l.shape) for l in prior.sample(text(2), GRIDS[:2])] == [(2, 6) + g for g in GRIDS[:2]]
+    with pytest.raises(ValueError, match="width=30 must be a multiple of heads=4"):
+        ARPrior(PriorConfig(width=30, heads=4))
+
+
+def test_temperature_scales_the_logits_and_the_generator_is_used():
+    """A tiny temperature gives the greedy sample; a huge one makes each bit a fair coin; the same
+    generator seed gives the same sample."""
+    prior = small_prior().eval()
+    t = text(2)
+    greedy = prior.sample(t, GRIDS[:2])
+    cold = prior.sample(t, GRIDS[:2], temperature=1e-6, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(cold, greedy))
+    hot = prior.sample(t, [(4, 8, 8)], temperature=1e6, generator=torch.Generator().manual_seed(2))[0]
+    assert abs((hot > 0).float().mean().item() - 0.5) < 0.05       # 3072 fair bits: sd 0.009
+    runs = [prior.sample(t, GRIDS[:2], temperature=1.0, generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    prior = ARPrior(PriorConfig(num_bits=6, text_dim=12, width=32, depth=2, heads=2, dropout=0.5))
+    codes, t = random_codes(2, 6, GRIDS[:2]), text(2)
+    prior.eval()
+    torch.testing.assert_close(prior(t, codes).loss, prior(t, codes).loss, atol=0, rtol=0)
+    prior.train()
+    assert prior(t, codes).loss != prior(t, codes).loss
+
+
+def test_hf_prior_padding_freezing_and_bad_path(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=16, n_embd=32, n_layer=1, n_head=2, n_positions=256)
+    torch.manual_seed(0)
+    transformers.GPT2Model(config).save_pretrained(tmp_path)
+    prior = HFCausalLMPrior(str(tmp_path), num_bits=6, text_dim=12).eval()
+    assert all(p.requires_grad for p in prior.lm.parameters())
+    assert prior.width == 32 and prior.head.out_features == 6
+    codes, t = random_codes(2, 6, GRIDS[:2]), text(2)
+    out = prior(t, codes)
+    garbage = TextEmbedding(t.tokens.clone(), t.mask)
+    garbage.tokens[0, -1] = 1e3                                  # a padded slot: masked out of attention
+    torch.testing.assert_close(prior(garbage, codes).logits[0], out.logits[0])
+    frozen = HFCausalLMPrior(str(tmp_path), num_bits=6, text_dim=12, max_levels=3, freeze_lm=True)
+    assert not any(p.requires_grad for p in frozen.lm.parameters()) and frozen.max_levels == 3
+    assert all(p.requires_grad for p in frozen.head.parameters())
+    with pytest.raises(ValueError, match="is not a loadable Hugging Face causal LM folder"):
+        HFCausalLMPrior(str(tmp_path / "missing"), num_bits=6, text_dim=12)
