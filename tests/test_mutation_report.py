@@ -67,3 +67,18 @@ def test_merge_with_nothing_new_reproduces_the_report_in_the_repository():
                              {}, {}, date)
     assert again == current
     assert run.merge_report(None, ORDER, FILES, {}, {}, "2026-01-01").count("not run yet") == 3
+
+
+def test_module_rows_score_only_the_mutants_checked():
+    found = {"m.a_1": "killed", "m.a_2": "timeout", "m.a_3": "survived", "m.a_4": "survived", "m.a_5": "no tests",
+             "m.a_6": "not checked", "m.a_7": "not checked", "m.a_8": "suspicious"}
+    row, listed = run.module_rows("prior", "pyratok/models/prior.py", found, {"m.a_4": "same thing"},
+                                  lambda k: f"- x / + y|{k}")
+    # 8 mutants, 2 not checked, 1 equivalent, 1 without tests: 2 killed of 4 -> 50%
+    assert row == "| prior | pyratok/models/prior.py | 8 (2 not checked) | 2 | 1 | 1 | 1 | 50.0% |"
+    assert listed == ["| prior | `m.a_3` | open | `- x / + y/m.a_3` |",
+                      "| prior | `m.a_4` | equivalent: same thing | `- x / + y/m.a_4` |",
+                      "| prior | `m.a_5` | no tests | `- x / + y/m.a_5` |",
+                      "| prior | `m.a_8` | suspicious | `- x / + y/m.a_8` |"]
+    row, _ = run.module_rows("prior", "p.py", {"m.a_1": "killed"}, {}, str)
+    assert row == "| prior | p.py | 1 | 1 | 0 | 0 | 0 | 100.0% |"

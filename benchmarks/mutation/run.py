@@ -12,7 +12,8 @@ install) and the compiled pyratok/_C*.so, a copy of tests/, and a pyproject.toml
 to mutants/, imports pyratok from there, collects which tests reach each function once, and then
 runs each mutant against those tests only, in processes forked from a warm fork server (torch is
 not fork-safe from a process that has run it).  Statuses: killed (a test failed), survived (all
-passed), no tests (no selected test reaches the function), timeout, suspicious.
+passed), no tests (no selected test reaches the function), timeout, suspicious, and not checked
+(a run stopped before it reached the mutant: the row gives the score of the mutants checked).
 
 Survivors judged equivalent (no behaviour can tell them apart) are listed with their one-line
 reason in benchmarks/mutation/equivalent.toml and counted apart in the report.
@@ -191,6 +192,31 @@ def merge_report(old: str | None, order: list[str], files: dict[str, str], rows:
     return "\n".join(text)
 
 
+def module_rows(name: str, files: str, found: dict[str, str], equivalent: dict[str, str], diff) -> tuple[str, list[str]]:
+    """A module's score row and its rows of mutants not killed, from {mutant: status} of its run;
+    ``diff(mutant)`` gives a mutant's change.  Mutants a stopped run did not reach ("not checked")
+    are counted apart and left out of the score."""
+    counts: dict[str, int] = {}
+    for status in found.values():
+        counts[status] = counts.get(status, 0) + 1
+    equiv = {k for k, v in found.items() if v == "survived" and k in equivalent}
+    killed = counts.get("killed", 0) + counts.get("timeout", 0)
+    unchecked = counts.get("not checked", 0)
+    tested = len(found) - counts.get("no tests", 0) - counts.get("skipped", 0) - len(equiv) - unchecked
+    score = f"{100 * killed / tested:.1f}%" if tested else "-"
+    total = f"{len(found)} ({unchecked} not checked)" if unchecked else f"{len(found)}"
+    row = (f"| {name} | {files} | {total} | {killed} | {counts.get('survived', 0) - len(equiv)} | {len(equiv)} | "
+           f"{counts.get('no tests', 0)} | {score} |")
+    listed = []
+    for k, v in sorted(found.items()):
+        if v == "survived":
+            listed.append(f"| {name} | `{k}` | {'equivalent: ' + equivalent[k] if k in equiv else 'open'} | "
+                          f"`{diff(k).replace('|', '/')}` |")
+        elif v not in ("killed", "timeout", "not checked"):
+            listed.append(f"| {name} | `{k}` | {v} | `{diff(k).replace('|', '/')}` |")
+    return row, listed
+
+
 def report(names: list[str]) -> None:
     """Re-read the last runs of `names` and merge their rows into the report (a module whose
     scratch tree is gone keeps its rows)."""
@@ -202,22 +228,8 @@ def report(names: list[str]) -> None:
         found = results(name)
         if found is None:
             continue
-        counts: dict[str, int] = {}
-        for status in found.values():
-            counts[status] = counts.get(status, 0) + 1
-        equiv = {k for k, v in found.items() if v == "survived" and k in equivalent}
-        killed = counts.get("killed", 0) + counts.get("timeout", 0)
-        tested = len(found) - counts.get("no tests", 0) - counts.get("skipped", 0) - len(equiv)
-        score = f"{100 * killed / tested:.1f}%" if tested else "-"
-        rows[name] = (f"| {name} | {', '.join(modules[name]['mutate'])} | {len(found)} | {killed} | "
-                      f"{counts.get('survived', 0) - len(equiv)} | {len(equiv)} | {counts.get('no tests', 0)} | {score} |")
-        listed = survivors.setdefault(name, [])
-        for k, v in sorted(found.items()):
-            if v == "survived":
-                listed.append(f"| {name} | `{k}` | {'equivalent: ' + equivalent[k] if k in equiv else 'open'} | "
-                              f"`{diff_of(name, k).replace('|', '/')}` |")
-            elif v not in ("killed", "timeout"):
-                listed.append(f"| {name} | `{k}` | {v} | `{diff_of(name, k).replace('|', '/')}` |")
+        rows[name], survivors[name] = module_rows(name, ", ".join(modules[name]["mutate"]), found, equivalent,
+                                                  lambda k, name=name: diff_of(name, k))
     old = open(REPORT).read() if os.path.isfile(REPORT) else None
     text = merge_report(old, list(modules), {n: ", ".join(e["mutate"]) for n, e in modules.items()}, rows, survivors,
                         datetime.date.today().isoformat())
