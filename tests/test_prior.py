@@ -271,3 +271,15 @@ def test_hf_prior_never_reaches_the_network(monkeypatch):
     with pytest.raises(ValueError, match=r"^path: gpt2 is not a loadable Hugging Face causal LM folder \(not found\)$"):
         HFCausalLMPrior("gpt2", num_bits=6, text_dim=12)
     assert calls == [("gpt2", {"local_files_only": True})]
+
+
+def test_block_mlp_is_nonlinear():
+    """Each block's MLP (width -> width * mlp_ratio -> width) has a nonlinearity: it is not affine."""
+    prior = ARPrior(PriorConfig(num_bits=6, text_dim=12, width=32, depth=1, heads=2, mlp_ratio=2.0))
+    mlp = prior.blocks[0].mlp
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 32, generator=g), torch.randn(4, 32, generator=g)
+    with torch.no_grad():
+        assert mlp(torch.zeros(1, 32)).shape == (1, 32)
+        gap = (mlp(a + b) + mlp(torch.zeros(4, 32)) - mlp(a) - mlp(b)).abs().max().item()
+    assert gap > 1e-3, gap
