@@ -169,6 +169,8 @@ def test_sequence_inputs_are_projection_plus_position():
             want = (prior.code_proj(codes.permute(0, 2, 3, 4, 1).reshape(2, 12, 6)) + prior.level_emb.weight[level]
                     + grid_positions((2, 2, 3), 32, "cpu"))
             torch.testing.assert_close(prior._level_inputs(codes, level), want)
+        # codes of another dtype are cast to the projection's
+        torch.testing.assert_close(prior._level_inputs(codes.double(), 1), prior._level_inputs(codes, 1))
 
 
 def test_forward_targets_and_loss():
@@ -184,6 +186,7 @@ def test_forward_targets_and_loss():
 
 def test_level_and_grid_limits():
     prior = ARPrior(PriorConfig(num_bits=6, text_dim=12, width=32, depth=1, heads=2, max_levels=2))
+    assert prior.config == PriorConfig(num_bits=6, text_dim=12, width=32, depth=1, heads=2, max_levels=2)
     with pytest.raises(ValueError, match=r"^codes: expected one \(B, K, t, h, w\) tensor per level, got none$"):
         prior(text(2), [])
     with pytest.raises(ValueError, match="^codes: 3 levels, the prior was built for at most 2$"):
@@ -283,3 +286,23 @@ def test_block_mlp_is_nonlinear():
         assert mlp(torch.zeros(1, 32)).shape == (1, 32)
         gap = (mlp(a + b) + mlp(torch.zeros(4, 32)) - mlp(a) - mlp(b)).abs().max().item()
     assert gap > 1e-3, gap
+
+
+def test_block_matches_a_reference_computation():
+    """A block is pre-norm causal self-attention over the valid keys (q, k, v split as (3, heads,
+    d_head) of one projection) plus a pre-norm MLP, both added to the residual stream."""
+    from pyratok.models.prior import _Block
+
+    torch.manual_seed(0)
+    block = _Block(16, 2, 2.0, 0.0).eval()
+    x = torch.randn(2, 5, 16)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[1, 1] = False
+    with torch.no_grad():
+        out, _ = block(x, valid)
+        q, k, v = block.qkv(block.norm1(x)).view(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / 8 ** 0.5
+        allowed = torch.ones(5, 5, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
+        att = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v          # (B, heads, S, d_head)
+        h = x + block.proj(att.transpose(1, 2).reshape(2, 5, 16))
+        torch.testing.assert_close(out, h + block.mlp(block.norm2(h)))
