@@ -550,3 +550,16 @@ def test_autocast_runs_the_convolution_in_the_autocast_dtype(backend):
     assert torch.allclose(y.double(), want, atol=0.05, rtol=0.02)
     y32, _ = ops.causal_conv3d(x, w, b, padding=1, backend=backend)      # outside autocast: unchanged
     assert y32.dtype == torch.float32
+
+
+def test_meta_tensors_give_shapes_without_autocast_errors():
+    # "meta" has no autocast state (torch.is_autocast_enabled("meta") raises): the op and the
+    # module must still give the output shape (benchmarks/bench_vae.py sizes models this way)
+    x = torch.empty(1, 3, 17, 32, 32, device="meta")
+    w = torch.empty(8, 3, 3, 3, 3, device="meta")
+    y, cache = ops.causal_conv3d(x, w, None, padding=1)
+    assert y.device.type == "meta" and y.shape == (1, 8, 17, 32, 32) and cache.shape == (1, 3, 2, 32, 32)
+    from pyratok.nn import CausalConv3d
+
+    conv = CausalConv3d(3, 8, 3, padding=1).to("meta")
+    assert conv(x).shape == (1, 8, 17, 32, 32)

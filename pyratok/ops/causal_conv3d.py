@@ -324,7 +324,7 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """
     stride, dilation, padding = _triple(stride, "stride"), _triple(dilation, "dilation"), _pair(padding, "padding")
     _check_tensor(x, "x")
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         # like nn.Conv3d under autocast: the convolution runs in the autocast dtype (custom ops
         # are opaque to autocast, so the cast happens here, before the checks)
         dtype = torch.get_autocast_dtype(x.device.type)
