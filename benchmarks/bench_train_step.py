@@ -19,8 +19,8 @@ threads are 1.7x one.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import csv
+import dataclasses
 import io
 import os
 import statistics

@@ -26,6 +26,7 @@ rows and keeps every other module's rows, their survivor tables and the notes un
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import os
 import re
@@ -141,7 +142,7 @@ def parse_report(text: str) -> tuple[dict[str, str], list[str], dict[str, list[s
         if section == "table":
             if line.startswith("|"):
                 name = _row_module(line)
-                if name and name != "---" and not line.startswith("|---"):
+                if name and not line.startswith("|---"):
                     rows[name] = line
                 continue
             section = "notes"
@@ -196,9 +197,7 @@ def module_rows(name: str, files: str, found: dict[str, str], equivalent: dict[s
     """A module's score row and its rows of mutants not killed, from {mutant: status} of its run;
     ``diff(mutant)`` gives a mutant's change.  Mutants a stopped run did not reach ("not checked")
     are counted apart and left out of the score."""
-    counts: dict[str, int] = {}
-    for status in found.values():
-        counts[status] = counts.get(status, 0) + 1
+    counts = collections.Counter(found.values())
     equiv = {k for k, v in found.items() if v == "survived" and k in equivalent}
     killed = counts.get("killed", 0) + counts.get("timeout", 0)
     unchecked = counts.get("not checked", 0)
@@ -234,7 +233,9 @@ def report(names: list[str]) -> None:
     text = merge_report(old, list(modules), {n: ", ".join(e["mutate"]) for n, e in modules.items()}, rows, survivors,
                         datetime.date.today().isoformat())
     os.makedirs(os.path.dirname(REPORT), exist_ok=True)
-    with open(REPORT, "w") as f:
+    from pyratok.utils import atomic_write     # the report holds other modules' rows: never half-written
+
+    with atomic_write(REPORT, "w") as f:
         f.write(text)
     print(f"wrote {REPORT} (rows of {', '.join(rows) or 'no module'} updated)")
 

@@ -140,8 +140,9 @@ def codebook_terms(lapq_out, cfg: LossConfig, process_group=None,
     only those, and are absent when none has one."""
     K = lapq_out.codes[0].shape[1]
     method = cfg.entropy_method if cfg.entropy_method != "auto" else ("exact" if K <= 24 else "groups")
-    terms: dict[str, Optional[torch.Tensor]] = {k: None for k in
-                                                CODEBOOK_TERMS}
+    terms: dict[str, Optional[torch.Tensor]] = dict.fromkeys(CODEBOOK_TERMS)
+    if cfg.residual and lapq is None:
+        raise ValueError("LossConfig.residual > 0 needs the LaPQ (codebook_terms(..., lapq=model.lapq))")
 
     def add(name, value):
         terms[name] = value if terms[name] is None else terms[name] + value
@@ -158,8 +159,6 @@ def codebook_terms(lapq_out, cfg: LossConfig, process_group=None,
                                                 inv_temperature=cfg.inv_temperature,
                                                 group_size=16 if method == "groups" else None).loss)
         if cfg.residual:
-            if lapq is None:
-                raise ValueError("LossConfig.residual > 0 needs the LaPQ (codebook_terms(..., lapq=model.lapq))")
             r = lapq_out.residuals[l]
             lift = lapq.blocks[l].lift(c.detach(), tuple(r.shape[2:]))
             add("residual", F.mse_loss(lift.float(), r.detach().float()))
