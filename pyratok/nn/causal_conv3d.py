@@ -17,31 +17,54 @@ from pyratok.ops.causal_conv3d import _pair, _triple, causal_conv3d
 
 
 class StreamCache:
-    """Per-module streaming state for causal convolutions, keyed by module (not by call order).
+    """Per-module streaming state, keyed by module (not by call order).
 
     Pass one StreamCache to every forward call of a network while feeding it consecutive
-    chunks of a clip; each CausalConv3d reads and replaces its own entry.  A module applied
-    at two places of one forward pass (shared weights) needs a CausalConv3d per place, as
-    the entry is per module.  ``reset()`` before the next clip.
+    chunks of a clip.  It holds two kinds of entries, each under the module it belongs to:
+
+    * history frames (``get`` / ``set``): each CausalConv3d reads and replaces the last P
+      input frames of its previous chunk;
+    * frame counts (``frames_seen`` / ``add_frames``): a module whose first chunk of a clip
+      differs from the later ones (Wan's temporal resampling) counts the frames it has been
+      fed, and ``frames_seen(module) == 0`` tells it the clip starts.  Counts are Python ints
+      (known from shapes), so reading one is not a ``.item()`` or a graph break under
+      torch.compile.
+
+    A module applied at two places of one forward pass (shared weights) needs a CausalConv3d per
+    place, as the entry is per module.  ``reset()`` before the next clip.
     """
 
     def __init__(self):
         self._state: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+        self._frames: dict[int, tuple[nn.Module, int]] = {}
 
     def get(self, module: nn.Module) -> Optional[torch.Tensor]:
+        """The history frames ``module`` stored with its previous chunk; None before its first."""
         entry = self._state.get(id(module))
         return None if entry is None else entry[1]
 
     def set(self, module: nn.Module, value: torch.Tensor) -> None:
         self._state[id(module)] = (module, value)  # keep the module alive so its id stays unique
 
+    def frames_seen(self, module: nn.Module) -> int:
+        """The frames counted for ``module`` with :meth:`add_frames` so far: 0 until its first chunk."""
+        entry = self._frames.get(id(module))
+        return 0 if entry is None else entry[1]
+
+    def add_frames(self, module: nn.Module, frames: int) -> None:
+        """Counts ``frames`` more input frames for ``module`` (call once per chunk it is fed)."""
+        self._frames[id(module)] = (module, self.frames_seen(module) + frames)
+
     def reset(self) -> None:
         self._state.clear()
+        self._frames.clear()
 
     def __contains__(self, module: nn.Module) -> bool:
+        """Whether ``module`` has history frames here."""
         return id(module) in self._state
 
     def __len__(self) -> int:
+        """The number of modules with history frames."""
         return len(self._state)
 
 
