@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pyratok.models import LatentDistribution, WanVAE, WanVAEConfig, fit_frames
-from pyratok.models import wan_checkpoint
+from pyratok.models.wan import wan21_keys as wan_checkpoint
 from pyratok.nn import StreamCache
 from conftest import requires_cuda
 
@@ -200,7 +200,7 @@ def test_stream_chunk_rules(pair):
 
 def tile_border_mask(size: int, tile: int, overlap: int, scale: int) -> torch.Tensor:
     """True on output pixels inside an overlap band of neighbouring tiles (along one axis)."""
-    from pyratok.models.vae import _tile_starts
+    from pyratok.models.wan.tiling import tile_starts as _tile_starts
 
     mask = torch.zeros(size // scale, dtype=torch.bool)
     starts = _tile_starts(size // scale, tile, overlap)

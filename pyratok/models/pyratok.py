@@ -161,7 +161,7 @@ class PyraTok(nn.Module):
         if config.lora_rank > 0 and inference_lora:
             from pyratok.models.lora_inference import add_inference_lora
 
-            add_inference_lora(self.vae, self.vae._conv_names("encoder"), config.lora_rank, config.lora_alpha)
+            add_inference_lora(self.vae, self.vae.lora_targets("encoder"), config.lora_rank, config.lora_alpha)
         elif config.lora_rank > 0:
             self.vae.add_lora(rank=config.lora_rank, alpha=config.lora_alpha, target="encoder")
         # drift teacher: frozen and never saved (like the text encoder); its projection head trains
