@@ -65,6 +65,7 @@ setup(
         "pyratok.nn",
         "pyratok.data",
         "pyratok.models",
+        "pyratok.models.wan",
         "pyratok.io",
         "pyratok.interop",
         "pyratok.train",
