@@ -19,6 +19,19 @@ import torch
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
+# Variants of a backend: an algorithm choice that changes numerics, named in the backend (an
+# argument of every op, so visible to torch.compile and chosen per call, not process state).
+# An op that declares no implementation of a variant runs its base backend.
+VARIANTS = {
+    "cpu:direct": "cpu",    # causal_conv3d: the direct implicit GEMM forward
+    "cpu:winograd": "cpu",  # causal_conv3d: Winograd F(2x2, 3x3) wherever the geometry allows
+}
+
+
+def base(backend: str) -> str:
+    """The backend a variant runs on ("cpu:direct" -> "cpu"); other names unchanged."""
+    return VARIANTS.get(backend, backend)
+
 
 # What ``auto`` runs on CUDA tensors, per op family, and why.  No custom CUDA or Triton kernel
 # has been measured against the vendor path it replaces on a GPU yet, so every op takes the
@@ -66,6 +79,8 @@ def triton_interpreted() -> bool:
 
 def why_unavailable(backend: str, device: torch.device) -> str | None:
     """None when ``backend`` can run on tensors of ``device``, else the reason."""
+    if backend in VARIANTS:
+        return why_unavailable(VARIANTS[backend], device)
     if backend == "reference":
         return None
     if backend in ("cpu", "cuda"):
@@ -85,7 +100,7 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
         if device.type not in ("cpu", "cuda"):
             return f"triton does not run on {device}"
         return None
-    return f"unknown backend '{backend}'; choose one of {BACKENDS}"
+    return f"unknown backend '{backend}'; choose one of {BACKENDS + tuple(VARIANTS)}"
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

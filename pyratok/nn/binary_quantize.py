@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pyratok import ops
+from pyratok.ops._checks import check_num_bits
 
 
 class BinaryQuantizer(nn.Module):
@@ -24,11 +25,7 @@ class BinaryQuantizer(nn.Module):
                  straight_through_activation: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  bit_labels: bool = False, backend: Optional[str] = None):
         super().__init__()
-        if not 1 <= num_bits <= 64:
-            raise ValueError(f"num_bits={num_bits}: expected 1..64")
-        if num_bits == 64 and not bit_labels:
-            raise ValueError("num_bits=64: indices hold at most 63 bits; pass bit_labels=True")
-        self.num_bits = num_bits
+        self.num_bits = check_num_bits(num_bits, bit_labels)
         self.dim = dim
         self.spherical = spherical
         self.activation = straight_through_activation

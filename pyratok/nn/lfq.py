@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyratok import ops
-from pyratok.ops.binary_quantize import _check_indices
+from pyratok.ops._checks import check_indices
 from pyratok.reference import entropy as ref_entropy
 
 # the peer's field names, so code that reads ret.quantized / breakdown.batch_entropy keeps working
@@ -85,7 +85,7 @@ def join_factorized_indices(parts: Sequence[torch.Tensor], factorized_bits: Sequ
         raise ValueError(f"parts: expected {len(bits)} tensors (one per factorized_bits entry), got {len(parts)}")
     full = None
     for i, (part, width, shift) in enumerate(zip(parts, bits, _shifts(bits, lsb_first))):
-        _check_indices(part, width, name=f"parts[{i}]")
+        check_indices(part, width, name=f"parts[{i}]")
         term = part.to(torch.int64) << shift
         if full is not None and term.shape != full.shape:
             raise ValueError(f"parts[{i}]: shape {tuple(term.shape)} differs from parts[0] {tuple(full.shape)}")
@@ -98,7 +98,7 @@ def split_factorized_indices(indices: torch.Tensor, factorized_bits: Sequence[in
     """Full-codebook ids -> one int64 tensor of sub-codebook ids per ``factorized_bits`` entry;
     the inverse of :func:`join_factorized_indices`."""
     bits = _check_factorized_bits(factorized_bits)
-    _check_indices(indices, sum(bits))
+    check_indices(indices, sum(bits))
     indices = indices.to(torch.int64)
     return tuple((indices >> shift) & ((1 << width) - 1) for width, shift in zip(bits, _shifts(bits, lsb_first)))
 

@@ -42,7 +42,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from pyratok import _backend
-from pyratok.ops.binary_quantize import _check_dim, _check_float, _check_indices, binary_quantize
+from pyratok.ops._checks import check_dim, check_float, check_indices, check_number
+from pyratok.ops.binary_quantize import binary_quantize
 from pyratok.reference import entropy as ref
 
 MAX_HISTOGRAM_BITS = 24  # dense 2^K histogram (128 MiB of int64 at K = 24); above: sort + unique
@@ -68,16 +69,6 @@ class CodebookUsage(NamedTuple):
 # argument checking
 
 
-def _check_number(value, name: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}={value}: expected a finite number")
-    if positive and not value > 0:
-        raise ValueError(f"{name}={value}: expected a positive number")
-    return float(value)
-
-
 SATURATED_LOGIT = 1000.0  # |z| beyond which h(z) = softplus(z) - z sigmoid(z) and h'(z) are 0 in fp64
 
 
@@ -90,8 +81,8 @@ def _saturate_infinities(x: torch.Tensor, coef: float) -> torch.Tensor:
 
 
 def _coefficient(inv_temperature, scale) -> float:
-    inv_temperature = _check_number(inv_temperature, "inv_temperature", positive=True)
-    scale = _check_number(scale, "scale", positive=True)
+    inv_temperature = check_number(inv_temperature, "inv_temperature", positive=True)
+    scale = check_number(scale, "scale", positive=True)
     return ref.logit_coefficient(inv_temperature, scale)
 
 
@@ -417,7 +408,7 @@ def bit_probs(x: torch.Tensor, inv_temperature: float = 100.0, scale: float = 1.
               backend: Optional[str] = None) -> torch.Tensor:
     """p = sigmoid(4 * inv_temperature * scale * x), elementwise, in the work dtype (fp32;
     fp64 for fp64 x): the probability that each bit is 1 under LFQ's softmax over codes +-scale."""
-    _check_float(x)
+    check_float(x)
     return _bit_probs_op(x, _coefficient(inv_temperature, scale), _backend.resolve(backend, x.device, "entropy"))
 
 
@@ -428,8 +419,8 @@ def per_sample_entropy(x: torch.Tensor, inv_temperature: float = 100.0, scale: f
 
     x: (.., K, ..) with the K bits on axis ``dim`` (e.g. (B, K, T, H, W)); any float dtype.
     """
-    _check_float(x)
-    dim = _check_dim(dim, x.dim())
+    check_float(x)
+    dim = check_dim(dim, x.dim())
     _check_process_group(process_group)
     tokens, _ = _tokens_and_bits(x, dim, process_group)
     coef = _coefficient(inv_temperature, scale)
@@ -466,8 +457,8 @@ def codebook_entropy(x: torch.Tensor, inv_temperature: float = 100.0, scale: flo
     entropies are summed, an upper bound of H(q) that is tight when the groups are independent
     under q.  method="bits": the per-bit bound sum_k h(mean_n p_nk).
     """
-    _check_float(x)
-    dim = _check_dim(dim, x.dim())
+    check_float(x)
+    dim = check_dim(dim, x.dim())
     _check_process_group(process_group)
     tokens, K = _tokens_and_bits(x, dim, process_group)
     sizes = _check_group_sizes(K, method, group_size)
@@ -494,8 +485,8 @@ def lfq_entropy_loss(x: torch.Tensor, per_sample_weight: float = 1.0, codebook_w
     default is 100) and ``scale`` = its codebook scale (1/sqrt(K) times it when spherical).
     Returns :class:`EntropyLoss`.
     """
-    w_sample = _check_number(per_sample_weight, "per_sample_weight")
-    w_codebook = _check_number(codebook_weight, "codebook_weight")
+    w_sample = check_number(per_sample_weight, "per_sample_weight")
+    w_codebook = check_number(codebook_weight, "codebook_weight")
     kwargs = dict(inv_temperature=inv_temperature, scale=scale, dim=dim, process_group=process_group,
                   backend=backend)
     sample = per_sample_entropy(x, **kwargs)
@@ -512,14 +503,14 @@ def bernoulli_kl(p_logits: torch.Tensor, r_logits: torch.Tensor, dim: int = 1,
     r = sigmoid(r_logits).  Exact: sum over the K bits of the per-bit KL, averaged over the
     positions; differentiable in both arguments (detach r for a stop-gradient target).
     """
-    _check_float(p_logits, "p_logits")
-    _check_float(r_logits, "r_logits")
+    check_float(p_logits, "p_logits")
+    check_float(r_logits, "r_logits")
     if p_logits.shape != r_logits.shape:
         raise ValueError(f"r_logits: shape {tuple(r_logits.shape)} differs from p_logits {tuple(p_logits.shape)}; "
                          "the KL pairs each bit of p with the same bit of r (broadcast explicitly first)")
     if p_logits.device != r_logits.device:
         raise ValueError(f"r_logits: on {r_logits.device}, p_logits on {p_logits.device}")
-    dim = _check_dim(dim, p_logits.dim())
+    dim = check_dim(dim, p_logits.dim())
     positions = p_logits.numel() // p_logits.shape[dim] if p_logits.shape[dim] else 0
     if positions == 0:
         raise ValueError(f"p_logits: no positions (shape {tuple(p_logits.shape)})")
@@ -538,7 +529,7 @@ def codebook_usage(codes: torch.Tensor, K: Optional[int] = None, dim: int = 1,
     estimate is needed).  Returns :class:`CodebookUsage`.
     """
     if isinstance(codes, torch.Tensor) and codes.is_floating_point():
-        dim = _check_dim(dim, codes.dim())
+        dim = check_dim(dim, codes.dim())
         if K is not None and K != codes.shape[dim]:
             raise ValueError(f"K={K} differs from x.shape[{dim}]={codes.shape[dim]}")
         K = codes.shape[dim]
@@ -550,7 +541,7 @@ def codebook_usage(codes: torch.Tensor, K: Optional[int] = None, dim: int = 1,
             raise TypeError("K: required when codes are integer indices")
         if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= 63:
             raise ValueError(f"K={K!r}: codebook usage needs an int 1 <= K <= 63")
-        _check_indices(codes, K, name="codes")
+        check_indices(codes, K, name="codes")
         indices = codes
     if K > MAX_HISTOGRAM_BITS:
         return CodebookUsage(*ref.codebook_usage(indices, K))
