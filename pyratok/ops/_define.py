@@ -53,6 +53,7 @@ class Op:
         # the schema: allocate's parameters and return type, then the backend
         sig = inspect.signature(allocate, eval_str=True)
         params = list(sig.parameters.values())
+        self._nargs = len(params)
         params.append(inspect.Parameter("backend", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str))
         run.__signature__ = sig.replace(parameters=params)
         run.__name__ = name
@@ -103,6 +104,8 @@ class Op:
         return name
 
     def __call__(self, *args, backend: Optional[str] = None):
+        if len(args) == self._nargs + 1:  # the backend passed positionally, as in the schema
+            *args, backend = args
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
         return self.op(*args, self.resolve(backend, device))
 

@@ -12,10 +12,10 @@ codebook (K = 18: 1 MiB per token).  Here nothing of size N x 2^K ever exists:
   (the per-bit bound) make the approximation explicit.
 
 Statistics are accumulated in fp32 whatever the input dtype (fp64 for fp64 input), and every
-scalar returned is in that work dtype.  Each kernel op is one ``torch.library.custom_op``
-dispatching on ``backend`` (reference: pyratok/reference/entropy.py; cpu/cuda: the C++
-extension, csrc/torch/entropy.cpp; triton: kernels/entropy.py) with a fake kernel and a
-hand-written backward that is itself a custom op.
+scalar returned is in that work dtype.  Each kernel op is one declaration (pyratok/ops/_define.py:
+a custom op dispatching on ``backend``; reference: pyratok/reference/entropy.py; cpu/cuda: the
+C++ extension, csrc/torch/entropy.cpp; triton: kernels/entropy.py) with its allocate function as
+the fake kernel and a hand-written backward that is itself a declared op.
 
 Non-finite input (the same on every backend, because it is applied here, before dispatch):
 
@@ -36,13 +36,13 @@ averages over ranks (DDP, FSDP) is the single-process one: R ranks train like on
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple, Optional
 
 import torch
 
 from pyratok import _backend
-from pyratok.ops._checks import check_dim, check_float, check_indices, check_number
+from pyratok.ops._checks import MAX_INDEX_BITS, check_dim, check_float, check_indices, check_number
+from pyratok.ops._define import define
 from pyratok.ops.binary_quantize import binary_quantize
 from pyratok.reference import entropy as ref
 
@@ -193,24 +193,13 @@ def _dense_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@torch.library.custom_op("pyratok::bit_probs", mutates_args=())
-def _bit_probs_op(x: torch.Tensor, coef: float, backend: str) -> torch.Tensor:
-    if backend in ("cpu", "cuda"):
-        return torch.ops.pyratok._bit_probs(x, coef)
-    if backend == "triton":
-        return _tk().bit_probs(x.contiguous(), coef)
-    return torch.sigmoid(coef * x.to(ref.work_dtype(x.dtype)))
-
-
-@_bit_probs_op.register_fake
-def _(x, coef, backend):
+@define("bit_probs", family="entropy", native="_bit_probs")
+def _bit_probs_op(x: torch.Tensor, coef: float) -> torch.Tensor:
     return _work_empty(x, x.shape)
 
 
-def _save_inputs_and_backend(ctx, inputs, output):
-    """Saves the tensor inputs; the other arguments (coef, sizes, backend) stay in ctx.inputs."""
-    ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
-    ctx.inputs = [None if isinstance(t, torch.Tensor) else t for t in inputs]
+_bit_probs_op.impl("triton")(lambda x, coef: _tk().bit_probs(x.contiguous(), coef))
+_bit_probs_op.impl("reference")(lambda x, coef: torch.sigmoid(coef * x.to(ref.work_dtype(x.dtype))))
 
 
 def _bit_probs_backward(ctx, grad):
@@ -221,108 +210,99 @@ def _bit_probs_backward(ctx, grad):
     return (grad * coef * torch.sigmoid(z) * torch.sigmoid(-z)).to(x.dtype), None, None
 
 
-_bit_probs_op.register_autograd(_bit_probs_backward, setup_context=_save_inputs_and_backend)
+_bit_probs_op.autograd(_bit_probs_backward)
 
 
-@torch.library.custom_op("pyratok::binary_entropy_sum", mutates_args=())
-def _binary_entropy_sum_op(x: torch.Tensor, coef: float, backend: str) -> torch.Tensor:
-    if backend in ("cpu", "cuda"):
-        return torch.ops.pyratok._binary_entropy_sum(x, coef)
-    if backend == "triton":
-        return _tk().binary_entropy_sum(x.contiguous(), coef)
-    return ref.binary_entropy_from_logits(coef * x.to(ref.work_dtype(x.dtype))).sum()
-
-
-@_binary_entropy_sum_op.register_fake
-def _(x, coef, backend):
+@define("binary_entropy_sum", family="entropy", native="_binary_entropy_sum")
+def _binary_entropy_sum_op(x: torch.Tensor, coef: float) -> torch.Tensor:
     return _work_empty(x, ())
 
 
-@torch.library.custom_op("pyratok::binary_entropy_backward", mutates_args=())
-def _binary_entropy_backward_op(x: torch.Tensor, coef: float, grad: torch.Tensor, backend: str) -> torch.Tensor:
-    if backend in ("cpu", "cuda"):
-        return torch.ops.pyratok._binary_entropy_backward(x, coef, grad)
-    if backend == "triton":
-        return _tk().binary_entropy_backward(x.contiguous(), coef, grad)
+_binary_entropy_sum_op.impl("triton")(lambda x, coef: _tk().binary_entropy_sum(x.contiguous(), coef))
+_binary_entropy_sum_op.impl("reference")(
+    lambda x, coef: ref.binary_entropy_from_logits(coef * x.to(ref.work_dtype(x.dtype))).sum())
+
+
+@define("binary_entropy_backward", family="entropy", native="_binary_entropy_backward")
+def _binary_entropy_backward_op(x: torch.Tensor, coef: float, grad: torch.Tensor) -> torch.Tensor:
+    return _dense_like(x)
+
+
+_binary_entropy_backward_op.impl("triton")(
+    lambda x, coef, grad: _tk().binary_entropy_backward(x.contiguous(), coef, grad))
+
+
+@_binary_entropy_backward_op.impl("reference")
+def _(x, coef, grad):
     z = coef * x.to(ref.work_dtype(x.dtype))
     return (grad * coef * ref.binary_entropy_grad(z)).to(x.dtype).contiguous()
 
 
-@_binary_entropy_backward_op.register_fake
-def _(x, coef, grad, backend):
-    return _dense_like(x)
+_binary_entropy_sum_op.autograd(
+    lambda ctx, grad: (_binary_entropy_backward_op.call(ctx.saved_tensors[0], ctx.inputs[1], grad, ctx.backend),
+                       None, None))
 
 
-_binary_entropy_sum_op.register_autograd(
-    lambda ctx, grad: (_binary_entropy_backward_op(ctx.saved_tensors[0], ctx.inputs[1], grad, ctx.inputs[2]),
-                       None, None),
-    setup_context=_save_inputs_and_backend)
-
-
-@torch.library.custom_op("pyratok::soft_code_counts", mutates_args=())
-def _soft_code_counts_op(x: torch.Tensor, coef: float, group_sizes: list[int], backend: str) -> torch.Tensor:
+@define("soft_code_counts", family="entropy", native="_soft_code_counts")
+def _soft_code_counts_op(x: torch.Tensor, coef: float, group_sizes: list[int]) -> torch.Tensor:
     """(N, K) -> concatenated per-group soft code counts sum_n P_n^(g), each 2^g long."""
-    if backend in ("cpu", "cuda"):
-        return torch.ops.pyratok._soft_code_counts(x, coef, group_sizes)
-    if backend == "triton":
-        return _tk().soft_code_counts(x.contiguous(), coef, group_sizes)
-    return ref.soft_code_counts(x, coef, group_sizes)
-
-
-@_soft_code_counts_op.register_fake
-def _(x, coef, group_sizes, backend):
     return _work_empty(x, (sum(1 << g for g in group_sizes),))
 
 
-@torch.library.custom_op("pyratok::soft_code_counts_backward", mutates_args=())
-def _soft_code_counts_backward_op(x: torch.Tensor, coef: float, group_sizes: list[int], grad_counts: torch.Tensor,
-                                  backend: str) -> torch.Tensor:
-    if backend in ("cpu", "cuda"):
-        return torch.ops.pyratok._soft_code_counts_backward(x, coef, group_sizes, grad_counts)
-    if backend == "triton":
-        return _tk().soft_code_counts_backward(x.contiguous(), coef, group_sizes, grad_counts)
-    return ref.soft_code_counts_backward(x, coef, group_sizes, grad_counts).contiguous()
+_soft_code_counts_op.impl("triton")(
+    lambda x, coef, group_sizes: _tk().soft_code_counts(x.contiguous(), coef, group_sizes))
+_soft_code_counts_op.impl("reference")(ref.soft_code_counts)
 
 
-@_soft_code_counts_backward_op.register_fake
-def _(x, coef, group_sizes, grad_counts, backend):
+@define("soft_code_counts_backward", family="entropy", native="_soft_code_counts_backward")
+def _soft_code_counts_backward_op(x: torch.Tensor, coef: float, group_sizes: list[int],
+                                  grad_counts: torch.Tensor) -> torch.Tensor:
     return _dense_like(x)
 
 
-_soft_code_counts_op.register_autograd(
-    lambda ctx, grad: (_soft_code_counts_backward_op(ctx.saved_tensors[0], ctx.inputs[1], ctx.inputs[2], grad,
-                                                     ctx.inputs[3]), None, None, None),
-    setup_context=_save_inputs_and_backend)
+_soft_code_counts_backward_op.impl("triton")(
+    lambda x, coef, group_sizes, grad_counts: _tk().soft_code_counts_backward(x.contiguous(), coef, group_sizes,
+                                                                               grad_counts))
+_soft_code_counts_backward_op.impl("reference")(
+    lambda x, coef, group_sizes, grad_counts: ref.soft_code_counts_backward(x, coef, group_sizes,
+                                                                             grad_counts).contiguous())
+_soft_code_counts_op.autograd(
+    lambda ctx, grad: (_soft_code_counts_backward_op.call(ctx.saved_tensors[0], ctx.inputs[1], ctx.inputs[2], grad,
+                                                          ctx.backend), None, None, None))
 
 
-@torch.library.custom_op("pyratok::soft_code_entropy", mutates_args=())
-def _soft_code_entropy_op(x: torch.Tensor, coef: float, group_sizes: list[int], with_grad: bool,
-                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+@define("soft_code_entropy", family="entropy")
+def _soft_code_entropy_op(x: torch.Tensor, coef: float, group_sizes: list[int],
+                          with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) -> (sum over groups of H(counts_g / N) in nats, d that / d x or an empty tensor).
 
     The value and its gradient come out of one pass (the backward only scales the saved
     gradient): on the cpu backend over tiles of codes, without the 2^K counts as a whole
     (csrc/torch/entropy.cpp); the other backends compose the counts ops."""
-    if backend == "cpu":
-        return torch.ops.pyratok._soft_code_entropy(x, coef, group_sizes, with_grad)
-    if backend == "reference":
-        counts = ref.soft_code_counts(x, coef, group_sizes)
-        backward = lambda g: ref.soft_code_counts_backward(x, coef, group_sizes, g)  # noqa: E731
-    else:
-        counts = _soft_code_counts_op(x, coef, group_sizes, backend)
-        backward = lambda g: _soft_code_counts_backward_op(x, coef, group_sizes, g, backend)  # noqa: E731
-    value, log_q = _entropy_and_log_q(counts, x.shape[0])
-    grad = backward((log_q + 1) * (-1.0 / x.shape[0])).contiguous() if with_grad else x.new_empty(0)
-    return value, grad
-
-
-@_soft_code_entropy_op.register_fake
-def _(x, coef, group_sizes, with_grad, backend):
     return _work_empty(x, ()), (_dense_like(x) if with_grad else x.new_empty(0))
 
 
-def _soft_code_entropy_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+_soft_code_entropy_op.impl("cpu")(
+    lambda x, coef, group_sizes, with_grad: torch.ops.pyratok._soft_code_entropy(x, coef, group_sizes, with_grad))
+
+
+def _composed_soft_code_entropy(backend: str):
+    def run(x, coef, group_sizes, with_grad):
+        if backend == "reference":
+            counts = ref.soft_code_counts(x, coef, group_sizes)
+            backward = lambda g: ref.soft_code_counts_backward(x, coef, group_sizes, g)  # noqa: E731
+        else:
+            counts = _soft_code_counts_op.call(x, coef, group_sizes, backend)
+            backward = lambda g: _soft_code_counts_backward_op.call(x, coef, group_sizes, g, backend)  # noqa: E731
+        value, log_q = _entropy_and_log_q(counts, x.shape[0])
+        grad = backward((log_q + 1) * (-1.0 / x.shape[0])).contiguous() if with_grad else x.new_empty(0)
+        return value, grad
+
+    return run
+
+
+for _name in ("reference", "cuda", "triton"):
+    _soft_code_entropy_op.impl(_name)(_composed_soft_code_entropy(_name))
 
 
 def _soft_code_entropy_backward(ctx, grad_value, grad_grad):
@@ -332,56 +312,45 @@ def _soft_code_entropy_backward(ctx, grad_value, grad_grad):
     return (grad_value * unit_grad).to(unit_grad.dtype), None, None, None, None
 
 
-_soft_code_entropy_op.register_autograd(_soft_code_entropy_backward, setup_context=_soft_code_entropy_setup)
+_soft_code_entropy_op.autograd(_soft_code_entropy_backward, lambda ctx, inputs, output: ctx.save_for_backward(output[1]))
 
 
-@torch.library.custom_op("pyratok::bernoulli_kl_sum", mutates_args=())
-def _bernoulli_kl_sum_op(p_logits: torch.Tensor, r_logits: torch.Tensor, backend: str) -> torch.Tensor:
-    if backend in ("cpu", "cuda"):
-        return torch.ops.pyratok._bernoulli_kl_sum(p_logits, r_logits)
-    if backend == "triton":
-        return _tk().bernoulli_kl_sum(p_logits.contiguous(), r_logits.contiguous())
-    return ref.bernoulli_kl_elementwise(p_logits, r_logits).sum()
-
-
-@_bernoulli_kl_sum_op.register_fake
-def _(p_logits, r_logits, backend):
+@define("bernoulli_kl_sum", family="entropy", native="_bernoulli_kl_sum")
+def _bernoulli_kl_sum_op(p_logits: torch.Tensor, r_logits: torch.Tensor) -> torch.Tensor:
     return _work_empty(p_logits, ())
 
 
-@torch.library.custom_op("pyratok::bernoulli_kl_backward", mutates_args=())
-def _bernoulli_kl_backward_op(p_logits: torch.Tensor, r_logits: torch.Tensor, grad: torch.Tensor,
-                              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend in ("cpu", "cuda"):
-        return torch.ops.pyratok._bernoulli_kl_backward(p_logits, r_logits, grad)
-    if backend == "triton":
-        return _tk().bernoulli_kl_backward(p_logits.contiguous(), r_logits.contiguous(), grad)
+_bernoulli_kl_sum_op.impl("triton")(lambda p, r: _tk().bernoulli_kl_sum(p.contiguous(), r.contiguous()))
+_bernoulli_kl_sum_op.impl("reference")(lambda p, r: ref.bernoulli_kl_elementwise(p, r).sum())
+
+
+@define("bernoulli_kl_backward", family="entropy", native="_bernoulli_kl_backward")
+def _bernoulli_kl_backward_op(p_logits: torch.Tensor, r_logits: torch.Tensor,
+                              grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _dense_like(p_logits), _dense_like(r_logits)
+
+
+_bernoulli_kl_backward_op.impl("triton")(
+    lambda p, r, grad: _tk().bernoulli_kl_backward(p.contiguous(), r.contiguous(), grad))
+
+
+@_bernoulli_kl_backward_op.impl("reference")
+def _(p_logits, r_logits, grad):
     grad_p, grad_r = ref.bernoulli_kl_grads(p_logits, r_logits)
     return (grad * grad_p).to(p_logits.dtype).contiguous(), (grad * grad_r).to(r_logits.dtype).contiguous()
 
 
-@_bernoulli_kl_backward_op.register_fake
-def _(p_logits, r_logits, grad, backend):
-    return _dense_like(p_logits), _dense_like(r_logits)
+_bernoulli_kl_sum_op.autograd(
+    lambda ctx, grad: (*_bernoulli_kl_backward_op.call(*ctx.saved_tensors, grad, ctx.backend), None))
 
 
-_bernoulli_kl_sum_op.register_autograd(
-    lambda ctx, grad: (*_bernoulli_kl_backward_op(*ctx.saved_tensors, grad, ctx.inputs[2]), None),
-    setup_context=_save_inputs_and_backend)
-
-
-@torch.library.custom_op("pyratok::code_histogram", mutates_args=())
-def _code_histogram_op(indices: torch.Tensor, K: int, backend: str) -> torch.Tensor:
-    if backend in ("cpu", "cuda"):
-        return torch.ops.pyratok._code_histogram(indices, K)
-    if backend == "triton":
-        return _tk().code_histogram(indices.contiguous(), K)
-    return ref.code_histogram(indices, K)
-
-
-@_code_histogram_op.register_fake
-def _(indices, K, backend):
+@define("code_histogram", family="entropy", native="_code_histogram")
+def _code_histogram_op(indices: torch.Tensor, K: int) -> torch.Tensor:
     return indices.new_empty(1 << K, dtype=torch.int64)
+
+
+_code_histogram_op.impl("triton")(lambda indices, K: _tk().code_histogram(indices.contiguous(), K))
+_code_histogram_op.impl("reference")(ref.code_histogram)
 
 
 # ---------------------------------------------------------------------------------------
@@ -409,7 +378,7 @@ def bit_probs(x: torch.Tensor, inv_temperature: float = 100.0, scale: float = 1.
     """p = sigmoid(4 * inv_temperature * scale * x), elementwise, in the work dtype (fp32;
     fp64 for fp64 x): the probability that each bit is 1 under LFQ's softmax over codes +-scale."""
     check_float(x)
-    return _bit_probs_op(x, _coefficient(inv_temperature, scale), _backend.resolve(backend, x.device, "entropy"))
+    return _bit_probs_op(x, _coefficient(inv_temperature, scale), backend=backend)
 
 
 @_statistics_in_fp32
@@ -424,7 +393,7 @@ def per_sample_entropy(x: torch.Tensor, inv_temperature: float = 100.0, scale: f
     _check_process_group(process_group)
     tokens, _ = _tokens_and_bits(x, dim, process_group)
     coef = _coefficient(inv_temperature, scale)
-    total = _binary_entropy_sum_op(_saturate_infinities(x, coef), coef, _backend.resolve(backend, x.device, "entropy"))
+    total = _binary_entropy_sum_op(_saturate_infinities(x, coef), coef, backend=backend)
     total, tokens = _global_sum(total, tokens, process_group)
     return total / tokens
 
@@ -443,7 +412,7 @@ FUSED_MIN_CODES = 1 << 16
 
 
 def _fused_pays(tokens: int, sizes: list[int], backend: str) -> bool:
-    return backend == "cpu" and 0 < tokens <= FUSED_MAX_TOKENS and sum(1 << g for g in sizes) >= FUSED_MIN_CODES
+    return _backend.base(backend) == "cpu" and 0 < tokens <= FUSED_MAX_TOKENS and sum(1 << g for g in sizes) >= FUSED_MIN_CODES
 
 
 @_statistics_in_fp32
@@ -464,11 +433,11 @@ def codebook_entropy(x: torch.Tensor, inv_temperature: float = 100.0, scale: flo
     sizes = _check_group_sizes(K, method, group_size)
     coef = _coefficient(inv_temperature, scale)
     x2d = ref.tokens_by_bits(x, dim).contiguous()  # (N, K)
-    backend = _backend.resolve(backend, x.device, "entropy")
+    backend = _soft_code_counts_op.resolve(backend, x.device)
     if process_group is None and _fused_pays(tokens, sizes, backend):
         with_grad = torch.is_grad_enabled() and x2d.requires_grad
-        return _soft_code_entropy_op(x2d, coef, sizes, with_grad, backend)[0]
-    counts = _soft_code_counts_op(x2d, coef, sizes, backend)
+        return _soft_code_entropy_op(x2d, coef, sizes, with_grad, backend=backend)[0]
+    counts = _soft_code_counts_op(x2d, coef, sizes, backend=backend)
     counts, tokens = _global_sum(counts, tokens, process_group)
     return _CountsEntropy.apply(counts, tokens)
 
@@ -515,7 +484,7 @@ def bernoulli_kl(p_logits: torch.Tensor, r_logits: torch.Tensor, dim: int = 1,
     if positions == 0:
         raise ValueError(f"p_logits: no positions (shape {tuple(p_logits.shape)})")
     common = torch.promote_types(p_logits.dtype, r_logits.dtype)
-    total = _bernoulli_kl_sum_op(p_logits.to(common), r_logits.to(common), _backend.resolve(backend, p_logits.device, "entropy"))
+    total = _bernoulli_kl_sum_op(p_logits.to(common), r_logits.to(common), backend=backend)
     return total / positions
 
 
@@ -533,17 +502,17 @@ def codebook_usage(codes: torch.Tensor, K: Optional[int] = None, dim: int = 1,
         if K is not None and K != codes.shape[dim]:
             raise ValueError(f"K={K} differs from x.shape[{dim}]={codes.shape[dim]}")
         K = codes.shape[dim]
-        if not 1 <= K <= 63:
-            raise ValueError(f"x.shape[{dim}] (K)={K}: codebook usage needs 1 <= K <= 63")
+        if not 1 <= K <= MAX_INDEX_BITS:
+            raise ValueError(f"x.shape[{dim}] (K)={K}: codebook usage needs 1 <= K <= {MAX_INDEX_BITS}")
         indices = binary_quantize(codes, dim, return_codes=False, backend=backend).indices
     else:
         if K is None:
             raise TypeError("K: required when codes are integer indices")
-        if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= 63:
-            raise ValueError(f"K={K!r}: codebook usage needs an int 1 <= K <= 63")
+        if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= MAX_INDEX_BITS:
+            raise ValueError(f"K={K!r}: codebook usage needs an int 1 <= K <= {MAX_INDEX_BITS}")
         check_indices(codes, K, name="codes")
         indices = codes
     if K > MAX_HISTOGRAM_BITS:
         return CodebookUsage(*ref.codebook_usage(indices, K))
-    counts = _code_histogram_op(indices, K, _backend.resolve(backend, indices.device, "entropy"))
+    counts = _code_histogram_op(indices, K, backend=backend)
     return CodebookUsage(*ref.usage_from_counts(counts, K))
