@@ -32,7 +32,7 @@ from _common import DEVICE, _malloc_thresholds, peak_memory_bytes, run
 
 OURS = [b for b in pyratok.available_backends(DEVICE) if b != "reference" and not (b == "triton" and DEVICE == "cpu")]
 # "cpu" runs the default algorithm (Winograd F(2x2, 3x3) on wide fp32 layers); "cpu-direct" the
-# direct implicit GEMM, for the side-by-side ratio
+# direct implicit GEMM (backend "cpu:direct"), for the side-by-side ratio
 DIRECT = ["cpu-direct"] if "cpu" in OURS else []
 PEERS = ["diffusers-cogvideox", "diffusers-wan"]
 LAYOUTS = ["channel-first", "channels-last"]
@@ -93,10 +93,7 @@ def layer_call(provider, C, O, x, w, b):
     """-> (a call doing one forward of the layer, the modules to keep alive)."""
     mode = "replicate" if provider == "diffusers-cogvideox" else "zeros"
     if provider == "cpu-direct":  # the cpu backend with its Winograd forward switched off
-        def direct():
-            with ops.cpu_algorithm("direct"):
-                return ops.causal_conv3d(x, w, b, padding=1, time_pad_mode=mode, backend="cpu")[0]
-        return direct
+        return lambda: ops.causal_conv3d(x, w, b, padding=1, time_pad_mode=mode, backend="cpu:direct")[0]
     if provider in OURS:
         return lambda: ops.causal_conv3d(x, w, b, padding=1, time_pad_mode=mode, backend=provider)[0]
     if provider == "reference":

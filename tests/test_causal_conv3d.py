@@ -200,8 +200,7 @@ def test_winograd_float64(case):
             continue
         x, w, b, cache = make_inputs(case, B=2, C=5, O=6, H=H, W=W)
         want_y, want_cache = ref.causal_conv3d(x, w, b, cache=cache, **conv_kwargs(case))
-        with ops.cpu_algorithm("winograd"):
-            y, new_cache = ops.causal_conv3d(x, w, b, cache=cache, **conv_kwargs(case), backend="cpu")
+        y, new_cache = ops.causal_conv3d(x, w, b, cache=cache, **conv_kwargs(case), backend="cpu:winograd")
         torch.testing.assert_close(y, want_y, rtol=0, atol=1e-12)
         torch.testing.assert_close(new_cache, want_cache, rtol=0, atol=0)
 
@@ -215,17 +214,15 @@ def test_winograd_is_auto_for_wide_fp32_layers_and_within_2x_of_direct_error():
         xf, wf, bf, cf = (t.float() for t in (x, w, b, cache))
         xf = xf.contiguous(memory_format=layout)
         outs = {}
-        for algo in ops.CPU_ALGORITHMS:
-            with ops.cpu_algorithm(algo):
-                outs[algo], _ = ops.causal_conv3d(xf, wf, bf, cache=cf, padding=(1, 1), backend="cpu")
+        for algo, backend in (("auto", "cpu"), ("direct", "cpu:direct"), ("winograd", "cpu:winograd")):
+            outs[algo], _ = ops.causal_conv3d(xf, wf, bf, cache=cf, padding=(1, 1), backend=backend)
         assert torch.equal(outs["auto"], outs["winograd"]) and not torch.equal(outs["auto"], outs["direct"])
         err = {k: (v.double() - want).abs().max().item() for k, v in outs.items()}
         assert err["winograd"] <= 2 * err["direct"], err
     # narrow layers (the encoder's first) and half precision keep the direct path under auto
     x, w, b, cache = make_inputs(case, B=1, C=3, O=48, H=6, W=6)
-    with ops.cpu_algorithm("direct"):
-        direct, _ = ops.causal_conv3d(x.float(), w.float(), b.float(), cache=cache.float(), padding=(1, 1),
-                                      backend="cpu")
+    direct, _ = ops.causal_conv3d(x.float(), w.float(), b.float(), cache=cache.float(), padding=(1, 1),
+                                  backend="cpu:direct")
     assert torch.equal(ops.causal_conv3d(x.float(), w.float(), b.float(), cache=cache.float(), padding=(1, 1),
                                          backend="cpu")[0], direct)
 
@@ -235,9 +232,8 @@ def test_winograd_streams_bit_identically():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 32, 17, 6, 7, generator=g).to(memory_format=torch.channels_last_3d)
     for mode in ("zeros", "replicate"):
-        layer = CausalConv3d(32, 32, 3, padding=1, time_pad_mode=mode, backend="cpu")
-        with ops.cpu_algorithm("winograd"):
-            whole, *streamed = stream_outputs(layer, x, PLANS_17)
+        layer = CausalConv3d(32, 32, 3, padding=1, time_pad_mode=mode, backend="cpu:winograd")
+        whole, *streamed = stream_outputs(layer, x, PLANS_17)
         assert all(torch.equal(out, whole) for out in streamed)
 
 
@@ -264,9 +260,12 @@ def test_flop_counter_sees_the_op():
 
 
 def test_cpu_algorithm_rejects_unknown_names():
-    with pytest.raises(ValueError, match=r"name='fast': expected one of \('auto', 'direct', 'winograd'\)"):
-        with ops.cpu_algorithm("fast"):
-            pass
+    # the algorithm is a backend variant ("cpu:direct", "cpu:winograd"), no longer a global switch
+    from pyratok import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match=r"unknown backend 'cpu:fast'.*'cpu:direct', 'cpu:winograd'"):
+        ops.causal_conv3d(torch.randn(1, 2, 3, 4, 4), torch.randn(2, 2, 3, 3, 3), backend="cpu:fast")
+    assert not hasattr(ops, "cpu_algorithm")
 
 
 # ---- streaming -------------------------------------------------------------------------

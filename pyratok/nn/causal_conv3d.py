@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from pyratok.ops.causal_conv3d import _pair, _triple, causal_conv3d
+from pyratok.ops._checks import pair, triple
+from pyratok.ops.causal_conv3d import causal_conv3d
 
 
 class StreamCache:
@@ -83,10 +84,10 @@ class CausalConv3d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, dilation=1, padding=0,
                  bias: bool = True, time_pad_mode: str = "zeros", backend: Optional[str] = None):
         super().__init__()
-        self.kernel_size = _triple(kernel_size, "kernel_size")
-        self.stride = _triple(stride, "stride")
-        self.dilation = _triple(dilation, "dilation")
-        self.padding = _pair(padding, "padding")
+        self.kernel_size = triple(kernel_size, "kernel_size")
+        self.stride = triple(stride, "stride")
+        self.dilation = triple(dilation, "dilation")
+        self.padding = pair(padding, "padding")
         self.time_pad_mode = time_pad_mode
         self.backend = backend
         conv = nn.Conv3d(in_channels, out_channels, self.kernel_size, bias=bias)  # default init

@@ -16,7 +16,7 @@ from pyratok.ops.binary_quantize import (  # noqa: E402
     residual_binary_quantize,
     unpack_bits,
 )
-from pyratok.ops.causal_conv3d import CPU_ALGORITHMS, causal_conv3d, cpu_algorithm  # noqa: E402
+from pyratok.ops.causal_conv3d import causal_conv3d  # noqa: E402
 from pyratok.ops.entropy import (  # noqa: E402
     CodebookUsage,
     EntropyLoss,
@@ -27,6 +27,9 @@ from pyratok.ops.entropy import (  # noqa: E402
     lfq_entropy_loss,
     per_sample_entropy,
 )
+from pyratok.ops import _flops  # noqa: E402
+
+_flops.install()  # FLOP formulas for torch.utils.flop_counter, registered when it is imported
 
 __all__ = [
     "BinaryQuantized",
@@ -37,8 +40,6 @@ __all__ = [
     "bit_probs",
     "bits_to_indices",
     "causal_conv3d",
-    "cpu_algorithm",
-    "CPU_ALGORITHMS",
     "codebook_entropy",
     "codebook_usage",
     "indices_to_bits",

@@ -1,49 +1,39 @@
 """Causal 3D convolution with an explicit streaming cache (DESIGN.md §2.3): the public op.
 
-:func:`causal_conv3d` checks its arguments (a ``TypeError``/``ValueError`` naming the
-argument), picks a backend (pyratok._backend) and calls the custom op
-``pyratok::causal_conv3d``, whose fake kernel serves torch.compile / meta tensors and
-whose autograd formula calls ``pyratok::causal_conv3d_backward`` on the same backend:
+:func:`causal_conv3d` checks its arguments (pyratok/ops/_checks.py: a ``TypeError``/``ValueError``
+naming the argument) and calls ``pyratok::causal_conv3d``, declared with pyratok/ops/_define.py
+(which picks the backend): its allocate function is the fake kernel (torch.compile / meta
+tensors) and its autograd formula calls ``pyratok::causal_conv3d_backward`` on the same backend:
 
-  reference  pyratok/reference/causal_conv3d.py (F.pad + F.conv3d, pads by copying)
-  cpu, cuda  torch.ops.pyratok._causal_conv3d(_backward) from the C++ extension (csrc/)
-  triton     kernels/causal_conv3d.py (implicit GEMM)
+  reference     pyratok/reference/causal_conv3d.py (F.pad + F.conv3d, pads by copying)
+  cpu, cuda     torch.ops.pyratok._causal_conv3d(_backward) from the C++ extension (csrc/);
+                ``cpu`` runs Winograd F(2x2, 3x3) for float32 layers with a 3x3 spatial kernel,
+                spatial stride and dilation 1 and at least 48 input and output channels (2.25x
+                fewer multiplies; fp32 error within 2x the direct path's), the direct implicit
+                GEMM otherwise
+  cpu:direct    the cpu backend, always the direct implicit GEMM forward
+  cpu:winograd  the cpu backend, Winograd wherever the geometry allows, in every dtype
+                (computing in the work type, fp32 or fp64)
+  triton        kernels/causal_conv3d.py (implicit GEMM)
 
-The fast backends never build the padded input.  Outputs keep x's layout
-(channels_last_3d in, channels_last_3d out).  The new cache, the last P frames of the
-padded input, is a P-frame copy made here for every backend.
+The backward always runs the direct scheme (the cpu variants run the cpu backward).  The
+fast backends never build the padded input.  Outputs keep x's layout (channels_last_3d in,
+channels_last_3d out).  The new cache, the last P frames of the padded input, is a P-frame
+copy made here for every backend.  FLOP formulas for FlopCounterMode: pyratok/ops/_flops.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.abc
-import importlib.util
-import sys
 from typing import Optional, Sequence, Union
 
 import torch
 
-from pyratok import _backend
+from pyratok.ops._checks import FLOAT_DTYPES, ConvAlgorithm, check_float, pair, triple  # noqa: F401
+from pyratok.ops._define import define
 from pyratok.reference import causal_conv3d as ref
 
 IntOr3 = Union[int, Sequence[int]]
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TIME_PAD_MODES = ("zeros", "replicate")
-
-
-def _triple(v, name: str):
-    t = (v,) * 3 if isinstance(v, int) else tuple(v)
-    if len(t) != 3 or any(not isinstance(i, int) or i < 1 for i in t):
-        raise ValueError(f"{name}: expected a positive int or 3 positive ints, got {v!r}")
-    return t
-
-
-def _pair(v, name: str):
-    t = (v,) * 2 if isinstance(v, int) else tuple(v)
-    if len(t) != 2 or any(not isinstance(i, int) or i < 0 for i in t):
-        raise ValueError(f"{name}: expected a non-negative int or 2 of them (H, W), got {v!r}")
-    return t
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -79,17 +69,45 @@ def _new_cache(x: torch.Tensor, cache: Optional[torch.Tensor], P: int, replicate
 
 
 # ---------------------------------------------------------------------------------------
-# per-backend implementations
+# the ops: one declaration each (pyratok/ops/_define.py)
 
 
-def _forward_reference(x, weight, bias, cache, stride, dilation, padding, replicate):
+@define("causal_conv3d", family="causal_conv3d")
+def _causal_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      cache: Optional[torch.Tensor], stride: list[int], dilation: list[int], padding: list[int],
+                      replicate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y (B, O, To, Ho, Wo), new cache (B, C, P, H, W)), both in x's layout."""
+    B, C, _, H, W = x.shape
+    P = ref.past_frames(weight.shape[2], stride[0], dilation[0])
+    y = _empty_like_layout(x, output_shape(x.shape, weight.shape, stride, dilation, padding))
+    return y, _empty_like_layout(x, (B, C, P, H, W))
+
+
+def _forward_impl(*backends: str):
+    """Declares ``forward(x, weight, bias, cache, stride, dilation, padding, replicate) -> y`` the
+    forward of ``backends``; the new cache is the same P-frame copy for all of them."""
+
+    def register(forward):
+        def run(x, weight, bias, cache, stride, dilation, padding, replicate):
+            y = forward(x, weight, bias, cache, stride, dilation, padding, replicate)
+            P = ref.past_frames(weight.shape[2], stride[0], dilation[0])
+            return y, _new_cache(x, cache, P, replicate)
+
+        return _causal_conv3d_op.impl(*backends)(run)
+
+    return register
+
+
+@_forward_impl("reference")
+def _(x, weight, bias, cache, stride, dilation, padding, replicate):
     y, _ = ref.causal_conv3d(x, weight, bias, stride, dilation, padding, "replicate" if replicate else "zeros", cache)
     out = _empty_like_layout(x, y.shape)
     out.copy_(y)
     return out
 
 
-def _forward_triton(x, weight, bias, cache, stride, dilation, padding, replicate):
+@_forward_impl("triton")
+def _(x, weight, bias, cache, stride, dilation, padding, replicate):
     from pyratok.kernels import causal_conv3d as tk
 
     y = _empty_like_layout(x, output_shape(x.shape, weight.shape, stride, dilation, padding))
@@ -97,29 +115,40 @@ def _forward_triton(x, weight, bias, cache, stride, dilation, padding, replicate
     return y
 
 
-@torch.library.custom_op("pyratok::causal_conv3d", mutates_args=())
-def _causal_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      cache: Optional[torch.Tensor], stride: list[int], dilation: list[int], padding: list[int],
-                      replicate: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend in ("cpu", "cuda"):
-        y = torch.ops.pyratok._causal_conv3d(x, weight, bias, cache, stride, dilation, padding, replicate)
-    elif backend == "triton":
-        y = _forward_triton(x, weight, bias, cache, stride, dilation, padding, replicate)
-    else:
-        y = _forward_reference(x, weight, bias, cache, stride, dilation, padding, replicate)
-    P = ref.past_frames(weight.shape[2], stride[0], dilation[0])
-    return y, _new_cache(x, cache, P, replicate)
+_forward_impl("cpu", "cuda")(lambda *args: torch.ops.pyratok._causal_conv3d(*args))
 
 
-@_causal_conv3d_op.register_fake
-def _(x, weight, bias, cache, stride, dilation, padding, replicate, backend):
-    B, C, _, H, W = x.shape
-    P = ref.past_frames(weight.shape[2], stride[0], dilation[0])
-    y = _empty_like_layout(x, output_shape(x.shape, weight.shape, stride, dilation, padding))
-    return y, _empty_like_layout(x, (B, C, P, H, W))
+def _cpu_forward(algorithm: ConvAlgorithm):
+    """The cpu forward with ``algorithm``.
+
+    SHIM (C++ work left, issue #17 item 2): torch.ops.pyratok._causal_conv3d has no algorithm
+    argument yet; csrc/torch/causal_conv3d.cpp reads a process-wide atomic that
+    _set_cpu_conv3d_algorithm sets.  Until the C++ op takes ``int algorithm``, the choice is set
+    around the call and restored, which races with a concurrent cpu causal_conv3d in another
+    thread (it may run, or make the other call run, with the wrong algorithm; both algorithms
+    are correct convolutions, they differ in rounding).  Replace the body with
+    ``torch.ops.pyratok._causal_conv3d(..., int(algorithm))`` once the C++ op has the argument.
+    """
+
+    def forward(x, weight, bias, cache, stride, dilation, padding, replicate):
+        previous = torch.ops.pyratok._set_cpu_conv3d_algorithm(int(algorithm))
+        try:
+            return torch.ops.pyratok._causal_conv3d(x, weight, bias, cache, stride, dilation, padding, replicate)
+        finally:
+            torch.ops.pyratok._set_cpu_conv3d_algorithm(previous)
+
+    return forward
 
 
-def _empty_grads(x, weight, stride, dilation, output_mask):
+_forward_impl("cpu:direct")(_cpu_forward(ConvAlgorithm.DIRECT))
+_forward_impl("cpu:winograd")(_cpu_forward(ConvAlgorithm.WINOGRAD))
+
+
+@define("causal_conv3d_backward", family="causal_conv3d", native="_causal_conv3d_backward")
+def _causal_conv3d_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                               cache: Optional[torch.Tensor], stride: list[int], dilation: list[int],
+                               padding: list[int], replicate: bool,
+                               output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Empty (grad_x, grad_past, grad_weight, grad_bias); those not asked for have 0 elements."""
     B, C, _, H, W = x.shape
     P = ref.past_frames(weight.shape[2], stride[0], dilation[0])
@@ -129,20 +158,21 @@ def _empty_grads(x, weight, stride, dilation, output_mask):
             x.new_empty(weight.shape[0]) if output_mask[3] else x.new_empty(0))
 
 
-def _backward_reference(grad_y, x, weight, cache, stride, dilation, padding, replicate, output_mask):
-    grads = ref.causal_conv3d_backward(grad_y, x, weight, cache, stride, dilation, padding,
+@_causal_conv3d_backward_op.impl("reference", into=True)
+def _(grad_y, x, weight, cache, stride, dilation, padding, replicate, output_mask, outs):
+    grads = ref.causal_conv3d_backward(grad_y.to(x.dtype), x, weight, cache, stride, dilation, padding,
                                        "replicate" if replicate else "zeros")
-    outs = _empty_grads(x, weight, stride, dilation, output_mask)
     for out, grad, wanted in zip(outs, grads, output_mask):
         if wanted:
             out.copy_(grad)
-    return outs
 
 
-def _backward_triton(grad_y, x, weight, cache, stride, dilation, padding, replicate, output_mask):
+@_causal_conv3d_backward_op.impl("triton", into=True)
+def _(grad_y, x, weight, cache, stride, dilation, padding, replicate, output_mask, outs):
     from pyratok.kernels import causal_conv3d as tk
 
-    grad_x, grad_past, grad_weight, grad_bias = _empty_grads(x, weight, stride, dilation, output_mask)
+    grad_y = grad_y.to(x.dtype)
+    grad_x, grad_past, grad_weight, grad_bias = outs
     if output_mask[0] or output_mask[1]:
         tk.causal_conv3d_input_grad(grad_y, weight, x.shape, stride, dilation, padding,
                                     grad_x if output_mask[0] else None, grad_past if output_mask[1] else None)
@@ -153,27 +183,6 @@ def _backward_triton(grad_y, x, weight, cache, stride, dilation, padding, replic
         grad_weight.copy_(accum)
     if output_mask[3]:
         grad_bias.copy_(grad_y.sum((0, 2, 3, 4), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))
-    return grad_x, grad_past, grad_weight, grad_bias
-
-
-@torch.library.custom_op("pyratok::causal_conv3d_backward", mutates_args=())
-def _causal_conv3d_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                               cache: Optional[torch.Tensor], stride: list[int], dilation: list[int],
-                               padding: list[int], replicate: bool, output_mask: list[bool],
-                               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend in ("cpu", "cuda"):
-        return torch.ops.pyratok._causal_conv3d_backward(grad_y, x, weight, cache, stride, dilation, padding,
-                                                         replicate, output_mask)
-    if backend == "triton":
-        return _backward_triton(grad_y.to(x.dtype), x, weight, cache, stride, dilation, padding, replicate,
-                                output_mask)
-    return _backward_reference(grad_y.to(x.dtype), x, weight, cache, stride, dilation, padding, replicate,
-                               output_mask)
-
-
-@_causal_conv3d_backward_op.register_fake
-def _(grad_y, x, weight, cache, stride, dilation, padding, replicate, output_mask, backend):
-    return _empty_grads(x, weight, stride, dilation, output_mask)
 
 
 def _setup_context(ctx, inputs, output):
@@ -194,7 +203,7 @@ def _backward(ctx, grad_y, grad_new_cache):
     mask = [need_x, need_past, need_w, need_b and ctx.has_bias]
     if grad_y is None:
         grad_y = x.new_zeros(output_shape(x.shape, weight.shape, stride, dilation, padding))
-    grad_x, grad_past, grad_w, grad_b = _causal_conv3d_backward_op(
+    grad_x, grad_past, grad_w, grad_b = _causal_conv3d_backward_op.call(
         grad_y, x, weight, cache, stride, dilation, padding, replicate, mask, backend)
     if grad_new_cache is not None and P > 0:
         # new_cache = frames [T, T+P) of [past, x]: the last min(P, T) come from x
@@ -209,106 +218,11 @@ def _backward(ctx, grad_y, grad_new_cache):
             grad_past if need_past and cache is not None else None, None, None, None, None, None)
 
 
-_causal_conv3d_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# FLOPs for torch.utils.flop_counter.FlopCounterMode (which cannot look inside a custom op):
-# the direct algorithm's multiply-adds, 2 * B * To * Ho * Wo * O * C * kt * kh * kw, forward;
-# the backward counts that once per gradient of x (with the past frames) and of the weight.
-# Registered when torch.utils.flop_counter is imported, not by importing it here: it imports
-# triton, which must not happen before a user has chosen Triton's CPU interpreter.
-def _conv_flops(x_shape, w_shape, y_shape) -> int:
-    B = x_shape[0]
-    O, C, kt, kh, kw = w_shape
-    return 2 * B * y_shape[2] * y_shape[3] * y_shape[4] * O * C * kt * kh * kw
-
-
-def _causal_conv3d_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    return _conv_flops(x_shape, w_shape, out_shape[0])
-
-
-def _causal_conv3d_backward_flops(grad_y_shape, x_shape, w_shape, cache_shape, stride, dilation, padding,
-                                  replicate, output_mask, *args, out_shape=None, **kwargs) -> int:
-    grads = int(bool(output_mask[0] or output_mask[1])) + int(bool(output_mask[2]))
-    return grads * _conv_flops(x_shape, w_shape, grad_y_shape)
-
-
-def _register_flop_formulas(flop_counter) -> None:
-    flop_counter.register_flop_formula(torch.ops.pyratok.causal_conv3d)(_causal_conv3d_flops)
-    flop_counter.register_flop_formula(torch.ops.pyratok.causal_conv3d_backward)(_causal_conv3d_backward_flops)
-
-
-class _RegisterOnImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Registers the formulas as soon as torch.utils.flop_counter has been imported (FlopCounterMode
-    copies the registry when it is created, so registering on the op's first call is too late)."""
-
-    NAME = "torch.utils.flop_counter"
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != self.NAME:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)  # the normal finders
-        if spec is not None and spec.loader is not None:
-            self.loader = spec.loader
-            spec.loader = self
-        return spec
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module):
-        self.loader.exec_module(module)
-        _register_flop_formulas(module)
-
-
-if _RegisterOnImport.NAME in sys.modules:
-    _register_flop_formulas(sys.modules[_RegisterOnImport.NAME])
-else:
-    sys.meta_path.insert(0, _RegisterOnImport())
+_causal_conv3d_op.autograd(_backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------------------
 # public API
-
-
-CPU_ALGORITHMS = ("auto", "direct", "winograd")
-
-
-@contextlib.contextmanager
-def cpu_algorithm(name: str):
-    """Chooses the cpu backend's forward algorithm inside the block (process-wide):
-
-    * ``"auto"`` (the default): Winograd F(2x2, 3x3) for float32 layers with a 3x3 spatial
-      kernel, spatial stride and dilation 1 and at least 48 input and output channels (2.25x
-      fewer multiplies; fp32 error within 2x the direct path's), the direct implicit GEMM
-      otherwise;
-    * ``"direct"``: always the direct implicit GEMM;
-    * ``"winograd"``: Winograd wherever the geometry allows, in every dtype (computing in the
-      work type, fp32 or fp64).
-
-    The backward always runs the direct scheme.  Without the C++ extension (no cpu backend)
-    the block runs unchanged.
-    """
-    if name not in CPU_ALGORITHMS:
-        raise ValueError(f"name={name!r}: expected one of {CPU_ALGORITHMS}")
-    if _backend.why_unavailable("cpu", torch.device("cpu")) is not None:
-        yield
-        return
-    previous = torch.ops.pyratok._set_cpu_conv3d_algorithm(CPU_ALGORITHMS.index(name))
-    try:
-        yield
-    finally:
-        torch.ops.pyratok._set_cpu_conv3d_algorithm(previous)
-
-
-def _check_tensor(t, name: str, like: Optional[torch.Tensor] = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {t.dtype}")
-    if like is not None and (t.dtype != like.dtype or t.device != like.device):
-        raise TypeError(f"{name}: expected {like.dtype} on {like.device} like x, got {t.dtype} on {t.device}")
 
 
 def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -320,10 +234,11 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     first chunk, zeros / replicated frame 0 (``time_pad_mode``); spatial zero ``padding``
     (ph, pw).  Returns y (B, O, T/st, Ho, Wo) in x's layout and the cache for the next
     chunk (the last P frames of the padded input).  ``backend`` picks the implementation
-    (see pyratok._backend); None = automatic.
+    (see pyratok._backend; ``"cpu:direct"`` / ``"cpu:winograd"`` fix the cpu forward's
+    algorithm, see the module docstring); None = automatic.
     """
-    stride, dilation, padding = _triple(stride, "stride"), _triple(dilation, "dilation"), _pair(padding, "padding")
-    _check_tensor(x, "x")
+    stride, dilation, padding = triple(stride, "stride"), triple(dilation, "dilation"), pair(padding, "padding")
+    check_float(x, "x")
     if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         # like nn.Conv3d under autocast: the convolution runs in the autocast dtype (custom ops
         # are opaque to autocast, so the cast happens here, before the checks)
@@ -333,7 +248,7 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         cache = cache.to(dtype) if cache is not None else None
     if x.dim() != 5:
         raise ValueError(f"x: expected a 5-D tensor (B, C, T, H, W), got shape {tuple(x.shape)}")
-    _check_tensor(weight, "weight", x)
+    check_float(weight, "weight", x)
     if weight.dim() != 5:
         raise ValueError(f"weight: expected (out, in, kt, kh, kw), got shape {tuple(weight.shape)}")
     if x.shape[1] != weight.shape[1]:
@@ -347,7 +262,7 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         raise ValueError(f"x, weight: empty frame {tuple(x.shape[3:])} or kernel {tuple(weight.shape[2:])}; "
                          "every spatial and kernel size must be >= 1")
     if bias is not None:
-        _check_tensor(bias, "bias", x)
+        check_float(bias, "bias", x)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if time_pad_mode not in TIME_PAD_MODES:
@@ -362,9 +277,9 @@ def causal_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         raise ValueError(f"x: spatial size {tuple(x.shape[3:])} with padding {padding} is smaller than the "
                          f"kernel's extent {tuple(d * (k - 1) + 1 for d, k in zip(dilation[1:], weight.shape[3:]))}")
     if cache is not None:
-        _check_tensor(cache, "cache", x)
+        check_float(cache, "cache", x)
         want = (x.shape[0], x.shape[1], P, x.shape[3], x.shape[4])
         if tuple(cache.shape) != want:
             raise ValueError(f"cache: shape {tuple(cache.shape)} does not fit this layer and input; expected {want}")
     return _causal_conv3d_op(x, weight, bias, cache, list(stride), list(dilation), list(padding),
-                             time_pad_mode == "replicate", _backend.resolve(backend, x.device, "causal_conv3d"))
+                             time_pad_mode == "replicate", backend=backend)
