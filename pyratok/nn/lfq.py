@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyratok import ops
-from pyratok.ops._checks import check_indices
+from pyratok.ops._checks import MAX_INDEX_BITS, check_indices
 from pyratok.reference import entropy as ref_entropy
 
 # the peer's field names, so code that reads ret.quantized / breakdown.batch_entropy keeps working
@@ -56,8 +56,8 @@ def _check_factorized_bits(factorized_bits, total: Optional[int] = None) -> list
     bits = list(factorized_bits)
     if not bits or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in bits):
         raise ValueError(f"factorized_bits={factorized_bits!r}: expected positive ints")
-    if sum(bits) > 63:
-        raise ValueError(f"factorized_bits={factorized_bits!r}: the full index holds at most 63 bits")
+    if sum(bits) > MAX_INDEX_BITS:
+        raise ValueError(f"factorized_bits={factorized_bits!r}: the full index holds at most {MAX_INDEX_BITS} bits")
     if total is not None and sum(bits) != total:
         raise ValueError(f"factorized_bits={factorized_bits!r} sums to {sum(bits)}, "
                          f"expected log2(codebook_size)={total}")
@@ -173,8 +173,8 @@ class LFQ(nn.Module):
             raise ValueError(f"codebook_size={codebook_size!r}: expected a power of 2 >= 2 for lookup-free "
                              f"quantization (suggested {suggestion})")
         codebook_dim = codebook_size.bit_length() - 1
-        if codebook_dim > 63:
-            raise ValueError(f"codebook_size=2^{codebook_dim}: indices hold at most 63 bits")
+        if codebook_dim > MAX_INDEX_BITS:
+            raise ValueError(f"codebook_size=2^{codebook_dim}: indices hold at most {MAX_INDEX_BITS} bits")
         if isinstance(num_codebooks, bool) or not isinstance(num_codebooks, int) or num_codebooks < 1:
             raise ValueError(f"num_codebooks={num_codebooks!r}: expected a positive int")
         codebook_dims = codebook_dim * num_codebooks
