@@ -7,7 +7,9 @@ in :data:`CUDA_AUTO` names (cuDNN / cuBLAS / ATen: the ``reference`` backend) un
 benchmarks/device_check.sh has measured a custom kernel faster on the GPU.  Triton runs only
 when asked for.  An explicitly requested backend that cannot run raises
 :class:`BackendUnavailable` saying why; all backends agree bit-exactly on discrete
-outputs, so the automatic choice never changes results.
+outputs, so the automatic choice never changes results.  :data:`VARIANTS` name algorithm
+choices of a backend (``"cpu:direct"``, ``"cpu:winograd"``) that ops take as their backend
+argument; the ops resolve and dispatch through pyratok/ops/_define.py.
 """
 
 from __future__ import annotations
