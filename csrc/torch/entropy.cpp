@@ -1,5 +1,6 @@
-// torch bindings for the entropy and alignment losses: schemas of the private kernel ops
-// pyratok::_<name> and their CPU (and, in CUDA builds, CUDA) implementations.
+// torch bindings for the entropy and alignment losses: the private kernel ops
+// pyratok::_<name>.out, each one function over a device policy (CpuDevice / CudaDevice),
+// writing into the outputs allocated by the op's allocate function in pyratok/ops/entropy.py.
 //
 // The half-split codebook statistics are tiled over tokens: per bit group g and tile,
 // csrc/core builds the code-probability tiles P_A (rows, 2^KA) and P_B (rows, 2^KB) and
@@ -24,11 +25,6 @@
 
 #include "../core/entropy.h"
 #include "common.h"
-
-#ifdef PYRATOK_WITH_CUDA
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
 
 namespace pyratok {
 namespace {
@@ -100,59 +96,6 @@ int64_t tile_tokens(int64_t N, const Run& run, int64_t budget) {
   return std::max<int64_t>(1, std::min<int64_t>(std::max<int64_t>(N, 1), budget / width));
 }
 
-// Device policy D: D::kTileBudget;
-//   D::code_probs(x, run, coef, n0, probs_a (R, rows, 2^KA), probs_b (R, rows, 2^KB)) builds
-//   the tiles of both halves of every group of the run;
-//   D::code_probs_backward(x, run, coef, n0, probs_a, grad_a, probs_b, grad_b, dx) writes
-//   d x for their bits (a half of 0 bits is skipped).
-template <typename D>
-at::Tensor soft_code_counts_impl(const at::Tensor& x_in, double coef, at::IntArrayRef sizes) {
-  const at::Tensor x = checked_tokens(x_in);
-  const int64_t N = x.size(0);
-  const int64_t total = checked_group_total(sizes, x.size(1));
-  const auto work = x.options().dtype(work_scalar_type(x));
-  at::Tensor counts = at::zeros({total}, work);
-  for (const Run& run : runs_of(sizes)) {
-    const int64_t wa = int64_t(1) << run.ka, wb = int64_t(1) << run.kb;
-    at::Tensor Q = counts.narrow(0, run.offset, run.groups * wa * wb).view({run.groups, wa, wb});
-    const int64_t tile = tile_tokens(N, run, D::kTileBudget);
-    for (int64_t n0 = 0; n0 < N; n0 += tile) {
-      const int64_t rows = std::min(tile, N - n0);
-      at::Tensor pa = at::empty({run.groups, rows, wa}, work), pb = at::empty({run.groups, rows, wb}, work);
-      D::code_probs(x, run, coef, n0, pa, pb);
-      Q.baddbmm_(pa.transpose(1, 2), pb);
-    }
-  }
-  return counts;
-}
-
-template <typename D>
-at::Tensor soft_code_counts_backward_impl(const at::Tensor& x_in, double coef, at::IntArrayRef sizes,
-                                          const at::Tensor& grad_counts) {
-  const at::Tensor x = checked_tokens(x_in);
-  const int64_t N = x.size(0);
-  const int64_t total = checked_group_total(sizes, x.size(1));
-  TORCH_CHECK_VALUE(grad_counts.dim() == 1 && grad_counts.size(0) == total,
-                    "grad_counts: expected ", total, " values, got shape ", grad_counts.sizes());
-  const auto work = x.options().dtype(work_scalar_type(x));
-  const at::Tensor G_all = grad_counts.to(work).contiguous();
-  at::Tensor dx = at::empty_like(x);  // the groups cover every channel: each column is written once
-  for (const Run& run : runs_of(sizes)) {
-    const int64_t wa = int64_t(1) << run.ka, wb = int64_t(1) << run.kb;
-    const at::Tensor G = G_all.narrow(0, run.offset, run.groups * wa * wb).view({run.groups, wa, wb});
-    const int64_t tile = tile_tokens(N, run, D::kTileBudget);
-    for (int64_t n0 = 0; n0 < N; n0 += tile) {
-      const int64_t rows = std::min(tile, N - n0);
-      at::Tensor pa = at::empty({run.groups, rows, wa}, work), pb = at::empty({run.groups, rows, wb}, work);
-      D::code_probs(x, run, coef, n0, pa, pb);
-      at::Tensor ga = run.ka > 0 ? at::bmm(pb, G.transpose(1, 2)) : pa;  // d loss / d P_A
-      at::Tensor gb = at::bmm(pa, G);                                        // d loss / d P_B
-      D::code_probs_backward(x, run, coef, n0, pa, ga, pb, gb, dx);
-    }
-  }
-  return dx;
-}
-
 void check_same(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK_VALUE(a.sizes() == b.sizes(), "r_logits: shape ", b.sizes(), " differs from p_logits ",
                     a.sizes());
@@ -168,42 +111,6 @@ void check_histogram_input(const at::Tensor& idx, int64_t K) {
   TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < (int64_t(1) << K),
                     "indices: values must lie in [0, 2^", K, ")");
 }
-
-// ---- CPU ----------------------------------------------------------------------------
-
-// Few, large parallel regions: each region is a barrier, and on a loaded machine a barrier
-// can wait a whole scheduler time slice for a descheduled thread.
-struct CpuDevice {
-  static constexpr int64_t kTileBudget = int64_t(1) << 24;
-
-  static int64_t grain(const Run& run) {
-    return std::max<int64_t>(1, 65536 / (run.groups * ((int64_t(1) << run.ka) + (int64_t(1) << run.kb))));
-  }
-
-  static void code_probs(const at::Tensor& x, const Run& run, double coef, int64_t n0, at::Tensor& probs_a,
-                         at::Tensor& probs_b) {
-    at::parallel_for(0, probs_a.size(1), grain(run), [&](int64_t s, int64_t e) {
-      for (int64_t r = 0; r < run.groups; ++r) {
-        code_probs_cpu(half_args(x, run, r, false, coef, n0), group_block(probs_a, r), n0 + s, n0 + e);
-        code_probs_cpu(half_args(x, run, r, true, coef, n0), group_block(probs_b, r), n0 + s, n0 + e);
-      }
-    });
-  }
-
-  static void code_probs_backward(const at::Tensor& x, const Run& run, double coef, int64_t n0,
-                                  const at::Tensor& probs_a, const at::Tensor& grad_a, const at::Tensor& probs_b,
-                                  const at::Tensor& grad_b, at::Tensor& dx) {
-    at::parallel_for(0, probs_a.size(1), grain(run), [&](int64_t s, int64_t e) {
-      for (int64_t r = 0; r < run.groups; ++r) {
-        if (run.ka > 0)
-          code_probs_backward_cpu(half_args(x, run, r, false, coef, n0), group_block(probs_a, r),
-                                  group_block(grad_a, r), dx.data_ptr(), n0 + s, n0 + e);
-        code_probs_backward_cpu(half_args(x, run, r, true, coef, n0), group_block(probs_b, r),
-                                group_block(grad_b, r), dx.data_ptr(), n0 + s, n0 + e);
-      }
-    });
-  }
-};
 
 // FlushDenormals (csrc/core/entropy.h) on the calling thread and on the other threads of its
 // OpenMP team, where ATen's parallel_for and MKL's GEMM run, for the lifetime of the object; the
@@ -236,16 +143,6 @@ class TeamFlushDenormals {
   }
 };
 
-at::Tensor soft_code_counts_cpu_op(const at::Tensor& x, double coef, at::IntArrayRef sizes) {
-  const TeamFlushDenormals flush;
-  return soft_code_counts_impl<CpuDevice>(x, coef, sizes);
-}
-
-at::Tensor soft_code_counts_backward_cpu_op(const at::Tensor& x, double coef, at::IntArrayRef sizes,
-                                            const at::Tensor& grad_counts) {
-  const TeamFlushDenormals flush;
-  return soft_code_counts_backward_impl<CpuDevice>(x, coef, sizes, grad_counts);
-}
 
 template <typename Fn>
 double parallel_sum(int64_t numel, const Fn& partial, int64_t grain = kElementGrain) {
@@ -254,55 +151,265 @@ double parallel_sum(int64_t numel, const Fn& partial, int64_t grain = kElementGr
       [&](int64_t b, int64_t e, double acc) { return acc + partial(b, e); }, std::plus<double>());
 }
 
-at::Tensor bit_probs_cpu_op(const at::Tensor& x_in, double coef) {
-  const at::Tensor x = x_in.contiguous();
-  const DType dt = core_dtype(x, "x");
-  at::Tensor probs = at::empty(x.sizes(), x.options().dtype(work_scalar_type(x)));
-  at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t b, int64_t e) {
-    bit_probs_cpu(dt, x.data_ptr(), coef, probs.data_ptr(), b, e);
-  });
-  return probs;
+// ---- CPU ----------------------------------------------------------------------------
+
+// Few, large parallel regions: each region is a barrier, and on a loaded machine a barrier
+// can wait a whole scheduler time slice for a descheduled thread.
+struct CpuDevice {
+  using Guard = NoGuard;
+  using Flush = TeamFlushDenormals;  // around the code-count GEMMs
+  static constexpr int64_t kTileBudget = int64_t(1) << 24;
+
+  static int64_t grain(const Run& run) {
+    return std::max<int64_t>(1, 65536 / (run.groups * ((int64_t(1) << run.ka) + (int64_t(1) << run.kb))));
+  }
+
+  static void code_probs(const at::Tensor& x, const Run& run, double coef, int64_t n0, at::Tensor& probs_a,
+                         at::Tensor& probs_b) {
+    at::parallel_for(0, probs_a.size(1), grain(run), [&](int64_t s, int64_t e) {
+      for (int64_t r = 0; r < run.groups; ++r) {
+        code_probs_cpu(half_args(x, run, r, false, coef, n0), group_block(probs_a, r), n0 + s, n0 + e);
+        code_probs_cpu(half_args(x, run, r, true, coef, n0), group_block(probs_b, r), n0 + s, n0 + e);
+      }
+    });
+  }
+
+  static void code_probs_backward(const at::Tensor& x, const Run& run, double coef, int64_t n0,
+                                  const at::Tensor& probs_a, const at::Tensor& grad_a, const at::Tensor& probs_b,
+                                  const at::Tensor& grad_b, at::Tensor& dx) {
+    at::parallel_for(0, probs_a.size(1), grain(run), [&](int64_t s, int64_t e) {
+      for (int64_t r = 0; r < run.groups; ++r) {
+        if (run.ka > 0)
+          code_probs_backward_cpu(half_args(x, run, r, false, coef, n0), group_block(probs_a, r),
+                                  group_block(grad_a, r), dx.data_ptr(), n0 + s, n0 + e);
+        code_probs_backward_cpu(half_args(x, run, r, true, coef, n0), group_block(probs_b, r),
+                                group_block(grad_b, r), dx.data_ptr(), n0 + s, n0 + e);
+      }
+    });
+  }
+  static void bit_probs(DType dt, const at::Tensor& x, double coef, at::Tensor& probs) {
+    at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t b, int64_t e) {
+      bit_probs_cpu(dt, x.data_ptr(), coef, probs.data_ptr(), b, e);
+    });
+  }
+
+  static void binary_entropy_sum(DType dt, const at::Tensor& x, double coef, at::Tensor& total) {
+    total.fill_(parallel_sum(x.numel(), [&](int64_t b, int64_t e) {
+      return binary_entropy_sum_cpu(dt, x.data_ptr(), coef, b, e);
+    }));
+  }
+
+  static void binary_entropy_backward(DType dt, const at::Tensor& x, double coef, const at::Tensor& grad,
+                                      at::Tensor& dx) {
+    const double g = grad.item<double>();
+    at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t b, int64_t e) {
+      binary_entropy_backward_cpu(dt, x.data_ptr(), coef, g, dx.data_ptr(), b, e);
+    });
+  }
+
+  static void bernoulli_kl_sum(DType dt, const at::Tensor& a, const at::Tensor& b, at::Tensor& total) {
+    total.fill_(parallel_sum(a.numel(), [&](int64_t s, int64_t e) {
+      return bernoulli_kl_sum_cpu(dt, a.data_ptr(), b.data_ptr(), s, e);
+    }));
+  }
+
+  static void bernoulli_kl_backward(DType dt, const at::Tensor& a, const at::Tensor& b, const at::Tensor& grad,
+                                    at::Tensor& da, at::Tensor& db) {
+    const double g = grad.item<double>();
+    at::parallel_for(0, a.numel(), kElementGrain, [&](int64_t s, int64_t e) {
+      bernoulli_kl_backward_cpu(dt, a.data_ptr(), b.data_ptr(), g, da.data_ptr(), db.data_ptr(), s, e);
+    });
+  }
+
+  static void code_histogram(const at::Tensor& idx, IndexType it, at::Tensor& counts) {
+    at::parallel_for(0, idx.numel(), 65536, [&](int64_t b, int64_t e) {
+      code_histogram_cpu(idx.data_ptr(), it, counts.data_ptr<int64_t>(), b, e);
+    });
+  }
+};
+
+#ifdef PYRATOK_WITH_CUDA
+// ---- CUDA ---------------------------------------------------------------------------
+
+struct CudaDevice {
+  using Guard = DeviceGuard;
+  struct Flush {};  // the GPU path leaves the floating-point mode as it is
+  static constexpr int64_t kTileBudget = int64_t(1) << 25;
+
+  static void code_probs(const at::Tensor& x, const Run& run, double coef, int64_t n0, at::Tensor& probs_a,
+                         at::Tensor& probs_b) {
+    const int64_t rows = probs_a.size(1);
+    for (int64_t r = 0; r < run.groups; ++r) {
+      code_probs_cuda(half_args(x, run, r, false, coef, n0), group_block(probs_a, r), rows, cuda_stream(x));
+      code_probs_cuda(half_args(x, run, r, true, coef, n0), group_block(probs_b, r), rows, cuda_stream(x));
+    }
+  }
+
+  static void code_probs_backward(const at::Tensor& x, const Run& run, double coef, int64_t n0,
+                                  const at::Tensor& probs_a, const at::Tensor& grad_a, const at::Tensor& probs_b,
+                                  const at::Tensor& grad_b, at::Tensor& dx) {
+    const int64_t rows = probs_a.size(1);
+    for (int64_t r = 0; r < run.groups; ++r) {
+      code_probs_backward_cuda(half_args(x, run, r, false, coef, n0), group_block(probs_a, r), group_block(grad_a, r),
+                               dx.data_ptr(), rows, cuda_stream(x));
+      code_probs_backward_cuda(half_args(x, run, r, true, coef, n0), group_block(probs_b, r), group_block(grad_b, r),
+                               dx.data_ptr(), rows, cuda_stream(x));
+    }
+  }
+  static void bit_probs(DType dt, const at::Tensor& x, double coef, at::Tensor& probs) {
+    bit_probs_cuda(dt, x.data_ptr(), coef, probs.data_ptr(), x.numel(), cuda_stream(x));
+  }
+
+  // one partial per block, summed in a fixed order: deterministic
+  static void binary_entropy_sum(DType dt, const at::Tensor& x, double coef, at::Tensor& total) {
+    at::Tensor partial = at::zeros({sum_partials_cuda(x.numel())}, x.options().dtype(at::kDouble));
+    binary_entropy_sum_cuda(dt, x.data_ptr(), coef, partial.data_ptr<double>(), x.numel(), cuda_stream(x));
+    total.copy_(partial.sum());
+  }
+
+  static void binary_entropy_backward(DType dt, const at::Tensor& x, double coef, const at::Tensor& grad,
+                                      at::Tensor& dx) {
+    const at::Tensor g = grad.to(x.options().dtype(work_scalar_type(x))).contiguous();
+    binary_entropy_backward_cuda(dt, x.data_ptr(), coef, g.data_ptr(), dx.data_ptr(), x.numel(), cuda_stream(x));
+  }
+
+  static void bernoulli_kl_sum(DType dt, const at::Tensor& a, const at::Tensor& b, at::Tensor& total) {
+    at::Tensor partial = at::zeros({sum_partials_cuda(a.numel())}, a.options().dtype(at::kDouble));
+    bernoulli_kl_sum_cuda(dt, a.data_ptr(), b.data_ptr(), partial.data_ptr<double>(), a.numel(), cuda_stream(a));
+    total.copy_(partial.sum());
+  }
+
+  static void bernoulli_kl_backward(DType dt, const at::Tensor& a, const at::Tensor& b, const at::Tensor& grad,
+                                    at::Tensor& da, at::Tensor& db) {
+    const at::Tensor g = grad.to(a.options().dtype(work_scalar_type(a))).contiguous();
+    bernoulli_kl_backward_cuda(dt, a.data_ptr(), b.data_ptr(), g.data_ptr(), da.data_ptr(), db.data_ptr(),
+                               a.numel(), cuda_stream(a));
+  }
+
+  static void code_histogram(const at::Tensor& idx, IndexType it, at::Tensor& counts) {
+    code_histogram_cuda(idx.data_ptr(), it, counts.data_ptr<int64_t>(), counts.numel(), idx.numel(),
+                        cuda_stream(idx));
+  }
+};
+#endif
+
+// ---- the ops: one function each, over the device policy D ------------------------------
+
+// Device policy D (CpuDevice, CudaDevice): D::Guard (the device guard), D::Flush (denormals
+// flushed around the code-count GEMMs), D::kTileBudget;
+//   D::code_probs(x, run, coef, n0, probs_a (R, rows, 2^KA), probs_b (R, rows, 2^KB)) builds
+//   the tiles of both halves of every group of the run;
+//   D::code_probs_backward(x, run, coef, n0, probs_a, grad_a, probs_b, grad_b, dx) writes
+//   d x for their bits (a half of 0 bits is skipped);
+//   D::<elementwise op>(...) runs that kernel over the whole (contiguous) input.
+template <typename D>
+void soft_code_counts_op(const at::Tensor& x_in, double coef, at::IntArrayRef sizes, at::Tensor& counts) {
+  const typename D::Guard guard(x_in);
+  [[maybe_unused]] const typename D::Flush flush{};
+  const at::Tensor x = checked_tokens(x_in);
+  const int64_t N = x.size(0);
+  const int64_t total = checked_group_total(sizes, x.size(1));
+  const auto work = x.options().dtype(work_scalar_type(x));
+  check_out(counts, "counts", x, total, work_scalar_type(x));
+  counts.zero_();
+  for (const Run& run : runs_of(sizes)) {
+    const int64_t wa = int64_t(1) << run.ka, wb = int64_t(1) << run.kb;
+    at::Tensor Q = counts.narrow(0, run.offset, run.groups * wa * wb).view({run.groups, wa, wb});
+    const int64_t tile = tile_tokens(N, run, D::kTileBudget);
+    for (int64_t n0 = 0; n0 < N; n0 += tile) {
+      const int64_t rows = std::min(tile, N - n0);
+      at::Tensor pa = at::empty({run.groups, rows, wa}, work), pb = at::empty({run.groups, rows, wb}, work);
+      D::code_probs(x, run, coef, n0, pa, pb);
+      Q.baddbmm_(pa.transpose(1, 2), pb);
+    }
+  }
 }
 
-at::Tensor binary_entropy_sum_cpu_op(const at::Tensor& x_in, double coef) {
-  const at::Tensor x = x_in.contiguous();
-  const DType dt = core_dtype(x, "x");
-  const double total = parallel_sum(
-      x.numel(), [&](int64_t b, int64_t e) { return binary_entropy_sum_cpu(dt, x.data_ptr(), coef, b, e); });
-  return at::scalar_tensor(total, x.options().dtype(work_scalar_type(x)));
+template <typename D>
+void soft_code_counts_backward_op(const at::Tensor& x_in, double coef, at::IntArrayRef sizes,
+                                  const at::Tensor& grad_counts, at::Tensor& dx) {
+  const typename D::Guard guard(x_in);
+  [[maybe_unused]] const typename D::Flush flush{};
+  const at::Tensor x = checked_tokens(x_in);
+  const int64_t N = x.size(0);
+  const int64_t total = checked_group_total(sizes, x.size(1));
+  TORCH_CHECK_VALUE(grad_counts.dim() == 1 && grad_counts.size(0) == total,
+                    "grad_counts: expected ", total, " values, got shape ", grad_counts.sizes());
+  check_out(dx, "dx", x, x.numel(), x.scalar_type());  // the groups cover every channel: each column is written once
+  const auto work = x.options().dtype(work_scalar_type(x));
+  const at::Tensor G_all = grad_counts.to(work).contiguous();
+  for (const Run& run : runs_of(sizes)) {
+    const int64_t wa = int64_t(1) << run.ka, wb = int64_t(1) << run.kb;
+    const at::Tensor G = G_all.narrow(0, run.offset, run.groups * wa * wb).view({run.groups, wa, wb});
+    const int64_t tile = tile_tokens(N, run, D::kTileBudget);
+    for (int64_t n0 = 0; n0 < N; n0 += tile) {
+      const int64_t rows = std::min(tile, N - n0);
+      at::Tensor pa = at::empty({run.groups, rows, wa}, work), pb = at::empty({run.groups, rows, wb}, work);
+      D::code_probs(x, run, coef, n0, pa, pb);
+      at::Tensor ga = run.ka > 0 ? at::bmm(pb, G.transpose(1, 2)) : pa;  // d loss / d P_A
+      at::Tensor gb = at::bmm(pa, G);                                        // d loss / d P_B
+      D::code_probs_backward(x, run, coef, n0, pa, ga, pb, gb, dx);
+    }
+  }
 }
 
-at::Tensor binary_entropy_backward_cpu_op(const at::Tensor& x_in, double coef, const at::Tensor& grad) {
+template <typename D>
+void bit_probs_op(const at::Tensor& x_in, double coef, at::Tensor& probs) {
+  const typename D::Guard guard(x_in);
   const at::Tensor x = x_in.contiguous();
   const DType dt = core_dtype(x, "x");
-  const double g = grad.item<double>();
-  at::Tensor dx = at::empty_like(x);
-  at::parallel_for(0, x.numel(), kElementGrain, [&](int64_t b, int64_t e) {
-    binary_entropy_backward_cpu(dt, x.data_ptr(), coef, g, dx.data_ptr(), b, e);
-  });
-  return dx;
+  check_out(probs, "probs", x, x.numel(), work_scalar_type(x));
+  D::bit_probs(dt, x, coef, probs);
 }
 
-at::Tensor bernoulli_kl_sum_cpu_op(const at::Tensor& a_in, const at::Tensor& b_in) {
+template <typename D>
+void binary_entropy_sum_op(const at::Tensor& x_in, double coef, at::Tensor& total) {
+  const typename D::Guard guard(x_in);
+  const at::Tensor x = x_in.contiguous();
+  const DType dt = core_dtype(x, "x");
+  check_out(total, "total", x, 1, work_scalar_type(x));
+  D::binary_entropy_sum(dt, x, coef, total);
+}
+
+template <typename D>
+void binary_entropy_backward_op(const at::Tensor& x_in, double coef, const at::Tensor& grad, at::Tensor& dx) {
+  const typename D::Guard guard(x_in);
+  const at::Tensor x = x_in.contiguous();
+  const DType dt = core_dtype(x, "x");
+  check_out(dx, "dx", x, x.numel(), x.scalar_type());
+  D::binary_entropy_backward(dt, x, coef, grad, dx);
+}
+
+template <typename D>
+void bernoulli_kl_sum_op(const at::Tensor& a_in, const at::Tensor& b_in, at::Tensor& total) {
+  const typename D::Guard guard(a_in);
   check_same(a_in, b_in);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const DType dt = core_dtype(a, "p_logits");
-  const double total = parallel_sum(
-      a.numel(), [&](int64_t s, int64_t e) { return bernoulli_kl_sum_cpu(dt, a.data_ptr(), b.data_ptr(), s, e); });
-  return at::scalar_tensor(total, a.options().dtype(work_scalar_type(a)));
+  check_out(total, "total", a, 1, work_scalar_type(a));
+  D::bernoulli_kl_sum(dt, a, b, total);
 }
 
-std::tuple<at::Tensor, at::Tensor> bernoulli_kl_backward_cpu_op(const at::Tensor& a_in, const at::Tensor& b_in,
-                                                                const at::Tensor& grad) {
+template <typename D>
+void bernoulli_kl_backward_op(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& grad,
+                              at::Tensor& da, at::Tensor& db) {
+  const typename D::Guard guard(a_in);
   check_same(a_in, b_in);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const DType dt = core_dtype(a, "p_logits");
-  const double g = grad.item<double>();
-  at::Tensor da = at::empty_like(a), db = at::empty_like(b);
-  at::parallel_for(0, a.numel(), kElementGrain, [&](int64_t s, int64_t e) {
-    bernoulli_kl_backward_cpu(dt, a.data_ptr(), b.data_ptr(), g, da.data_ptr(), db.data_ptr(), s, e);
-  });
-  return {da, db};
+  check_out(da, "grad_p", a, a.numel(), a.scalar_type());
+  check_out(db, "grad_r", b, b.numel(), b.scalar_type());
+  D::bernoulli_kl_backward(dt, a, b, grad, da, db);
+}
+
+template <typename D>
+void code_histogram_op(const at::Tensor& indices, int64_t K, at::Tensor& counts) {
+  const typename D::Guard guard(indices);
+  check_histogram_input(indices, K);
+  const at::Tensor idx = indices.contiguous();
+  check_out(counts, "counts", idx, int64_t(1) << K, at::kLong);
+  counts.zero_();
+  D::code_histogram(idx, core_index_type(idx, "indices"), counts);
 }
 
 // ---- fused exact entropy for few tokens and many codes (CPU) ---------------------------
@@ -333,18 +440,19 @@ int64_t fused_tile_rows(int64_t wa, int64_t wb) {
   return std::max<int64_t>(1, std::min({wa, by_cache, (wa + threads - 1) / threads}));
 }
 
-std::tuple<at::Tensor, at::Tensor> soft_code_entropy_cpu_op(const at::Tensor& x_in, double coef,
-                                                            at::IntArrayRef sizes, bool with_grad) {
+void soft_code_entropy_cpu_op(const at::Tensor& x_in, double coef, at::IntArrayRef sizes, bool with_grad,
+                              at::Tensor& value, at::Tensor& dx) {
   const TeamFlushDenormals flush;
   const at::Tensor x = checked_tokens(x_in);
   const int64_t N = x.size(0);
   checked_group_total(sizes, x.size(1));
   TORCH_CHECK_VALUE(N > 0, "x: no tokens");
   const auto work = x.options().dtype(work_scalar_type(x));
+  check_out(value, "value", x, 1, work_scalar_type(x));
+  if (with_grad) check_out(dx, "dx", x, x.numel(), x.scalar_type());
   const bool f64 = work_scalar_type(x) == at::kDouble;
   const double inv_n = 1.0 / double(N);
   double total = 0;
-  at::Tensor dx = with_grad ? at::empty_like(x) : at::empty({0}, x.options());
   for (const Run& run : runs_of(sizes)) {
     const int64_t wa = int64_t(1) << run.ka, wb = int64_t(1) << run.kb;
     const int64_t ta = fused_tile_rows(wa, wb), tiles = (wa + ta - 1) / ta;
@@ -379,159 +487,47 @@ std::tuple<at::Tensor, at::Tensor> soft_code_entropy_cpu_op(const at::Tensor& x_
     }
     if (with_grad) CpuDevice::code_probs_backward(x, run, coef, 0, pa, ga, pb, gb, dx);
   }
-  return {at::scalar_tensor(total, work), dx};
+  value.fill_(total);
 }
 
-at::Tensor code_histogram_cpu_op(const at::Tensor& indices, int64_t K) {
-  check_histogram_input(indices, K);
-  const at::Tensor idx = indices.contiguous();
-  const IndexType it = core_index_type(idx, "indices");
-  at::Tensor counts = at::zeros({int64_t(1) << K}, idx.options().dtype(at::kLong));
-  at::parallel_for(0, idx.numel(), 65536, [&](int64_t b, int64_t e) {
-    code_histogram_cpu(idx.data_ptr(), it, counts.data_ptr<int64_t>(), b, e);
-  });
-  return counts;
+template <typename D>
+void register_impls(torch::Library& m) {
+  m.impl("_bit_probs.out", &bit_probs_op<D>);
+  m.impl("_binary_entropy_sum.out", &binary_entropy_sum_op<D>);
+  m.impl("_binary_entropy_backward.out", &binary_entropy_backward_op<D>);
+  m.impl("_soft_code_counts.out", &soft_code_counts_op<D>);
+  m.impl("_soft_code_counts_backward.out", &soft_code_counts_backward_op<D>);
+  m.impl("_bernoulli_kl_sum.out", &bernoulli_kl_sum_op<D>);
+  m.impl("_bernoulli_kl_backward.out", &bernoulli_kl_backward_op<D>);
+  m.impl("_code_histogram.out", &code_histogram_op<D>);
 }
-
-#ifdef PYRATOK_WITH_CUDA
-// ---- CUDA ---------------------------------------------------------------------------
-
-void* stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
-
-struct CudaDevice {
-  static constexpr int64_t kTileBudget = int64_t(1) << 25;
-
-  static void code_probs(const at::Tensor& x, const Run& run, double coef, int64_t n0, at::Tensor& probs_a,
-                         at::Tensor& probs_b) {
-    const int64_t rows = probs_a.size(1);
-    for (int64_t r = 0; r < run.groups; ++r) {
-      code_probs_cuda(half_args(x, run, r, false, coef, n0), group_block(probs_a, r), rows, stream_of(x));
-      code_probs_cuda(half_args(x, run, r, true, coef, n0), group_block(probs_b, r), rows, stream_of(x));
-    }
-  }
-
-  static void code_probs_backward(const at::Tensor& x, const Run& run, double coef, int64_t n0,
-                                  const at::Tensor& probs_a, const at::Tensor& grad_a, const at::Tensor& probs_b,
-                                  const at::Tensor& grad_b, at::Tensor& dx) {
-    const int64_t rows = probs_a.size(1);
-    for (int64_t r = 0; r < run.groups; ++r) {
-      code_probs_backward_cuda(half_args(x, run, r, false, coef, n0), group_block(probs_a, r), group_block(grad_a, r),
-                               dx.data_ptr(), rows, stream_of(x));
-      code_probs_backward_cuda(half_args(x, run, r, true, coef, n0), group_block(probs_b, r), group_block(grad_b, r),
-                               dx.data_ptr(), rows, stream_of(x));
-    }
-  }
-};
-
-at::Tensor soft_code_counts_cuda_op(const at::Tensor& x, double coef, at::IntArrayRef sizes) {
-  c10::cuda::CUDAGuard guard(x.device());
-  return soft_code_counts_impl<CudaDevice>(x, coef, sizes);
-}
-
-at::Tensor soft_code_counts_backward_cuda_op(const at::Tensor& x, double coef, at::IntArrayRef sizes,
-                                             const at::Tensor& grad_counts) {
-  c10::cuda::CUDAGuard guard(x.device());
-  return soft_code_counts_backward_impl<CudaDevice>(x, coef, sizes, grad_counts);
-}
-
-at::Tensor bit_probs_cuda_op(const at::Tensor& x_in, double coef) {
-  c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor probs = at::empty(x.sizes(), x.options().dtype(work_scalar_type(x)));
-  bit_probs_cuda(core_dtype(x, "x"), x.data_ptr(), coef, probs.data_ptr(), x.numel(), stream_of(x));
-  return probs;
-}
-
-at::Tensor binary_entropy_sum_cuda_op(const at::Tensor& x_in, double coef) {
-  c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  // one partial per block, summed in a fixed order: deterministic
-  at::Tensor partial = at::zeros({sum_partials_cuda(x.numel())}, x.options().dtype(at::kDouble));
-  binary_entropy_sum_cuda(core_dtype(x, "x"), x.data_ptr(), coef, partial.data_ptr<double>(), x.numel(),
-                          stream_of(x));
-  return partial.sum().to(work_scalar_type(x));
-}
-
-at::Tensor binary_entropy_backward_cuda_op(const at::Tensor& x_in, double coef, const at::Tensor& grad) {
-  c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor g = grad.to(x.options().dtype(work_scalar_type(x))).contiguous();
-  at::Tensor dx = at::empty_like(x);
-  binary_entropy_backward_cuda(core_dtype(x, "x"), x.data_ptr(), coef, g.data_ptr(), dx.data_ptr(),
-                               x.numel(), stream_of(x));
-  return dx;
-}
-
-at::Tensor bernoulli_kl_sum_cuda_op(const at::Tensor& a_in, const at::Tensor& b_in) {
-  c10::cuda::CUDAGuard guard(a_in.device());
-  check_same(a_in, b_in);
-  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
-  at::Tensor partial = at::zeros({sum_partials_cuda(a.numel())}, a.options().dtype(at::kDouble));
-  bernoulli_kl_sum_cuda(core_dtype(a, "p_logits"), a.data_ptr(), b.data_ptr(), partial.data_ptr<double>(),
-                        a.numel(), stream_of(a));
-  return partial.sum().to(work_scalar_type(a));
-}
-
-std::tuple<at::Tensor, at::Tensor> bernoulli_kl_backward_cuda_op(const at::Tensor& a_in, const at::Tensor& b_in,
-                                                                 const at::Tensor& grad) {
-  c10::cuda::CUDAGuard guard(a_in.device());
-  check_same(a_in, b_in);
-  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
-  const at::Tensor g = grad.to(a.options().dtype(work_scalar_type(a))).contiguous();
-  at::Tensor da = at::empty_like(a), db = at::empty_like(b);
-  bernoulli_kl_backward_cuda(core_dtype(a, "p_logits"), a.data_ptr(), b.data_ptr(), g.data_ptr(),
-                             da.data_ptr(), db.data_ptr(), a.numel(), stream_of(a));
-  return {da, db};
-}
-
-at::Tensor code_histogram_cuda_op(const at::Tensor& indices, int64_t K) {
-  c10::cuda::CUDAGuard guard(indices.device());
-  check_histogram_input(indices, K);
-  const at::Tensor idx = indices.contiguous();
-  at::Tensor counts = at::zeros({int64_t(1) << K}, idx.options().dtype(at::kLong));
-  code_histogram_cuda(idx.data_ptr(), core_index_type(idx, "indices"), counts.data_ptr<int64_t>(),
-                      counts.numel(), idx.numel(), stream_of(idx));
-  return counts;
-}
-#endif
 
 }  // namespace
 
+// Each schema is the op's allocate signature in pyratok/ops/entropy.py followed by the outputs
+// allocate returns.
 TORCH_LIBRARY_FRAGMENT(pyratok, m) {
-  m.def("_bit_probs(Tensor x, float coef) -> Tensor");
-  m.def("_binary_entropy_sum(Tensor x, float coef) -> Tensor");
-  m.def("_binary_entropy_backward(Tensor x, float coef, Tensor grad) -> Tensor");
-  m.def("_soft_code_counts(Tensor x, float coef, int[] group_sizes) -> Tensor");
-  m.def("_soft_code_counts_backward(Tensor x, float coef, int[] group_sizes, Tensor grad_counts) -> Tensor");
-  m.def("_soft_code_entropy(Tensor x, float coef, int[] group_sizes, bool with_grad) -> (Tensor, Tensor)");
-  m.def("_bernoulli_kl_sum(Tensor p_logits, Tensor r_logits) -> Tensor");
-  m.def("_bernoulli_kl_backward(Tensor p_logits, Tensor r_logits, Tensor grad) -> (Tensor, Tensor)");
-  m.def("_code_histogram(Tensor indices, int K) -> Tensor");
+  m.def("_bit_probs.out(Tensor x, float coef, Tensor(a!) probs) -> ()");
+  m.def("_binary_entropy_sum.out(Tensor x, float coef, Tensor(a!) total) -> ()");
+  m.def("_binary_entropy_backward.out(Tensor x, float coef, Tensor grad, Tensor(a!) dx) -> ()");
+  m.def("_soft_code_counts.out(Tensor x, float coef, int[] group_sizes, Tensor(a!) counts) -> ()");
+  m.def("_soft_code_counts_backward.out(Tensor x, float coef, int[] group_sizes, Tensor grad_counts, "
+        "Tensor(a!) dx) -> ()");
+  m.def("_soft_code_entropy.out(Tensor x, float coef, int[] group_sizes, bool with_grad, Tensor(a!) value, "
+        "Tensor(b!) dx) -> ()");
+  m.def("_bernoulli_kl_sum.out(Tensor p_logits, Tensor r_logits, Tensor(a!) total) -> ()");
+  m.def("_bernoulli_kl_backward.out(Tensor p_logits, Tensor r_logits, Tensor grad, Tensor(a!) grad_p, "
+        "Tensor(b!) grad_r) -> ()");
+  m.def("_code_histogram.out(Tensor indices, int K, Tensor(a!) counts) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pyratok, CPU, m) {
-  m.impl("_bit_probs", &bit_probs_cpu_op);
-  m.impl("_binary_entropy_sum", &binary_entropy_sum_cpu_op);
-  m.impl("_binary_entropy_backward", &binary_entropy_backward_cpu_op);
-  m.impl("_soft_code_counts", &soft_code_counts_cpu_op);
-  m.impl("_soft_code_counts_backward", &soft_code_counts_backward_cpu_op);
-  m.impl("_soft_code_entropy", &soft_code_entropy_cpu_op);
-  m.impl("_bernoulli_kl_sum", &bernoulli_kl_sum_cpu_op);
-  m.impl("_bernoulli_kl_backward", &bernoulli_kl_backward_cpu_op);
-  m.impl("_code_histogram", &code_histogram_cpu_op);
+  register_impls<CpuDevice>(m);
+  m.impl("_soft_code_entropy.out", &soft_code_entropy_cpu_op);  // CPU only: CUDA composes the counts ops
 }
 
 #ifdef PYRATOK_WITH_CUDA
-TORCH_LIBRARY_IMPL(pyratok, CUDA, m) {
-  m.impl("_bit_probs", &bit_probs_cuda_op);
-  m.impl("_binary_entropy_sum", &binary_entropy_sum_cuda_op);
-  m.impl("_binary_entropy_backward", &binary_entropy_backward_cuda_op);
-  m.impl("_soft_code_counts", &soft_code_counts_cuda_op);
-  m.impl("_soft_code_counts_backward", &soft_code_counts_backward_cuda_op);
-  m.impl("_bernoulli_kl_sum", &bernoulli_kl_sum_cuda_op);
-  m.impl("_bernoulli_kl_backward", &bernoulli_kl_backward_cuda_op);
-  m.impl("_code_histogram", &code_histogram_cuda_op);
-}
+TORCH_LIBRARY_IMPL(pyratok, CUDA, m) { register_impls<CudaDevice>(m); }
 #endif
 
 }  // namespace pyratok

@@ -4,7 +4,8 @@
   ``str backend``) and which returns the empty outputs: it is the fake kernel (torch.compile,
   meta tensors) and allocates the outputs of the implementations declared ``into=True``;
 * its implementations, one per backend (``@op.impl("reference", ...)``; ``native="_name"``
-  declares ``torch.ops.pyratok._name`` from the C++ extension as the cpu and cuda ones);
+  declares the C++ kernel op ``torch.ops.pyratok._name.out`` the cpu and cuda ones, see
+  :func:`native_kernel`);
 * its autograd formula (``op.autograd(backward, setup_context)``).
 
 Dispatch is written here once: ``op(*args, backend=None)`` resolves the backend (an argument,
@@ -38,14 +39,13 @@ from pyratok import _backend
 class Op:
     """A declared ``pyratok::<name>`` op; call it as ``op(*args, backend=None)``."""
 
-    def __init__(self, name: str, allocate: Callable, family: str, native: Optional[str | Callable] = None):
+    def __init__(self, name: str, allocate: Callable, family: str, native: Optional[str] = None):
         self.name = name
         self.family = family  # the key of pyratok._backend.CUDA_AUTO that chooses "auto" on CUDA
         self.allocate = allocate
         self._impls: dict[str, tuple[Callable, bool]] = {}
         if native is not None:
-            kernel = native if callable(native) else (lambda *args: getattr(torch.ops.pyratok, native)(*args))
-            self._impls["cpu"] = self._impls["cuda"] = (kernel, False)
+            self._impls["cpu"] = self._impls["cuda"] = (native_kernel(native, allocate), True)
 
         def run(*args):
             return self._run(args[:-1], args[-1])
@@ -115,7 +115,36 @@ class Op:
         return self.op(*args)
 
 
-def define(name: str, *, family: str, native: Optional[str | Callable] = None) -> Callable[[Callable], Op]:
+def native_kernel(name: str, allocate: Callable) -> Callable:
+    """The C++ kernel op ``torch.ops.pyratok.<name>.out``, whose schema is ``allocate``'s
+    arguments followed by the outputs ``allocate`` returns (``Tensor(a!)``, one per output) and
+    which writes into them (csrc/torch/*.cpp: one function per op over the CPU/CUDA device
+    policy; it decides no shape or layout).  Returns ``kernel(*args, out)`` for an ``into=True``
+    implementation.
+
+    Also defines the functional ``pyratok::<name>(*args)``: ``allocate``, then the kernel (its
+    fake kernel is ``allocate``), for calling the C++ kernels directly (tests, debugging)."""
+
+    def kernel(*args):
+        *args, out = args
+        getattr(torch.ops.pyratok, name).out(*args, *(out if isinstance(out, tuple) else (out,)))
+
+    signature = inspect.signature(allocate, eval_str=True)
+
+    def functional(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        out = allocate(*bound.args)
+        kernel(*bound.args, out)
+        return out
+
+    functional.__signature__ = signature
+    functional.__name__ = name
+    torch.library.custom_op(f"pyratok::{name}", functional, mutates_args=()).register_fake(allocate)
+    return kernel
+
+
+def define(name: str, *, family: str, native: Optional[str] = None) -> Callable[[Callable], Op]:
     """Decorator: the decorated function is the op's ``allocate`` (see the module docstring)."""
     return lambda allocate: Op(name, allocate, family, native)
 

@@ -7,7 +7,8 @@ namespace, which picks the backend: its ``allocate`` function is the fake kernel
 autograd formula.  The backends:
 
   reference  pyratok/reference/binary_quantize.py (readable PyTorch)
-  cpu, cuda  torch.ops.pyratok._<op> from the C++ extension (csrc/)
+  cpu, cuda  torch.ops.pyratok._<op>.out from the C++ extension (csrc/), writing into the
+             outputs allocate made
   triton     kernels/binary_quantize.py
 
 All of them agree bit-exactly on indices, bits and codes.
@@ -173,11 +174,10 @@ def _(indices, K, dim, scale, dtype, codes):
     _tk().indices_to_codes(indices.contiguous(), (outer, K, inner, K * inner, inner, 1), codes, scale)
 
 
-def _integer_op(name: str, allocate, reference_fn, triton_launch, takes_K: bool):
+def _integer_op(name: str, allocate, reference_fn, triton_launch):
     """pyratok::<name>(Tensor t, int K, str backend) -> Tensor, the integer helper ops.  Those
-    that read K off the input's last axis (``takes_K=False``) are called with K_FROM_INPUT."""
-    op = define(name, family="binary_quantize",
-                native=(lambda t, K: getattr(torch.ops.pyratok, f"_{name}")(*((t, K) if takes_K else (t,)))))(allocate)
+    that read K off the input's last axis are called with K_FROM_INPUT."""
+    op = define(name, family="binary_quantize", native=f"_{name}")(allocate)
     op.impl("reference", into=True)(lambda t, K, out: out.copy_(reference_fn(t, K)))
     op.impl("triton", into=True)(lambda t, K, out: triton_launch(_tk(), t.contiguous(), K, out))
     return op
@@ -204,18 +204,18 @@ def _reversed_out(t: torch.Tensor, K: int) -> torch.Tensor:
 
 
 _indices_to_bits_op = _integer_op(
-    "indices_to_bits", _bits_out, ref.indices_to_bits, lambda tk, t, K, out: tk.indices_to_bits(t, K, out), True)
+    "indices_to_bits", _bits_out, ref.indices_to_bits, lambda tk, t, K, out: tk.indices_to_bits(t, K, out))
 _bits_to_indices_op = _integer_op(
     "bits_to_indices", _indices_out, lambda t, K: ref.bits_to_indices(t),
-    lambda tk, t, K, out: tk.bits_to_indices(t.to(torch.uint8), out), False)
+    lambda tk, t, K, out: tk.bits_to_indices(t.to(torch.uint8), out))
 _pack_bits_op = _integer_op(
     "pack_bits", _packed_out, lambda t, K: ref.pack_bits(t),
-    lambda tk, t, K, out: tk.pack_bits(t.to(torch.uint8), out), False)
+    lambda tk, t, K, out: tk.pack_bits(t.to(torch.uint8), out))
 _unpack_bits_op = _integer_op(
-    "unpack_bits", _unpacked_out, ref.unpack_bits, lambda tk, t, K, out: tk.unpack_bits(t, K, out), True)
+    "unpack_bits", _unpacked_out, ref.unpack_bits, lambda tk, t, K, out: tk.unpack_bits(t, K, out))
 _reverse_bit_order_op = _integer_op(
     "reverse_bit_order", _reversed_out, ref.reverse_bit_order,
-    lambda tk, t, K, out: tk.reverse_bit_order(t, K, out), True)
+    lambda tk, t, K, out: tk.reverse_bit_order(t, K, out))
 
 
 # ---------------------------------------------------------------------------------------

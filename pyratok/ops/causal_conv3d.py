@@ -6,7 +6,7 @@ naming the argument) and calls ``pyratok::causal_conv3d``, declared with pyratok
 tensors) and its autograd formula calls ``pyratok::causal_conv3d_backward`` on the same backend:
 
   reference     pyratok/reference/causal_conv3d.py (F.pad + F.conv3d, pads by copying)
-  cpu, cuda     torch.ops.pyratok._causal_conv3d(_backward) from the C++ extension (csrc/);
+  cpu, cuda     torch.ops.pyratok._causal_conv3d(_backward).out from the C++ extension (csrc/);
                 ``cpu`` runs Winograd F(2x2, 3x3) for float32 layers with a 3x3 spatial kernel,
                 spatial stride and dilation 1 and at least 48 input and output channels (2.25x
                 fewer multiplies; fp32 error within 2x the direct path's), the direct implicit
@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from pyratok.ops._checks import FLOAT_DTYPES, ConvAlgorithm, check_float, pair, triple  # noqa: F401
-from pyratok.ops._define import define
+from pyratok.ops._define import define, native_kernel
 from pyratok.reference import causal_conv3d as ref
 
 IntOr3 = Union[int, Sequence[int]]
@@ -56,16 +56,14 @@ def _empty_like_layout(x: torch.Tensor, shape) -> torch.Tensor:
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
-def _new_cache(x: torch.Tensor, cache: Optional[torch.Tensor], P: int, replicate: bool) -> torch.Tensor:
-    """The last P frames of [past, x] as a fresh (B, C, P, H, W) tensor."""
-    B, C, T, H, W = x.shape
-    out = _empty_like_layout(x, (B, C, P, H, W))
+def _fill_new_cache(out: torch.Tensor, x: torch.Tensor, cache: Optional[torch.Tensor], replicate: bool) -> None:
+    """Writes the last P frames of [past, x] into ``out`` (B, C, P, H, W)."""
+    T, P = x.shape[2], out.shape[2]
     from_x = min(P, T)
     out[:, :, P - from_x:].copy_(x[:, :, T - from_x:])
     if from_x < P:  # a chunk shorter than P keeps some of the old past frames
         past = ref.past_input(x, P, "replicate" if replicate else "zeros", cache)
         out[:, :, :P - from_x].copy_(past[:, :, T:])
-    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -84,64 +82,50 @@ def _causal_conv3d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 
 def _forward_impl(*backends: str):
-    """Declares ``forward(x, weight, bias, cache, stride, dilation, padding, replicate) -> y`` the
-    forward of ``backends``; the new cache is the same P-frame copy for all of them."""
+    """Declares ``forward(x, weight, bias, cache, stride, dilation, padding, replicate, y)``, which
+    writes y, the forward of ``backends``; the new cache is the same P-frame copy for all of them."""
 
     def register(forward):
-        def run(x, weight, bias, cache, stride, dilation, padding, replicate):
-            y = forward(x, weight, bias, cache, stride, dilation, padding, replicate)
-            P = ref.past_frames(weight.shape[2], stride[0], dilation[0])
-            return y, _new_cache(x, cache, P, replicate)
+        def run(x, weight, bias, cache, stride, dilation, padding, replicate, out):
+            y, new_cache = out
+            forward(x, weight, bias, cache, stride, dilation, padding, replicate, y)
+            _fill_new_cache(new_cache, x, cache, replicate)
 
-        return _causal_conv3d_op.impl(*backends)(run)
+        return _causal_conv3d_op.impl(*backends, into=True)(run)
 
     return register
 
 
 @_forward_impl("reference")
-def _(x, weight, bias, cache, stride, dilation, padding, replicate):
-    y, _ = ref.causal_conv3d(x, weight, bias, stride, dilation, padding, "replicate" if replicate else "zeros", cache)
-    out = _empty_like_layout(x, y.shape)
-    out.copy_(y)
-    return out
+def _(x, weight, bias, cache, stride, dilation, padding, replicate, y):
+    y.copy_(ref.causal_conv3d(x, weight, bias, stride, dilation, padding, "replicate" if replicate else "zeros",
+                              cache)[0])
 
 
 @_forward_impl("triton")
-def _(x, weight, bias, cache, stride, dilation, padding, replicate):
+def _(x, weight, bias, cache, stride, dilation, padding, replicate, y):
     from pyratok.kernels import causal_conv3d as tk
 
-    y = _empty_like_layout(x, output_shape(x.shape, weight.shape, stride, dilation, padding))
     tk.causal_conv3d_forward(x, weight, bias, cache, stride, dilation, padding, replicate, y)
-    return y
 
 
-_forward_impl("cpu", "cuda")(lambda *args: torch.ops.pyratok._causal_conv3d(*args))
+def _allocate_y(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], cache: Optional[torch.Tensor],
+                stride: list[int], dilation: list[int], padding: list[int], replicate: bool,
+                algorithm: int = int(ConvAlgorithm.AUTO)) -> torch.Tensor:
+    """y of the C++ forward kernel, whose ``algorithm`` (ConvAlgorithm) picks the cpu forward."""
+    return _empty_like_layout(x, output_shape(x.shape, weight.shape, stride, dilation, padding))
 
 
-def _cpu_forward(algorithm: ConvAlgorithm):
-    """The cpu forward with ``algorithm``.
-
-    SHIM (C++ work left, issue #17 item 2): torch.ops.pyratok._causal_conv3d has no algorithm
-    argument yet; csrc/torch/causal_conv3d.cpp reads a process-wide atomic that
-    _set_cpu_conv3d_algorithm sets.  Until the C++ op takes ``int algorithm``, the choice is set
-    around the call and restored, which races with a concurrent cpu causal_conv3d in another
-    thread (it may run, or make the other call run, with the wrong algorithm; both algorithms
-    are correct convolutions, they differ in rounding).  Replace the body with
-    ``torch.ops.pyratok._causal_conv3d(..., int(algorithm))`` once the C++ op has the argument.
-    """
-
-    def forward(x, weight, bias, cache, stride, dilation, padding, replicate):
-        previous = torch.ops.pyratok._set_cpu_conv3d_algorithm(int(algorithm))
-        try:
-            return torch.ops.pyratok._causal_conv3d(x, weight, bias, cache, stride, dilation, padding, replicate)
-        finally:
-            torch.ops.pyratok._set_cpu_conv3d_algorithm(previous)
-
-    return forward
+_native_forward = native_kernel("_causal_conv3d", _allocate_y)
 
 
-_forward_impl("cpu:direct")(_cpu_forward(ConvAlgorithm.DIRECT))
-_forward_impl("cpu:winograd")(_cpu_forward(ConvAlgorithm.WINOGRAD))
+def _native(algorithm: ConvAlgorithm):
+    return lambda *args: _native_forward(*args[:-1], int(algorithm), args[-1])
+
+
+_forward_impl("cpu", "cuda")(_native(ConvAlgorithm.AUTO))  # cuda has one algorithm
+_forward_impl("cpu:direct")(_native(ConvAlgorithm.DIRECT))
+_forward_impl("cpu:winograd")(_native(ConvAlgorithm.WINOGRAD))
 
 
 @define("causal_conv3d_backward", family="causal_conv3d", native="_causal_conv3d_backward")

@@ -42,7 +42,7 @@ import torch
 
 from pyratok import _backend
 from pyratok.ops._checks import MAX_INDEX_BITS, check_dim, check_float, check_indices, check_number
-from pyratok.ops._define import define
+from pyratok.ops._define import define, native_kernel
 from pyratok.ops.binary_quantize import binary_quantize
 from pyratok.reference import entropy as ref
 
@@ -282,8 +282,7 @@ def _soft_code_entropy_op(x: torch.Tensor, coef: float, group_sizes: list[int],
     return _work_empty(x, ()), (_dense_like(x) if with_grad else x.new_empty(0))
 
 
-_soft_code_entropy_op.impl("cpu")(
-    lambda x, coef, group_sizes, with_grad: torch.ops.pyratok._soft_code_entropy(x, coef, group_sizes, with_grad))
+_soft_code_entropy_op.impl("cpu", into=True)(native_kernel("_soft_code_entropy", _soft_code_entropy_op.allocate))
 
 
 def _composed_soft_code_entropy(backend: str):
