@@ -457,3 +457,25 @@ def test_info_quiet_checks_every_shard(tmp_path):
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     assert cli_main(["info", str(out), "-q"]) == 2
+
+
+def test_objects_are_frozen_while_workers_run_and_unfrozen_after():
+    """tokenize forks its DataLoader workers inside _frozen_objects(workers > 0): the objects the
+    workers inherit sit in the collector's permanent generation, so a full collection in a worker
+    does not write their GC headers (copy-on-write copies of the parent's pages); after the loop,
+    on error too, the process's objects are collectable again."""
+    import gc
+
+    import pyratok.tokenize as tokenize_module
+
+    assert gc.get_freeze_count() == 0
+    keep = [object() for _ in range(10)]
+    with tokenize_module._frozen_objects(True):
+        assert gc.get_freeze_count() >= len(keep)
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        with tokenize_module._frozen_objects(True):
+            raise RuntimeError("boom")
+    assert gc.get_freeze_count() == 0
+    with tokenize_module._frozen_objects(False):
+        assert gc.get_freeze_count() == 0
