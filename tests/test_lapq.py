@@ -35,10 +35,10 @@ def test_latent_grid_is_integers_and_names_what_is_wrong():
             latent_grid(5, h, w)
 
 
-def tiny(text=True, feature_dims=(), K=8, levels=3):
+def tiny(text=True, feature_dims=(), K=8, levels=3, backend=None):
     torch.manual_seed(0)
     return LaPQ(LaPQConfig(latent_dim=4, num_bits=K, levels=levels, hidden=16, heads=2, text_dim=12,
-                           feature_dims=feature_dims, text_conditioning=text))
+                           feature_dims=feature_dims, text_conditioning=text), backend=backend)
 
 
 def text(B=2, seed=0):
@@ -262,7 +262,4 @@ def test_config_errors_and_the_backend_argument():
     assert LaPQConfig(levels=3, level_scales=(3, 2, 1)).scales() == (3, 2, 1)
     with pytest.raises(ValueError, match=r"^feature_dims: 2 taps for 3 levels$"):
         tiny(feature_dims=(6, 6))
-    torch.manual_seed(0)
-    lapq = LaPQ(LaPQConfig(latent_dim=4, num_bits=8, levels=3, hidden=16, heads=2, text_dim=12,
-                           text_conditioning=False), backend="reference")
-    assert lapq.backend == "reference"
+    assert tiny(text=False, backend="reference").backend == "reference"

@@ -191,6 +191,15 @@ class Resample(nn.Module):
         return y if head is None else torch.cat([head, y], dim=2)
 
 
+def _channel_ratio(block: str, name: str, channels: int, kind: str, factor: int, other_name: str, other: int) -> int:
+    """channels * factor / other for the Wan 2.2 shortcuts (AvgDown3D's group size, DupUp3D's
+    repeats), which must divide evenly."""
+    if channels * factor % other:
+        raise ValueError(f"{block}: {name} ({channels}) times the {kind} factor ({factor}) "
+                         f"must be divisible by {other_name} ({other})")
+    return channels * factor // other
+
+
 class AvgDown3D(nn.Module):
     """Wan 2.2 shortcut: space-to-channel (factor_t x factor_s x factor_s) then the mean over
     groups of channels.  Time is padded in front with zeros to a multiple of factor_t (only the
@@ -198,12 +207,9 @@ class AvgDown3D(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, factor_t: int, factor_s: int = 1):
         super().__init__()
-        factor = factor_t * factor_s * factor_s
-        if in_channels * factor % out_channels:
-            raise ValueError(f"AvgDown3D: in_channels ({in_channels}) times the downsampling factor ({factor}) "
-                             f"must be divisible by out_channels ({out_channels})")
         self.out_channels, self.factor_t, self.factor_s = out_channels, factor_t, factor_s
-        self.group_size = in_channels * factor // out_channels
+        self.group_size = _channel_ratio("AvgDown3D", "in_channels", in_channels, "downsampling",
+                                         factor_t * factor_s * factor_s, "out_channels", out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ft, fs = self.factor_t, self.factor_s
@@ -222,12 +228,9 @@ class DupUp3D(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, factor_t: int, factor_s: int = 1):
         super().__init__()
-        factor = factor_t * factor_s * factor_s
-        if out_channels * factor % in_channels:
-            raise ValueError(f"DupUp3D: out_channels ({out_channels}) times the upsampling factor ({factor}) "
-                             f"must be divisible by in_channels ({in_channels})")
         self.out_channels, self.factor_t, self.factor_s = out_channels, factor_t, factor_s
-        self.repeats = out_channels * factor // in_channels
+        self.repeats = _channel_ratio("DupUp3D", "out_channels", out_channels, "upsampling",
+                                      factor_t * factor_s * factor_s, "in_channels", in_channels)
 
     def forward(self, x: torch.Tensor, cache: Optional[StreamCache] = None) -> torch.Tensor:
         first_chunk = starts_clip(self, x, cache)
