@@ -306,3 +306,17 @@ def test_block_matches_a_reference_computation():
         att = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v          # (B, heads, S, d_head)
         h = x + block.proj(att.transpose(1, 2).reshape(2, 5, 16))
         torch.testing.assert_close(out, h + block.mlp(block.norm2(h)))
+
+
+def test_every_tensor_the_prior_makes_follows_its_device():
+    """Positions, frequencies and the causal mask are created on the codes' device: the prior runs
+    wherever its weights are (the meta device stands in for a GPU here: mixing it with a CPU tensor
+    fails, as a GPU tensor would)."""
+    from pyratok.models.prior import grid_positions
+
+    assert grid_positions((2, 3, 4), 48, torch.device("meta")).device.type == "meta"
+    prior = small_prior().to("meta")
+    t = text(2)
+    out = prior(TextEmbedding(t.tokens.to("meta"), t.mask.to("meta")), [c.to("meta") for c in random_codes(2, 6, GRIDS)])
+    assert out.loss.device.type == "meta" and all(l.device.type == "meta" for l in out.logits)
+    assert [tuple(l.shape) for l in out.logits] == [(2, g[0] * g[1] * g[2], 6) for g in GRIDS]

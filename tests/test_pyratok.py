@@ -232,3 +232,331 @@ def test_overfit_one_real_clip_gains_6_db():
         curve.append(psnr(recon.detach(), video).item())
     print("PSNR curve (every 20 steps):", [round(c, 2) for c in curve[::20]], round(curve[-1], 2))
     assert max(curve[-10:]) >= curve[0] + 6.0, curve[::20]
+
+
+# -- what save_pretrained writes, the paper config, backbone training (issue #20's mutation triage) ---
+
+def _model_id_of(config, state) -> str:
+    """The documented model id: the first 16 hex digits of the SHA-256 of the config as JSON with
+    sorted keys, then each stored tensor's name and bytes in name order (bfloat16 as its 16-bit words)."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for k in sorted(state):
+        v = state[k]
+        digest.update(k.encode())
+        digest.update((v.view(torch.int16) if v.dtype == torch.bfloat16 else v).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_saved_folder_records_the_model_id_and_the_weights_digest(tmp_path, dtype):
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    model = tiny_model()
+    path = tmp_path / "m"
+    model.save_pretrained(str(path), dtype=dtype)
+    meta = json.loads((path / "config.json").read_text())
+    blob = (path / "model.safetensors").read_bytes()
+    assert meta["weights_sha256"] == hashlib.sha256(blob).hexdigest()
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pyratok-model", "model_id": meta["model_id"]}
+    state = load_file(str(path / "model.safetensors"))
+    assert {v.dtype for v in state.values()} == {dtype or torch.float32}
+    assert len(meta["model_id"]) == 16
+    assert (path / "config.json").read_text() == json.dumps(meta, indent=2)        # the documented layout
+    assert meta["model_id"] == _model_id_of(model.config, state) == model.model_id
+    # a second save into the same folder replaces the files; the id follows the weights
+    with torch.no_grad():
+        next(model.lapq.parameters()).add_(1.0)
+    model.save_pretrained(str(path), dtype=dtype)
+    again = json.loads((path / "config.json").read_text())
+    assert again["model_id"] != meta["model_id"]
+    assert again["model_id"] == _model_id_of(model.config, load_file(str(path / "model.safetensors")))
+
+
+def test_save_pretrained_writes_the_state_dict_it_is_given(tmp_path):
+    """``state_dict`` (e.g. gathered from FSDP shards) is what gets written, not the module's own."""
+    model = tiny_model()
+    name, param = next(model.lapq.named_parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["lapq." + name] = torch.full_like(param, 0.25)
+    model.save_pretrained(str(tmp_path / "m"), state_dict=state)
+    loaded = PyraTok.from_pretrained(str(tmp_path / "m"))
+    assert torch.equal(dict(loaded.lapq.named_parameters())[name], torch.full_like(param, 0.25))
+    assert not torch.equal(param, torch.full_like(param, 0.25))
+
+
+def test_save_without_backbone_needs_its_path(tmp_path):
+    with pytest.raises(ValueError, match=r"^include_backbone=False needs config\.backbone_path \(where the backbone "
+                                         r"weights live\)$"):
+        tiny_model().save_pretrained(str(tmp_path / "m"), include_backbone=False)
+
+
+def test_lpips_follows_the_model_device(tmp_path):
+    """load_lpips puts the LPIPS network on the model's device (the meta device stands in for a GPU)."""
+    from conftest import lpips_weights_file
+
+    model = tiny_model().to("meta")
+    model.load_lpips(lpips_weights_file(tmp_path / "lpips_vgg.pth"))
+    assert {p.device.type for p in model.lpips.parameters()} == {"meta"}
+
+
+def test_paper_config_is_the_default_with_overrides():
+    cfg = PyraTokConfig.paper()
+    assert cfg == PyraTokConfig()
+    assert (cfg.backbone.z_dim, cfg.backbone.dim_mult, cfg.lapq.levels, cfg.lapq.num_bits, cfg.lora_rank,
+            cfg.lora_alpha) == (16, (1, 2, 4, 4), 4, 16, 16, 32.0)
+    assert PyraTokConfig.paper(lora_rank=8) == dataclasses.replace(PyraTokConfig(), lora_rank=8)
+
+
+def test_backbone_forward_is_the_plain_vae_objective():
+    """Stage 0 (training the backbone itself): reconstruction through a sampled latent, and
+    total = l1 * L1 + ssim * (1 - SSIM) + kl_weight * KL, each term by its formula."""
+    from pyratok.metrics import ssim
+
+    model = tiny_model().eval()
+    video = clip(5, 32, seed=3)
+    torch.manual_seed(11)
+    recon, losses = model.backbone_forward(video, kl_weight=0.01)
+    with torch.no_grad():
+        dist = model.vae.encode(video, chunk_frames=None)
+        torch.manual_seed(11)
+        expect = model.vae.decode(dist.sample(), chunk_frames=None)
+        mean_only = model.vae.decode(dist.mean, chunk_frames=None)
+    torch.testing.assert_close(recon, expect)
+    assert not torch.allclose(recon, mean_only)                          # a sampled latent, not the mean
+    cfg = model.config.loss
+    terms = losses.terms
+    assert set(terms) == {"l1", "ssim", "kl"}
+    torch.testing.assert_close(terms["l1"], (expect - video).abs().mean())
+    torch.testing.assert_close(terms["ssim"], 1 - ssim(expect, video, clamp=False))
+    torch.testing.assert_close(terms["kl"], dist.kl().mean())
+    assert terms["kl"] > 0
+    torch.testing.assert_close(losses.total, cfg.l1 * terms["l1"] + cfg.ssim * terms["ssim"] + 0.01 * terms["kl"])
+    torch.manual_seed(11)
+    default = model.backbone_forward(video)[1]                         # the trainer's call: kl_weight 1e-6
+    torch.testing.assert_close(default.total, cfg.l1 * terms["l1"] + cfg.ssim * terms["ssim"] + 1e-6 * terms["kl"])
+    # the backbone learns from it: every term reaches the encoder and the decoder
+    model.vae.requires_grad_(True)
+    torch.manual_seed(11)
+    _, losses = model.backbone_forward(video, kl_weight=0.01)
+    losses.total.backward()
+    for part in (model.vae.encoder, model.vae.decoder):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+# -- forward's plumbing: which video is encoded, which clips have captions, which terms exist ---------
+
+def test_has_caption_marks_the_clips_with_a_real_caption():
+    f = PyraTok._has_caption
+    for text, batch, want in [(None, 3, [False] * 3), ("", 2, [False] * 2), ("  a cat ", 2, [True] * 2),
+                              (["a cat", " "], 2, [True, False]), (["a cat"], 3, [True] * 3),
+                              (["a", ""], 4, [True, False, True, False]), (random_text(2), 2, [True, True])]:
+        flags = f(text, batch)
+        assert flags.dtype == torch.bool and flags.tolist() == want, (text, batch)
+
+
+def test_forward_counts_the_text_terms_on_the_captioned_clips_only():
+    from pyratok.models import losses as L
+
+    model = tiny_model(text_encoder="default").eval()
+    model.config.loss = dataclasses.replace(model.config.loss, text_token=0.5, text_code=0.6, residual=0.3)
+    video = torch.cat([clip(5, 32, seed=s) for s in range(1, 5)])
+    captions = ["a red car drives along a road", "", "a dog runs across the grass", " "]
+    with torch.no_grad():
+        _, losses = model(video, captions)
+        latent, taps = model._encode_latent(video)
+        out = model.lapq(latent, taps, model._text(captions, 4))
+        want = L.codebook_terms(out, model.config.loss, None, torch.tensor([True, False, True, False]),
+                                lapq=model.lapq)
+        every = L.codebook_terms(out, model.config.loss, None, None, lapq=model.lapq)
+        uncaptioned = model.lapq(latent, taps, model._text(None, 4))
+    assert want["residual"] is not None and want["text_token"] is not None
+    for k, v in want.items():
+        if v is not None:
+            torch.testing.assert_close(losses.terms[k], v)
+    assert not torch.allclose(want["text_token"], every["text_token"])      # the uncaptioned clips are left out
+    assert not torch.allclose(out.logits[0], uncaptioned.logits[0])          # and the captions reach LaPQ
+
+
+def test_forward_encodes_the_masked_video_and_reconstructs_the_clean_one():
+    model = tiny_model().eval()
+    video, masked = clip(5, 32, seed=1), clip(5, 32, seed=2)
+    with torch.no_grad():
+        recon, losses = model(video, masked_video=masked)
+        ids = model.encode(masked).ids
+        clean = model.encode(video).ids
+    assert all(torch.equal(a, b.to(a.dtype)) for a, b in zip(losses.indices, ids))
+    assert not all(torch.equal(a, b) for a, b in zip(ids, clean))
+    torch.testing.assert_close(losses.terms["l1"], (recon - video).abs().mean())
+    with pytest.raises(ValueError, match=r"^masked_video: shape \(1, 3, 5, 16, 16\) differs from video "
+                                         r"\(1, 3, 5, 32, 32\)$"):
+        model(video, masked_video=clip(5, 16))
+
+
+def test_terms_with_weight_zero_are_not_computed():
+    model = tiny_model().eval()
+    model.config.loss = dataclasses.replace(model.config.loss, l1=0.0, ssim=0.0)
+    with torch.no_grad():
+        _, losses = model(clip())
+    assert "l1" not in losses.terms and "ssim" not in losses.terms and "commitment" in losses.terms
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_encoder_drift_without_a_teacher_needs_lora(rank):
+    """Without a vision teacher, drift compares the LoRA-adapted encoder taps with the frozen ones:
+    a model without LoRA (rank 0) has no such term, any rank >= 1 has it."""
+    model = tiny_model(lora_rank=rank, lora_alpha=2.0).eval()
+    model.config.loss = dataclasses.replace(model.config.loss, drift=0.5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.01)
+        _, losses = model(clip())
+    assert ("drift" in losses.terms) == (rank > 0)
+    if rank:
+        assert losses.terms["drift"] > 0
+
+
+def test_config_round_trips_through_json_and_names_a_bad_one():
+    cfg = PyraTokConfig.tiny(text_encoder=None)
+    cfg = dataclasses.replace(cfg, tap_stages=tuple(cfg.tap_stage_list()))
+    again = PyraTokConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and isinstance(again.tap_stages, tuple) and isinstance(again.lapq.feature_dims, tuple)
+    with pytest.raises(ValueError, match=r"^config: not a PyraTok config \(.*no_such_field"):
+        PyraTokConfig.from_dict({**cfg.to_dict(), "no_such_field": 1})
+
+
+def test_from_pretrained_names_what_is_wrong_and_loads_trainable_adapters(tmp_path):
+    import re
+
+    path = tmp_path / "m"
+    tiny_model().save_pretrained(str(path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="^" + re.escape(f"{empty / 'config.json'}: a PyraTok folder holds "
+                                                                "config.json and model.safetensors") + "$"):
+        PyraTok.from_pretrained(str(empty))
+    cfg_file = path / "config.json"
+    good = cfg_file.read_text()
+    cfg_file.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="^" + re.escape(f"{cfg_file}: expected a JSON object (PyraTok model config), "
+                                                         "got a list") + "$"):
+        PyraTok.from_pretrained(str(path))
+    cfg_file.write_text(json.dumps({**json.loads(good), "format": "other"}))
+    with pytest.raises(ValueError, match="^" + re.escape(f"{cfg_file}: not a PyraTok model folder (format='other')")
+                                         + "$"):
+        PyraTok.from_pretrained(str(path))
+    cfg_file.write_text(good)
+    # the default load can go on training (peft adapters); inference=True builds plain ones
+    peft_layers = lambda m: [x for x in m.modules() if type(x).__module__.startswith("peft")]
+    assert peft_layers(PyraTok.from_pretrained(str(path)))
+    assert not peft_layers(PyraTok.from_pretrained(str(path), inference=True))
+
+
+def test_from_pretrained_refuses_each_kind_of_broken_folder_with_its_message(tmp_path):
+    """One saved folder, broken one way at a time; every message names the file and the fault."""
+    import hashlib
+    import re
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    good = tmp_path / "good"
+    tiny_model().save_pretrained(str(good))
+    meta = json.loads((good / "config.json").read_text())
+
+    def folder(name, change_meta=None, change_state=None, metadata=None, sha=True):
+        path = tmp_path / name
+        shutil.copytree(good, path)
+        m = json.loads(json.dumps(meta))
+        if change_state is not None:
+            state = load_file(str(path / "model.safetensors"))
+            change_state(state)
+            with safe_open(str(good / "model.safetensors"), "pt") as f:
+                save_file(state, str(path / "model.safetensors"), metadata=metadata or f.metadata())
+            m["weights_sha256"] = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+        if change_meta is not None:
+            change_meta(m)
+        if not sha:
+            m.pop("weights_sha256")
+        (path / "config.json").write_text(json.dumps(m))
+        return path, str(path / "config.json"), str(path / "model.safetensors")
+
+    def refused(path, message, kind=ValueError):
+        with pytest.raises(kind, match="^" + re.escape(message) + "$"):
+            PyraTok.from_pretrained(str(path))
+
+    path, cfg, _ = folder("version", lambda m: m.update(format_version=99))
+    refused(path, f"{cfg}: model format version 99, this pyratok reads 1")
+    path, cfg, _ = folder("id", lambda m: m.update(model_id=5))
+    refused(path, f"{cfg}: 'config' (an object) and 'model_id' (a string) are required")
+    path, cfg, _ = folder("field", lambda m: m["config"].update(no_such_field=1))
+    with pytest.raises(ValueError, match="^" + re.escape(f"{cfg}: config: not a PyraTok config (") + ".*no_such_field"):
+        PyraTok.from_pretrained(str(path))
+    path, cfg, _ = folder("type", lambda m: m["config"]["lapq"].update(num_bits="16"))
+    refused(path, f"{cfg}: config.lapq.num_bits='16' has the wrong type (expected int)")
+    path, cfg, _ = folder("huge", lambda m: m["config"]["backbone"].update(base_dim=100000))
+    refused(path, f"{cfg}: base_dim=100000: expected an integer in 1..4096")
+    path, cfg, _ = folder("rank", lambda m: m["config"].update(lora_rank=5000))
+    refused(path, f"{cfg}: lora_rank=5000 is out of range (0..4096)")
+    path, cfg, _ = folder("flag", lambda m: m.update(includes_backbone="yes"))
+    refused(path, f"{cfg}: includes_backbone must be true or false")
+    path, cfg, _ = folder("nobackbone", lambda m: m.update(includes_backbone=False))
+    refused(path, f"{cfg}: the backbone is not included and config.backbone_path is empty")
+    path, cfg, _ = folder("build", lambda m: m["config"].update(tap_stages=[9, 9, 9, 9]))
+    refused(path, f"{cfg}: cannot build the model (tap_stages=[9, 9, 9, 9]: need 4 stage indices in 0..3)")
+    path, cfg, weights = folder("sha", lambda m: m.update(weights_sha256="0" * 64))
+    actual = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    refused(path, f"{weights}: sha256 {actual[:16]}... does not match weights_sha256 0000000000000000... in "
+                  "config.json: the weights are corrupted or belong to another model")
+    path, cfg, weights = folder("other", lambda m: m.update(model_id="0123456789abcdef"))
+    refused(path, f"{weights}: weights of model {meta['model_id']}, but config.json says model 0123456789abcdef: "
+                  "the files come from different models")
+    path, cfg, weights = folder("cut", sha=False)
+    (path / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:5000])
+    with pytest.warns(UserWarning, match="^" + re.escape(f"{cfg} records no weights_sha256")), \
+            pytest.raises(ValueError, match="^" + re.escape(f"{weights}: truncated or corrupted (SafetensorError: ")):
+        PyraTok.from_pretrained(str(path))
+    # weights that do not fit: each list is given only when it has entries, at most 8 names each
+    names = sorted(load_file(str(good / "model.safetensors")))
+    head = f"weights do not fit config.json (K=16, levels=4)"
+    path, _, weights = folder("extra", change_state=lambda s: s.update(extra=torch.zeros(1)))
+    refused(path, f"{weights}: {head}\n  unexpected (1): ['extra']")
+    extras = {f"extra{i}": torch.zeros(1) for i in range(10)}
+    path, _, weights = folder("extras", change_state=lambda s: s.update(extras))
+    refused(path, f"{weights}: {head}\n  unexpected (10): {sorted(extras)[:8]}")
+    path, _, weights = folder("missing", change_state=lambda s: [s.pop(k) for k in names[:10]])
+    refused(path, f"{weights}: {head}\n  missing (10): {names[:8]}")
+    shapes = {k: tuple(v.shape) for k, v in load_file(str(good / "model.safetensors")).items()}
+    path, _, weights = folder("shape", change_state=lambda s: s.update({names[0]: torch.zeros(3, 1, 1, 1, 1, 1)}))
+    refused(path, f"{weights}: {head}\n  shape mismatches (1): ['{names[0]}: file (3, 1, 1, 1, 1, 1) vs model "
+                  f"{shapes[names[0]]}']")
+    path, _, weights = folder("shapes", change_state=lambda s: s.update({k: torch.zeros(3, 1, 1, 1, 1, 1)
+                                                                         for k in names[:10]}))
+    listed = sorted(f"{k}: file (3, 1, 1, 1, 1, 1) vs model {shapes[k]}" for k in names[:10])[:8]
+    refused(path, f"{weights}: {head}\n  shape mismatches (10): {listed}")
+    # a folder saved before includes_backbone was recorded holds the backbone
+    path, _, _ = folder("old", lambda m: [m.pop("includes_backbone"), m.pop("includes_decoder")])
+    assert torch.equal(PyraTok.from_pretrained(str(path)).vae.decoder.conv_out.weight,
+                       PyraTok.from_pretrained(str(good)).vae.decoder.conv_out.weight)
+    # a folder that holds its backbone never reads config.backbone_path
+    path, _, _ = folder("stale", lambda m: m["config"].update(backbone_path=str(tmp_path / "gone")))
+    assert PyraTok.from_pretrained(str(path)).model_id == meta["model_id"]
+
+
+def test_from_pretrained_uses_the_text_encoder_it_is_given(tmp_path):
+    class Encoder(torch.nn.Module):
+        dim = 384
+
+        def forward(self, prompts):
+            return random_text(len(prompts))
+
+    tiny_model().save_pretrained(str(tmp_path / "m"))
+    encoder = Encoder()
+    assert PyraTok.from_pretrained(str(tmp_path / "m"), text_encoder=encoder).text_encoder is encoder

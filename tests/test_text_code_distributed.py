@@ -58,3 +58,42 @@ def test_two_ranks_equal_one_rank_on_the_union_batch():
         torch.testing.assert_close(grad / WORLD, want_grad.split(SPLIT)[rank], rtol=0, atol=1e-12)
     local_value, _ = term(codes[:SPLIT[0]], text_logits[:SPLIT[0]])   # a local mean differs: the test can tell
     assert abs(local_value - want_value) > 1e-3
+
+
+# -- the whole model under a process group -------------------------------------------------------
+
+def _model_and_batch():
+    from pyratok.models.pyratok import PyraTok, PyraTokConfig
+
+    torch.manual_seed(0)
+    model = PyraTok(PyraTokConfig.tiny(text_encoder=None)).eval()
+    g = torch.Generator().manual_seed(1)
+    return model, torch.rand(sum(SPLIT), 3, 5, 32, 32, generator=g) * 2 - 1
+
+
+def _forward_worker(rank, init_file, result_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model, video = _model_and_batch()
+        start = sum(SPLIT[:rank])
+        with torch.no_grad():
+            _, losses = model(video[start:start + SPLIT[rank]], process_group=dist.group.WORLD)
+        torch.save(losses.terms, os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
+def test_model_forward_passes_its_process_group_to_the_codebook_terms():
+    """PyraTok.forward(process_group=...) computes the entropy term's batch usage over all ranks:
+    each of 2 gloo ranks gets the single-process value of the union batch."""
+    model, video = _model_and_batch()
+    with torch.no_grad():
+        want = model(video)[1].terms["entropy"]
+        local = model(video[:SPLIT[0]])[1].terms["entropy"]
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_forward_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+    for terms in ranks:
+        torch.testing.assert_close(terms["entropy"], want, rtol=1e-5, atol=1e-6)
+    assert abs(local - want) > 1e-4                           # a rank's own batch differs: the test can tell

@@ -367,6 +367,27 @@ def test_drift_against_a_local_vision_teacher(dinov2_folder, tmp_path):
         VisionTeacher(str(tmp_path / "missing"))
 
 
+def test_drift_term_is_one_minus_the_cosine_to_the_pooled_teacher(dinov2_folder):
+    """drift = 1 - mean over latent cells of cos(drift_head(deepest encoder features), teacher patch
+    features pooled onto the latent grid over the causal frame groups), the cosine over channels."""
+    from pyratok.models.lapq import causal_pool
+
+    model = tiny_model(drift_teacher=dinov2_folder).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.01)
+        video = random_clip(5, 32)
+        drift = model(video)[1].terms["drift"]
+        _, features = model.vae.encoder_features(video)
+        student = model.drift_head(features[-1])                           # (B, D, t, h, w)
+        target = causal_pool(model.drift_teacher(video), tuple(student.shape[2:]))
+    assert student.shape[1] == target.shape[1] == 24 and student.shape[2] == 2
+    cos = (student * target).sum(1) / (student.norm(dim=1) * target.norm(dim=1))     # (B, t, h, w)
+    torch.testing.assert_close(drift, 1 - cos.mean())
+    assert 0 < drift.item() < 2
+
+
 def test_lpips_switched_on_in_training_from_the_config_and_the_cli(tmp_path):
     from pyratok.cli import main as cli_main
     from pyratok.train import TrainConfig, Trainer
@@ -498,10 +519,11 @@ def test_progressive_decoding_from_the_first_levels():
         model.decode(tokens, levels=5)
 
 
-def test_weighted_total_is_the_sum_of_the_weighted_terms():
+def test_weighted_total_is_the_sum_of_the_weighted_terms(tmp_path):
     model = tiny_model()
-    model.config.loss = dataclasses.replace(LossConfig(), l1=0.7, ssim=1.3, commitment=0.2, entropy=0.3,
-                                            hierarchy=0.4, text_token=0.5, text_code=0.6, recon=2.0,
+    model.load_lpips(lpips_weights_file(tmp_path / "lpips_vgg.pth"))
+    model.config.loss = dataclasses.replace(LossConfig(), l1=0.7, ssim=1.3, lpips=0.45, commitment=0.2, entropy=0.3,
+                                            hierarchy=0.4, residual=0.35, text_token=0.5, text_code=0.6, recon=2.0,
                                             codebook=3.0, ar=1.1, drift=0.9)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -510,9 +532,11 @@ def test_weighted_total_is_the_sum_of_the_weighted_terms():
     text = TextEmbedding(torch.randn(1, 3, 384), torch.ones(1, 3, dtype=torch.bool))
     _, losses = model(random_clip(5, 32), text)
     t, w = losses.terms, model.config.loss
-    assert set(t) == {"l1", "ssim", "commitment", "entropy", "hierarchy", "text_token", "text_code", "ar", "drift"}
-    want = (w.recon * (w.l1 * t["l1"] + w.ssim * t["ssim"])
-            + w.codebook * sum(getattr(w, k) * t[k] for k in ("commitment", "entropy", "hierarchy", "text_token",
-                                                              "text_code"))
+    assert set(t) == {"l1", "ssim", "lpips", "commitment", "entropy", "hierarchy", "residual", "text_token",
+                      "text_code", "ar", "drift"}
+    assert all(t[k] > 0 for k in ("lpips", "residual"))
+    want = (w.recon * (w.l1 * t["l1"] + w.ssim * t["ssim"] + w.lpips * t["lpips"])
+            + w.codebook * sum(getattr(w, k) * t[k] for k in ("commitment", "entropy", "hierarchy", "residual",
+                                                              "text_token", "text_code"))
             + w.ar * t["ar"] + w.drift * t["drift"])
     torch.testing.assert_close(losses.total, want, rtol=1e-6, atol=1e-6)
