@@ -560,3 +560,56 @@ def test_from_pretrained_uses_the_text_encoder_it_is_given(tmp_path):
     tiny_model().save_pretrained(str(tmp_path / "m"))
     encoder = Encoder()
     assert PyraTok.from_pretrained(str(tmp_path / "m"), text_encoder=encoder).text_encoder is encoder
+
+
+def test_tiny_config_is_the_documented_small_model():
+    """The tiny config the tests, docs and the embedded default build on (its sizes set every grid
+    and bit count the other tests assume)."""
+    cfg = PyraTokConfig.tiny()
+    b = cfg.backbone
+    assert (b.base_dim, b.z_dim, b.dim_mult, b.num_res_blocks) == (16, 8, (1, 2, 2, 2), 1)
+    assert b.latents_mean == (0.0,) * 8 and b.latents_std == (1.0,) * 8
+    assert (cfg.lapq.num_bits, cfg.lapq.levels, cfg.lapq.hidden, cfg.lapq.heads) == (16, 4, 48, 2)
+    assert (cfg.prior.width, cfg.prior.depth, cfg.prior.heads) == (64, 2, 2)
+    assert (cfg.lora_rank, cfg.lora_alpha) == (4, 8.0)
+    assert PyraTokConfig.tiny(lora_rank=2).lora_rank == 2
+
+
+def test_decode_checks_the_tokens_and_passes_the_tiling_on():
+    model = tiny_model().eval()
+    tokens = model.encode(clip())
+    three = dataclasses.replace(tokens, ids=tokens.ids[:3], grids=tokens.grids[:3])
+    with pytest.raises(ValueError, match=r"^tokens: K=16 with 3 levels, this model has K=16 with 4 levels$"):
+        model.decode(three)
+    with pytest.raises(ValueError, match=r"^tile=2: expected an int >= 4 \(latent pixels\)$"):
+        model.decode(tokens, tile=2)
+    with pytest.raises(ValueError, match=r"^overlap=9: expected an int in \[1, tile\) latent pixels \(tile=4\)$"):
+        model.decode(tokens, tile=4, overlap=9)
+
+
+def test_saved_weights_leave_out_the_text_encoder_and_lpips(tmp_path):
+    """The text encoder and LPIPS are loaded from their own files, never saved into the model's."""
+    from safetensors.torch import load_file
+
+    from conftest import lpips_weights_file
+
+    model = tiny_model(text_encoder="default")
+    model.load_lpips(lpips_weights_file(tmp_path / "lpips_vgg.pth"))
+    assert any(k.startswith("text_encoder.") for k in model.state_dict())
+    assert any(k.startswith("lpips.") for k in model.state_dict())
+    model.save_pretrained(str(tmp_path / "m"))
+    keys = load_file(str(tmp_path / "m" / "model.safetensors")).keys()
+    assert not any(k.startswith(("text_encoder.", "lpips.")) for k in keys) and any(k.startswith("lapq.") for k in keys)
+
+
+def test_from_pretrained_puts_the_model_on_the_device_asked(tmp_path):
+    tiny_model().save_pretrained(str(tmp_path / "m"))
+    model = PyraTok.from_pretrained(str(tmp_path / "m"), device="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+def test_tokens_record_the_latent_grid_as_integers():
+    model = tiny_model().eval()
+    for frames, size, grid in [(1, 32, (1, 4, 4)), (9, 48, (3, 6, 6))]:
+        latent_grid = model.encode(clip(frames, size)).latent_grid
+        assert tuple(latent_grid) == grid and all(type(v) is int for v in latent_grid), latent_grid
