@@ -613,3 +613,33 @@ def test_tokens_record_the_latent_grid_as_integers():
     for frames, size, grid in [(1, 32, (1, 4, 4)), (9, 48, (3, 6, 6))]:
         latent_grid = model.encode(clip(frames, size)).latent_grid
         assert tuple(latent_grid) == grid and all(type(v) is int for v in latent_grid), latent_grid
+
+
+def test_tap_stages_are_checked_against_the_levels_and_the_stages():
+    assert PyraTokConfig.tiny(tap_stages=(3, 3, 0, 0)).tap_stage_list() == [3, 3, 0, 0]
+    for taps in [(3, 2, 1), (4, 2, 1, 0), (3, 2, 1, -1)]:
+        with pytest.raises(ValueError, match=r"^tap_stages=\[" + ", ".join(map(str, taps)).replace("-", r"\-")
+                                             + r"\]: need 4 stage indices in 0\.\.3$"):
+            PyraTokConfig.tiny(tap_stages=taps).tap_stage_list()
+
+
+def test_one_caption_serves_the_whole_batch_and_captions_are_kept():
+    model = tiny_model(text_encoder="default").eval()
+    video = torch.cat([clip(5, 32, seed=1), clip(5, 32, seed=2)])
+    pair = model.encode(video, ["a red car", "a red car"])
+    for text in ("a red car", ["a red car"]):
+        tokens = model.encode(video, text)
+        assert tokens.captions == ["a red car", "a red car"]
+        assert all(torch.equal(a, b) for a, b in zip(tokens.ids, pair.ids))
+    assert model.encode(video, ["a red car", "a dog"]).captions == ["a red car", "a dog"]
+    assert model.encode(video[:1], ["a red car"]).captions == ["a red car"]
+    with pytest.raises(ValueError, match=r"^text: 3 prompts for a batch of 2 videos$"):
+        model.encode(video, ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"^text: this model has no text encoder \(config\.text_encoder=None\); pass "
+                                         r"text=None or a TextEmbedding$"):
+        tiny_model().encode(video, "a red car")
+
+
+def test_a_caption_embedding_moves_to_the_model_device():
+    model = tiny_model().to("meta")
+    assert model._text(random_text(2), 2).tokens.device.type == "meta"
