@@ -729,3 +729,12 @@ def test_inference_adapters_give_the_peft_model_outputs(tmp_path, rank):
         if rank:
             with peft._adapters_off():
                 assert not torch.allclose(peft._encode_latent(video)[0], want, atol=1e-4)
+
+
+def test_an_unsaved_model_is_named_after_its_config():
+    import hashlib
+
+    model = tiny_model()
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode()).hexdigest()
+    assert model.model_id == "unsaved-" + digest[:16]
+    assert tiny_model().model_id == model.model_id and tiny_model(lora_rank=2).model_id != model.model_id

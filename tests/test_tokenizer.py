@@ -367,12 +367,15 @@ def test_drift_against_a_local_vision_teacher(dinov2_folder, tmp_path):
         VisionTeacher(str(tmp_path / "missing"))
 
 
-def test_drift_term_is_one_minus_the_cosine_to_the_pooled_teacher(dinov2_folder):
+@pytest.mark.parametrize("dim_mult", [(1, 2, 2, 2), (1, 2, 2, 4)])
+def test_drift_term_is_one_minus_the_cosine_to_the_pooled_teacher(dinov2_folder, dim_mult):
     """drift = 1 - mean over latent cells of cos(drift_head(deepest encoder features), teacher patch
-    features pooled onto the latent grid over the causal frame groups), the cosine over channels."""
+    features pooled onto the latent grid over the causal frame groups), the cosine over channels;
+    the head takes the deepest stage's width (the last stage wider than the others too)."""
     from pyratok.models.lapq import causal_pool
 
-    model = tiny_model(drift_teacher=dinov2_folder).eval()
+    backbone = dataclasses.replace(PyraTokConfig.tiny().backbone, dim_mult=dim_mult)
+    model = tiny_model(drift_teacher=dinov2_folder, backbone=backbone).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if ".lora_B." in n:
