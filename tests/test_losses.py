@@ -310,7 +310,8 @@ def test_residual_term_fits_each_lift_to_the_residual_it_quantizes():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     others = [z, *(b.to_bits.weight for b in lapq.blocks), *(b.in_proj.weight for b in lapq.blocks)]
     assert all(g is None for g in torch.autograd.grad(terms["residual"], others, allow_unused=True))
-    with pytest.raises(ValueError, match="needs the LaPQ"):
+    with pytest.raises(ValueError, match=r"^LossConfig\.residual > 0 needs the LaPQ \(codebook_terms\(\.\.\., "
+                                         r"lapq=model\.lapq\)\)$"):
         codebook_terms(out, cfg)
     # off by default (the paper's Eq. 2 has no such term): absent, and it adds nothing to the total
     assert LossConfig().residual == 0.0 and codebook_terms(out, LossConfig())["residual"] is None
