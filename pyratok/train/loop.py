@@ -267,9 +267,18 @@ class Trainer:
         return (get_model_state_dict(self.wrapped, options=options),
                 get_optimizer_state_dict(self.wrapped, self.optimizer, options=options))
 
+    def _scheduler_state(self) -> dict:
+        """LambdaLR's state without its lr_lambdas entries: the factor is this trainer's own method
+        (code, rebuilt from the config on resume), and LambdaLR stores a copy of the ``__dict__`` of
+        any lambda that is not a plain function, which for a bound method (or a wrapped one, as under
+        mutation testing) is the function's attributes, not state.  None is what LambdaLR writes for
+        a plain function and skips on load."""
+        state = self.scheduler.state_dict()
+        return {**state, "lr_lambdas": [None] * len(state["lr_lambdas"])}
+
     def _trainer_state(self, optimizer_state) -> dict:
         return {"step": self.step, "batches_seen": self.batches_seen,
-                "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
+                "optimizer": optimizer_state, "scheduler": self._scheduler_state(),
                 "ema": self.ema, "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "python_rng": random.getstate(), "config": self.cfg.to_dict()}
