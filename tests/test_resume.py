@@ -281,3 +281,71 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_cleanly(tmp_p
     root = tmp_path / "run" / "checkpoints"
     latest = (root / "latest").read_text().strip()
     assert ckpt(str(root / latest)) and int(latest.split("-")[1]) >= 2
+
+
+def test_state_files_round_trip_and_name_each_fault(tmp_path, monkeypatch):
+    """save_state/load_state: nested tuples, integer-keyed dicts and tensors come back as they went
+    in; each damaged file is refused with a message naming it and the fault."""
+    import re
+
+    from pyratok.train import state_io
+    from pyratok.train.state_io import StateFileError, load_state, save_state
+
+    state = {"a": [1, (2.5, torch.arange(3)), {"x": torch.ones(2)}], "opt": {0: {"m": torch.zeros(2)}, 1: "s"},
+             "t": ((1, 2), [3])}
+    save_state(str(tmp_path), "s", state)
+    back = load_state(str(tmp_path), "s")
+    assert back["a"][0] == 1 and back["a"][1][0] == 2.5 and torch.equal(back["a"][1][1], torch.arange(3))
+    assert isinstance(back["a"][1], tuple) and torch.equal(back["a"][2]["x"], torch.ones(2))
+    assert set(back["opt"]) == {0, 1} and torch.equal(back["opt"][0]["m"], torch.zeros(2)) and back["opt"][1] == "s"
+    assert back["t"] == ((1, 2), [3])
+    json_file, tensor_file = state_io.state_files(str(tmp_path), "s")
+    good = open(json_file).read()
+
+    def refused(message, prefix=False):
+        with pytest.raises(StateFileError, match="^" + re.escape(message) + ("" if prefix else "$")):
+            load_state(str(tmp_path), "s")
+
+    for text, fault in [('{"a": {"__tensor__": "nope"}}', "refers to tensor 'nope', which the .safetensors file lacks"),
+                        ('{"a": {"__tuple__": [{"__tensor__": "nope"}]}}', "refers to tensor 'nope', which the "
+                                                                            ".safetensors file lacks"),
+                        ('{"a": [{"__tensor__": "nope"}]}', "refers to tensor 'nope', which the .safetensors file lacks"),
+                        ('{"a": {"__items__": [[0, {"__tensor__": "nope"}]]}}', "refers to tensor 'nope', which the "
+                                                                                ".safetensors file lacks"),
+                        ('{"a": {"b": {"__tensor__": "nope"}}}', "refers to tensor 'nope', which the .safetensors file "
+                                                                 "lacks"),
+                        ('{"a": {"__items__": [[0, 1, 2]]}}', "malformed __items__ entry"),
+                        ('{"a": {"__items__": [7]}}', "malformed __items__ entry"),
+                        ('{"a": {"__items__": 7}}', "malformed __items__ entry"),
+                        ('[1, 2]', "expected a JSON object at the top, got list")]:
+        with open(json_file, "w") as f:
+            f.write(text)
+        refused(f"{json_file}: {fault}")
+    with open(json_file, "w") as f:
+        f.write(good)
+    monkeypatch.setattr(state_io, "MAX_JSON_BYTES", len(good))
+    assert load_state(str(tmp_path), "s")["t"] == ((1, 2), [3])            # exactly the limit is allowed
+    monkeypatch.setattr(state_io, "MAX_JSON_BYTES", len(good) - 1)
+    refused(f"{json_file}: {len(good)} bytes, more than a trainer state holds")
+    monkeypatch.undo()
+    data = open(tensor_file, "rb").read()
+    with open(tensor_file, "wb") as f:
+        f.write(data[:40])
+    refused(f"{tensor_file}: truncated or corrupted (SafetensorError: ", prefix=True)
+    os.unlink(tensor_file)
+    refused(f"{tensor_file}: missing (not a complete checkpoint)")
+
+
+def test_a_legacy_trainer_pt_holding_objects_is_refused_by_name(tmp_path, one_step_run):
+    import re
+
+    cfg, ckpt = one_step_run
+    os.remove(os.path.join(ckpt, "trainer.json"))
+    os.remove(os.path.join(ckpt, "trainer.safetensors"))
+    legacy = os.path.join(ckpt, "trainer.pt")
+    torch.save({"step": 1, "payload": _Payload(str(tmp_path / "pwned"))}, legacy)
+    with pytest.raises(ValueError, match="^" + re.escape(f"{legacy}: not a loadable trainer state; only tensors, "
+                                                         "numbers and containers are read, never other objects "
+                                                         "(UnpicklingError: Weights only load failed")):
+        Trainer(TrainConfig.from_file(str(cfg))).run(resume=True)
+    assert not (tmp_path / "pwned").exists()
