@@ -349,3 +349,39 @@ def test_a_legacy_trainer_pt_holding_objects_is_refused_by_name(tmp_path, one_st
                                                          "(UnpicklingError: Weights only load failed")):
         Trainer(TrainConfig.from_file(str(cfg))).run(resume=True)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_the_trainer_state_is_checked_field_by_field(one_step_run, monkeypatch):
+    """_read_trainer_state refuses a state whose fields are missing, of the wrong type, negative,
+    or whose EMA does not match the trained parameters, naming trainer.json and the field."""
+    import re
+
+    from pyratok.train import loop
+
+    cfg, ckpt = one_step_run
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+    real = load_state(ckpt, "trainer")
+    where = os.path.join(ckpt, "trainer.json")
+    n = len(trainer.params)
+
+    def read(**changes):
+        state = {**real, **changes}
+        for k, v in changes.items():
+            if v is None:
+                state.pop(k)
+        monkeypatch.setattr(loop, "load_state", lambda folder, stem: state)
+        return trainer._read_trainer_state(ckpt)
+
+    assert read(step=0)["step"] == 0 and read(batches_seen=0)["batches_seen"] == 0
+    for changes, fault in [({"step": -1}, "'step' missing or not a int"),
+                           ({"batches_seen": -3}, "'batches_seen' missing or not a int"),
+                           ({"step": 1.5}, "'step' missing or not a int"),
+                           ({"scheduler": None}, "'scheduler' missing or not a dict"),
+                           ({"torch_rng": [1, 2]}, "'torch_rng' missing or not a Tensor"),
+                           ({"ema": []}, f"'ema' does not match the {n} trained parameters"),
+                           ({"ema": "x"}, f"'ema' does not match the {n} trained parameters"),
+                           ({"ema": [torch.zeros(1)] * n}, f"'ema' does not match the {n} trained parameters"),
+                           ({"ema": [p.detach() for p in trainer.params]},
+                            "the checkpoint was written with train.ema on; the config has it off")]:
+        with pytest.raises(ValueError, match="^" + re.escape(f"{where}: {fault}") + "$"):
+            read(**changes)
