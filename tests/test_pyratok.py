@@ -22,6 +22,18 @@ def tiny_model(**overrides):
     return PyraTok(PyraTokConfig.tiny(**overrides))
 
 
+def move_lora_off_zero(model, std=0.01):
+    """LoRA starts with B = 0 (the adapters add nothing, and drift is exactly 0): draw B ~ N(0, std)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, std)
+
+
+def peft_layers(model):
+    return [m for m in model.modules() if type(m).__module__.startswith("peft")]
+
+
 def clip(frames=5, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(1, 3, frames, size, size, generator=g) * 2 - 1
@@ -88,10 +100,7 @@ def test_tokens_identical_across_backends(backend):
 def test_every_loss_term_is_finite_and_reaches_exactly_its_parameters():
     model = tiny_model()
     model.config.loss = dataclasses.replace(model.config.loss, drift=0.6)
-    with torch.no_grad():  # LoRA starts with B = 0 (drift exactly 0, and no gradient): move off it
-        for n, p in model.named_parameters():
-            if ".lora_B." in n:
-                p.normal_(0, 0.01)
+    move_lora_off_zero(model)   # LoRA starts with B = 0 (drift exactly 0, and no gradient): move off it
     video = clip(5, 32)
     _, losses = model(video, random_text(1), masked_video=video * 0.5)   # text as an embedding: no encoder needed
     for name, value in losses.terms.items():
@@ -123,10 +132,7 @@ def test_lazy_drift_runs_every_n_th_step_with_n_times_the_weight():
 
     model = tiny_model().eval()                             # eval: no dropout, so calls are comparable
     model.config.loss = dataclasses.replace(model.config.loss, drift=0.6, drift_every=4)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_B." in n:
-                p.normal_(0, 0.01)
+    move_lora_off_zero(model)
     video = clip(5, 32)
     _, every = model(video)                                 # no step: every term
     _, on = model(video, step=8)
@@ -412,10 +418,8 @@ def test_encoder_drift_without_a_teacher_needs_lora(rank):
     a model without LoRA (rank 0) has no such term, any rank >= 1 has it."""
     model = tiny_model(lora_rank=rank, lora_alpha=2.0).eval()
     model.config.loss = dataclasses.replace(model.config.loss, drift=0.5)
+    move_lora_off_zero(model)
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_B." in n:
-                p.normal_(0, 0.01)
         _, losses = model(clip())
     assert ("drift" in losses.terms) == (rank > 0)
     if rank:
@@ -453,7 +457,6 @@ def test_from_pretrained_names_what_is_wrong_and_loads_trainable_adapters(tmp_pa
         PyraTok.from_pretrained(str(path))
     cfg_file.write_text(good)
     # the default load can go on training (peft adapters); inference=True builds plain ones
-    peft_layers = lambda m: [x for x in m.modules() if type(x).__module__.startswith("peft")]
     assert peft_layers(PyraTok.from_pretrained(str(path)))
     assert not peft_layers(PyraTok.from_pretrained(str(path), inference=True))
 
@@ -712,16 +715,13 @@ def test_a_model_without_the_prior_has_no_ar_term():
 @pytest.mark.parametrize("rank", [0, 1, 4])
 def test_inference_adapters_give_the_peft_model_outputs(tmp_path, rank):
     model = tiny_model(lora_rank=rank, lora_alpha=2.0 * max(rank, 1)).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_B." in n:
-                p.normal_(0, 0.05)
+    move_lora_off_zero(model, 0.05)
     model.save_pretrained(str(tmp_path / "m"))
     peft = PyraTok.from_pretrained(str(tmp_path / "m")).eval()
     fast = PyraTok.from_pretrained(str(tmp_path / "m"), inference=True).eval()
     assert sum(".lora_" in n for n, _ in fast.named_parameters()) == sum(".lora_" in n for n, _ in peft.named_parameters())
     assert (sum(".lora_" in n for n, _ in fast.named_parameters()) > 0) == (rank > 0)
-    assert not any(type(m).__module__.startswith("peft") for m in fast.modules())     # peft is not needed
+    assert not peft_layers(fast)                                                       # peft is not needed
     video = clip(5, 32, seed=4)
     with torch.no_grad():
         want = peft._encode_latent(video)[0]
