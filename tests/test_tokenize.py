@@ -479,3 +479,102 @@ def test_objects_are_frozen_while_workers_run_and_unfrozen_after():
     assert gc.get_freeze_count() == 0
     with tokenize_module._frozen_objects(False):
         assert gc.get_freeze_count() == 0
+
+
+def test_token_dataset_length_epochs_and_collate_contract(reference):
+    ds = TokenDataset(str(reference), shuffle=8, seed=3)
+    assert len(ds) == sum(CLIPS.values())
+    first = [s["key"] for s in ds]
+    ds.set_epoch(1)
+    second = [s["key"] for s in ds]
+    again = TokenDataset(str(reference), shuffle=8, seed=3)
+    again.set_epoch(1)
+    assert [s["key"] for s in again] == second != first           # the order is a function of (seed, epoch)
+    ds.set_epoch(0)
+    assert [s["key"] for s in ds] == first
+    samples = list(TokenDataset(str(reference)))[:2]
+    batch = collate_tokens(samples)
+    assert sorted(batch) == ["caption", "ids", "key", "meta"]
+    assert batch["key"] == [s["key"] for s in samples] and batch["meta"] == [s["meta"] for s in samples]
+    with pytest.raises(ValueError) as err:
+        collate_tokens([])
+    assert str(err.value) == "batch: expected at least one sample"
+    odd = [{"ids": [torch.zeros(1, n, 1)], "caption": "", "key": str(n), "meta": {}} for n in (3, 1, 2)]
+    with pytest.raises(ValueError) as err:
+        collate_tokens(odd)
+    assert str(err.value) == ("batch: clips with different level grids cannot be stacked ([((1, 1, 1),), ((1, 2, 1),)]); "
+                              "tokenize at one --size or group batches by grid")
+
+
+def test_to_tokens_gives_what_the_model_encoded_and_decodes(reference, source, model):
+    from pyratok.io import to_tokens
+
+    samples = [s for s in TokenDataset(str(reference)) if s["key"].startswith("00000000-")][:2]
+    tokens = to_tokens(collate_tokens(samples))
+    folder = os.path.dirname(source)
+    clips = [resize_and_crop(read_frames(open_video(os.path.join(folder, "pristine.mp4")), [8 * c + j for j in range(5)]),
+                             32, 32, None) for c in (0, 1)]
+    want = model.encode(torch.stack(clips))
+    assert [i.dtype for i in tokens.ids] == [torch.int32] * 4
+    assert all(torch.equal(a, b) for a, b in zip(tokens.ids, want.ids))
+    assert (tokens.num_bits, tokens.grids, tokens.latent_grid, tokens.model_id) == \
+        (want.num_bits, want.grids, want.latent_grid, model.model_id)
+    assert tokens.source == {"frames": 5, "height": 32, "width": 32, "fps": 25.0}
+    assert tokens.captions == ["a man on the phone in a car"] * 2
+    assert torch.equal(model.decode(tokens), model.decode(want))
+
+
+def test_token_dataset_options_do_what_they_say(reference, tmp_path, monkeypatch):
+    import gzip
+    import shutil
+
+    from pyratok.io import shards
+
+    keys = [s["key"] for s in TokenDataset(str(reference))]
+    assert [s["key"] for s in TokenDataset(str(reference), shuffle=8)] == \
+        [s["key"] for s in TokenDataset(str(reference), shuffle=8, seed=0)]              # the default seed is 0
+    with pytest.raises(ValueError) as err:
+        TokenDataset(str(reference), shuffle=-1)
+    assert str(err.value) == "shuffle=-1: expected a buffer size >= 0 (0: no shuffling)"
+
+    # a shuffle buffer of N holds N clips: the first clip comes out when the (N+1)-th is read
+    read, real = [], shards.read_samples
+
+    def counting(*args):
+        for sample in real(*args):
+            read.append(sample["key"])
+            yield sample
+
+    monkeypatch.setattr(shards, "read_samples", counting)
+    for n in (1, 3):
+        read.clear()
+        first = next(iter(TokenDataset(str(reference), shuffle=n)))
+        assert len(read) == n + 1 and first["key"] in read
+    monkeypatch.setattr(shards, "read_samples", real)
+
+    # split_by_rank=False / split_by_worker=False: this reader reads everything
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert [s["key"] for s in TokenDataset(str(reference), split_by_rank=False, split_by_worker=False)] == keys
+    assert len([s for s in TokenDataset(str(reference))]) < len(keys)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    loader = torch.utils.data.DataLoader(TokenDataset(str(reference), split_by_worker=False), batch_size=None,
+                                         num_workers=2)
+    assert sorted(s["key"] for s in loader) == sorted(keys * 2)                           # each worker reads all
+
+    # verify=False skips the sha256 (a changed caption byte is read as is); a compressed tar is no shard
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    blob = bytearray((copy / "shard-000000.tar").read_bytes())
+    at = blob.index(b"a man on the phone")
+    blob[at] = ord("A")
+    (copy / "shard-000000.tar").write_bytes(bytes(blob))
+    assert next(iter(TokenDataset(str(copy), verify=False)))["caption"].startswith("A man on the phone")
+    with pytest.raises(ShardError, match="checksum mismatch"):
+        next(iter(TokenDataset(str(copy))))
+    packed = gzip.compress((reference / "shard-000000.tar").read_bytes())
+    (copy / "shard-000000.tar").write_bytes(packed)
+    with pytest.raises(ShardError) as err:
+        next(iter(TokenDataset(str(copy), verify=False)))
+    assert str(err.value).startswith(f"{copy / 'shard-000000.tar'}: damaged shard (ReadError: ")

@@ -51,7 +51,7 @@ def _planes(ids: torch.Tensor, K: int) -> torch.Tensor:
     return ops.pack_bits(bits.T.contiguous())                        # (K, ceil(N/8))
 
 
-def _ids(planes: torch.Tensor, K: int, grid) -> torch.Tensor:
+def _ids(planes: torch.Tensor, grid) -> torch.Tensor:
     n = grid[0] * grid[1] * grid[2]
     bits = ops.unpack_bits(planes, n).T.contiguous()                 # (N, K)
     return ops.bits_to_indices(bits).reshape(1, *grid)
@@ -141,14 +141,14 @@ def _tokens_from(meta: dict, planes: list[torch.Tensor], where: str) -> Tokens:
         if tuple(p.shape) != want or p.dtype != torch.uint8:
             raise TokenFileError(f"{where}: level {l} holds {tuple(p.shape)} {p.dtype}, expected {want} uint8")
     caption = meta.get("caption") or None
-    return Tokens([_ids(p, K, g) for p, g in zip(planes, grids)], K, grids,
+    return Tokens([_ids(p, g) for p, g in zip(planes, grids)], K, grids,
                   tuple(json.loads(meta["latent_grid"])), json.loads(meta["source"]), meta["model_id"],
                   None if caption is None else [caption])
 
 
-def _check_header(meta: Optional[dict], where: str) -> dict:
-    if not meta or meta.get("format") != FORMAT:
-        raise TokenFileError(f"{where}: not a pyratok token file (format={None if not meta else meta.get('format')!r})")
+def _check_header(meta: dict, where: str) -> dict:
+    if meta.get("format") != FORMAT:
+        raise TokenFileError(f"{where}: not a pyratok token file (format={meta.get('format')!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise TokenFileError(f"{where}: token file format version {meta.get('format_version')!r}; "
                              f"this pyratok reads version {FORMAT_VERSION}")
@@ -211,16 +211,14 @@ def _read_header(path: str) -> tuple[dict, dict, int]:
         raw = f.read(header_len)
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:     # it starts with "{": a dict or an error
         raise TokenFileError(f"{path}: corrupted token file header ({err})") from None
-    if not isinstance(header, dict):
-        raise TokenFileError(f"{path}: corrupted token file header")
     meta = header.pop("__metadata__", None)
     infos = {}
     for name, info in header.items():
         try:
-            begin, end = info["data_offsets"]
-            infos[name] = (list(info["shape"]), info["dtype"], (int(begin), int(end)))
+            begin, end = (int(v) for v in info["data_offsets"])
+            infos[name] = (list(info["shape"]), info["dtype"], (begin, end))
         except (KeyError, TypeError, ValueError):
             raise TokenFileError(f"{path}: corrupted entry {name!r} in the token file header") from None
         if not 0 <= begin <= end <= size - 8 - header_len:
@@ -319,7 +317,8 @@ def write_token_shards(out_dir: str, items: Iterable[tuple[str, Tokens]], shard_
 class TokenShardDataset(torch.utils.data.Dataset):
     """Reads a sharded token dataset: ``ds[i]`` -> Tokens of one video; ``ds.numpy(i)`` ->
     list of per-level (t, h, w) numpy id arrays; ``ds.keys`` in order.  Shards are verified
-    (sha256) when first opened; one shard is kept open at a time (worker-safe)."""
+    (sha256) when first opened, and each item against its own checksum when read; one shard is
+    kept open at a time (worker-safe)."""
 
     def __init__(self, index_path: str):
         if not os.path.isfile(index_path):
@@ -364,6 +363,8 @@ class TokenShardDataset(torch.utils.data.Dataset):
         prefix = f"{item['position']}."
         _check_planes({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, fields, where, prefix)
         planes = [tensors[f"{prefix}level_{l}"] for l in range(len(fields["grids"]))]
+        if meta.get("checksum") != _checksum(meta, planes):      # the shard's sha256 passed: a bad writer
+            raise TokenFileError(f"{where}: checksum mismatch: the item's metadata or ids are corrupted")
         return _tokens_from(meta, planes, where)
 
     def numpy(self, i: int) -> list[np.ndarray]:
