@@ -247,17 +247,34 @@ def test_a_file_without_a_caption_key_reads_and_has_no_caption(tmp_path):
 
     from pyratok.io import token_file
 
+    import hashlib
+
     tok = make_tokens(caption=None)
     meta = token_file._metadata(tok, None)
     del meta["caption"]
     planes = [token_file._planes(i, tok.num_bits) for i in tok.ids]
-    meta["checksum"] = token_file._checksum(meta, planes)
+    # the documented checksum: sha256 over the metadata fields as sorted JSON (a missing one as "")
+    # followed by every plane's bytes
+    keys = ("format", "format_version", "num_bits", "bit_order", "grids", "latent_grid", "source", "model_id", "caption")
+    h = hashlib.sha256(json.dumps({k: meta.get(k, "") for k in keys}, sort_keys=True).encode())
+    for p in planes:
+        h.update(p.numpy().tobytes())
+    meta["checksum"] = h.hexdigest()
     path = tmp_path / "nocap.safetensors"
     path.write_bytes(save({f"level_{l}": p for l, p in enumerate(planes)}, metadata=meta))
     assert load_tokens(str(path)).captions is None
     assert read_token_metadata(str(path))["num_tokens"] == tok.num_tokens
     save_tokens(str(tmp_path / "plain.safetensors"), tok)
     assert load_tokens(str(tmp_path / "plain.safetensors")).captions is None
+    written = _st_metadata(tmp_path / "plain.safetensors")
+    assert written["caption"] == "" and written["checksum"] == h.hexdigest()
+    # the source is stored with sorted keys whatever order the Tokens hold it in
+    assert list(tok.source) == ["frames", "height", "width", "fps"]
+    assert written["source"] == '{"fps": 25.0, "frames": 5, "height": 40, "width": 48}'
+    with pytest.raises(ValueError) as err:
+        save_tokens(str(tmp_path / "two.safetensors"), make_tokens(B=2))
+    assert str(err.value) == ("tokens: a token file holds one video, got a batch of 2 (save tokens[i] per video, "
+                              "or use write_token_shards)")
 
 
 def test_read_token_metadata_names_the_file_in_every_error(tmp_path):
