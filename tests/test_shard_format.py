@@ -153,3 +153,18 @@ def test_summary_counts_every_record():
         (2, 3, 30, 3000, 100, 3, 3, 16)
     assert s.bits_per_pixel == 16 * 30 / 3000
     assert shards.summarize({"num_bits": 8, "shards": []}).bits_per_pixel == 0.0
+
+
+@pytest.mark.parametrize("K,dtype", [(16, "int32"), (31, "int32"), (32, "int64"), (40, "int64")])
+def test_to_tokens_takes_the_id_type_of_K_and_the_first_clips_source(K, dtype):
+    import torch
+
+    grids = [[1, 1, 1], [1, 2, 2]]
+    samples = [{"ids": [torch.full(tuple(g), v, dtype=torch.int64) for g in grids], "caption": f"c{v}", "key": str(v),
+                "meta": {"num_bits": K, "grids": grids, "latent_grid": [1, 4, 4], "model_id": "m", "frames": 5,
+                         "height": 32, "width": 32, "fps": fps}} for v, fps in ((3, 25.0), (5, 30.0))]
+    tokens = shards.to_tokens(shards.collate_tokens(samples))
+    assert [i.dtype for i in tokens.ids] == [getattr(torch, dtype)] * 2
+    assert tokens.ids[1][:, 0, 0, 0].tolist() == [3, 5] and tokens.captions == ["c3", "c5"]
+    assert tokens.source == {"frames": 5, "height": 32, "width": 32, "fps": 25.0}
+    assert (tokens.num_bits, tokens.grids, tokens.latent_grid, tokens.model_id) == (K, [(1, 1, 1), (1, 2, 2)], (1, 4, 4), "m")

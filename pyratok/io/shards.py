@@ -310,7 +310,8 @@ def collate_tokens(batch: list[dict]) -> dict:
 
 
 def to_tokens(batch: dict):
-    """A ``collate_tokens`` batch -> pyratok Tokens (for ``PyraTok.decode``)."""
+    """A ``collate_tokens`` batch -> pyratok Tokens (for ``PyraTok.decode``).  Tokens hold one source
+    (frames, size, fps) for the batch: the first clip's."""
     from pyratok.tokens import Tokens
 
     meta = batch["meta"][0]
