@@ -336,7 +336,8 @@ def test_the_whole_file_reader_refuses_short_and_headerless_bytes(tmp_path):
     assert message("7", b"\x02" + b"\x00" * 6) == "F: truncated (7 bytes) or not a token file"
     assert message("8", b"\x02" + b"\x00" * 7) == "F: not a token file (no safetensors header)"
     assert message("long", (12).to_bytes(8, "little") + b"{}") == "F: truncated (header says 12 bytes, file has 2)"
-    assert message("just", (4).to_bytes(8, "little") + b'{"a"').startswith("F: truncated or corrupted token file (")
+    assert message("just", (4).to_bytes(8, "little") + b'{"a"') == \
+        "F: truncated or corrupted token file (JSONDecodeError: Expecting ':' delimiter: line 1 column 5 (char 4))"
     meta, tensors = _read(str(_write_empty(tmp_path)))                        # header exactly fills the file
     assert meta == {"format": "x"} and tensors == {}
     with pytest.raises(TokenFileError) as err:
@@ -454,6 +455,10 @@ def test_header_and_plane_damage_is_named(tmp_path):
         (tmp_path / name).write_bytes(len(text).to_bytes(8, "little") + text + body)
         return tmp_path / name
 
+    (tmp_path / "short").write_bytes(b"\x02" * 5)
+    assert refused(tmp_path / "short") == "F: truncated (5 bytes) or not a token file"
+    (tmp_path / "plain").write_bytes(b"\x02" + b"\x00" * 7 + b"[1, 2]")
+    assert refused(tmp_path / "plain") == "F: not a token file (no safetensors header)"
     assert refused(raw("nometa", {})) == "F: not a pyratok token file (format=None)"          # header fills the file
     assert refused(raw("listmeta", {"__metadata__": ["x"]})) == "F: not a pyratok token file (format=None)"
     assert refused(raw("entry", {"level_0": 5})) == "F: corrupted entry 'level_0' in the token file header"
@@ -484,3 +489,34 @@ def test_one_level_and_the_most_levels_round_trip(tmp_path, levels):
     assert back.grids == grids and all(torch.equal(a, b) for a, b in zip(back.ids, tok.ids))
     meta = read_token_metadata(str(tmp_path / "t.safetensors"))
     assert meta["grids"] == [list(g) for g in grids] and meta["latent_grid"] == [1, 1, 2] and meta["source"] == {}
+
+
+def test_readers_never_read_a_file_whole_to_check_it(tmp_path, monkeypatch):
+    """read_token_metadata reads a header and then the planes in bounded blocks: every read() has a
+    size, so a huge or hostile file costs at most its header plus one block."""
+    from pyratok.io import token_file
+
+    path = tmp_path / "clip.safetensors"
+    save_tokens(str(path), make_tokens())
+    sizes = []
+
+    class Counted:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            sizes.append(n)
+            return self.f.read(n)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(token_file, "open", lambda *a, **k: Counted(open(*a, **k)), raising=False)
+    assert read_token_metadata(str(path))["num_bits"] == 17
+    assert sizes and all(isinstance(n, int) and 0 < n <= 1 << 22 for n in sizes), sizes
