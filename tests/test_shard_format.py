@@ -88,6 +88,11 @@ def test_an_index_is_found_from_its_folder_or_its_file_and_foreign_ones_are_name
     assert shards.read_index(str(folder / "index.json")) == (str(folder), index)
     assert shards.read_index(os.path.relpath(folder / "index.json")) == (os.path.dirname(str(folder / "x")), index)
 
+    (folder / "copy.json").write_text(json.dumps({**index, "note": "a renamed copy"}))       # any index file name
+    assert shards.read_index(str(folder / "copy.json"))[1]["note"] == "a renamed copy"
+    (folder / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(index).encode())      # saved by an editor with a BOM
+    assert shards.read_index(str(folder / "bom.json"))[1] == index
+
     def message(path):
         with pytest.raises(ShardError) as err:
             shards.read_index(str(path))
