@@ -320,3 +320,16 @@ def test_every_tensor_the_prior_makes_follows_its_device():
     out = prior(TextEmbedding(t.tokens.to("meta"), t.mask.to("meta")), [c.to("meta") for c in random_codes(2, 6, GRIDS)])
     assert out.loss.device.type == "meta" and all(l.device.type == "meta" for l in out.logits)
     assert [tuple(l.shape) for l in out.logits] == [(2, g[0] * g[1] * g[2], 6) for g in GRIDS]
+
+
+def test_a_one_bit_codebook_gives_level_sizes_targets_and_loss():
+    """K = 1 (one bit per token, the smallest codebook LaPQ allows): the level sizes, targets and
+    loss come out as for any K."""
+    prior = small_prior(K=1)
+    codes = random_codes(2, 1, GRIDS, seed=5)
+    out = prior(text(2), codes)
+    assert [l.shape for l in out.logits] == [(2, g[0] * g[1] * g[2], 1) for g in GRIDS]
+    for c, target in zip(codes, out.targets):
+        assert torch.equal(target, (c.flatten(2).transpose(1, 2) > 0).float())
+    torch.testing.assert_close(out.loss, torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.cat(out.logits, 1), torch.cat(out.targets, 1)))
