@@ -385,3 +385,27 @@ def test_the_trainer_state_is_checked_field_by_field(one_step_run, monkeypatch):
                             "the checkpoint was written with train.ema on; the config has it off")]:
         with pytest.raises(ValueError, match="^" + re.escape(f"{where}: {fault}") + "$"):
             read(**changes)
+
+
+@pytest.mark.parametrize("size,start,rank,world", [(10, 0, 0, 1), (10, 3, 0, 1), (10, 0, 1, 3), (10, 2, 2, 3),
+                                                   (7, 4, 1, 2), (5, 9, 0, 1), (5, 5, 0, 1)])
+def test_resumable_sampler_length_is_what_it_yields(size, start, rank, world):
+    from pyratok.train.loop import ResumableSampler
+
+    sampler = ResumableSampler(size, seed=4, epoch=1, start=start, rank=rank, world=world)
+    order = list(sampler)
+    assert len(sampler) == len(order) == max(0, -(-size // world) - start)
+    assert all(0 <= i < size for i in order)
+
+
+def test_data_workers_ignore_stop_signals_sent_to_the_group():
+    """A DataLoader worker ignores SIGTERM and SIGINT (the main process saves and shuts it down)."""
+    from pyratok.train.loop import _worker_ignores_stop_signals
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        _worker_ignores_stop_signals(0)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
