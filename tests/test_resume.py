@@ -409,3 +409,63 @@ def test_data_workers_ignore_stop_signals_sent_to_the_group():
     finally:
         signal.signal(signal.SIGTERM, before[0])
         signal.signal(signal.SIGINT, before[1])
+
+
+def test_the_fsdp_checkpoint_path_round_trips_the_same_state(tmp_path, clips, monkeypatch):
+    """The FSDP branch of save/load (full state dicts through torch.distributed.checkpoint's
+    get/set_*_state_dict) run on a plain module, which those functions accept: a 2-step run whose
+    step-1 checkpoint is written and read through it ends with the tensors of an uninterrupted run.
+    (Real sharding needs GPUs; this checks the branch's calls and options.)"""
+    full = Trainer(TrainConfig.from_file(str(make_config(tmp_path / "full", clips, steps=2))))
+    full.run()
+    want, want_counters = checkpoint_tensors(full.latest_checkpoint())
+    monkeypatch.setattr(Trainer, "_fsdp", lambda self: True)
+    first = Trainer(TrainConfig.from_file(str(make_config(tmp_path / "fsdp", clips, steps=1))))
+    first.run()
+    optimizer = load_state(first.latest_checkpoint(), "trainer")["optimizer"]
+    assert all(isinstance(k, str) for k in optimizer["state"])                # keyed by parameter name
+    config = TrainConfig.from_file(str(make_config(tmp_path / "fsdp", clips, steps=2)))
+    resumed = Trainer(config)
+    resumed.run(resume=True)
+    got, got_counters = checkpoint_tensors(resumed.latest_checkpoint())
+    monkeypatch.undo()
+    plain = {k: v for k, v in got.items() if not k.startswith("state.optimizer")}
+    assert got_counters == want_counters
+    assert not [k for k, v in plain.items() if not torch.equal(v, want[k])]
+    # Adam's moments are the same tensors; set_optimizer_state_dict also gives the parameters that
+    # never had a gradient (no state in the plain run) zero moments, which change nothing
+    import collections
+
+    def moments(flat):
+        return collections.Counter(tuple(v.flatten().tolist()) for k, v in flat.items()
+                                   if k.startswith("state.optimizer.state") and k.endswith(("exp_avg", "exp_avg_sq")))
+
+    want_m, got_m = moments(want), moments(got)
+    assert not want_m - got_m and want_m
+    assert all(not any(values) for values in got_m - want_m)
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_is_refused_by_name(tmp_path, one_step_run):
+    from safetensors.torch import save_file
+
+    cfg, ckpt = one_step_run
+    weights = load_file(os.path.join(ckpt, "model.safetensors"))
+    names = sorted(weights)
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+
+    def refused(new):
+        save_file(new, os.path.join(ckpt, "model.safetensors"))
+        with pytest.raises(ValueError) as err:
+            trainer.load_checkpoint(ckpt)
+        return str(err.value)
+
+    only_missing = {k: v for k, v in weights.items() if k not in names[:7]}
+    assert refused(only_missing) == f"{ckpt}: checkpoint does not fit the model (missing {names[:5]}, unexpected [])"
+    extra = {f"extra.{i}": torch.zeros(1) for i in range(7)}
+    assert refused({**only_missing, **extra}) == \
+        f"{ckpt}: checkpoint does not fit the model (missing {names[:5]}, unexpected {sorted(extra)[:5]})"
+    with open(os.path.join(ckpt, "model.safetensors"), "wb") as f:
+        f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(ValueError) as err:
+        trainer.load_checkpoint(ckpt)
+    assert str(err.value).startswith(f"{ckpt}/model.safetensors: truncated or corrupted (SafetensorError: ")
