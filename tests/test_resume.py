@@ -515,3 +515,19 @@ def test_a_stored_ema_is_cast_to_the_parameters_type(tmp_path, clips, monkeypatc
     again.load_checkpoint(ckpt)
     assert [e.dtype for e in again.ema] == [p.dtype for p in again.params] == [torch.float32] * len(again.params)
     assert all(torch.equal(e, s.float()) for e, s in zip(again.ema, state["ema"]))
+
+
+def test_a_checkpoint_from_a_gpu_run_resumes_on_a_cpu_machine(one_step_run, monkeypatch):
+    """A checkpoint written on GPUs carries the CUDA generators' states; without CUDA they are
+    skipped (and the CPU generator is restored as usual)."""
+    from pyratok.train import loop
+
+    cfg, ckpt = one_step_run
+    state = load_state(ckpt, "trainer")
+    state["cuda_rng"] = [torch.zeros(16, dtype=torch.uint8)]
+    monkeypatch.setattr(loop, "load_state", lambda folder, stem: state)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+    torch.manual_seed(999)
+    trainer.load_checkpoint(ckpt)
+    assert torch.equal(torch.get_rng_state(), state["torch_rng"]) and trainer.step == 1
