@@ -531,3 +531,19 @@ def test_a_checkpoint_from_a_gpu_run_resumes_on_a_cpu_machine(one_step_run, monk
     torch.manual_seed(999)
     trainer.load_checkpoint(ckpt)
     assert torch.equal(torch.get_rng_state(), state["torch_rng"]) and trainer.step == 1
+
+
+def test_an_unloadable_legacy_state_is_named_with_the_first_line_of_the_error(one_step_run, monkeypatch):
+    cfg, ckpt = one_step_run
+    os.remove(os.path.join(ckpt, "trainer.json"))
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("y" * 250 + "\nthe second line")
+
+    monkeypatch.setattr(torch, "load", fail)
+    with pytest.raises(ValueError) as err:
+        trainer._read_trainer_state(ckpt)
+    legacy = os.path.join(ckpt, "trainer.pt")
+    assert str(err.value) == (f"{legacy}: not a loadable trainer state; only tensors, numbers and containers are "
+                              f"read, never other objects (RuntimeError: {'y' * 200})")
