@@ -547,3 +547,29 @@ def test_an_unloadable_legacy_state_is_named_with_the_first_line_of_the_error(on
     legacy = os.path.join(ckpt, "trainer.pt")
     assert str(err.value) == (f"{legacy}: not a loadable trainer state; only tensors, numbers and containers are "
                               f"read, never other objects (RuntimeError: {'y' * 200})")
+
+
+def test_a_checkpoint_without_ema_is_refused_by_a_config_with_ema(tmp_path, clips):
+    cfg = make_config(tmp_path, clips, steps=1, grad_accum=2)
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+    trainer.run()
+    ckpt = trainer.latest_checkpoint()
+    with_ema = make_config(tmp_path, clips, steps=2, extra_train="ema = 0.5")
+    again = Trainer(TrainConfig.from_file(str(with_ema)))
+    with pytest.raises(ValueError) as err:
+        again.load_checkpoint(ckpt)
+    assert str(err.value) == (f"{os.path.join(ckpt, 'trainer.json')}: the checkpoint was written with train.ema off; "
+                              "the config has it on")
+    assert trainer.batches_seen == 2 and trainer.step == 1                      # two micro-batches per step
+
+
+@pytest.mark.parametrize("dist,mode,want", [(True, "fsdp", True), (True, "ddp", False), (False, "fsdp", False),
+                                            (False, "ddp", False)])
+def test_the_fsdp_branch_is_taken_only_under_torchrun_with_fsdp(monkeypatch, dist, mode, want):
+    from types import SimpleNamespace
+
+    from pyratok.train import loop
+
+    monkeypatch.setattr(loop, "_is_dist", lambda: dist)
+    trainer = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(distributed=mode)))
+    assert Trainer._fsdp(trainer) is want
