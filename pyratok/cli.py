@@ -21,7 +21,7 @@ from typing import Optional
 # an explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pyratok.utils import MAX_FRAMES, MAX_SIDE, MAX_TILE, check_clip_pixels
+from pyratok.utils import MAX_FRAMES, MAX_SIDE, MAX_TILE, check_clip_pixels, error_summary
 
 EXIT_USER_ERROR = 2
 EXIT_TRAINING_FAILED = 1
@@ -78,7 +78,7 @@ def _load_lpips(model, path: Optional[str]) -> None:
         model.load_lpips(path)
     except Exception as err:  # torch.load / state-dict mismatches raise several types
         raise UserError(f"--lpips {path}: not an LPIPS (VGG) weights file "
-                        f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})") from None
+                        f"({error_summary(err, 160)})") from None
 
 
 def _parse_size(text: Optional[str]):

@@ -24,6 +24,13 @@ def check_clip_pixels(frames: int, height: int, width: int, what: str) -> None:
                          f"({12 * pixels / 2 ** 30:.0f} GiB as float32); use fewer frames or a smaller size")
 
 
+def error_summary(err: BaseException, limit: int = 200) -> str:
+    """``"Type: first line"`` of an exception for a one-line error message, the line cut at
+    ``limit`` characters (an empty message gives ``"Type: "``)."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0][:limit] if lines else ''}"
+
+
 def default_file_mode() -> int:
     """0666 minus the process umask: the mode open() gives a new file."""
     umask = os.umask(0)

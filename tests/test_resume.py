@@ -3,23 +3,27 @@ checkpoints, trainer state without pickle (a planted payload must not run), cras
 checkpoint replacement, SIGTERM to the whole process group with DataLoader workers, a
 non-finite loss, and the checks made before the first step."""
 
+import collections
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pyratok.data import write_video
-from pyratok.train import TrainConfig, Trainer
-from pyratok.train.loop import NonFiniteLossError
-from pyratok.train.state_io import load_state, save_state
+from pyratok.train import TrainConfig, Trainer, loop
+from pyratok.train.loop import NonFiniteLossError, ResumableSampler, _worker_ignores_stop_signals
+from pyratok.train import state_io
+from pyratok.train.state_io import StateFileError, load_state, save_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,6 +99,11 @@ def checkpoint_tensors(path):
     return flat, {k: state[k] for k in ("step", "batches_seen", "python_rng")}
 
 
+def differing(want: dict, got: dict) -> list:
+    """The names of ``want``'s tensors that ``got`` holds with other values."""
+    return [k for k in want if not torch.equal(want[k], got[k])]
+
+
 def start_from(checkpoint, cfg_path):
     """A fresh run folder whose only checkpoint is a copy of ``checkpoint``."""
     config = TrainConfig.from_file(str(cfg_path))
@@ -122,7 +131,7 @@ def test_resume_is_exact_from_mid_epoch_and_epoch_aligned_checkpoints(tmp_path, 
         got, got_counters = checkpoint_tensors(resumed.latest_checkpoint())
         assert got_counters == want_counters
         assert got.keys() == want.keys()
-        differ = [k for k in want if not torch.equal(want[k], got[k])]
+        differ = differing(want, got)
         assert not differ, f"stage {stage}, resumed at step {resume_step}: {len(differ)} tensors differ: {differ[:5]}"
 
 
@@ -286,11 +295,6 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_cleanly(tmp_p
 def test_state_files_round_trip_and_name_each_fault(tmp_path, monkeypatch):
     """save_state/load_state: nested tuples, integer-keyed dicts and tensors come back as they went
     in; each damaged file is refused with a message naming it and the fault."""
-    import re
-
-    from pyratok.train import state_io
-    from pyratok.train.state_io import StateFileError, load_state, save_state
-
     state = {"a": [1, (2.5, torch.arange(3)), {"x": torch.ones(2)}], "opt": {0: {"m": torch.zeros(2)}, 1: "s"},
              "t": ((1, 2), [3])}
     save_state(str(tmp_path), "s", state)
@@ -337,8 +341,6 @@ def test_state_files_round_trip_and_name_each_fault(tmp_path, monkeypatch):
 
 
 def test_a_legacy_trainer_pt_holding_objects_is_refused_by_name(tmp_path, one_step_run):
-    import re
-
     cfg, ckpt = one_step_run
     os.remove(os.path.join(ckpt, "trainer.json"))
     os.remove(os.path.join(ckpt, "trainer.safetensors"))
@@ -354,10 +356,6 @@ def test_a_legacy_trainer_pt_holding_objects_is_refused_by_name(tmp_path, one_st
 def test_the_trainer_state_is_checked_field_by_field(one_step_run, monkeypatch):
     """_read_trainer_state refuses a state whose fields are missing, of the wrong type, negative,
     or whose EMA does not match the trained parameters, naming trainer.json and the field."""
-    import re
-
-    from pyratok.train import loop
-
     cfg, ckpt = one_step_run
     trainer = Trainer(TrainConfig.from_file(str(cfg)))
     real = load_state(ckpt, "trainer")
@@ -390,8 +388,6 @@ def test_the_trainer_state_is_checked_field_by_field(one_step_run, monkeypatch):
 @pytest.mark.parametrize("size,start,rank,world", [(10, 0, 0, 1), (10, 3, 0, 1), (10, 0, 1, 3), (10, 2, 2, 3),
                                                    (7, 4, 1, 2), (5, 9, 0, 1), (5, 5, 0, 1)])
 def test_resumable_sampler_length_is_what_it_yields(size, start, rank, world):
-    from pyratok.train.loop import ResumableSampler
-
     sampler = ResumableSampler(size, seed=4, epoch=1, start=start, rank=rank, world=world)
     order = list(sampler)
     assert len(sampler) == len(order) == max(0, -(-size // world) - start)
@@ -400,8 +396,6 @@ def test_resumable_sampler_length_is_what_it_yields(size, start, rank, world):
 
 def test_data_workers_ignore_stop_signals_sent_to_the_group():
     """A DataLoader worker ignores SIGTERM and SIGINT (the main process saves and shuts it down)."""
-    from pyratok.train.loop import _worker_ignores_stop_signals
-
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
         _worker_ignores_stop_signals(0)
@@ -431,11 +425,9 @@ def test_the_fsdp_checkpoint_path_round_trips_the_same_state(tmp_path, clips, mo
     monkeypatch.undo()
     plain = {k: v for k, v in got.items() if not k.startswith("state.optimizer")}
     assert got_counters == want_counters
-    assert not [k for k, v in plain.items() if not torch.equal(v, want[k])]
+    assert not differing(plain, want)
     # Adam's moments are the same tensors; set_optimizer_state_dict also gives the parameters that
     # never had a gradient (no state in the plain run) zero moments, which change nothing
-    import collections
-
     def moments(flat):
         return collections.Counter(tuple(v.flatten().tolist()) for k, v in flat.items()
                                    if k.startswith("state.optimizer.state") and k.endswith(("exp_avg", "exp_avg_sq")))
@@ -446,8 +438,6 @@ def test_the_fsdp_checkpoint_path_round_trips_the_same_state(tmp_path, clips, mo
 
 
 def test_a_checkpoint_whose_weights_do_not_fit_is_refused_by_name(tmp_path, one_step_run):
-    from safetensors.torch import save_file
-
     cfg, ckpt = one_step_run
     weights = load_file(os.path.join(ckpt, "model.safetensors"))
     names = sorted(weights)
@@ -485,7 +475,7 @@ def test_a_run_with_a_frozen_text_encoder_resumes_exactly(tmp_path, clips):
     resumed.run(resume=True)
     got, got_counters = checkpoint_tensors(resumed.latest_checkpoint())
     assert got_counters == want_counters and got.keys() == want.keys()
-    assert not [k for k in want if not torch.equal(want[k], got[k])]
+    assert not differing(want, got)
 
 
 def test_a_state_that_does_not_fit_is_named_with_the_first_line_of_the_error(one_step_run, monkeypatch):
@@ -502,8 +492,6 @@ def test_a_state_that_does_not_fit_is_named_with_the_first_line_of_the_error(one
 
 
 def test_a_stored_ema_is_cast_to_the_parameters_type(tmp_path, clips, monkeypatch):
-    from pyratok.train import loop
-
     cfg = make_config(tmp_path, clips, steps=1, extra_train="ema = 0.5")
     trainer = Trainer(TrainConfig.from_file(str(cfg)))
     trainer.run()
@@ -520,8 +508,6 @@ def test_a_stored_ema_is_cast_to_the_parameters_type(tmp_path, clips, monkeypatc
 def test_a_checkpoint_from_a_gpu_run_resumes_on_a_cpu_machine(one_step_run, monkeypatch):
     """A checkpoint written on GPUs carries the CUDA generators' states; without CUDA they are
     skipped (and the CPU generator is restored as usual)."""
-    from pyratok.train import loop
-
     cfg, ckpt = one_step_run
     state = load_state(ckpt, "trainer")
     state["cuda_rng"] = [torch.zeros(16, dtype=torch.uint8)]
@@ -566,10 +552,6 @@ def test_a_checkpoint_without_ema_is_refused_by_a_config_with_ema(tmp_path, clip
 @pytest.mark.parametrize("dist,mode,want", [(True, "fsdp", True), (True, "ddp", False), (False, "fsdp", False),
                                             (False, "ddp", False)])
 def test_the_fsdp_branch_is_taken_only_under_torchrun_with_fsdp(monkeypatch, dist, mode, want):
-    from types import SimpleNamespace
-
-    from pyratok.train import loop
-
     monkeypatch.setattr(loop, "_is_dist", lambda: dist)
     trainer = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(distributed=mode)))
     assert Trainer._fsdp(trainer) is want

@@ -1,13 +1,16 @@
 """Token files: round trip, corruption / truncation / foreign-file detection, shards."""
 
+import hashlib
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load, save
 
 from pyratok.io import TokenFileError, TokenShardDataset, load_tokens, read_token_metadata, save_tokens, write_token_shards
+from pyratok.io import token_file
 from pyratok.tokens import Tokens
 
 GRIDS = [(2, 1, 1), (2, 2, 3), (2, 5, 6)]
@@ -133,18 +136,26 @@ def test_atomic_files_get_ordinary_permissions(tmp_path):
 
 # ---- the shard format of write_token_shards / TokenShardDataset, pinned field by field ---------------
 
+def _header(data: bytes) -> tuple[int, dict]:
+    """(length, parsed JSON) of a safetensors file's header."""
+    length = int.from_bytes(data[:8], "little")
+    return length, json.loads(data[8:8 + length])
+
+
 def _st_metadata(path) -> dict:
-    data = open(path, "rb").read()
-    return json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    return _header(open(path, "rb").read())[1]["__metadata__"]
+
+
+def _raw(path, header: dict, body: bytes = b""):
+    """A file of safetensors layout written by hand: length, the JSON ``header``, then ``body``."""
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + body)
+    return path
 
 
 def _rewrite_shard(folder, shard: int, edit) -> None:
     """Rewrites one shard through ``edit(metadata_items, tensors)`` and records its new sha256 in the
     index, so only the reader's own per-item checks stand between it and the damage."""
-    import hashlib
-
-    from safetensors.torch import load, save
-
     path = folder / f"shard-{shard:05d}.safetensors"
     data = path.read_bytes()
     meta, tensors = _st_metadata(path), load(data)
@@ -159,8 +170,6 @@ def _rewrite_shard(folder, shard: int, edit) -> None:
 
 
 def test_shard_index_and_shard_metadata_are_the_documented_format(tmp_path):
-    import hashlib
-
     items = [(f"v{i}", make_tokens(K=16, seed=i, caption=None if i == 1 else f"caption {i}")) for i in range(4)]
     folder = tmp_path / "ds"
     folder.mkdir()                                            # an existing folder is fine
@@ -189,18 +198,13 @@ def test_shard_index_and_shard_metadata_are_the_documented_format(tmp_path):
     assert str(err.value) == "items['pair']: one video per item, got a batch of 2"
 
 
-def test_shards_hold_1024_videos_by_default():
+def test_shards_hold_1024_videos_by_default(tmp_path):
     one = Tokens([torch.zeros(1, 1, 1, 1, dtype=torch.int32)], 1, [(1, 1, 1)], (1, 1, 1))
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        index = json.loads(open(write_token_shards(folder, ((f"k{i}", one) for i in range(1025)))).read())
+    index = json.loads(open(write_token_shards(str(tmp_path), ((f"k{i}", one) for i in range(1025)))).read())
     assert [s["count"] for s in index["shards"]] == [1024, 1]
 
 
 def test_shard_reader_names_what_is_wrong(tmp_path):
-    from pyratok.io import token_file
-
     items = [(f"v{i}", make_tokens(K=16, seed=i)) for i in range(5)]
     folder = tmp_path / "ds"
     index = write_token_shards(str(folder), items, shard_size=2)
@@ -243,12 +247,6 @@ def test_shard_reader_names_what_is_wrong(tmp_path):
 def test_a_file_without_a_caption_key_reads_and_has_no_caption(tmp_path):
     """The caption is optional in the format: a writer that leaves the key out (the checksum then
     counts it as empty) gives a file both readers accept, with no captions."""
-    from safetensors.torch import save
-
-    from pyratok.io import token_file
-
-    import hashlib
-
     tok = make_tokens(caption=None)
     meta = token_file._metadata(tok, None)
     del meta["caption"]
@@ -278,13 +276,10 @@ def test_a_file_without_a_caption_key_reads_and_has_no_caption(tmp_path):
 
 
 def test_read_token_metadata_names_the_file_in_every_error(tmp_path):
-    from pyratok.io import token_file
-
     path = tmp_path / "clip.safetensors"
     save_tokens(str(path), make_tokens())
     data = path.read_bytes()
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + header_len])
+    header_len, header = _header(data)
 
     def write(name, meta=None, drop=None, body=None):
         h = json.loads(json.dumps(header))
@@ -325,12 +320,10 @@ def test_read_token_metadata_names_the_file_in_every_error(tmp_path):
 def test_the_whole_file_reader_refuses_short_and_headerless_bytes(tmp_path):
     """token_file._read, the reader of a shard (after its sha256) and of a token file (after its
     header was checked), on its own: every refusal names the file and says what is wrong."""
-    from pyratok.io.token_file import _read
-
     def message(name, data):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(TokenFileError) as err:
-            _read(str(tmp_path / name))
+            token_file._read(str(tmp_path / name))
         return str(err.value).replace(str(tmp_path / name), "F")
 
     assert message("7", b"\x02" + b"\x00" * 6) == "F: truncated (7 bytes) or not a token file"
@@ -338,22 +331,15 @@ def test_the_whole_file_reader_refuses_short_and_headerless_bytes(tmp_path):
     assert message("long", (12).to_bytes(8, "little") + b"{}") == "F: truncated (header says 12 bytes, file has 2)"
     assert message("just", (4).to_bytes(8, "little") + b'{"a"') == \
         "F: truncated or corrupted token file (JSONDecodeError: Expecting ':' delimiter: line 1 column 5 (char 4))"
-    meta, tensors = _read(str(_write_empty(tmp_path)))                        # header exactly fills the file
+    empty = _raw(tmp_path / "empty", {"__metadata__": {"format": "x"}})            # the header fills the file
+    meta, tensors = token_file._read(str(empty))
     assert meta == {"format": "x"} and tensors == {}
     with pytest.raises(TokenFileError) as err:
-        _read(str(tmp_path / "missing"))
+        token_file._read(str(tmp_path / "missing"))
     assert str(err.value) == f"{tmp_path / 'missing'}: no such token file"
 
 
-def _write_empty(tmp_path):
-    raw = json.dumps({"__metadata__": {"format": "x"}}).encode()
-    (tmp_path / "empty").write_bytes(len(raw).to_bytes(8, "little") + raw)
-    return tmp_path / "empty"
-
-
 def test_levels_of_the_wrong_shape_are_refused_by_name():
-    from pyratok.io import token_file
-
     tok = make_tokens(K=5)
     meta = token_file._metadata(tok, None)
     planes = [token_file._planes(i, 5) for i in tok.ids]
@@ -367,10 +353,6 @@ def test_levels_of_the_wrong_shape_are_refused_by_name():
 def _crafted(tmp_path, name, edit=None, planes=None, drop=None, tok=None) -> str:
     """A token file written by hand: save_tokens' metadata (checksum recomputed) through ``edit``,
     its planes replaced by ``planes`` or without the one named ``drop``."""
-    from safetensors.torch import save
-
-    from pyratok.io import token_file
-
     tok = tok or make_tokens(K=17)
     meta = token_file._metadata(tok, "a clip")
     real = [token_file._planes(i, tok.num_bits) for i in tok.ids]
@@ -430,8 +412,6 @@ def test_every_refusal_names_the_file_and_the_field(tmp_path, edit, message):
 
 
 def test_header_and_plane_damage_is_named(tmp_path):
-    from safetensors.torch import save
-
     def refused(path):
         messages = []
         for reader in (load_tokens, read_token_metadata):
@@ -442,7 +422,6 @@ def test_header_and_plane_damage_is_named(tmp_path):
         return messages[0]
 
     tok = make_tokens(K=17)
-    from pyratok.io import token_file
     planes = [token_file._planes(i, 17) for i in tok.ids]
     assert refused(_crafted(tmp_path, "m", drop="level_1")) == "F: level 1 (level_1) is missing"
     wide = _crafted(tmp_path, "w", planes=[planes[0], torch.zeros(17, 3, dtype=torch.uint8), planes[2]])
@@ -450,15 +429,13 @@ def test_header_and_plane_damage_is_named(tmp_path):
     typed = _crafted(tmp_path, "t", planes=[planes[0], planes[1].to(torch.int16), planes[2]])
     assert refused(typed) == "F: level 1 holds (17, 2) I16, expected (17, 2) uint8"
 
-    def raw(name, header: dict, body=b""):
-        text = json.dumps(header).encode()
-        (tmp_path / name).write_bytes(len(text).to_bytes(8, "little") + text + body)
-        return tmp_path / name
-
     (tmp_path / "short").write_bytes(b"\x02" * 5)
     assert refused(tmp_path / "short") == "F: truncated (5 bytes) or not a token file"
     (tmp_path / "plain").write_bytes(b"\x02" + b"\x00" * 7 + b"[1, 2]")
     assert refused(tmp_path / "plain") == "F: not a token file (no safetensors header)"
+    def raw(name, header, body=b""):
+        return _raw(tmp_path / name, header, body)
+
     assert refused(raw("nometa", {})) == "F: not a pyratok token file (format=None)"          # header fills the file
     assert refused(raw("listmeta", {"__metadata__": ["x"]})) == "F: not a pyratok token file (format=None)"
     assert refused(raw("entry", {"level_0": 5})) == "F: corrupted entry 'level_0' in the token file header"
@@ -494,8 +471,6 @@ def test_one_level_and_the_most_levels_round_trip(tmp_path, levels):
 def test_readers_never_read_a_file_whole_to_check_it(tmp_path, monkeypatch):
     """read_token_metadata reads a header and then the planes in bounded blocks: every read() has a
     size, so a huge or hostile file costs at most its header plus one block."""
-    from pyratok.io import token_file
-
     path = tmp_path / "clip.safetensors"
     save_tokens(str(path), make_tokens())
     sizes = []

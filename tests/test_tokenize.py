@@ -4,10 +4,12 @@ tokens checked against an independent encode, readers (TokenDataset, webdataset,
 datasets), byte-identical re-runs, kill -9 and resume, two torchrun-style gloo ranks, bad
 videos, and `pyratok encode`'s refusal to overwrite or collide."""
 
+import gzip
 import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +25,7 @@ import torch.multiprocessing as mp
 from pyratok.cli import main
 from pyratok.data import bundled_clip_path, read_video, resize_and_crop, write_video
 from pyratok.data.video import open_video, read_frames
-from pyratok.io import ShardError, TokenDataset, collate_tokens, load_tokens
+from pyratok.io import ShardError, TokenDataset, collate_tokens, load_tokens, shards, to_tokens
 from pyratok.pretrained import load_default_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -295,8 +297,6 @@ def test_token_dataset_splits_by_worker_and_rank_shuffles_and_collates(reference
 
 
 def test_a_corrupted_shard_is_refused_when_read(reference, tmp_path):
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(reference, copy)
     blob = bytearray((copy / "shard-000001.tar").read_bytes())
@@ -349,8 +349,6 @@ def test_own_size_batches_by_shape_and_info_describes_the_folder(model, small_vi
 
 def test_other_settings_or_a_foreign_folder_are_refused_without_overwrite(reference, source, small_videos, tmp_path,
                                                                           capsys):
-    import shutil
-
     out = tmp_path / "shards"
     small = ["--frames", 1, "--size", "32x32", "--workers", 0, "-q", "--videos-per-shard", 1]
     changed = ["--frames", 1, "--size", "48x48", "--workers", 0, "-q", "--videos-per-shard", 2]   # one shard
@@ -507,8 +505,6 @@ def test_token_dataset_length_epochs_and_collate_contract(reference):
 
 
 def test_to_tokens_gives_what_the_model_encoded_and_decodes(reference, source, model):
-    from pyratok.io import to_tokens
-
     samples = [s for s in TokenDataset(str(reference)) if s["key"].startswith("00000000-")][:2]
     tokens = to_tokens(collate_tokens(samples))
     folder = os.path.dirname(source)
@@ -525,11 +521,6 @@ def test_to_tokens_gives_what_the_model_encoded_and_decodes(reference, source, m
 
 
 def test_token_dataset_options_do_what_they_say(reference, tmp_path, monkeypatch):
-    import gzip
-    import shutil
-
-    from pyratok.io import shards
-
     keys = [s["key"] for s in TokenDataset(str(reference))]
     assert [s["key"] for s in TokenDataset(str(reference), shuffle=8)] == \
         [s["key"] for s in TokenDataset(str(reference), shuffle=8, seed=0)]              # the default seed is 0

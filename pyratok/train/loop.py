@@ -49,7 +49,7 @@ from pyratok.models.masking import VideoMasking
 from pyratok.models.pyratok import DECODER_PREFIXES, PyraTok, PyraTokConfig
 from pyratok.train.config import STAGES, TrainConfig
 from pyratok.train.state_io import StateFileError, load_state, save_state
-from pyratok.utils import atomic_write
+from pyratok.utils import atomic_write, error_summary
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer"            # trainer.json + trainer.safetensors (no pickle)
@@ -365,7 +365,7 @@ class Trainer:
             except Exception as err:  # UnpicklingError for anything beyond tensors and containers
                 raise StateFileError(f"{legacy}: not a loadable trainer state; only tensors, numbers and "
                                      f"containers are read, never other objects "
-                                     f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+                                     f"({error_summary(err)})") from None
         where = os.path.join(path, TRAINER_STATE + ".json")
         expected = {"step": int, "batches_seen": int, "optimizer": dict, "scheduler": dict,
                     "torch_rng": torch.Tensor, "python_rng": tuple}
@@ -415,7 +415,7 @@ class Trainer:
             random.setstate(state["python_rng"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise StateFileError(f"{path}: the trainer state does not fit this run "
-                                 f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+                                 f"({error_summary(err)})") from None
         if state.get("ema") is not None:
             self.ema = [e.to(p.device, p.dtype) for e, p in zip(state["ema"], self.params)]
         self.step, self.batches_seen = state["step"], state["batches_seen"]

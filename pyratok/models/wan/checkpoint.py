@@ -15,6 +15,7 @@ import torch
 
 from pyratok.models.wan import wan21_keys
 from pyratok.models.wan.config import WanVAEConfig
+from pyratok.utils import error_summary
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -94,8 +95,7 @@ class CheckpointMixin:
             else:  # weights_only: tensors and plain containers, never other objects
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle, zip and safetensors errors come in several types
-            raise ValueError(f"{path}: not a loadable checkpoint ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+            raise ValueError(f"{path}: not a loadable checkpoint ({error_summary(err)})") from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
