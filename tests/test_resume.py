@@ -46,7 +46,7 @@ def clips(tmp_path_factory):
 
 
 def make_config(folder, clips, stage=1, steps=3, checkpoint_every=1, grad_accum=1, num_workers=0,
-                extra_train="", source=None, repeat=1, text_encoder="none"):
+                extra_train="", source=None, repeat=1, text_encoder="none", batch_size=1):
     folder.mkdir(parents=True, exist_ok=True)
     if source is None:
         source = folder / "train.jsonl"
@@ -68,7 +68,7 @@ num_workers = {num_workers}
 out_dir = "{folder / 'run'}"
 stage = {stage}
 steps = {steps}
-batch_size = 1
+batch_size = {batch_size}
 grad_accum = {grad_accum}
 lr = 1e-3
 warmup = 1
@@ -133,6 +133,32 @@ def test_resume_is_exact_from_mid_epoch_and_epoch_aligned_checkpoints(tmp_path, 
         assert got.keys() == want.keys()
         differ = differing(want, got)
         assert not differ, f"stage {stage}, resumed at step {resume_step}: {len(differ)} tensors differ: {differ[:5]}"
+
+
+def test_resume_at_batch_size_2_with_a_short_last_batch_is_exact(tmp_path, clips):
+    # 3 clips, batch 2: an epoch is a batch of 2 and a batch of 1; step 1 stops mid-epoch, step 2
+    # at the end of epoch 0, and step 3 is the first batch of epoch 1.
+    source = tmp_path / "three.jsonl"
+    source.write_text("".join(json.dumps({"path": p}) + "\n" for p in clips + clips[:1]))
+    full = Trainer(TrainConfig.from_file(str(make_config(tmp_path / "full", clips, source=source, batch_size=2))))
+    full.run()
+    assert full.batches_seen == 3
+    want, want_counters = checkpoint_tensors(full.latest_checkpoint())
+    for resume_step in (1, 2):
+        cfg = make_config(tmp_path / f"from{resume_step}", clips, source=source, batch_size=2)
+        resumed = Trainer(start_from(os.path.join(full.checkpoint_dir(), f"step-{resume_step:08d}"), cfg))
+        resumed.run(resume=True)
+        got, got_counters = checkpoint_tensors(resumed.latest_checkpoint())
+        assert got_counters == want_counters
+        differ = differing(want, got)
+        assert not differ, f"resumed at step {resume_step}: {len(differ)} tensors differ: {differ[:5]}"
+
+
+def test_an_epoch_that_yields_no_batch_is_an_error_not_an_endless_loop(tmp_path, clips, monkeypatch):
+    trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path, clips))))
+    monkeypatch.setattr(trainer, "_loader", lambda epoch, start: iter(()))
+    with pytest.raises(RuntimeError, match=r"no batch at epoch 0, position 0 of 2 batches per epoch \(2 clips, batch size 1\)"):
+        next(trainer._batches())
 
 
 def test_the_loader_does_not_consume_the_global_rng(tmp_path, clips):

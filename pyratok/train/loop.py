@@ -238,9 +238,13 @@ class Trainer:
         per_epoch = math.ceil(math.ceil(len(self.dataset) / _world()) / self.cfg.train.batch_size)
         while True:
             epoch, pos = divmod(self.batches_seen, per_epoch)
+            before = self.batches_seen
             for batch in self._loader(epoch, pos * self.cfg.train.batch_size):
                 self.batches_seen += 1
                 yield batch
+            if self.batches_seen == before:   # pos < per_epoch always leaves a batch: this would loop forever
+                raise RuntimeError(f"no batch at epoch {epoch}, position {pos} of {per_epoch} batches per epoch "
+                                   f"({len(self.dataset)} clips, batch size {self.cfg.train.batch_size})")
 
     def _autocast(self):
         amp = self.cfg.train.amp
