@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -252,6 +253,88 @@ def test_resaving_a_step_is_crash_safe_and_resume_falls_back(tmp_path, clips):
     with pytest.warns(UserWarning, match="incomplete"):
         resumed.run(resume=True)
     assert resumed.step == 2
+
+
+def test_checkpoint_saves_write_only_inside_the_checkpoint_folder(tmp_path, clips, monkeypatch):
+    cfg = make_config(tmp_path / "run", clips, steps=1)
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+    trainer.run()
+    root = trainer.checkpoint_dir()
+    step1 = os.path.join(root, "step-00000001")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+    # a save that dies while writing its state leaves its partial folder next to the checkpoints
+    def dies(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(loop, "save_state", dies)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    monkeypatch.undo()
+    monkeypatch.chdir(cwd)
+    assert os.listdir(cwd) == []
+    assert sorted(os.listdir(root)) == [".tmp-step-00000001", "latest", "step-00000001"]
+    # the next save starts that folder afresh: nothing of it reaches the checkpoint
+    (tmp_path / "run" / "run" / "checkpoints" / ".tmp-step-00000001" / "stale.bin").write_bytes(b"x")
+    trainer.save_checkpoint()
+    assert sorted(os.listdir(root)) == ["latest", "step-00000001"]
+    assert "stale.bin" not in os.listdir(step1)
+
+    # a kill between renaming the old copy aside and renaming the new one in: the aside copy is
+    # in the checkpoint folder, where latest_checkpoint finds it
+    real_replace = os.replace
+
+    def killed_at_second_rename(src, dst):
+        if os.path.basename(src) == ".tmp-step-00000001":
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(loop.os, "replace", killed_at_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    monkeypatch.setattr(loop.os, "replace", real_replace)
+    assert os.listdir(cwd) == []
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert trainer.latest_checkpoint() == os.path.join(root, ".old-step-00000001")
+
+    # a kill after the new copy went in but before the aside one was deleted: the next re-save
+    # of that step clears the stale aside copy first
+    shutil.copytree(os.path.join(root, ".old-step-00000001"), step1)
+    shutil.rmtree(os.path.join(root, ".tmp-step-00000001"))
+    trainer.save_checkpoint()
+    assert sorted(os.listdir(root)) == ["latest", "step-00000001"]
+    assert os.listdir(cwd) == []
+
+
+def test_latest_checkpoint_follows_the_pointer_and_warns_only_when_it_names_an_incomplete_one(one_step_run):
+    cfg, step1 = one_step_run
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+    root = trainer.checkpoint_dir()
+    step2 = os.path.join(root, "step-00000002")
+    shutil.copytree(step1, step2)
+    pointer = os.path.join(root, "latest")
+    assert open(pointer).read() == "step-00000001"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert trainer.latest_checkpoint() == step1             # the pointer wins over the newest step
+        os.remove(pointer)
+        assert trainer.latest_checkpoint() == step2             # no pointer: the newest, without a warning
+    with open(pointer, "wb") as f:
+        f.write(b"step-\xff\xfe")                               # not UTF-8: read, not an exception
+    with pytest.warns(UserWarning, match="incomplete; using .*step-00000002"):
+        assert trainer.latest_checkpoint() == step2
+
+
+def test_the_trainer_state_records_its_fields_and_the_run_config(one_step_run):
+    cfg, ckpt = one_step_run
+    state = load_state(ckpt, "trainer")
+    assert set(state) == {"step", "batches_seen", "optimizer", "scheduler", "ema", "torch_rng", "cuda_rng",
+                          "python_rng", "config"}
+    assert state["config"] == TrainConfig.from_file(str(cfg)).to_dict()
+    if not torch.cuda.is_available():
+        assert state["cuda_rng"] is None
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, clips):
