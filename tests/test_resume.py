@@ -323,8 +323,23 @@ def test_latest_checkpoint_follows_the_pointer_and_warns_only_when_it_names_an_i
         assert trainer.latest_checkpoint() == step2             # no pointer: the newest, without a warning
     with open(pointer, "wb") as f:
         f.write(b"step-\xff\xfe")                               # not UTF-8: read, not an exception
-    with pytest.warns(UserWarning, match="incomplete; using .*step-00000002"):
+    with pytest.warns(UserWarning, match="incomplete; using .*step-00000002") as caught:
         assert trainer.latest_checkpoint() == step2
+    # the warning points at the caller (under mutation testing, the caller's frame is mutmut's trampoline)
+    trampolined = "mutmut.mutation.trampoline" in sys.modules
+    assert [os.path.basename(w.filename) if trampolined else w.filename for w in caught] == \
+        ["trampoline.py" if trampolined else __file__]
+    with open(pointer, "w") as f:                                 # only the first 256 bytes are read
+        f.write("step-00000001" + " " * 243 + "step-00000002")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert trainer.latest_checkpoint() == step1
+        # a step and its renamed-aside copy, both complete, no pointer: the step itself
+        os.remove(pointer)
+        shutil.copytree(step2, os.path.join(root, ".old-step-00000002"))
+        assert trainer.latest_checkpoint() == step2
+        shutil.rmtree(root)
+        assert trainer.latest_checkpoint() is None               # no checkpoint folder at all
 
 
 def test_the_trainer_state_records_its_fields_and_the_run_config(one_step_run):
@@ -335,6 +350,108 @@ def test_the_trainer_state_records_its_fields_and_the_run_config(one_step_run):
     assert state["config"] == TrainConfig.from_file(str(cfg)).to_dict()
     if not torch.cuda.is_available():
         assert state["cuda_rng"] is None
+
+
+class _RecordingWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter (not installed here): records calls."""
+    made: list = []
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars = log_dir, []
+        _RecordingWriter.made.append(self)
+
+    def add_scalar(self, tag, scalar_value, global_step):
+        self.scalars.append((tag, scalar_value, global_step))
+
+
+def test_log_records_go_to_the_jsonl_file_and_numeric_ones_to_tensorboard(tmp_path, clips, monkeypatch):
+    trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path, clips))))
+    os.makedirs(trainer.cfg.train.out_dir)
+    module = SimpleNamespace(SummaryWriter=_RecordingWriter)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    monkeypatch.setattr(_RecordingWriter, "made", [])
+    trainer._log({"step": 3, "loss": 0.5, "stage": "lora", "count": 2})
+    trainer._log({"step": 4, "loss": 0.25})
+    assert [w.log_dir for w in _RecordingWriter.made] == [os.path.join(trainer.cfg.train.out_dir, "tensorboard")]
+    assert _RecordingWriter.made[0].scalars == [("loss", 0.5, 3), ("count", 2, 3), ("loss", 0.25, 4)]
+    with open(trainer.log_path) as f:
+        assert [json.loads(line) for line in f] == [{"step": 3, "loss": 0.5, "stage": "lora", "count": 2},
+                                                    {"step": 4, "loss": 0.25}]
+
+
+def test_without_tensorboard_the_import_is_tried_once(tmp_path, clips, monkeypatch):
+    import builtins
+
+    trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path, clips))))
+    os.makedirs(trainer.cfg.train.out_dir)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # import raises ImportError
+    tries = []
+    real_import = builtins.__import__
+
+    def counting_import(name, *args, **kwargs):
+        if name == "torch.utils.tensorboard":
+            tries.append(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", counting_import)
+    for step in (1, 2, 3):
+        trainer._log({"step": step, "loss": 1.0})
+    monkeypatch.undo()
+    assert len(tries) == 1
+    with open(trainer.log_path) as f:
+        assert len(f.readlines()) == 3
+
+
+def test_a_non_finite_value_is_named_with_every_bad_value_and_where_the_good_state_is(tmp_path, clips):
+    trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path, clips))))
+    trainer._check_finite({"total": 1.0, "rec": 2.0}, "loss", None)             # finite: nothing
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer._check_finite({"total": float("nan"), "rec": 2.0, "kl": float("inf")}, "loss", None)
+    assert str(err.value) == ("step 1: non-finite loss (total=nan, kl=inf); stopped without saving this state; "
+                              "no checkpoint was written yet (lower train.lr or check the data)")
+    with pytest.raises(NonFiniteLossError, match="; the last good checkpoint is /x/step-00000007 "):
+        trainer._check_finite({"grad_norm": float("-inf")}, "gradient", "/x/step-00000007")
+
+
+def test_state_files_keep_equal_keys_of_different_containers_apart(tmp_path):
+    t = [torch.full((2,), float(i)) for i in range(9)]
+    state = {"a": {"x": t[0]}, "b": {"x": t[1]}, "c": [{"x": t[2]}], "l1": [t[3]], "l2": [t[4]],
+             "u1": (t[5],), "u2": (t[6],), "i1": {0: t[7]}, "i2": {0: t[8]}}    # int keys: optimizer states
+    save_state(str(tmp_path), "s", state)
+    got = load_state(str(tmp_path), "s")
+    assert collections.Counter(map(type, (got[k] for k in state))) == collections.Counter(map(type, state.values()))
+    flat = lambda s: [s["a"]["x"], s["b"]["x"], s["c"][0]["x"], s["l1"][0], s["l2"][0], s["u1"][0], s["u2"][0],
+                      s["i1"][0], s["i2"][0]]
+    assert [v.tolist() for v in flat(got)] == [v.tolist() for v in t]
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:            # the file says what it holds
+        assert f.metadata() == {"format": "pyratok-trainer-state"}
+
+
+def test_a_value_a_state_file_cannot_hold_is_named_by_its_path(tmp_path):
+    with pytest.raises(TypeError) as err:
+        save_state(str(tmp_path), "trainer", {"optimizer": {"param_groups": [{"betas": {0.9, 0.99}}]}})
+    assert str(err.value) == ("trainer.optimizer.param_groups[0].betas: a set cannot be stored in a trainer state "
+                              "(tensors, numbers, strings, lists, tuples and dicts only)")
+    assert not os.listdir(tmp_path)
+
+
+def test_the_loader_visits_each_clip_once_per_epoch_in_a_seeded_order(tmp_path, clips):
+    def orders(seed):
+        cfg = make_config(tmp_path / f"seed{seed}", clips, repeat=4, extra_train=f"seed = {seed}")
+        trainer = Trainer(TrainConfig.from_file(str(cfg)))
+        out = []
+        for epoch in (0, 1):
+            loader = trainer._loader(epoch, 0)
+            assert trainer.dataset.epoch == epoch                       # the crops of this epoch
+            out.append(list(loader.sampler))
+            assert sorted(out[-1]) == list(range(8))                    # one process: every clip once
+        assert list(trainer._loader(1, 3).sampler) == out[1][3:]       # a resumed epoch starts mid-way
+        return out
+
+    first = orders(1)
+    assert first[0] != first[1]                                         # a new order each epoch
+    assert orders(1) == first and orders(2) != first                    # set by train.seed
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, clips):
