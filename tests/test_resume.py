@@ -433,6 +433,12 @@ def test_a_value_a_state_file_cannot_hold_is_named_by_its_path(tmp_path):
         save_state(str(tmp_path), "trainer", {"optimizer": {"param_groups": [{"betas": {0.9, 0.99}}]}})
     assert str(err.value) == ("trainer.optimizer.param_groups[0].betas: a set cannot be stored in a trainer state "
                               "(tensors, numbers, strings, lists, tuples and dicts only)")
+    for state, where in [({"optimizer": {"state": {0: {"step": b"1"}}}}, "s.optimizer.state[0].step: a bytes"),
+                         ({"python_rng": (3, (1, 2), {"a": bytearray()})}, "s.python_rng[2].a: a bytearray"),
+                         ({"x": {"y": [0, (1, {("k",): 1j})]}}, "s.x.y[1][1][('k',)]: a complex")]:
+        with pytest.raises(TypeError) as err:
+            save_state(str(tmp_path), "s", state)
+        assert str(err.value).startswith(f"{where} cannot be stored in a trainer state")
     assert not os.listdir(tmp_path)
 
 
