@@ -524,6 +524,17 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_cleanly(tmp_p
     assert ckpt(str(root / latest)) and int(latest.split("-")[1]) >= 2
 
 
+def test_the_training_loader_workers_outlive_a_stop_signal_to_the_group(tmp_path, clips):
+    trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path, clips, num_workers=1, repeat=20))))
+    batches = iter(trainer._loader(0, 0))
+    got = [next(batches)]
+    for worker in batches._workers:                     # what killpg delivers to each member of the group
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGINT)
+    got += list(batches)                                # a dead worker would make the loader raise
+    assert len(got) == 40
+
+
 def test_state_files_round_trip_and_name_each_fault(tmp_path, monkeypatch):
     """save_state/load_state: nested tuples, integer-keyed dicts and tensors come back as they went
     in; each damaged file is refused with a message naming it and the fault."""
