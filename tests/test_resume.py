@@ -5,6 +5,7 @@ non-finite loss, and the checks made before the first step."""
 
 import collections
 import json
+import math
 import os
 import pickle
 import re
@@ -635,6 +636,72 @@ def test_resumable_sampler_length_is_what_it_yields(size, start, rank, world):
     order = list(sampler)
     assert len(sampler) == len(order) == max(0, -(-size // world) - start)
     assert all(0 <= i < size for i in order)
+
+
+@pytest.mark.parametrize("size,world", [(10, 1), (10, 2), (10, 3), (7, 4), (3, 8)])
+def test_resumable_sampler_splits_one_seeded_permutation_over_the_ranks(size, world):
+    shares = [list(ResumableSampler(size, seed=4, epoch=1, rank=r, world=world)) for r in range(world)]
+    per_rank = -(-size // world)
+    assert all(len(share) == per_rank for share in shares)                 # equal shares: no rank waits
+    dealt = [shares[i % world][i // world] for i in range(per_rank * world)]  # rank r takes every world-th
+    assert sorted(dealt[:size]) == list(range(size))                        # a permutation ...
+    assert dealt[size:] == (dealt[:size] * world)[:len(dealt) - size]       # ... padded from its start
+    again = [list(ResumableSampler(size, seed=4, epoch=1, rank=r, world=world)) for r in range(world)]
+    other_epoch = [list(ResumableSampler(size, seed=4, epoch=2, rank=r, world=world)) for r in range(world)]
+    assert again == shares and (size < 7 or other_epoch != shares)
+    assert list(ResumableSampler(size, seed=4, epoch=1, start=2, rank=0, world=world)) == shares[0][2:]
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr_ratio(tmp_path, clips):
+    cfg = TrainConfig.from_file(str(make_config(tmp_path, clips, steps=14, extra_train="min_lr_ratio = 0.2")))
+    cfg.train.warmup = 4
+    trainer = Trainer(cfg)
+    factor = trainer._lr_factor
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(4) == 1.0                                      # the cosine starts at its top
+    assert factor(9) == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 0.5)), abs=1e-12)   # half-way: 0.6
+    assert factor(9) == pytest.approx(0.6, abs=1e-12)
+    assert factor(14) == pytest.approx(0.2, abs=1e-12) and factor(100) == pytest.approx(0.2, abs=1e-12)
+    values = [factor(s) for s in range(4, 15)]
+    assert all(a > b for a, b in zip(values, values[1:]))        # decreasing over the decay
+    cfg.train.warmup, cfg.train.steps = 0, 1
+    assert trainer._lr_factor(0) == 1.0 and trainer._lr_factor(1) == pytest.approx(0.2, abs=1e-12)
+    cfg.train.warmup = 1                                         # steps == warmup: no division by zero
+    assert trainer._lr_factor(0) == 1.0 and trainer._lr_factor(1) == 1.0
+    assert trainer._lr_factor(2) == pytest.approx(0.2, abs=1e-12)
+
+
+def test_a_checkpoint_is_complete_only_with_every_file_non_empty(one_step_run):
+    _, ckpt = one_step_run
+    assert Trainer.is_complete_checkpoint(ckpt)
+    for name in ("config.json", "model.safetensors", "trainer.json", "trainer.safetensors"):
+        for broken in ("missing", "empty"):
+            copy = ckpt + f"-{name}-{broken}"
+            shutil.copytree(ckpt, copy)
+            if broken == "missing":
+                os.remove(os.path.join(copy, name))
+            else:
+                open(os.path.join(copy, name), "w").close()
+            assert not Trainer.is_complete_checkpoint(copy), (name, broken)
+    legacy = ckpt + "-legacy"                                    # before trainer.json: trainer.pt
+    shutil.copytree(ckpt, legacy)
+    os.remove(os.path.join(legacy, "trainer.json"))
+    assert not Trainer.is_complete_checkpoint(legacy)
+    torch.save({"step": 1}, os.path.join(legacy, "trainer.pt"))
+    assert Trainer.is_complete_checkpoint(legacy)
+    open(os.path.join(legacy, "trainer.pt"), "w").close()
+    assert not Trainer.is_complete_checkpoint(legacy)
+
+
+def test_the_output_folder_probe_names_the_folder_and_leaves_nothing(tmp_path):
+    folder = tmp_path / "new" / "run"
+    loop._check_writable(str(folder), "train.out_dir")
+    assert folder.is_dir() and os.listdir(folder) == []
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError) as err:
+        loop._check_writable(str(blocker / "run"), "train.out_dir")
+    assert str(err.value) == f"train.out_dir: cannot create or write {blocker / 'run'} (Not a directory)"
 
 
 def test_data_workers_ignore_stop_signals_sent_to_the_group():
