@@ -650,6 +650,8 @@ def test_resumable_sampler_splits_one_seeded_permutation_over_the_ranks(size, wo
     other_epoch = [list(ResumableSampler(size, seed=4, epoch=2, rank=r, world=world)) for r in range(world)]
     assert again == shares and (size < 7 or other_epoch != shares)
     assert list(ResumableSampler(size, seed=4, epoch=1, start=2, rank=0, world=world)) == shares[0][2:]
+    # the defaults: epoch 0, from the start, one process
+    assert list(ResumableSampler(size, 4)) == list(ResumableSampler(size, 4, epoch=0, start=0, rank=0, world=1))
 
 
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr_ratio(tmp_path, clips):
@@ -693,15 +695,69 @@ def test_a_checkpoint_is_complete_only_with_every_file_non_empty(one_step_run):
     assert not Trainer.is_complete_checkpoint(legacy)
 
 
-def test_the_output_folder_probe_names_the_folder_and_leaves_nothing(tmp_path):
+def test_the_output_folder_probe_names_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
+    import tempfile
+
+    probes = []
+    real = tempfile.NamedTemporaryFile
+
+    def spy(*args, **kwargs):
+        f = real(*args, **kwargs)
+        probes.append(os.path.dirname(f.name))
+        return f
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", spy)
     folder = tmp_path / "new" / "run"
     loop._check_writable(str(folder), "train.out_dir")
     assert folder.is_dir() and os.listdir(folder) == []
+    loop._check_writable(str(folder), "train.out_dir")           # an existing folder is fine too
+    assert probes == [str(folder)] * 2                             # the probe is written in the folder itself
+    monkeypatch.undo()
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ValueError) as err:
         loop._check_writable(str(blocker / "run"), "train.out_dir")
     assert str(err.value) == f"train.out_dir: cannot create or write {blocker / 'run'} (Not a directory)"
+
+
+def test_setup_distributed_starts_a_group_only_under_torchrun(monkeypatch):
+    calls = []
+    monkeypatch.setattr(loop.dist, "init_process_group", lambda backend: calls.append(backend))
+    cuda = torch.cuda.is_available()
+    want = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert loop.setup_distributed() == want and calls == []
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert loop.setup_distributed() == want and calls == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert loop.setup_distributed() == want and calls == ["nccl" if cuda else "gloo"]
+    monkeypatch.setattr(loop, "_is_dist", lambda: True)             # already initialised: not again
+    assert loop.setup_distributed() == want and len(calls) == 1
+
+
+@pytest.fixture()
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_a_process_group_the_model_trains_inside_ddp(tmp_path, clips, one_process_group):
+    from torch.nn.parallel import DistributedDataParallel
+
+    trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path / "ddp", clips))))
+    assert isinstance(trainer.wrapped, DistributedDataParallel) and trainer.wrapped.module is trainer.model
+    assert trainer.wrapped.device_ids is None and trainer.wrapped.find_unused_parameters
+    cfg = make_config(tmp_path / "fsdp", clips, extra_train='distributed = "fsdp"')
+    with pytest.raises(ValueError) as err:
+        Trainer(TrainConfig.from_file(str(cfg)))
+    assert str(err.value) == ("train.distributed='fsdp' needs GPUs (PyTorch's FSDP has no CPU backend); "
+                              "use distributed='ddp' on CPU")
 
 
 def test_data_workers_ignore_stop_signals_sent_to_the_group():
