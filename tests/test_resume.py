@@ -760,6 +760,45 @@ def test_under_a_process_group_the_model_trains_inside_ddp(tmp_path, clips, one_
                               "use distributed='ddp' on CPU")
 
 
+def test_the_log_record_and_the_progress_bar_report_each_step(tmp_path, clips, capsys):
+    from pyratok.metrics import psnr
+
+    cfg = TrainConfig.from_file(str(make_config(tmp_path, clips, steps=2, grad_accum=2)))
+    cfg.train.progress = True
+    trainer = Trainer(cfg)
+    seen = []                                            # per micro-batch: loss scalars and PSNR
+
+    def forward(video, *args):
+        recon, losses = trainer.model(video, *args)
+        seen.append((losses.scalars(), psnr(recon.detach().float(), video).item()))
+        return recon, losses
+
+    trainer.wrapped = forward
+    last = trainer.run()
+    records = [json.loads(line) for line in open(trainer.log_path)]
+    assert [r["step"] for r in records] == [1, 2] and records[-1] == last
+    levels = trainer.model.config.lapq.levels
+    assert set(last) == {"step", "lr", *seen[0][0], "psnr", *(f"usage_l{l}" for l in range(levels)),
+                         "tokens_per_s", "seconds", "grad_norm"}
+    for step, record in enumerate(records):
+        micro = seen[2 * step: 2 * step + 2]                 # the step's mean over its micro-batches
+        for k in micro[0][0]:
+            assert record[k] == pytest.approx((micro[0][0][k] + micro[1][0][k]) / 2, rel=1e-6), k
+        assert record["psnr"] == pytest.approx((micro[0][1] + micro[1][1]) / 2, rel=1e-6)
+        assert record["lr"] == pytest.approx(1e-3 * trainer._lr_factor(step + 1), rel=1e-9)
+        assert all(0 < record[f"usage_l{l}"] <= 1 for l in range(levels))
+        assert record["grad_norm"] > 0 and record["seconds"] > 0
+    with torch.no_grad():
+        per_clip = sum(i.numel() for i in trainer.model.encode(torch.zeros(1, 3, 5, 32, 32)).ids)
+    assert last["tokens_per_s"] * last["seconds"] == pytest.approx(2 * per_clip, rel=1e-9)   # 2 micro-batches of 1
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    final = [line for line in bar if "2/2" in line][-1]
+    assert final.startswith("stage 1: 100%")
+    usage = "/".join(f"{last[f'usage_l{l}']:.2f}" for l in range(levels))
+    assert final.endswith(f"loss={last['total']:.3f}, psnr={last['psnr']:.2f}, "    # tqdm sorts the keys
+                          f"tok_s={last['tokens_per_s']:.0f}, usage={usage}]")
+
+
 def test_data_workers_ignore_stop_signals_sent_to_the_group():
     """A DataLoader worker ignores SIGTERM and SIGINT (the main process saves and shuts it down)."""
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
