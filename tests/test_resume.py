@@ -502,6 +502,20 @@ def test_no_usable_clips_is_one_clear_error(tmp_path, clips):
 
     with pytest.warns(UserWarning, match="skipping"):
         assert main(["train", str(cfg), "-q"]) == 2
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+    with pytest.warns(UserWarning, match="skipping"), pytest.raises(ValueError) as err:
+        trainer.run()
+    assert str(err.value) == f"data.source={bad}: no usable clip in 2 videos from index 0; skipped: {{'unreadable': 2}}"
+
+
+def test_resume_without_a_checkpoint_and_a_run_without_progress(tmp_path, clips, capsys):
+    trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path, clips, steps=1))))
+    with pytest.raises(FileNotFoundError) as err:
+        trainer.run(resume=True)
+    assert str(err.value) == f"--resume: no checkpoint under {tmp_path / 'run' / 'checkpoints'}"
+    capsys.readouterr()
+    trainer.run()                                       # train.progress = false: no bar on stderr
+    assert "stage 1" not in capsys.readouterr().err
 
 
 def test_sigterm_to_the_process_group_with_workers_saves_and_exits_cleanly(tmp_path, clips):
