@@ -479,6 +479,28 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
+def test_a_resumed_run_counts_and_names_from_the_checkpoint_it_started_from(tmp_path, clips, capsys):
+    cfg = make_config(tmp_path, clips, steps=2, checkpoint_every=100)
+    Trainer(TrainConfig.from_file(str(cfg))).run()                  # step-2, written at the end
+    done = Trainer(TrainConfig.from_file(str(cfg)))
+    assert done.run(resume=True) == {} and done.step == 2           # nothing left to train: no record
+    config = TrainConfig.from_file(str(cfg))
+    config.train.steps, config.train.progress = 4, True
+    resumed = Trainer(config)
+
+    def poison(t):                                                  # after step 3, before any new checkpoint
+        with torch.no_grad():
+            next(p for n, p in t.model.named_parameters() if n.startswith("lapq.")).fill_(float("nan"))
+
+    capsys.readouterr()
+    with pytest.raises(NonFiniteLossError) as err:
+        resumed.run(resume=True, on_step=poison)
+    assert str(err.value).endswith(f"the last good checkpoint is {resumed.checkpoint_dir()}/step-00000002 "
+                                   "(lower train.lr or check the data)")
+    bar = capsys.readouterr().err.replace("\r", "\n")
+    assert "3/4" in bar and "1/4" not in bar                         # the bar starts at the resumed step
+
+
 def test_an_unwritable_out_dir_fails_before_the_first_step(tmp_path, clips):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
