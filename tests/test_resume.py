@@ -945,6 +945,28 @@ def test_a_step_without_captions_leaves_the_text_heads_alone(tmp_path, clips):
         assert (not moved) if not captioned[step] else moved, (step, captioned)
 
 
+def test_masks_depend_only_on_the_seed_step_and_micro_batch_and_can_be_off(tmp_path, clips):
+    def masked_inputs(folder, global_seed, extra=""):
+        trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path / folder, clips, steps=2, grad_accum=2,
+                                                                extra_train=extra))))
+        inputs = []
+
+        def forward(video, text, masked, *args):
+            inputs.append(masked)
+            return trainer.model(video, text, masked, *args)
+
+        trainer.wrapped = forward
+        torch.manual_seed(global_seed)                 # the masks must not come from the global RNG
+        trainer.run()
+        return inputs
+
+    a, b = masked_inputs("a", 1), masked_inputs("b", 2)
+    assert len(a) == 4 and all(m is not None for m in a)
+    assert not differing(dict(enumerate(a)), dict(enumerate(b)))
+    assert len({tuple(m.flatten().tolist()) for m in a}) == 4     # each step and micro-batch its own mask
+    assert masked_inputs("off", 1, "masking = false") == [None] * 4
+
+
 def test_a_state_that_does_not_fit_is_named_with_the_first_line_of_the_error(one_step_run, monkeypatch):
     cfg, ckpt = one_step_run
     trainer = Trainer(TrainConfig.from_file(str(cfg)))
