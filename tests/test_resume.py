@@ -967,6 +967,16 @@ def test_masks_depend_only_on_the_seed_step_and_micro_batch_and_can_be_off(tmp_p
     assert masked_inputs("off", 1, "masking = false") == [None] * 4
 
 
+def test_the_lazy_drift_term_follows_the_training_step(tmp_path, clips):
+    # stage 3, drift_every = 2: the drift term is computed on steps 0 and 2 (the records of steps 1 and 3)
+    cfg = make_config(tmp_path, clips, stage=3, steps=4)
+    cfg.write_text(cfg.read_text() + "\n[loss]\ndrift_every = 2\n")
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+    trainer.run()
+    records = [json.loads(line) for line in open(trainer.log_path)]
+    assert ["drift" in r for r in records] == [True, False, True, False]
+
+
 def test_a_state_that_does_not_fit_is_named_with_the_first_line_of_the_error(one_step_run, monkeypatch):
     cfg, ckpt = one_step_run
     trainer = Trainer(TrainConfig.from_file(str(cfg)))
