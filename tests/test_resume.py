@@ -977,6 +977,26 @@ def test_the_lazy_drift_term_follows_the_training_step(tmp_path, clips):
     assert ["drift" in r for r in records] == [True, False, True, False]
 
 
+def test_accumulated_micro_batches_give_the_gradient_of_one_batch(tmp_path, clips):
+    # stage 0 (the backbone: per-clip means, no batch statistics): 2 micro-batches of 1 = 1 batch of 2
+    def first_record(folder, batch_size, grad_accum, clip_grad=1.0):
+        cfg = TrainConfig.from_file(str(make_config(tmp_path / folder, clips, stage=0, steps=1,
+                                                    grad_accum=grad_accum, batch_size=batch_size)))
+        cfg.train.clip_grad = clip_grad
+        trainer = Trainer(cfg)
+        before = [p.detach().clone() for p in trainer.params]
+        record = trainer.run()
+        return record, sum(not torch.equal(a, p) for a, p in zip(before, trainer.params))
+
+    micro, _ = first_record("micro", 1, 2)
+    whole, _ = first_record("whole", 2, 1)
+    assert micro["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
+    assert micro["total"] == pytest.approx(whole["total"], rel=1e-5)
+    assert micro["tokens_per_s"] * micro["seconds"] == pytest.approx(2 * 5 * 32 * 32, rel=1e-9)   # pixels
+    unclipped, moved = first_record("noclip", 1, 1, clip_grad=0.0)      # clip_grad = 0: no clipping, no norm
+    assert "grad_norm" not in unclipped and moved > 0
+
+
 def test_a_state_that_does_not_fit_is_named_with_the_first_line_of_the_error(one_step_run, monkeypatch):
     cfg, ckpt = one_step_run
     trainer = Trainer(TrainConfig.from_file(str(cfg)))
