@@ -496,6 +496,22 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
+def test_a_non_finite_gradient_under_a_finite_loss_stops_the_run_with_its_exact_message(tmp_path, clips):
+    trainer = make_trainer(tmp_path, clips, steps=6, checkpoint_every=2)
+    param = next(p for n, p in trainer.model.named_parameters() if n.startswith("lapq.") and p.requires_grad)
+
+    def poison(t):
+        if t.step == 3:   # after the step-2 checkpoint: every later gradient of one weight is NaN
+            param.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.run(on_step=poison)
+    assert str(err.value) == ("step 4: non-finite gradient (grad_norm=nan); stopped without saving this state; "
+                              f"the last good checkpoint is {trainer.checkpoint_dir()}/step-00000002 "
+                              "(lower train.lr or check the data)")
+    assert trainer.step == 3 and trainer.latest_checkpoint().endswith("step-00000002")
+
+
 def test_a_resumed_run_counts_and_names_from_the_checkpoint_it_started_from(tmp_path, clips, capsys):
     cfg = make_config(tmp_path, clips, steps=2, checkpoint_every=100)
     Trainer(TrainConfig.from_file(str(cfg))).run()                  # step-2, written at the end
@@ -746,6 +762,11 @@ def test_a_checkpoint_is_complete_only_with_every_file_non_empty(one_step_run):
     assert Trainer.is_complete_checkpoint(legacy)
     open(os.path.join(legacy, "trainer.pt"), "w").close()
     assert not Trainer.is_complete_checkpoint(legacy)
+    tiny = ckpt + "-one-byte"                                    # contents are checked on load, not here
+    shutil.copytree(ckpt, tiny)
+    with open(os.path.join(tiny, "config.json"), "w") as f:
+        f.write("{")
+    assert Trainer.is_complete_checkpoint(tiny)
 
 
 def test_the_output_folder_probe_names_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
