@@ -73,8 +73,7 @@ setup(
     ],
     package_dir={"pyratok.kernels": "kernels"},
     # the embedded default model (scripts/train_default.sh)
-    package_data={"pyratok": ["assets/default/README.md", "assets/default/backbone/config.json",
-                              "assets/default/backbone/diffusion_pytorch_model.safetensors",
+    package_data={"pyratok": ["assets/default/README.md",
                               *(f"assets/default/{rate}/{f}" for rate in ("low", "high")
                                 for f in ("config.json", "model.safetensors"))]},
     ext_modules=ext_modules,

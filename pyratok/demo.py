@@ -90,8 +90,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="outputs/demo", help="output folder")
     parser.add_argument("--model", default=None, help="one model folder (default: the bundled model at both "
                                                        "operating points, low and high)")
-    parser.add_argument("--bundle", default=None, help="a folder laid out like the bundled model (low/, high/, "
-                                                        "backbone/), e.g. a fresh scripts/train_default.sh export")
+    parser.add_argument("--bundle", default=None, help="a folder laid out like the bundled model (low/ and "
+                                                        "high/), e.g. a fresh scripts/train_default.sh export")
     args = parser.parse_args(argv)
 
     if args.model and args.bundle:
