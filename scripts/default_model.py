@@ -299,11 +299,12 @@ def _model_card(out: dict, dest: str) -> None:
     lines += ["", f"`make demo` (carphone, 17 held-out frames 144x176): "
               + "; ".join(f"{k} {v['psnr']:.2f} dB / SSIM {v['ssim']:.4f} at {v['bits_per_pixel']:.4f} bits/px"
                           for k, v in d.items()) + ".",
-              "", "Held-out PSNR over training: `benchmarks/results/default_model_curve.png`.  Tried and not "
-              "shipped (held-out real clips, last checkpoint, from stage 1's checkpoint): "
+              "", "Held-out PSNR over training: `benchmarks/results/default_model_curve.png`." + (
+              "  Tried and not shipped (held-out real clips, last checkpoint, from stage 1's checkpoint): "
               + "; ".join(f"{label}: {max(out['curve'][st].items(), key=lambda kv: int(kv[0]))[1]['real_psnr']:.2f} dB "
                           f"after {max(map(int, out['curve'][st]))} steps"
-                          for st, label in ABLATIONS.items() if out["curve"].get(st)) + ".", "",
+                          for st, label in ABLATIONS.items() if out["curve"].get(st)) + "."
+              if any(out["curve"].get(st) for st in ABLATIONS) else ""), "",
               "## Training", "",
               f"- stage 0 (backbone VAE: L1 + SSIM + a small KL): {t['steps']['stage0']} steps, batch "
               f"{t['batch']['stage0']}, {t['crop']} crops, AdamW lr 1e-3, cosine;",

@@ -123,5 +123,4 @@ done
 "$PY" scripts/default_model.py export "$(latest stage1r_low)" "$(latest stage1r_high)" "$DEST"
 "$PY" scripts/default_model.py report "$WORK" "$DEST" "$RESULT" "$start"
 }
-main "$@"
-exit
+main "$@"; exit   # on one line: bash never reads past it, even if the file changed
