@@ -73,8 +73,9 @@ setup(
     ],
     package_dir={"pyratok.kernels": "kernels"},
     # the embedded default model (scripts/train_default.sh)
-    package_data={"pyratok": ["assets/default/config.json", "assets/default/model.safetensors",
-                              "assets/default/README.md"]},
+    package_data={"pyratok": ["assets/default/README.md",
+                              *(f"assets/default/{rate}/{f}" for rate in ("low", "high")
+                                for f in ("config.json", "model.safetensors"))]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

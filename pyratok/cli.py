@@ -57,12 +57,15 @@ def _check_device(text: str) -> str:
     return text
 
 
-def _load_model(path: Optional[str], device: str):
+def _load_model(path: Optional[str], device: str, rate: Optional[str] = None):
     from pyratok.models.pyratok import PyraTok
     from pyratok.pretrained import default_model_path
 
     _check_device(device)
-    path = path or default_model_path()
+    if path and rate:
+        raise UserError(f"--rate {rate}: chooses an operating point of the bundled model; it cannot be "
+                        f"combined with --model {path}")
+    path = path or default_model_path(rate or "low")
     if not os.path.isdir(path):
         raise UserError(f"--model: no such model folder: {path}")
     model = PyraTok.from_pretrained(path, device=device, inference=True)  # no peft/transformers import
@@ -240,7 +243,7 @@ def cmd_encode(args) -> int:
             raise UserError(f"{v}: no such file") from None
         except ValueError:
             raise UserError(f"{v}: not a readable video") from None
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.rate)
     _tile(args.tile, model, 0, 0)  # a bad --tile fails before any work
     text = _text_arg(model, args.text)
     for path, out in _progress(list(zip(args.videos, outputs)), "encode", args.quiet):
@@ -284,7 +287,7 @@ def cmd_tokenize(args) -> int:
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UserError(f"-o {args.output}: exists and is not a folder")
     options = ClipOptions(args.frames, args.stride, size, args.fps)
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.rate)
     _tile(args.tile, model, 0, 0)  # a bad --tile fails before any work
     created = _torchrun_group()
     try:
@@ -344,7 +347,7 @@ def cmd_decode(args) -> int:
         tokens = load_tokens(args.tokens)
     except TokenFileError as err:
         raise UserError(str(err)) from None
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.rate)
     try:
         model.check_tokens(tokens)
     except ValueError as err:
@@ -365,14 +368,15 @@ def cmd_decode(args) -> int:
     return 0
 
 
-def _frame_grid(original, recon, path: str, max_frames: int = 6) -> None:
-    """PNG: originals on the top row, reconstructions below, up to ``max_frames`` frames."""
+def _frame_grid(videos, path: str, max_frames: int = 6) -> None:
+    """PNG: one row per video ((3, T, H, W) each: the original first, then reconstructions), up
+    to ``max_frames`` frames evenly spaced over the clip."""
     import torch
     from PIL import Image
 
-    T = original.shape[1]
+    T = videos[0].shape[1]
     picks = sorted({round(i * (T - 1) / max(1, min(max_frames, T) - 1)) for i in range(min(max_frames, T))})
-    rows = [torch.cat([_to_uint8(v)[t] for t in picks], dim=1) for v in (original, recon)]
+    rows = [torch.cat([_to_uint8(v)[t] for t in picks], dim=1) for v in videos]
     from pyratok.utils import atomic_write
 
     with atomic_write(path) as f:
@@ -413,7 +417,7 @@ def write_reconstruction(folder: str, original, recon, fps: float) -> None:
     write_video(os.path.join(folder, "reconstruction.mp4"), _to_uint8(recon), fps=fps)
     side = torch.cat([original, recon], dim=3)                                    # (3, T, H, 2W)
     write_video(os.path.join(folder, "side_by_side.mp4"), _to_uint8(side), fps=fps)
-    _frame_grid(original, recon, os.path.join(folder, "frames.png"))
+    _frame_grid([original, recon], os.path.join(folder, "frames.png"))
 
 
 def cmd_reconstruct(args) -> int:
@@ -425,7 +429,7 @@ def cmd_reconstruct(args) -> int:
         raise UserError(f"{args.video}: no such file")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UserError(f"-o {args.output}: exists and is not a folder (reconstruct writes a folder of outputs)")
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.rate)
     _load_lpips(model, args.lpips)
     text = _text_arg(model, args.text)
     _tile(args.tile, model, 0, 0)  # a bad --tile fails before any work
@@ -488,7 +492,7 @@ def cmd_eval(args) -> int:
         raise UserError(str(err)) from None
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UserError(f"-o {args.output}: exists and is not a folder")
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.rate)
     _load_lpips(model, args.lpips)
     rows, unreadable = [], []
     for i in _progress(range(len(dataset)), "eval", args.quiet):
@@ -672,6 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, model=True):
         if model:
             p.add_argument("--model", help="model folder (default: the bundled default model)")
+            p.add_argument("--rate", choices=("low", "high"),
+                           help="operating point of the bundled model (without --model): low = K=16 bits "
+                                "per token, ~0.1 bits/pixel (the default); high = K=48, ~0.3 bits/pixel")
             p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
             p.add_argument("--tile", default="auto",
                            help="spatial tiles of N latent pixels (exact, bounds memory); 'none' for whole frames; "

