@@ -149,7 +149,7 @@ def fit(model_dir: str, manifest: str, out: str) -> None:
     held_back = torch.arange(train, latents.shape[0])
     scale = latents[held_back].pow(2).mean()
     for step in range(steps + 1):
-        if step % 250 == 0:
+        if step % 250 == 0 or step == steps:
             with torch.no_grad():
                 error = loss_of(held_back)[0] / scale
             print(f"fit: step {step}: latent error of the held-back training crops {float(error):.3f} "
