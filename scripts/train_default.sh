@@ -2,7 +2,7 @@
 # Trains the bundled default model (pyratok/assets/default) from scratch on CPU, reproducibly,
 # at two operating points that share one backbone:
 #
-#   scripts/train_default.sh              # about 2 h 15 min on 2 otherwise idle cores (see the model card)
+#   scripts/train_default.sh              # about 2.5 h on 2 otherwise idle cores (see the model card)
 #   STEPS0=30 FIT_STEPS=20 FIT_CROPS=120 STEPS1F=20 WORK=/tmp/t DEST=/tmp/t/model RESULT=/tmp/t/r.json \
 #     scripts/train_default.sh             # a smoke run of the whole pipeline (minutes)
 #
