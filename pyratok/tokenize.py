@@ -298,6 +298,14 @@ class _ClipDecoder(torch.utils.data.Dataset):
                 done.append(c)
         video = torch.stack(clips) if clips else None                                      # (B, 3, T, h, w)
         frames = clips = None   # the decoded frames go before the heap is trimmed
+        if self._reader is not None:
+            # decord keeps the frames it decoded ahead of the last get_batch until the next seek
+            # (dmlc/decord#197, #208): rewinding frees them.  Without it a long run's workers
+            # held ~30 MB more than a short run's (benchmarks/bench_tokenize.py, memory rows).
+            try:
+                self._reader[1].seek(0)
+            except Exception:   # decord's own error type: then the reader goes (reopened when needed)
+                self._reader = None
         if in_worker:
             _trim_heap()
         return {"batch": batch, "video": video, "clips": done, "failed": failed}
