@@ -160,6 +160,49 @@ def test_frames_resized_a_few_at_a_time_give_the_same_bytes(reference, source, t
     assert digest(out) == digest(reference)
 
 
+def test_a_decoder_rewinds_its_reader_after_every_batch_and_drops_one_that_cannot(monkeypatch):
+    """decord keeps the frames it decoded ahead until the reader's next seek (dmlc/decord#197):
+    the decoder rewinds its cached reader after each batch (and the frames are still right);
+    a reader whose rewind fails is dropped, not fatal."""
+    import pyratok.data.video as video_module
+    import pyratok.tokenize as tokenize_module
+
+    opened, seeks = [], []
+
+    class Watched:
+        def __init__(self, reader):
+            self.reader = reader
+
+        def seek(self, pos):
+            seeks.append(pos)
+            if fail:
+                raise RuntimeError("DECORDError: seek failed")
+            return self.reader.seek(pos)
+
+        def __getattr__(self, name):
+            return getattr(self.reader, name)
+
+        def __len__(self):
+            return len(self.reader)
+
+    path = bundled_clip_path("carphone_pristine.mp4")
+    want = resize_and_crop(read_video(path, 15), 32, 32, None)
+    real_open = video_module.open_video
+    monkeypatch.setattr(video_module, "open_video", lambda path: opened.append(path) or Watched(real_open(path)))
+    clip = lambda first: tokenize_module._Clip(0, first, path, list(range(first, first + 5)), (32, 32), "", 25.0)
+    decoder, fail = tokenize_module._ClipDecoder(), False
+    for n, first in enumerate((0, 5, 10)):
+        out = decoder[tokenize_module._Batch(0, [clip(first)], False, {})]
+        assert torch.equal(out["video"][0], want[:, first:first + 5]) and not out["failed"]
+        assert seeks == [0] * (n + 1) and opened == [path]           # one reader, rewound after each batch
+    fail = True
+    out = decoder[tokenize_module._Batch(0, [clip(0)], False, {})]
+    assert torch.equal(out["video"][0], want[:, :5]) and decoder._reader is None
+    fail = False
+    decoder[tokenize_module._Batch(0, [clip(5)], False, {})]
+    assert opened == [path, path]                                    # reopened when needed
+
+
 def test_chunked_decode_gives_the_bytes_of_one_read_and_one_resize(monkeypatch):
     """_decode_resized reads the wanted frames in increasing chunks (the first of one frame, then as
     many as fit in _RESIZE_BYTES as float32) and resizes each before reading the next: the same bytes
