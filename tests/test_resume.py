@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
+from pyratok import ops
 from pyratok.data import write_video
 from pyratok.metrics import psnr
 from pyratok.train import TrainConfig, Trainer, loop
@@ -832,10 +833,14 @@ def test_the_log_record_and_the_progress_bar_report_each_step(tmp_path, clips, c
     cfg = TrainConfig.from_file(str(make_config(tmp_path, clips, steps=2, grad_accum=2)))
     cfg.train.progress = True
     trainer = Trainer(cfg)
-    seen = []                                            # per micro-batch: loss scalars and PSNR
+    seen = []                                            # per micro-batch: loss scalars, PSNR, codebook use
     watch_forward(trainer, lambda video, text, masked, recon, losses:
-                  seen.append((losses.scalars(), psnr(recon.detach().float(), video).item())))
+                  seen.append((losses.scalars(), psnr(recon.detach().float(), video).item(),
+                               [ops.codebook_usage(i, trainer.model.num_bits).fraction_used.item()
+                                for i in losses.indices])))
+    started = time.perf_counter()
     last = trainer.run()
+    wall = time.perf_counter() - started
     records = [json.loads(line) for line in open(trainer.log_path)]
     assert [r["step"] for r in records] == [1, 2] and records[-1] == last
     levels = trainer.model.config.lapq.levels
@@ -848,7 +853,9 @@ def test_the_log_record_and_the_progress_bar_report_each_step(tmp_path, clips, c
         assert record["psnr"] == pytest.approx((micro[0][1] + micro[1][1]) / 2, rel=1e-6)
         assert record["lr"] == pytest.approx(1e-3 * trainer._lr_factor(step + 1), rel=1e-9)
         assert all(0 < record[f"usage_l{l}"] <= 1 for l in range(levels))
-        assert record["grad_norm"] > 0 and record["seconds"] > 0
+        for l in range(levels):
+            assert record[f"usage_l{l}"] == pytest.approx((micro[0][2][l] + micro[1][2][l]) / 2, rel=1e-6), l
+        assert record["grad_norm"] > 0 and 0 < record["seconds"] < wall     # one step's time, not a clock reading
     with torch.no_grad():
         per_clip = sum(i.numel() for i in trainer.model.encode(torch.zeros(1, 3, 5, 32, 32)).ids)
     assert last["tokens_per_s"] * last["seconds"] == pytest.approx(2 * per_clip, rel=1e-9)   # 2 micro-batches of 1
