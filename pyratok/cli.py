@@ -21,6 +21,7 @@ from typing import Optional
 # an explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from pyratok.pretrained import RATES
 from pyratok.utils import MAX_FRAMES, MAX_SIDE, MAX_TILE, check_clip_pixels, error_summary
 
 EXIT_USER_ERROR = 2
@@ -676,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, model=True):
         if model:
             p.add_argument("--model", help="model folder (default: the bundled default model)")
-            p.add_argument("--rate", choices=("low", "high"),
+            p.add_argument("--rate", choices=RATES,
                            help="operating point of the bundled model (without --model): low = K=16 bits "
                                 "per token, ~0.1 bits/pixel (the default); high = K=48, ~0.3 bits/pixel")
             p.add_argument("--device", default="cpu", help="torch device (default: cpu)")

