@@ -28,6 +28,15 @@ side, then
   ``peak_pss_mb`` is the older measure, the largest sum of plain PSS: it is kept for comparison
   but is not a property of the run, because PSS divides a library page between every process on
   the machine that maps it, so another job importing torch moves it by 100+ MB.
+  The tree's memory swings by some 20-40 MB from sample to sample (batches in flight, the
+  encoder's intermediates), and a peak is the largest of all the samples: a run ten times as long
+  draws ten times as many, so its peak is higher even when nothing grows.  Hence the window
+  columns: the decoding phase of a run of N x 100 clips is cut into N spans of equal time, each
+  about one 100-clip run (``window_peaks_mb``, in order).  The first window holds the start-up
+  (the model's first batches) and is left out of the rest: ``window_peak_mean_mb`` is the mean of
+  the other windows' peaks, ``window_peak_first_mb`` / ``window_peak_last_mb`` the mean peak of
+  their first / last tenth and ``window_peak_slope_mb_per_1000`` their least-squares trend:
+  memory that grows with the clips done shows as last > first and a positive slope.
 
 Writes benchmarks/results/tokenize.csv (throughput, one row per run) and
 benchmarks/results/tokenize_memory.csv (memory, one row per run) and prints Markdown tables
@@ -43,6 +52,7 @@ import csv
 import datetime
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -59,7 +69,9 @@ from pyratok.data.video import bundled_clip_path  # noqa: E402
 
 FOOTAGE = ["bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4"]
 MEMORY_FIELDS = ["date", "commit", "machine", "torch", "clips", "clip_shape", "batch_size", "workers", "repeat",
-                 "seconds", "peak_mb", "peak_main_mb", "peak_workers_mb", "median_mb", "peak_pss_mb", "note"]
+                 "seconds", "peak_mb", "peak_main_mb", "peak_workers_mb", "median_mb", "peak_pss_mb", "windows",
+                 "window_peak_mean_mb", "window_peak_first_mb", "window_peak_last_mb", "window_peak_slope_mb_per_1000",
+                 "window_peaks_mb", "note"]
 FIELDS = ["date", "commit", "machine", "torch", "experiment", "provider", "clips", "clip_shape", "batch_size",
           "workers", "seconds", "clips_per_s", "speedup_vs_loop", "peak_pss_mb", "median_pss_mb", "note"]
 
@@ -154,16 +166,19 @@ def _tree_memory_kb(pid: int) -> Optional[dict]:
     return sample
 
 
-def peak_of(cmd: list[str]) -> dict:
+def peak_of(cmd: list[str], windows: int = 1) -> dict:
     """Seconds and peak / median memory in MB (see _tree_memory_kb; the median is taken over the
     samples where the tree held more than half its peak, i.e. past start-up) of a command run to
-    completion."""
+    completion.  ``window_peaks``: the decoding phase (the samples while DataLoader workers exist)
+    cut into ``windows`` spans of equal time, the tree's peak in each, in order; a run of N x 100
+    clips cut into N windows gives N peaks each comparable to a 100-clip run's peak."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     samples = []
     while proc.poll() is None:
         sample = _tree_memory_kb(proc.pid)
         if sample is not None:
+            sample["t"] = time.perf_counter()
             samples.append(sample)
         time.sleep(0.02)
     seconds = time.perf_counter() - start
@@ -171,8 +186,14 @@ def peak_of(cmd: list[str]) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
     peak = {k: max(s[k] for s in samples) / 1024 for k in ("tree", "main", "workers", "pss")}
     steady = sorted(s["tree"] for s in samples if s["tree"] / 1024 > peak["tree"] / 2)
+    decoding = [s for s in samples if s["workers"] > 0] or samples
+    t0, t1 = decoding[0]["t"], decoding[-1]["t"]
+    spans: list[list[float]] = [[] for _ in range(windows)]
+    for s in decoding:
+        spans[min(windows - 1, int((s["t"] - t0) / max(t1 - t0, 1e-9) * windows))].append(s["tree"] / 1024)
     return {"seconds": seconds, "peak": peak["tree"], "main": peak["main"], "workers": peak["workers"],
-            "pss": peak["pss"], "median": steady[len(steady) // 2] / 1024}
+            "pss": peak["pss"], "median": steady[len(steady) // 2] / 1024,
+            "window_peaks": [max(v) if v else float("nan") for v in spans]}
 
 
 def main_bench(argv=None) -> int:
@@ -242,30 +263,51 @@ def memory(args, footage, base, out) -> list[dict]:
                "--stride", "5", "--size", "32x32", "--batch-size", "16", "--workers", "2", "-q"]
         for rep in range(args.repeat):
             cmd[6] = out(f"mem{entries}")
-            m = peak_of(cmd)
+            m = peak_of(cmd, windows=max(1, entries // 10))
+            w = m["window_peaks"]
+            steady = w[1:] or w   # the first window holds the start-up (the model's first batches)
+            k = max(1, len(steady) // 10)
+            slope = _slope(steady) * 10 if len(steady) > 2 else float("nan")   # MB per 1,000 clips
             rows.append(dict(base, clips=10 * entries, clip_shape="5x32x32", batch_size=16, workers=2, repeat=rep,
                              seconds=round(m["seconds"], 2), peak_mb=round(m["peak"], 1),
                              peak_main_mb=round(m["main"], 1), peak_workers_mb=round(m["workers"], 1),
-                             median_mb=round(m["median"], 1), peak_pss_mb=round(m["pss"], 1)))
+                             median_mb=round(m["median"], 1), peak_pss_mb=round(m["pss"], 1),
+                             windows=len(w), window_peak_mean_mb=round(statistics.fmean(steady), 1),
+                             window_peak_first_mb=round(statistics.fmean(steady[:k]), 1),
+                             window_peak_last_mb=round(statistics.fmean(steady[-k:]), 1),
+                             window_peak_slope_mb_per_1000=round(slope, 2),
+                             window_peaks_mb=" ".join(f"{v:.1f}" for v in w)))
             print(f"memory: {10 * entries} clips (run {rep + 1}/{args.repeat}): peak {m['peak']:.1f} MB (main "
-                  f"{m['main']:.1f}, workers {m['workers']:.1f}; plain PSS {m['pss']:.1f}), {m['seconds']:.1f} s",
-                  flush=True)
+                  f"{m['main']:.1f}, workers {m['workers']:.1f}; plain PSS {m['pss']:.1f}), {m['seconds']:.1f} s; "
+                  f"peaks of its {len(w)} windows of ~100 clips: {' '.join(f'{v:.0f}' for v in w)}", flush=True)
     return rows
+
+
+def _slope(values: list[float]) -> float:
+    """Least-squares slope of values over their index (per window)."""
+    n = len(values)
+    mx, my = (n - 1) / 2, statistics.fmean(values)
+    return sum((i - mx) * (v - my) for i, v in enumerate(values)) / sum((i - mx) ** 2 for i in range(n))
 
 
 def memory_table(rows: list[dict]) -> None:
     import statistics
 
     def stat(values):
+        values = [float(v) for v in values if v != "" and float(v) == float(v)]   # no NaN (a run of one window)
+        if not values:
+            return "-"
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.1f} ± {sd:.1f}"
 
-    print("\n| clips | runs | peak MB (main + workers) | main MB | workers MB | median MB | plain PSS peak MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| clips | runs | peak MB (main + workers) | main MB | workers MB | median MB | plain PSS peak MB "
+          "| windows of ~100 clips: mean peak MB | first 10% | last 10% | slope MB / 1,000 clips |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for clips in sorted({r["clips"] for r in rows}):
         rs = [r for r in rows if r["clips"] == clips]
         print(f"| {clips} | {len(rs)} | " + " | ".join(stat([r[k] for r in rs]) for k in
-              ("peak_mb", "peak_main_mb", "peak_workers_mb", "median_mb", "peak_pss_mb")) + " |")
+              ("peak_mb", "peak_main_mb", "peak_workers_mb", "median_mb", "peak_pss_mb", "window_peak_mean_mb",
+               "window_peak_first_mb", "window_peak_last_mb", "window_peak_slope_mb_per_1000")) + " |")
 
 
 def write_csv(path: str, rows: list[dict], fields: list[str]) -> None:
