@@ -867,6 +867,31 @@ def test_the_log_record_and_the_progress_bar_report_each_step(tmp_path, clips, c
                           f"tok_s={last['tokens_per_s']:.0f}, usage={usage}]")
 
 
+def test_the_log_keeps_every_log_every_th_step_and_the_last(tmp_path, clips):
+    cfg = make_config(tmp_path, clips, steps=3, checkpoint_every=10)
+    cfg.write_text(cfg.read_text().replace("log_every = 1", "log_every = 2"))
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+    last = trainer.run()
+    records = [json.loads(line) for line in open(trainer.log_path)]
+    assert [r["step"] for r in records] == [2, 3] and records[-1] == last
+
+
+def test_the_backbone_stage_shows_no_codebook_use_and_counts_pixels_over_all_ranks(tmp_path, clips, capsys,
+                                                                                  monkeypatch):
+    # stage 0 has no codebook: the bar's usage field is empty, not an error; tokens/s counts every
+    # rank's pixels (here a world of 2 seen by this process, each rank a batch of 1 clip)
+    import pyratok.train.loop as loop
+
+    cfg = TrainConfig.from_file(str(make_config(tmp_path, clips, stage=0, steps=1)))
+    cfg.train.progress = True
+    monkeypatch.setattr(loop, "_world", lambda: 2)
+    last = Trainer(cfg).run()
+    assert not any(k.startswith("usage_l") for k in last)
+    assert last["tokens_per_s"] * last["seconds"] == pytest.approx(2 * 5 * 32 * 32, rel=1e-9)
+    final = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "1/1" in line][-1]
+    assert final.endswith(f"tok_s={last['tokens_per_s']:.0f}, usage=]")
+
+
 def test_data_workers_ignore_stop_signals_sent_to_the_group():
     """A DataLoader worker ignores SIGTERM and SIGINT (the main process saves and shuts it down)."""
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
