@@ -829,6 +829,51 @@ def test_under_a_process_group_the_model_trains_inside_ddp(tmp_path, clips, one_
                               "use distributed='ddp' on CPU")
 
 
+def test_under_a_process_group_each_step_hands_the_group_to_the_model(tmp_path, clips, one_process_group):
+    # the loss terms all-reduce their codebook statistics over the group the model is given
+    trainer = make_trainer(tmp_path, clips, steps=1)
+    groups = []
+    forward = trainer.wrapped
+
+    def recording(video, text, masked, pg, step):
+        groups.append((pg, step))
+        return forward(video, text, masked, pg, step)
+
+    trainer.wrapped = recording
+    trainer.run()
+    assert groups == [(loop.dist.group.WORLD, 0)]
+
+
+def test_rank_and_world_size_come_from_the_process_group(monkeypatch):
+    assert (loop._rank(), loop._world()) == (0, 1)                   # no process group
+    monkeypatch.setattr(loop, "_is_dist", lambda: True)
+    monkeypatch.setattr(loop.dist, "get_rank", lambda: 2)
+    monkeypatch.setattr(loop.dist, "get_world_size", lambda: 3)
+    assert (loop._rank(), loop._world()) == (2, 3)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_reads_its_own_share_of_every_epoch(tmp_path, clips, monkeypatch, rank):
+    # a world of 2 seen by this process: 4 clips, batch 1, so 2 batches per epoch per rank
+    monkeypatch.setattr(loop, "_world", lambda: 2)
+    monkeypatch.setattr(loop, "_rank", lambda: rank)
+    trainer = make_trainer(tmp_path, clips, repeat=2)
+    batches = trainer._batches()
+    seen = [next(batches)["index"].item() for _ in range(6)]
+    want = [i for epoch in range(3)
+            for i in ResumableSampler(4, trainer.cfg.train.seed, epoch, 0, rank, 2)]
+    assert seen == want and len(set(seen[:2])) == 2
+    other = [i for epoch in range(3) for i in ResumableSampler(4, trainer.cfg.train.seed, epoch, 0, 1 - rank, 2)]
+    assert sorted(seen[:2] + other[:2]) == [0, 1, 2, 3]              # the two ranks split each epoch
+
+
+def test_only_rank_0_writes_a_checkpoint(tmp_path, clips, monkeypatch):
+    trainer = make_trainer(tmp_path, clips)
+    monkeypatch.setattr(loop, "_rank", lambda: 1)
+    assert trainer.save_checkpoint() is None
+    assert not os.path.exists(trainer.checkpoint_dir()) or os.listdir(trainer.checkpoint_dir()) == []
+
+
 def test_the_log_record_and_the_progress_bar_report_each_step(tmp_path, clips, capsys):
     cfg = TrainConfig.from_file(str(make_config(tmp_path, clips, steps=2, grad_accum=2)))
     cfg.train.progress = True
