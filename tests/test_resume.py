@@ -912,6 +912,23 @@ def test_the_log_record_and_the_progress_bar_report_each_step(tmp_path, clips, c
                           f"tok_s={last['tokens_per_s']:.0f}, usage={usage}]")
 
 
+def test_the_trainer_hands_its_config_to_the_optimizer_and_the_data(tmp_path, clips):
+    from pyratok.data.dataset import ClipConfig
+
+    cfg = TrainConfig.from_file(str(make_config(tmp_path, clips)))
+    t, d = cfg.train, cfg.data
+    t.lr, t.betas, t.weight_decay, t.seed = 2e-3, [0.8, 0.95], 0.05, 7        # none of them a default
+    d.fps, d.crop, d.resize, d.buckets = 12.5, "center", 48, [[32, 32], [32, 48]]
+    trainer = Trainer(cfg)
+    group = trainer.optimizer.param_groups[0]
+    assert (group["initial_lr"], group["betas"], group["weight_decay"]) == (2e-3, (0.8, 0.95), 0.05)
+    assert trainer.dataset.config == ClipConfig(num_frames=5, height=32, width=32, fps=12.5, crop="center",
+                                                buckets=[(32, 32), (32, 48)], seed=7, resize=48)
+    d.fps, d.buckets = 0.0, []                                               # 0 / [] = the file's own rate, no buckets
+    assert Trainer(cfg).dataset.config == ClipConfig(num_frames=5, height=32, width=32, fps=None, crop="center",
+                                                     buckets=None, seed=7, resize=48)
+
+
 def test_the_log_keeps_every_log_every_th_step_and_the_last(tmp_path, clips):
     cfg = make_config(tmp_path, clips, steps=3, checkpoint_every=10)
     cfg.write_text(cfg.read_text().replace("log_every = 1", "log_every = 2"))
