@@ -844,6 +844,31 @@ def test_under_a_process_group_each_step_hands_the_group_to_the_model(tmp_path, 
     assert groups == [(loop.dist.group.WORLD, 0)]
 
 
+def test_the_wrapper_for_each_distributed_mode_and_device(tmp_path, clips, monkeypatch):
+    # FSDP needs GPUs and DDP on a GPU a CUDA device: the wrappers are replaced by recorders here,
+    # so what each is handed is checked on the CPU
+    import torch.distributed.fsdp
+    import torch.nn.parallel
+
+    trainer = make_trainer(tmp_path, clips)
+    model = trainer.model
+    assert trainer._wrap(model) is model                                        # no process group: unwrapped
+    monkeypatch.setattr(loop, "_is_dist", lambda: True)
+    monkeypatch.setattr(torch.distributed.fsdp, "FullyShardedDataParallel", lambda m, **kw: ("fsdp", m, kw))
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda m, **kw: ("ddp", m, kw))
+    trainer.device = torch.device("cuda", 1)
+    assert trainer._wrap(model) == ("ddp", model, {"device_ids": [1], "find_unused_parameters": True})
+    trainer.cfg.train.distributed = "fsdp"
+    assert trainer._wrap(model) == ("fsdp", model, {"use_orig_params": True, "device_id": torch.device("cuda", 1)})
+    trainer.device = torch.device("meta")                                       # neither CPU nor CUDA
+    assert trainer._wrap(model) == ("fsdp", model, {"use_orig_params": True, "device_id": None})
+    trainer.device = torch.device("cpu")
+    with pytest.raises(ValueError, match="needs GPUs"):
+        trainer._wrap(model)
+    trainer.cfg.train.distributed = "ddp"
+    assert trainer._wrap(model) == ("ddp", model, {"device_ids": None, "find_unused_parameters": True})
+
+
 def test_rank_and_world_size_come_from_the_process_group(monkeypatch):
     assert (loop._rank(), loop._world()) == (0, 1)                   # no process group
     monkeypatch.setattr(loop, "_is_dist", lambda: True)
