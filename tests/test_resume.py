@@ -869,6 +869,67 @@ def test_the_wrapper_for_each_distributed_mode_and_device(tmp_path, clips, monke
     assert trainer._wrap(model) == ("ddp", model, {"device_ids": None, "find_unused_parameters": True})
 
 
+def test_autocast_follows_the_device_and_the_configured_dtypes(tmp_path, clips, monkeypatch):
+    from contextlib import nullcontext
+
+    trainer = make_trainer(tmp_path, clips)
+    monkeypatch.setattr(torch, "autocast", lambda *args, **kw: (args, kw))       # records, for a CUDA device too
+    t = trainer.cfg.train
+    expected = {("cuda", "bf16", "none"): (("cuda",), {"dtype": torch.bfloat16}),
+                ("cuda", "fp16", "none"): (("cuda",), {"dtype": torch.float16}),
+                ("cuda", "fp16", "bf16"): (("cuda",), {"dtype": torch.float16}),   # cpu_amp is for the CPU only
+                ("cuda", "none", "none"): None,
+                ("cpu", "bf16", "none"): None,                                    # amp is for the GPU only
+                ("cpu", "none", "bf16"): (("cpu",), {"dtype": torch.bfloat16}),
+                ("cpu", "bf16", "bf16"): (("cpu",), {"dtype": torch.bfloat16}),
+                ("meta", "fp16", "bf16"): None}
+    for (device, amp, cpu_amp), want in expected.items():
+        trainer.device, t.amp, t.cpu_amp = torch.device(device), amp, cpu_amp
+        got = trainer._autocast()
+        if want is None:
+            assert isinstance(got, nullcontext), (device, amp, cpu_amp)
+        else:
+            assert got == want, (device, amp, cpu_amp)
+
+
+def test_cuda_generators_are_saved_and_restored_when_cuda_is_there(tmp_path, clips, monkeypatch):
+    # no GPU here: torch.cuda's generator calls are replaced by a recorder
+    trainer = make_trainer(tmp_path, clips)
+    plain = trainer.save_checkpoint()                         # without CUDA: no CUDA generator state
+    assert load_state(plain, "trainer")["cuda_rng"] is None
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.arange(5, dtype=torch.uint8)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    trainer.load_checkpoint(plain)                            # nothing saved: nothing restored
+    assert restored == []
+    trainer.step += 1
+    saved = trainer.save_checkpoint()
+    assert [s.tolist() for s in load_state(saved, "trainer")["cuda_rng"]] == [[0, 1, 2, 3, 4]]
+    trainer.load_checkpoint(saved)
+    assert [[s.tolist() for s in r] for r in restored] == [[[0, 1, 2, 3, 4]]]
+
+
+def test_each_batch_moves_to_the_trainer_device(tmp_path, clips):
+    cfg = TrainConfig.from_file(str(make_config(tmp_path, clips)))
+    cfg.train.masking = False
+    trainer = Trainer(cfg)
+    trainer.device = torch.device("meta")                     # a device the loader never produces
+    devices = []
+
+    class Stop(Exception):
+        pass
+
+    def forward(video, *args):
+        devices.append(video.device)
+        raise Stop                                             # the step stops here
+
+    trainer.wrapped = forward
+    with pytest.raises(Stop):
+        trainer.run()
+    assert devices == [torch.device("meta")]
+
+
 def test_rank_and_world_size_come_from_the_process_group(monkeypatch):
     assert (loop._rank(), loop._world()) == (0, 1)                   # no process group
     monkeypatch.setattr(loop, "_is_dist", lambda: True)
