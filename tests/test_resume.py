@@ -930,6 +930,44 @@ def test_each_batch_moves_to_the_trainer_device(tmp_path, clips):
     assert devices == [torch.device("meta")]
 
 
+def test_under_fsdp_checkpoints_gather_and_scatter_full_state_dicts(tmp_path, clips, monkeypatch):
+    # FSDP needs GPUs: torch.distributed.checkpoint's state-dict calls are replaced by recorders, the
+    # gathered model state being zeros so that the checkpoint shows which state it holds
+    import torch.distributed.checkpoint.state_dict as sd
+
+    trainer = make_trainer(tmp_path, clips)
+    gathered = {k: torch.zeros_like(v) for k, v in trainer.model.state_dict().items()}
+    optimizer_state = trainer.optimizer.state_dict()
+    calls = []
+    monkeypatch.setattr(sd, "get_model_state_dict",
+                        lambda model, options=None: calls.append(("get model", model, options)) or gathered)
+    monkeypatch.setattr(sd, "get_optimizer_state_dict",
+                        lambda model, opt, options=None: calls.append(("get optimizer", model, opt, options))
+                        or optimizer_state)
+    monkeypatch.setattr(sd, "set_model_state_dict",
+                        lambda model, weights, options=None: calls.append(("set model", model, sorted(weights),
+                                                                           options)))
+    monkeypatch.setattr(sd, "set_optimizer_state_dict",
+                        lambda model, opt, state, options=None: calls.append(("set optimizer", model, opt, options)))
+    monkeypatch.setattr(loop, "_is_dist", lambda: True)
+    monkeypatch.setattr(loop, "_rank", lambda: 0)
+    monkeypatch.setattr(loop.dist, "barrier", lambda: None)
+    trainer.cfg.train.distributed = "fsdp"
+    path = trainer.save_checkpoint()
+    (_, m1, o1), (_, m2, opt, o2) = calls
+    assert m1 is m2 is trainer.wrapped and opt is trainer.optimizer
+    for options in (o1, o2):
+        assert options.full_state_dict is True and options.cpu_offload is True
+    saved = load_file(os.path.join(path, "model.safetensors"))
+    assert saved and all(not t.any() for t in saved.values())              # the gathered state, not the model's own
+    calls.clear()
+    trainer.load_checkpoint(path)
+    (_, m1, names, o1), (_, m2, opt, o2) = calls
+    assert m1 is m2 is trainer.wrapped and opt is trainer.optimizer and names == sorted(saved)
+    for options in (o1, o2):
+        assert options.full_state_dict is True and options.strict is False
+
+
 def test_rank_and_world_size_come_from_the_process_group(monkeypatch):
     assert (loop._rank(), loop._world()) == (0, 1)                   # no process group
     monkeypatch.setattr(loop, "_is_dist", lambda: True)
