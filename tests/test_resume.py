@@ -910,6 +910,12 @@ def test_cuda_generators_are_saved_and_restored_when_cuda_is_there(tmp_path, cli
     assert [[s.tolist() for s in r] for r in restored] == [[[0, 1, 2, 3, 4]]]
 
 
+def test_the_model_is_built_on_the_trainer_device(tmp_path, clips):
+    trainer = Trainer(TrainConfig.from_file(str(make_config(tmp_path, clips))), device=torch.device("meta"))
+    assert trainer.device == torch.device("meta")
+    assert {p.device for p in trainer.model.parameters()} == {torch.device("meta")}
+
+
 def test_each_batch_moves_to_the_trainer_device(tmp_path, clips):
     cfg = TrainConfig.from_file(str(make_config(tmp_path, clips)))
     cfg.train.masking = False
