@@ -809,6 +809,19 @@ def test_setup_distributed_starts_a_group_only_under_torchrun(monkeypatch):
     assert loop.setup_distributed() == want and len(calls) == 1
 
 
+def test_setup_distributed_on_gpus_uses_nccl_and_the_local_rank(monkeypatch):
+    # no GPU here: torch.cuda's availability and set_device are replaced by recorders
+    calls, devices = [], []
+    monkeypatch.setattr(loop.dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert loop.setup_distributed() == torch.device("cuda", 0) and calls == ["nccl"] and devices == [0]
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert loop.setup_distributed() == torch.device("cuda", 3) and devices == [0, 3]
+
+
 @pytest.fixture()
 def one_process_group(tmp_path):
     loop.dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", rank=0, world_size=1)
