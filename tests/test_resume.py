@@ -987,6 +987,38 @@ def test_under_fsdp_checkpoints_gather_and_scatter_full_state_dicts(tmp_path, cl
         assert options.full_state_dict is True and options.strict is False
 
 
+def test_frozen_networks_are_in_no_trainable_group():
+    for name in ("text_encoder.layer.q.lora_A.weight", "drift_teacher.vae.q.lora_B.weight", "lpips.net.lora_A.weight"):
+        assert loop.parameter_group(name) is None, name
+    assert loop.parameter_group("vae.encoder.q.lora_A.weight") == "lora"
+
+
+def test_build_model_starts_from_the_pretrained_folder_or_the_preset_with_its_backbone(tmp_path, clips, monkeypatch):
+    from pyratok.models.pyratok import PyraTok, PyraTokConfig
+
+    source = PyraTok(PyraTokConfig.tiny(text_encoder=None))
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.25)                                          # not what a fresh model starts from
+    source.save_pretrained(str(tmp_path / "start"))
+    cfg = TrainConfig.from_file(str(make_config(tmp_path / "run", clips)))
+    cfg.model.pretrained = str(tmp_path / "start")
+    built = loop.build_model(cfg).state_dict()
+    assert all(torch.equal(built[k], v) for k, v in source.state_dict().items())
+    cfg.model.pretrained, cfg.model.backbone_path = "", "/models/Wan2.1-VAE"
+
+    class Stop(Exception):
+        pass
+
+    def tiny(**overrides):
+        raise Stop(overrides)
+
+    monkeypatch.setattr(PyraTokConfig, "tiny", tiny)
+    with pytest.raises(Stop) as got:
+        loop.build_model(cfg)
+    assert got.value.args[0] == {"text_encoder": None, "backbone_path": "/models/Wan2.1-VAE"}
+
+
 def test_rank_and_world_size_come_from_the_process_group(monkeypatch):
     assert (loop._rank(), loop._world()) == (0, 1)                   # no process group
     monkeypatch.setattr(loop, "_is_dist", lambda: True)
