@@ -1010,13 +1010,18 @@ def test_build_model_starts_from_the_pretrained_folder_or_the_preset_with_its_ba
     class Stop(Exception):
         pass
 
-    def tiny(**overrides):
-        raise Stop(overrides)
+    def recorder(preset):                                       # the paper preset is 10^8 parameters
+        def build(**overrides):
+            raise Stop(preset, overrides)
+        return build
 
-    monkeypatch.setattr(PyraTokConfig, "tiny", tiny)
-    with pytest.raises(Stop) as got:
-        loop.build_model(cfg)
-    assert got.value.args[0] == {"text_encoder": None, "backbone_path": "/models/Wan2.1-VAE"}
+    for preset in ("tiny", "paper"):
+        monkeypatch.setattr(PyraTokConfig, preset, recorder(preset))
+    for preset in ("tiny", "paper"):
+        cfg.model.preset = preset
+        with pytest.raises(Stop) as got:
+            loop.build_model(cfg)
+        assert got.value.args == (preset, {"text_encoder": None, "backbone_path": "/models/Wan2.1-VAE"})
 
 
 def test_rank_and_world_size_come_from_the_process_group(monkeypatch):
