@@ -1024,6 +1024,21 @@ def test_build_model_starts_from_the_pretrained_folder_or_the_preset_with_its_ba
         assert got.value.args == (preset, {"text_encoder": None, "backbone_path": "/models/Wan2.1-VAE"})
 
 
+def test_build_model_loads_the_configured_lpips_and_trains_the_prior_only_with_its_loss(tmp_path, clips, monkeypatch):
+    from pyratok.models.pyratok import PyraTok
+
+    loaded = []
+    monkeypatch.setattr(PyraTok, "load_lpips", lambda self, path: loaded.append(path))
+    cfg = TrainConfig.from_file(str(make_config(tmp_path, clips, stage=2)))
+    cfg.model.lpips = "/models/lpips/vgg.pth"
+    for ar in (1.0, 0.5, 0.0):
+        cfg.loss["ar"] = ar
+        model = loop.build_model(cfg)
+        trained = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+        assert ("prior" in trained) == (ar > 0), ar
+    assert loaded == ["/models/lpips/vgg.pth"] * 3
+
+
 def test_rank_and_world_size_come_from_the_process_group(monkeypatch):
     assert (loop._rank(), loop._world()) == (0, 1)                   # no process group
     monkeypatch.setattr(loop, "_is_dist", lambda: True)
