@@ -267,7 +267,8 @@ def memory(args, footage, base, out) -> list[dict]:
             w = m["window_peaks"]
             steady = w[1:] or w   # the first window holds the start-up (the model's first batches)
             k = max(1, len(steady) // 10)
-            slope = _slope(steady) * 10 if len(steady) > 2 else float("nan")   # MB per 1,000 clips
+            slope = (statistics.linear_regression(range(len(steady)), steady).slope * 10   # MB per 1,000 clips
+                     if len(steady) > 2 else float("nan"))
             rows.append(dict(base, clips=10 * entries, clip_shape="5x32x32", batch_size=16, workers=2, repeat=rep,
                              seconds=round(m["seconds"], 2), peak_mb=round(m["peak"], 1),
                              peak_main_mb=round(m["main"], 1), peak_workers_mb=round(m["workers"], 1),
@@ -283,16 +284,7 @@ def memory(args, footage, base, out) -> list[dict]:
     return rows
 
 
-def _slope(values: list[float]) -> float:
-    """Least-squares slope of values over their index (per window)."""
-    n = len(values)
-    mx, my = (n - 1) / 2, statistics.fmean(values)
-    return sum((i - mx) * (v - my) for i, v in enumerate(values)) / sum((i - mx) ** 2 for i in range(n))
-
-
 def memory_table(rows: list[dict]) -> None:
-    import statistics
-
     def stat(values):
         values = [float(v) for v in values if v != "" and float(v) == float(v)]   # no NaN (a run of one window)
         if not values:

@@ -97,7 +97,8 @@ def test_demo_reconstructs_a_held_out_real_clip_at_both_operating_points(tmp_pat
                                        "side_by_side.mp4", "tokens_high.safetensors", "tokens_low.safetensors"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ok"] and list(metrics["points"]) == ["low", "high"]
-    want = recorded()["demo"]["points"]
+    record = recorded()
+    want = record["demo"]["points"]
     for rate, m in metrics["points"].items():
         assert m["backends_agree"] and m["decode_from_file_exact"]
         assert m["psnr"] == pytest.approx(want[rate]["psnr"], abs=0.02)
@@ -108,7 +109,7 @@ def test_demo_reconstructs_a_held_out_real_clip_at_both_operating_points(tmp_pat
     # limit, see the README) but better in SSIM; over the three real clips it is better in both
     assert min(m["psnr"] for m in metrics["points"].values()) > FLOORS["low"][0] - 2
     assert metrics["points"]["high"]["ssim"] > metrics["points"]["low"]["ssim"]
-    means = {rate: recorded()["points"][rate]["real"] for rate in RATES}
+    means = {rate: record["points"][rate]["real"] for rate in RATES}
     assert means["high"]["psnr"] > means["low"]["psnr"] and means["high"]["ssim"] > means["low"]["ssim"]
     grid = Image.open(out / "frames.png")
     assert grid.size == (6 * 176, 3 * 144)                    # rows: original, low, high; 6 frames each

@@ -1108,7 +1108,7 @@ def test_the_log_record_and_the_progress_bar_report_each_step(tmp_path, clips, c
 
 
 def test_the_trainer_hands_its_config_to_the_optimizer_and_the_data(tmp_path, clips):
-    from pyratok.data.dataset import ClipConfig
+    from pyratok.data import ClipConfig
 
     cfg = TrainConfig.from_file(str(make_config(tmp_path, clips)))
     t, d = cfg.train, cfg.data
@@ -1125,9 +1125,9 @@ def test_the_trainer_hands_its_config_to_the_optimizer_and_the_data(tmp_path, cl
 
 
 def test_the_log_keeps_every_log_every_th_step_and_the_last(tmp_path, clips):
-    cfg = make_config(tmp_path, clips, steps=3, checkpoint_every=10)
-    cfg.write_text(cfg.read_text().replace("log_every = 1", "log_every = 2"))
-    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+    cfg = TrainConfig.from_file(str(make_config(tmp_path, clips, steps=3, checkpoint_every=10)))
+    cfg.train.log_every = 2
+    trainer = Trainer(cfg)
     last = trainer.run()
     records = [json.loads(line) for line in open(trainer.log_path)]
     assert [r["step"] for r in records] == [2, 3] and records[-1] == last
@@ -1137,8 +1137,6 @@ def test_the_backbone_stage_shows_no_codebook_use_and_counts_pixels_over_all_ran
                                                                                   monkeypatch):
     # stage 0 has no codebook: the bar's usage field is empty, not an error; tokens/s counts every
     # rank's pixels (here a world of 2 seen by this process, each rank a batch of 1 clip)
-    import pyratok.train.loop as loop
-
     cfg = TrainConfig.from_file(str(make_config(tmp_path, clips, stage=0, steps=1)))
     cfg.train.progress = True
     monkeypatch.setattr(loop, "_world", lambda: 2)
