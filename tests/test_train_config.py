@@ -221,3 +221,21 @@ def test_bad_loss_tables_are_named():
     assert error(loss={"entropy": True}) == f"[loss] entropy=True: expected float (like {LossConfig.entropy!r})"
     assert error(loss={"drift_every": 2.0}) == "[loss] drift_every=2.0: expected int (like 4)"
     assert error(loss={"entropy_method": 1}) == "[loss] entropy_method=1: expected str (like 'auto')"
+
+
+def test_the_checks_name_any_key_and_type_they_are_given():
+    """The two checks are generic: a dotted name of any depth keeps its last part in the range
+    message, and a field of a type outside the config's own (a tuple here) is named by the type."""
+    from pyratok.train.config import _check_range, _check_types
+
+    with pytest.raises(ValueError) as err:
+        _check_range("a.b.c", 0, 1, 2)
+    assert str(err.value) == "a.b.c=0: expected 1 <= c <= 2"
+
+    @dataclasses.dataclass
+    class Section:
+        pair: tuple = (1, 2)
+
+    with pytest.raises(ValueError) as err:
+        _check_types("extra", Section(pair=[1, 2]))
+    assert str(err.value) == "extra.pair=[1, 2]: expected tuple, got list"

@@ -4,6 +4,7 @@ time, and the report benchmarks/results/mutation.md (per-module scores and every
     python benchmarks/mutation/run.py                      # every module of modules.toml
     python benchmarks/mutation/run.py tokens masking       # some
     python benchmarks/mutation/run.py --report-only        # re-read the last runs into the report
+    python benchmarks/mutation/run.py train --mutants 'pyratok.train.config.*'   # some mutants of one module
 
 Each module runs in its own scratch tree build/mutation/<name>/: a copy of pyratok/ with the
 top-level kernels/ placed at pyratok/kernels (what setup.py's package_dir mapping does for an
@@ -78,7 +79,9 @@ timeout_constant = 30.0
     return tree
 
 
-def run(name: str, entry: dict, jobs: int) -> int:
+def run(name: str, entry: dict, jobs: int, mutants: list[str] = ()) -> int:
+    """Mutate one module in a fresh scratch tree and run its mutants (those matching the
+    ``mutants`` patterns, such as "pyratok.train.config.*", when given; the rest stay not checked)."""
     tree = prepare(name, entry)
     # mutants/ must exist before Python starts: a PYTHONPATH entry that does not exist yet is cached
     # as "no finder", and pyratok would then be imported from the editable install, unmutated
@@ -89,7 +92,7 @@ def run(name: str, entry: dict, jobs: int) -> int:
     env.pop("PYRATOK_BACKEND", None)
     mutmut = [sys.executable, "-m", "mutmut"]
     print(f"== {name}: mutating {', '.join(entry['mutate'])}; tests {' '.join(entry['tests'])}", flush=True)
-    return subprocess.call(mutmut + ["run", "--max-children", str(jobs)], cwd=tree, env=env)
+    return subprocess.call(mutmut + ["run", "--max-children", str(jobs), *mutants], cwd=tree, env=env)
 
 
 def results(name: str) -> dict[str, str] | None:
@@ -245,6 +248,9 @@ def main() -> int:
     parser.add_argument("modules", nargs="*", help="entries of modules.toml (default: all)")
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--mutants", nargs="+", default=[], metavar="PATTERN",
+                        help="run only the mutants whose names match these fnmatch patterns "
+                             "(e.g. 'pyratok.train.config.*'); the others are reported as not checked")
     args = parser.parse_args()
     modules = load("modules.toml")
     names = args.modules or list(modules)
@@ -254,7 +260,7 @@ def main() -> int:
     status = 0
     if not args.report_only:
         for name in names:
-            status |= run(name, modules[name], args.jobs)
+            status |= run(name, modules[name], args.jobs, args.mutants)
     report(names)
     return status
 
