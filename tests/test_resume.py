@@ -1376,3 +1376,50 @@ def test_the_fsdp_branch_is_taken_only_under_torchrun_with_fsdp(monkeypatch, dis
     monkeypatch.setattr(loop, "_is_dist", lambda: dist)
     trainer = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(distributed=mode)))
     assert Trainer._fsdp(trainer) is want
+
+
+def test_a_stored_ema_goes_to_the_parameters_device(tmp_path, clips, monkeypatch):
+    """The EMA is restored onto each parameter's device: here a trainer built on the meta device
+    (the only second device a CPU machine has) resumes a CPU-written EMA.  Loading the checkpoint's
+    weights into meta parameters copies nothing, so the model's side of the load is stubbed out."""
+    cfg = make_config(tmp_path, clips, steps=1, extra_train="ema = 0.5")
+    trainer = Trainer(TrainConfig.from_file(str(cfg)))
+    trainer.run()
+    ckpt = trainer.latest_checkpoint()
+    state = load_state(ckpt, "trainer")
+    assert {e.device for e in state["ema"]} == {torch.device("cpu")}
+    monkeypatch.setattr(loop, "load_state", lambda folder, stem: state)
+    again = Trainer(TrainConfig.from_file(str(cfg)), device=torch.device("meta"))
+    monkeypatch.setattr(again.model, "_saved_state", lambda **k: trainer.model._saved_state(**k))   # its keys
+    monkeypatch.setattr(again.model, "load_state_dict", lambda *a, **k: None)
+    monkeypatch.setattr(again.optimizer, "load_state_dict", lambda *a, **k: None)
+    again.load_checkpoint(ckpt)
+    assert [e.device for e in again.ema] == [p.device for p in again.params] == [torch.device("meta")] * len(again.params)
+    assert [e.shape for e in again.ema] == [s.shape for s in state["ema"]]
+
+
+def test_a_legacy_trainer_pt_is_read_onto_the_cpu(tmp_path, one_step_run, monkeypatch):
+    """A trainer.pt written on GPUs holds CUDA tensors: it is read with map_location="cpu" (and
+    weights_only=True), so it resumes on a machine without that GPU."""
+    cfg, ckpt = one_step_run
+    torch.save(load_state(ckpt, "trainer"), os.path.join(ckpt, "trainer.pt"))
+    os.remove(os.path.join(ckpt, "trainer.json"))
+    os.remove(os.path.join(ckpt, "trainer.safetensors"))
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
+    Trainer(TrainConfig.from_file(str(cfg))).load_checkpoint(ckpt)
+    assert calls == [{"map_location": "cpu", "weights_only": True}]
+
+
+def test_only_rank_0_looks_up_the_last_good_checkpoint(tmp_path, clips, monkeypatch):
+    """The last good checkpoint (named when a loss turns non-finite) is rank 0's to find: it alone
+    writes checkpoints, so the other ranks never list the checkpoint folder."""
+    for rank, want in ((1, 0), (0, 1)):
+        trainer = make_trainer(tmp_path / f"rank{rank}", clips, steps=1)
+        monkeypatch.setattr(loop, "_rank", lambda: rank)
+        looked = []
+        real = trainer.latest_checkpoint
+        monkeypatch.setattr(trainer, "latest_checkpoint", lambda: looked.append(1) or real())
+        trainer.run()
+        assert len(looked) == want, rank
