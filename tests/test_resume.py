@@ -1423,3 +1423,24 @@ def test_only_rank_0_looks_up_the_last_good_checkpoint(tmp_path, clips, monkeypa
         monkeypatch.setattr(trainer, "latest_checkpoint", lambda: looked.append(1) or real())
         trainer.run()
         assert len(looked) == want, rank
+
+
+class _RecordsTo(torch.Tensor):
+    """A tensor that records the arguments of every .to() call made on it."""
+    calls: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.to:
+            cls.calls.append((args[1:], kwargs or {}))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_state_tensor_is_stored_from_a_cpu_copy(tmp_path):
+    """Tensors of a trainer state (GPU optimizer moments, CUDA generator states) are copied to the
+    CPU before they are written: the copy is asked for by device, whatever device the tensor is on."""
+    _RecordsTo.calls = []
+    moment = torch.arange(4.0).as_subclass(_RecordsTo)
+    save_state(str(tmp_path), "trainer", {"exp_avg": moment})
+    assert _RecordsTo.calls == [(("cpu",), {})]
+    assert torch.equal(load_state(str(tmp_path), "trainer")["exp_avg"], torch.arange(4.0))
