@@ -179,9 +179,17 @@ def test_resume_at_batch_size_2_with_a_short_last_batch_is_exact(tmp_path, clips
 
 def test_an_epoch_that_yields_no_batch_is_an_error_not_an_endless_loop(tmp_path, clips, monkeypatch):
     trainer = make_trainer(tmp_path, clips)
-    monkeypatch.setattr(trainer, "_loader", lambda epoch, start: iter(()))
+    asked = []
+
+    def empty_loader(epoch, start):   # a broken guard asks again and again: fail at once, never hang
+        asked.append((epoch, start))
+        assert len(asked) == 1, f"the empty epoch was read {len(asked)} times"
+        return iter(())
+
+    monkeypatch.setattr(trainer, "_loader", empty_loader)
     with pytest.raises(RuntimeError, match=r"no batch at epoch 0, position 0 of 2 batches per epoch \(2 clips, batch size 1\)"):
         next(trainer._batches())
+    assert asked == [(0, 0)]
 
 
 def test_the_loader_does_not_consume_the_global_rng(tmp_path, clips):
