@@ -738,3 +738,25 @@ def test_an_unsaved_model_is_named_after_its_config():
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode()).hexdigest()
     assert model.model_id == "unsaved-" + digest[:16]
     assert tiny_model().model_id == model.model_id and tiny_model(lora_rank=2).model_id != model.model_id
+
+
+def test_forward_puts_the_caption_flags_on_the_video_device(monkeypatch):
+    """The per-clip caption flags are made on the CPU and moved to the video's device (the codebook
+    terms index with them): the move names that device.  A CPU machine has no second device that
+    holds data, so the flags record what .to() is asked for and then move as a plain tensor."""
+    asked = []
+
+    class RecordsTo(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.to:
+                asked.append(args[1:])
+                return args[0].as_subclass(torch.Tensor).to(*args[1:], **(kwargs or {}))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    model = tiny_model()
+    real = model._has_caption
+    monkeypatch.setattr(model, "_has_caption", lambda text, batch: real(text, batch).as_subclass(RecordsTo))
+    video = clip()
+    model(video, None)
+    assert asked == [(video.device,)]
