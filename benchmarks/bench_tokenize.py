@@ -37,6 +37,15 @@ side, then
   the other windows' peaks, ``window_peak_first_mb`` / ``window_peak_last_mb`` the mean peak of
   their first / last tenth and ``window_peak_slope_mb_per_1000`` their least-squares trend:
   memory that grows with the clips done shows as last > first and a positive slope.
+  ``hwm_main_mb`` / ``hwm_worker_mb`` are the kernel's own high-water marks (VmHWM: the largest
+  resident set, counted by the kernel at every page fault, so no sample can miss it) of the main
+  process and of the largest worker; a worker's counts the parent's pages it shares in full.
+  Two datasets (``--memory-designs``): ``cycle`` cycles over all 11 windows of the footage with 32
+  entries per shard, so a longer run also meets batches that straddle other pairs of windows;
+  ``repeat`` takes the first 10 windows and one shard per 10 entries, so a run of 1,000 clips is
+  the 100-clip run's one shard ten times over, the same batches in the same order: any difference
+  between the two is the run's length, not its content.  Rows without a design predate the column
+  and are the cycle design.
 
 Writes benchmarks/results/tokenize.csv (throughput, one row per run) and
 benchmarks/results/tokenize_memory.csv (memory, one row per run) and prints Markdown tables
@@ -68,8 +77,9 @@ from pyratok.data import read_video, resize_and_crop, write_video  # noqa: E402
 from pyratok.data.video import bundled_clip_path  # noqa: E402
 
 FOOTAGE = ["bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4"]
-MEMORY_FIELDS = ["date", "commit", "machine", "torch", "clips", "clip_shape", "batch_size", "workers", "repeat",
-                 "seconds", "peak_mb", "peak_main_mb", "peak_workers_mb", "median_mb", "peak_pss_mb", "windows",
+MEMORY_FIELDS = ["date", "commit", "machine", "torch", "design", "clips", "clip_shape", "batch_size", "workers", "repeat",
+                 "seconds", "peak_mb", "peak_main_mb", "peak_workers_mb", "median_mb", "peak_pss_mb",
+                 "hwm_main_mb", "hwm_worker_mb", "windows",
                  "window_peak_mean_mb", "window_peak_first_mb", "window_peak_last_mb", "window_peak_slope_mb_per_1000",
                  "window_peaks_mb", "note"]
 FIELDS = ["date", "commit", "machine", "torch", "experiment", "provider", "clips", "clip_shape", "batch_size",
@@ -106,14 +116,15 @@ def clip_files(work: str, footage: list[str], count: int) -> str:
     return folder
 
 
-def manifest(work: str, footage: list[str], entries: int) -> str:
-    """``entries`` 2-second windows (50 frames at 25 fps: 10 clips of 5 frames) cycling over the footage."""
+def manifest(work: str, footage: list[str], entries: int, period: Optional[int] = None) -> str:
+    """``entries`` 2-second windows (50 frames at 25 fps: 10 clips of 5 frames) cycling over the
+    footage's windows, or over its first ``period`` windows."""
     import json
 
     from pyratok.data.video import open_video
 
-    windows = [(p, s) for p in footage for s in range(0, len(open_video(p)) - 49, 50)]
-    path = os.path.join(work, f"manifest{entries}.jsonl")
+    windows = [(p, s) for p in footage for s in range(0, len(open_video(p)) - 49, 50)][:period]
+    path = os.path.join(work, f"manifest{entries}{f'_period{period}' if period else ''}.jsonl")
     with open(path, "w") as f:
         for i in range(entries):
             p, s = windows[i % len(windows)]
@@ -141,7 +152,7 @@ def _tree_memory_kb(pid: int) -> Optional[dict]:
                 children.setdefault(ppid, []).append(int(entry))
             except (OSError, ValueError, IndexError):
                 continue
-    sample = {"tree": 0, "main": 0, "workers": 0, "pss": 0}
+    sample = {"tree": 0, "main": 0, "workers": 0, "pss": 0, "hwm_main": 0, "hwm_worker": 0}
     todo = [pid]
     while todo:
         p = todo.pop()
@@ -150,8 +161,9 @@ def _tree_memory_kb(pid: int) -> Optional[dict]:
             with open(f"/proc/{p}/smaps_rollup") as f:
                 fields = {l.split(":")[0]: int(l.split()[1]) for l in f if l.startswith(("Pss", "Rss"))}
             with open(f"/proc/{p}/status") as f:
-                rss_file = next(int(l.split()[1]) for l in f if l.startswith("RssFile:"))
-        except (OSError, StopIteration, ValueError, IndexError):
+                status = {l.split(":")[0]: l for l in f if l.startswith(("RssFile:", "VmHWM:"))}
+            rss_file, hwm = int(status["RssFile"].split()[1]), int(status["VmHWM"].split()[1])
+        except (OSError, KeyError, ValueError, IndexError):
             if p == pid:
                 return None
             continue
@@ -161,8 +173,10 @@ def _tree_memory_kb(pid: int) -> Optional[dict]:
         if p == pid:
             sample["tree"] += rss_file
             sample["main"] = own + rss_file
+            sample["hwm_main"] = hwm
         else:
             sample["workers"] += own
+            sample["hwm_worker"] = max(sample["hwm_worker"], hwm)
     return sample
 
 
@@ -184,7 +198,7 @@ def peak_of(cmd: list[str], windows: int = 1) -> dict:
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
-    peak = {k: max(s[k] for s in samples) / 1024 for k in ("tree", "main", "workers", "pss")}
+    peak = {k: max(s[k] for s in samples) / 1024 for k in ("tree", "main", "workers", "pss", "hwm_main", "hwm_worker")}
     steady = sorted(s["tree"] for s in samples if s["tree"] / 1024 > peak["tree"] / 2)
     decoding = [s for s in samples if s["workers"] > 0] or samples
     t0, t1 = decoding[0]["t"], decoding[-1]["t"]
@@ -193,6 +207,7 @@ def peak_of(cmd: list[str], windows: int = 1) -> dict:
         spans[min(windows - 1, int((s["t"] - t0) / max(t1 - t0, 1e-9) * windows))].append(s["tree"] / 1024)
     return {"seconds": seconds, "peak": peak["tree"], "main": peak["main"], "workers": peak["workers"],
             "pss": peak["pss"], "median": steady[len(steady) // 2] / 1024,
+            "hwm_main": peak["hwm_main"], "hwm_worker": peak["hwm_worker"],
             "window_peaks": [max(v) if v else float("nan") for v in spans]}
 
 
@@ -205,6 +220,10 @@ def main_bench(argv=None) -> int:
     parser.add_argument("--workers", default="0,1,2,4", help="tokenize worker counts at batch 16")
     parser.add_argument("--memory-entries", default="10,100",
                         help="manifest entries (x10 clips) for the memory runs (empty: none)")
+    parser.add_argument("--memory-designs", default="repeat,cycle",
+                        help="memory datasets: 'repeat' (the footage's first 10 windows, one shard each pass: a "
+                             "1,000-clip run is the 100-clip run's shard 10 times) and/or 'cycle' (all 11 windows "
+                             "cycled, 32 entries per shard: a longer run also meets other batch compositions)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each memory size (default 3)")
     parser.add_argument("--csv", default=os.path.join(ROOT, "benchmarks", "results", "tokenize.csv"))
     parser.add_argument("--memory-csv", default=os.path.join(ROOT, "benchmarks", "results", "tokenize_memory.csv"))
@@ -257,10 +276,13 @@ def throughput(args, footage, base, rows, out) -> None:
 
 def memory(args, footage, base, out) -> list[dict]:
     rows = []
-    for entries in (int(e) for e in args.memory_entries.split(",")):
-        source = manifest(args.work, footage, entries)
+    for design, entries in ((d, int(e)) for d in args.memory_designs.split(",") for e in args.memory_entries.split(",")):
+        if design not in ("repeat", "cycle"):
+            raise SystemExit(f"--memory-designs: unknown design {design!r}; expected repeat and/or cycle")
+        source = manifest(args.work, footage, entries, period=10 if design == "repeat" else None)
         cmd = [sys.executable, "-m", "pyratok.cli", "tokenize", source, "-o", "", "--frames", "5",
-               "--stride", "5", "--size", "32x32", "--batch-size", "16", "--workers", "2", "-q"]
+               "--stride", "5", "--size", "32x32", "--batch-size", "16", "--workers", "2", "-q",
+               "--videos-per-shard", "10" if design == "repeat" else "32"]
         for rep in range(args.repeat):
             cmd[6] = out(f"mem{entries}")
             m = peak_of(cmd, windows=max(1, entries // 10))
@@ -269,17 +291,19 @@ def memory(args, footage, base, out) -> list[dict]:
             k = max(1, len(steady) // 10)
             slope = (statistics.linear_regression(range(len(steady)), steady).slope * 10   # MB per 1,000 clips
                      if len(steady) > 2 else float("nan"))
-            rows.append(dict(base, clips=10 * entries, clip_shape="5x32x32", batch_size=16, workers=2, repeat=rep,
+            rows.append(dict(base, design=design, clips=10 * entries, clip_shape="5x32x32", batch_size=16, workers=2, repeat=rep,
                              seconds=round(m["seconds"], 2), peak_mb=round(m["peak"], 1),
                              peak_main_mb=round(m["main"], 1), peak_workers_mb=round(m["workers"], 1),
                              median_mb=round(m["median"], 1), peak_pss_mb=round(m["pss"], 1),
+                             hwm_main_mb=round(m["hwm_main"], 1), hwm_worker_mb=round(m["hwm_worker"], 1),
                              windows=len(w), window_peak_mean_mb=round(statistics.fmean(steady), 1),
                              window_peak_first_mb=round(statistics.fmean(steady[:k]), 1),
                              window_peak_last_mb=round(statistics.fmean(steady[-k:]), 1),
                              window_peak_slope_mb_per_1000=round(slope, 2),
                              window_peaks_mb=" ".join(f"{v:.1f}" for v in w)))
-            print(f"memory: {10 * entries} clips (run {rep + 1}/{args.repeat}): peak {m['peak']:.1f} MB (main "
-                  f"{m['main']:.1f}, workers {m['workers']:.1f}; plain PSS {m['pss']:.1f}), {m['seconds']:.1f} s; "
+            print(f"memory ({design}): {10 * entries} clips (run {rep + 1}/{args.repeat}): peak {m['peak']:.1f} MB (main "
+                  f"{m['main']:.1f}, workers {m['workers']:.1f}; plain PSS {m['pss']:.1f}; high-water marks: main "
+                  f"{m['hwm_main']:.1f}, largest worker {m['hwm_worker']:.1f}), {m['seconds']:.1f} s; "
                   f"peaks of its {len(w)} windows of ~100 clips: {' '.join(f'{v:.0f}' for v in w)}", flush=True)
     return rows
 
@@ -292,13 +316,15 @@ def memory_table(rows: list[dict]) -> None:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.1f} ± {sd:.1f}"
 
-    print("\n| clips | runs | peak MB (main + workers) | main MB | workers MB | median MB | plain PSS peak MB "
+    print("\n| design | clips | runs | peak MB (main + workers) | main MB | workers MB | median MB | plain PSS peak MB "
+          "| high-water mark, main MB | largest worker MB "
           "| windows of ~100 clips: mean peak MB | first 10% | last 10% | slope MB / 1,000 clips |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for clips in sorted({r["clips"] for r in rows}):
-        rs = [r for r in rows if r["clips"] == clips]
-        print(f"| {clips} | {len(rs)} | " + " | ".join(stat([r[k] for r in rs]) for k in
-              ("peak_mb", "peak_main_mb", "peak_workers_mb", "median_mb", "peak_pss_mb", "window_peak_mean_mb",
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for design, clips in sorted({(r["design"], r["clips"]) for r in rows}):
+        rs = [r for r in rows if (r["design"], r["clips"]) == (design, clips)]
+        print(f"| {design} | {clips} | {len(rs)} | " + " | ".join(stat([r[k] for r in rs]) for k in
+              ("peak_mb", "peak_main_mb", "peak_workers_mb", "median_mb", "peak_pss_mb", "hwm_main_mb", "hwm_worker_mb",
+               "window_peak_mean_mb",
                "window_peak_first_mb", "window_peak_last_mb", "window_peak_slope_mb_per_1000")) + " |")
 
 
