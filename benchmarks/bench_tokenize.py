@@ -82,6 +82,8 @@ MEMORY_FIELDS = ["date", "commit", "machine", "torch", "design", "clips", "clip_
                  "hwm_main_mb", "hwm_worker_mb", "windows",
                  "window_peak_mean_mb", "window_peak_first_mb", "window_peak_last_mb", "window_peak_slope_mb_per_1000",
                  "window_peaks_mb", "note"]
+# memory datasets: design -> (windows of the footage cycled over (None: all), manifest entries per shard)
+DESIGNS = {"repeat": (10, 10), "cycle": (None, 32)}
 FIELDS = ["date", "commit", "machine", "torch", "experiment", "provider", "clips", "clip_shape", "batch_size",
           "workers", "seconds", "clips_per_s", "speedup_vs_loop", "peak_pss_mb", "median_pss_mb", "note"]
 
@@ -276,13 +278,16 @@ def throughput(args, footage, base, rows, out) -> None:
 
 def memory(args, footage, base, out) -> list[dict]:
     rows = []
-    for design, entries in ((d, int(e)) for d in args.memory_designs.split(",") for e in args.memory_entries.split(",")):
-        if design not in ("repeat", "cycle"):
-            raise SystemExit(f"--memory-designs: unknown design {design!r}; expected repeat and/or cycle")
-        source = manifest(args.work, footage, entries, period=10 if design == "repeat" else None)
+    designs = args.memory_designs.split(",")
+    unknown = [d for d in designs if d not in DESIGNS]
+    if unknown:
+        raise SystemExit(f"--memory-designs: unknown {unknown}; expected some of {list(DESIGNS)}")
+    for design, entries in ((d, int(e)) for d in designs for e in args.memory_entries.split(",")):
+        period, per_shard = DESIGNS[design]
+        source = manifest(args.work, footage, entries, period=period)
         cmd = [sys.executable, "-m", "pyratok.cli", "tokenize", source, "-o", "", "--frames", "5",
                "--stride", "5", "--size", "32x32", "--batch-size", "16", "--workers", "2", "-q",
-               "--videos-per-shard", "10" if design == "repeat" else "32"]
+               "--videos-per-shard", str(per_shard)]
         for rep in range(args.repeat):
             cmd[6] = out(f"mem{entries}")
             m = peak_of(cmd, windows=max(1, entries // 10))

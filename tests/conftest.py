@@ -50,6 +50,21 @@ def lpips_weights_file(path) -> str:
     return str(path)
 
 
+def recording_to(tensor: torch.Tensor, calls: list) -> torch.Tensor:
+    """``tensor`` as a tensor that appends (args, kwargs) of every .to() call made on it to
+    ``calls`` and then moves as a plain tensor: what a device move is asked for, on a machine with
+    no second device that holds data."""
+    class RecordsTo(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.to:
+                calls.append((args[1:], kwargs or {}))
+                return args[0].as_subclass(torch.Tensor).to(*args[1:], **(kwargs or {}))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    return tensor.as_subclass(RecordsTo)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A saved tiny PyraTok (random weights, no text encoder): a model folder for CLI tests."""

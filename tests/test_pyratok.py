@@ -11,7 +11,7 @@ from pyratok.data import bundled_clip_path, read_video, resize_and_crop
 from pyratok.models.pyratok import PyraTok, PyraTokConfig
 from pyratok.models.text import TextEmbedding
 from pyratok.tokens import Tokens
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, recording_to
 
 CODEBOOK_TERMS = ("commitment", "entropy", "hierarchy", "text_token", "text_code")
 
@@ -745,18 +745,9 @@ def test_forward_puts_the_caption_flags_on_the_video_device(monkeypatch):
     terms index with them): the move names that device.  A CPU machine has no second device that
     holds data, so the flags record what .to() is asked for and then move as a plain tensor."""
     asked = []
-
-    class RecordsTo(torch.Tensor):
-        @classmethod
-        def __torch_function__(cls, func, types, args=(), kwargs=None):
-            if func is torch.Tensor.to:
-                asked.append(args[1:])
-                return args[0].as_subclass(torch.Tensor).to(*args[1:], **(kwargs or {}))
-            return super().__torch_function__(func, types, args, kwargs or {})
-
     model = tiny_model()
     real = model._has_caption
-    monkeypatch.setattr(model, "_has_caption", lambda text, batch: real(text, batch).as_subclass(RecordsTo))
+    monkeypatch.setattr(model, "_has_caption", lambda text, batch: recording_to(real(text, batch), asked))
     video = clip()
     model(video, None)
-    assert asked == [(video.device,)]
+    assert asked == [((video.device,), {})]

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
+from conftest import recording_to
 from pyratok import ops
 from pyratok.data import write_video
 from pyratok.metrics import psnr
@@ -1433,22 +1434,10 @@ def test_only_rank_0_looks_up_the_last_good_checkpoint(tmp_path, clips, monkeypa
         assert len(looked) == want, rank
 
 
-class _RecordsTo(torch.Tensor):
-    """A tensor that records the arguments of every .to() call made on it."""
-    calls: list = []
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.to:
-            cls.calls.append((args[1:], kwargs or {}))
-        return super().__torch_function__(func, types, args, kwargs or {})
-
-
 def test_a_state_tensor_is_stored_from_a_cpu_copy(tmp_path):
     """Tensors of a trainer state (GPU optimizer moments, CUDA generator states) are copied to the
     CPU before they are written: the copy is asked for by device, whatever device the tensor is on."""
-    _RecordsTo.calls = []
-    moment = torch.arange(4.0).as_subclass(_RecordsTo)
-    save_state(str(tmp_path), "trainer", {"exp_avg": moment})
-    assert _RecordsTo.calls == [(("cpu",), {})]
+    calls = []
+    save_state(str(tmp_path), "trainer", {"exp_avg": recording_to(torch.arange(4.0), calls)})
+    assert calls == [(("cpu",), {})]
     assert torch.equal(load_state(str(tmp_path), "trainer")["exp_avg"], torch.arange(4.0))

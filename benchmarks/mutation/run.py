@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.join(ROOT, "benchmarks", "mutation")
@@ -79,7 +80,7 @@ timeout_constant = 30.0
     return tree
 
 
-def run(name: str, entry: dict, jobs: int, mutants: list[str] = ()) -> int:
+def run(name: str, entry: dict, jobs: int, mutants: Sequence[str] = ()) -> int:
     """Mutate one module in a fresh scratch tree and run its mutants (those matching the
     ``mutants`` patterns, such as "pyratok.train.config.*", when given; the rest stay not checked)."""
     tree = prepare(name, entry)
