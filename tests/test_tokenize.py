@@ -203,6 +203,57 @@ def test_a_decoder_rewinds_its_reader_after_every_batch_and_drops_one_that_canno
     assert opened == [path, path]                                    # reopened when needed
 
 
+def test_a_batch_keeps_the_rows_of_the_videos_that_decoded_in_order(tmp_path):
+    """The decoder writes each clip into its row of one batch tensor: a video that fails to decode
+    takes no row, the clips after it move up, and every row holds its own clip's frames."""
+    import pyratok.tokenize as tokenize_module
+
+    path = bundled_clip_path("carphone_pristine.mp4")
+    want = resize_and_crop(read_video(path, 15), 32, 32, None)
+    missing = str(tmp_path / "gone.mp4")
+    clip = lambda video, p, first: tokenize_module._Clip(video, first, p, list(range(first, first + 5)), (32, 32), "", 25.0)
+    batch = tokenize_module._Batch(0, [clip(0, path, 0), clip(1, missing, 0), clip(2, path, 10)], False, {})
+    out = tokenize_module._ClipDecoder()[batch]
+    assert out["video"].shape == (2, 3, 5, 32, 32) and out["video"].is_contiguous()
+    assert torch.equal(out["video"][0], want[:, :5]) and torch.equal(out["video"][1], want[:, 10:15])
+    assert [(c.video, c.clip) for c in out["clips"]] == [(0, 0), (2, 10)] and list(out["failed"]) == [1]
+    out = tokenize_module._ClipDecoder()[tokenize_module._Batch(0, [clip(1, missing, 0)], True, {})]
+    assert out["video"] is None and out["clips"] == [] and list(out["failed"]) == [1]
+    assert tokenize_module._ClipDecoder()[tokenize_module._Batch(0, [], True, {})]["video"] is None
+
+
+def test_decoding_workers_live_for_one_shard(source, tmp_path, monkeypatch):
+    """Workers are forked for each shard and exit with it (a long-lived forked worker holds the
+    pages the main process rewrites after the fork, so the run's memory grew over its first few
+    hundred clips): no worker process decodes batches of two shards, and the shards are the same
+    bytes as a run without workers."""
+    import pyratok.tokenize as tokenize_module
+
+    log = tmp_path / "pids.txt"
+    real = tokenize_module._ClipDecoder.__getitem__
+
+    def logged(self, batch):
+        with open(log, "a") as f:
+            f.write(f"{batch.shard} {os.getpid()}\n")
+        return real(self, batch)
+
+    monkeypatch.setattr(tokenize_module._ClipDecoder, "__getitem__", logged)   # inherited by the forked workers
+    out = tmp_path / "workers"
+    assert run("tokenize", source, "-o", out, *OPTIONS, "--workers", 2, "--videos-per-shard", 2, "-q") == 0
+    by_shard: dict[int, set] = {}
+    for line in log.read_text().split("\n"):
+        if line:
+            shard, pid = map(int, line.split())
+            by_shard.setdefault(shard, set()).add(pid)
+    assert sorted(by_shard) == [0, 1, 2] and os.getpid() not in set().union(*by_shard.values())
+    assert all(not (by_shard[a] & by_shard[b]) for a in by_shard for b in by_shard if a < b)
+    log.unlink()
+    inline = tmp_path / "inline"
+    assert run("tokenize", source, "-o", inline, *OPTIONS, "--workers", 0, "--videos-per-shard", 2, "-q") == 0
+    assert {int(line.split()[0]) for line in log.read_text().split("\n") if line} == {0, 1, 2}
+    assert digest(out) == digest(inline)
+
+
 def test_chunked_decode_gives_the_bytes_of_one_read_and_one_resize(monkeypatch):
     """_decode_resized reads the wanted frames in increasing chunks (the first of one frame, then as
     many as fit in _RESIZE_BYTES as float32) and resizes each before reading the next: the same bytes
