@@ -362,6 +362,10 @@ def report(work: str, dest: str, result: str, start: str) -> None:
     from pyratok.utils import atomic_write
 
     prev = _previous(result)
+    elsewhere = [rate for rate in RATES if not os.path.isfile(os.path.join(work, f"stage1f_{rate}", "log.jsonl"))]
+    if elsewhere and not prev:
+        raise SystemExit(f"report: {work} holds no training of {elsewhere} and {result} no earlier records of it: "
+                         f"train every point (POINTS unset) or keep the last report's RESULT")
     sets = held_out_sets()
     models = {rate: PyraTok.from_pretrained(os.path.join(dest, rate)).eval() for rate in RATES}
     final = {rate: _evaluate(model, sets) for rate, model in models.items()}
