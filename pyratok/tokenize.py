@@ -525,65 +525,67 @@ def tokenize(source: str, out_dir: str, model, options: ClipOptions = ClipOption
     text = model.text_encoder is not None
     device = torch.device(device)
 
-    def loader(shards: list[int]):
-        plan = _Plan(items, shards, options, videos_per_shard, batch_size, text, max(1, workers))
-        return torch.utils.data.DataLoader(_ClipDecoder(), batch_size=None, sampler=plan, num_workers=workers,
-                                           collate_fn=_identity, pin_memory=device.type == "cuda",
-                                           prefetch_factor=2 if workers else None)
+    def decoded() -> Iterator[dict]:
+        # decoding workers live for one shard: forked for it, gone when it is written.  A forked worker
+        # shares the main process's pages copy-on-write, and every page the main process writes afterwards
+        # (its heap reused by the encoder's buffers) is then held twice; over a long-lived worker that
+        # grew the run's memory by ~20 MB in its first few hundred clips (benchmarks/bench_tokenize.py,
+        # memory rows).  Forked afresh per shard, nothing a worker holds outlives the shard, so the peak
+        # is that of one shard's run whatever the dataset's length.
+        for group in ([[shard] for shard in pending] if workers else [pending]):
+            plan = _Plan(items, group, options, videos_per_shard, batch_size, text, max(1, workers))
+            with _frozen_objects(workers > 0):
+                yield from torch.utils.data.DataLoader(_ClipDecoder(), batch_size=None, sampler=plan,
+                                                       num_workers=workers, collate_fn=_identity,
+                                                       pin_memory=device.type == "cuda",
+                                                       prefetch_factor=2 if workers else None)
 
     states: dict[int, _ShardState] = {}
     start = time.perf_counter()
     bar = tqdm(desc=f"tokenize (rank {rank}/{world})" if world > 1 else "tokenize", unit="clip",
                disable=not progress, dynamic_ncols=True)
-    # decoding workers live for one shard: forked for it, gone when it is written.  A forked worker
-    # shares the main process's pages copy-on-write, and every page the main process writes afterwards
-    # (its heap reused by the encoder's buffers) is then held twice; over a long-lived worker that
-    # grew the run's memory by ~20 MB in its first few hundred clips (benchmarks/bench_tokenize.py,
-    # memory rows).  Forked afresh per shard, nothing a worker holds outlives the shard, so the peak
-    # is that of one shard's run whatever the dataset's length.
-    with torch.inference_mode():
-        for group in ([[shard] for shard in pending] if workers else [pending]):
-            with _frozen_objects(workers > 0):
-                for out in loader(group):
-                    batch: _Batch = out["batch"]
-                    state = states.setdefault(batch.shard, _ShardState())
-                    failed = {**batch.skipped, **out["failed"]}
-                    if out["video"] is not None:
-                        clips: list[_Clip] = out["clips"]
-                        captions = [c.caption for c in clips]
-                        try:
-                            tokens = model.encode(out["video"].to(device, non_blocking=True),
-                                                  captions if text and captions[0] else None,
-                                                  tile=tile_for(*clips[0].size))
-                        except (RuntimeError, ValueError) as err:
-                            failed.update({c.video: (c.path, f"encoding failed ({type(err).__name__}: {str(err)[:200]})")
-                                           for c in clips})
-                        else:
-                            dtype = fmt.ids_dtype(tokens.num_bits)
-                            ids = [i.cpu().numpy().astype(dtype) for i in tokens.ids]              # per level (B, t, h, w)
-                            for b, c in enumerate(clips):
-                                meta = {"key": fmt.sample_key(c.video, c.clip), "video": c.path, "video_index": c.video,
-                                        "clip": c.clip, "first_frame": c.frames[0], "last_frame": c.frames[-1], "fps": c.fps,
-                                        "frames": len(c.frames), "height": c.size[0], "width": c.size[1],
-                                        "num_bits": tokens.num_bits, "grids": [list(g) for g in tokens.grids],
-                                        "latent_grid": list(tokens.latent_grid), "model_id": tokens.model_id}
-                                state.samples[(c.video, c.clip)] = ([a[b] for a in ids], c, meta)
-                            bar.update(len(clips))
-                    for v, (path, reason) in failed.items():
-                        if v not in state.skipped:
-                            log.warning("skipping %s: %s", path, reason)
-                            state.skipped[v] = (path, reason)
-                    del out
-                    _trim_heap()
-                    if batch.last:
-                        first = batch.shard * videos_per_shard
-                        record = _write_shard(out_dir, batch.shard, states.pop(batch.shard), config, fingerprint, first,
-                                              min(len(items), first + videos_per_shard) - first)
-                        result.shards_written += 1
-                        result.clips += record["clips"]
-                        result.tokens += record["tokens"]
-                        result.pixels += record["pixels"]
-                        result.videos_skipped += len(record["skipped"])
+    # closing: on an error the generator's finally blocks (unfreezing, the workers' shutdown) run at once
+    with torch.inference_mode(), contextlib.closing(decoded()) as batches:
+        for out in batches:
+            batch: _Batch = out["batch"]
+            state = states.setdefault(batch.shard, _ShardState())
+            failed = {**batch.skipped, **out["failed"]}
+            if out["video"] is not None:
+                clips: list[_Clip] = out["clips"]
+                captions = [c.caption for c in clips]
+                try:
+                    tokens = model.encode(out["video"].to(device, non_blocking=True),
+                                          captions if text and captions[0] else None,
+                                          tile=tile_for(*clips[0].size))
+                except (RuntimeError, ValueError) as err:
+                    failed.update({c.video: (c.path, f"encoding failed ({type(err).__name__}: {str(err)[:200]})")
+                                   for c in clips})
+                else:
+                    dtype = fmt.ids_dtype(tokens.num_bits)
+                    ids = [i.cpu().numpy().astype(dtype) for i in tokens.ids]              # per level (B, t, h, w)
+                    for b, c in enumerate(clips):
+                        meta = {"key": fmt.sample_key(c.video, c.clip), "video": c.path, "video_index": c.video,
+                                "clip": c.clip, "first_frame": c.frames[0], "last_frame": c.frames[-1], "fps": c.fps,
+                                "frames": len(c.frames), "height": c.size[0], "width": c.size[1],
+                                "num_bits": tokens.num_bits, "grids": [list(g) for g in tokens.grids],
+                                "latent_grid": list(tokens.latent_grid), "model_id": tokens.model_id}
+                        state.samples[(c.video, c.clip)] = ([a[b] for a in ids], c, meta)
+                    bar.update(len(clips))
+            for v, (path, reason) in failed.items():
+                if v not in state.skipped:
+                    log.warning("skipping %s: %s", path, reason)
+                    state.skipped[v] = (path, reason)
+            del out
+            _trim_heap()
+            if batch.last:
+                first = batch.shard * videos_per_shard
+                record = _write_shard(out_dir, batch.shard, states.pop(batch.shard), config, fingerprint, first,
+                                      min(len(items), first + videos_per_shard) - first)
+                result.shards_written += 1
+                result.clips += record["clips"]
+                result.tokens += record["tokens"]
+                result.pixels += record["pixels"]
+                result.videos_skipped += len(record["skipped"])
     bar.close()
     result.seconds = time.perf_counter() - start
     result.index = _write_index(out_dir, config, fingerprint, rank)

@@ -38,8 +38,9 @@ FINE_BACKBONE = dataclasses.replace(BACKBONE, dim_mult=(2, 2), temperal_downsamp
 RATES = {"low": 16, "high": 48}          # K, bits per token at every level
 BACKBONES = {"low": BACKBONE, "high": FINE_BACKBONE}
 STAGE0 = {"low": "stage0", "high": "stage0_high"}   # each backbone's stage-0 run
-STAGES = ("stage0", "stage0_high", "stage1f_low", "stage1f_high")   # scripts/train_default.sh (besides the fits)
-GRIDS = {"low": "4x8x8", "high": "2x4x4"}   # each point's backbone compression (time x height x width)
+STAGES = (*STAGE0.values(), *(f"stage1f_{rate}" for rate in RATES))   # scripts/train_default.sh (besides the fits)
+# each point's backbone compression, time x height x width ("4x8x8", "2x4x4")
+GRIDS = {rate: f"{b.temporal_factor}x{b.spatial_factor}x{b.spatial_factor}" for rate, b in BACKBONES.items()}
 # runs that were tried and not shipped: their held-out points were measured by the same _evaluate
 # during those runs and are only read from WORK/curve.json.  {name: (label, the step it started from)}
 ABLATIONS = {
@@ -191,9 +192,8 @@ def export(dest: str, *points: str) -> None:
     fp16.  Points not given stay as they are in DEST."""
     import shutil
 
-    pairs = dict(p.split("=", 1) for p in points)
-    unknown = set(pairs) - set(RATES)
-    if not pairs or unknown or any("=" not in p for p in points):
+    pairs = dict(p.split("=", 1) for p in points if "=" in p)
+    if not points or len(pairs) != len(points) or set(pairs) - set(RATES):
         raise SystemExit(f"export: expected DEST RATE=CHECKPOINT... with RATE in {list(RATES)}, got {points}")
     for stale in ("config.json", "model.safetensors", "backbone"):   # the layouts before 2026-12-05
         path = os.path.join(dest, stale)
