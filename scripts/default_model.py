@@ -270,7 +270,8 @@ def curve(work: str, sets: dict, last: bool = True, seed: Optional[dict] = None)
     cache_file = os.path.join(work, "curve.json")
     cache = json.load(open(cache_file)) if os.path.isfile(cache_file) else {}
     for stage, points in (seed or {}).items():
-        if not cache.get(stage):          # no points of its own in WORK: the last report's
+        # not run in WORK (no points of its own, no checkpoints): the last report's
+        if not cache.get(stage) and not os.path.isdir(os.path.join(work, stage, "checkpoints")):
             cache[stage] = points
     for stage, every, tokens in (("stage0", 1000, False), ("stage0_high", 500, False), ("stage1f_low", 250, True),
                                  ("stage1f_high", 250, True)):

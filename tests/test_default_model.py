@@ -126,3 +126,48 @@ def test_demo_bad_arguments():
     assert demo_main(["--bundle", "/nonexistent/bundle"]) == 2
     with pytest.raises(SystemExit):
         demo_main(["--model", "a", "--bundle", "b"])
+
+
+def _training_script():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "default_model.py")
+    spec = importlib.util.spec_from_file_location("default_model_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_curve_takes_the_last_reports_points_only_for_stages_not_run_in_work(tmp_path, monkeypatch):
+    # scripts/default_model.py report: a stage retrained in WORK (checkpoints there) is evaluated
+    # again, even where the last report's curve has points at the same steps (a point retrained
+    # from a new backbone restarts its step count); stages not run in WORK keep the report's points
+    script = _training_script()
+    evaluated = []
+
+    class Loaded:
+        def __init__(self, path):
+            self.path = path
+
+        def eval(self):
+            return self
+
+    def evaluate(model, sets, tokens=True):
+        evaluated.append(os.path.relpath(model.path, tmp_path))
+        return {"real": {"psnr": 30.0}, "photos": {"psnr": 25.0}}
+
+    monkeypatch.setattr(script, "PyraTok", type("P", (), {"from_pretrained": staticmethod(Loaded)}))
+    monkeypatch.setattr(script, "_evaluate", evaluate)
+    for step in (250, 300):
+        (tmp_path / "stage1f_high" / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+    (tmp_path / "fit_high").mkdir()
+    (tmp_path / "fit_high" / "config.json").write_text("{}")
+    old = {"real_psnr": 26.1, "photos_psnr": 21.5}
+    seed = {"stage1f_high": {"0": old, "250": old, "300": old}, "stage1f_low": {"1500": old}}
+    curve = script.curve(str(tmp_path), {}, seed=seed)
+    new = {"real_psnr": 30.0, "photos_psnr": 25.0}
+    assert curve["stage1f_high"] == {"0": new, "250": new, "300": new}
+    assert sorted(evaluated) == ["fit_high", "stage1f_high/checkpoints/step-00000250",
+                                 "stage1f_high/checkpoints/step-00000300"]
+    assert curve["stage1f_low"] == {"1500": old}                         # not run here: the report's
+    assert json.loads((tmp_path / "curve.json").read_text())["stage1f_high"]["250"] == new
