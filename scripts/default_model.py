@@ -63,7 +63,7 @@ ABLATIONS = {
     "stage1fc_high": ("high, K = 48 on the low point's 4x8x8 backbone (the high point shipped before the finer grid; "
                       "stage 1f with the entropy term, as low)", "stage0", 0),
     "stage1f3500_high": ("high after 3,500 steps of its backbone's stage 0 and a 1,500-step fit (shipped until "
-                         "2026-12-06 evening)", "stage0_high", -3000),
+                         "2026-12-06 evening)", "stage0_high", -3000),   # from step 3,500 of the 6,500
 }
 SEEDS = {"low": 1, "high": 2}            # a fresh LaPQ per operating point
 

@@ -22,16 +22,18 @@
 #   fit_low / fit_high
 #                (stage 1a, scripts/default_model.py fit) a fresh LaPQ per point fitted to the frozen
 #                backbone's latents of 2,000 training crops (latent MSE + commitment; no decoder in
-#                the loop, minutes; 1,500 steps for low, 3,000 for high: FIT_STEPS, FIT_STEPS_HIGH).  Trained only through the frozen decoder's pixel loss (the
-#                paper's stage 1 with its codebook terms and masking) the LaPQ reached 16.3 dB
-#                held-out, against 22.9 for the backbone alone on continuous latents; fitted to the
-#                latents first it starts stage 1f at 21.5 dB;
+#                the loop, minutes; 1,500 steps for low, 3,000 for high: FIT_STEPS, FIT_STEPS_HIGH).
+#                Trained only through the frozen decoder's pixel loss (the paper's stage 1 with its
+#                codebook terms and masking) the LaPQ reached 16.3 dB held-out, against 22.9 for the
+#                backbone alone on continuous latents; fitted to the latents first it starts stage 1f
+#                at 21.5 dB;
 #   stage1f_low / stage1f_high
 #                the paper's stage 1 losses without the hierarchy term (it pulled the fitted codes
 #                away from the latent: the hierarchy KL started at 67 and dominated the total), with
 #                the entropy term (weight 0.1, chosen on a validation split of the training data),
 #                and without masking (these points are for reconstruction), LaPQ + LoRA
-#                + the decoder (train.train_decoder), lr 1e-4.  Each point ships as its own model
+#                + the decoder (train.train_decoder), lr 1e-4, 1,500 steps (low) and 300 (high).
+#                Each point ships as its own model
 #                folder (its own decoder; scripts/default_model.py export).  Two points train
 #                side by side, one thread each; a single point takes both threads.
 # No text encoder and no AR-prior training (stages 2-3 need captions; the prior ships untrained).
