@@ -255,6 +255,12 @@ def _log(work: str, stage: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _ran(work: str, stage: str) -> bool:
+    """Whether ``stage`` was trained in WORK (its checkpoints, log and all, are there); the stages
+    that were not (a run of some POINTS only) take their records from the last report."""
+    return os.path.isdir(os.path.join(work, stage, "checkpoints"))
+
+
 def _checkpoints(work: str, stage: str, every: int, last: bool = True) -> list[tuple[int, str]]:
     root = os.path.join(work, stage, "checkpoints")
     steps = sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("step-"))
@@ -275,7 +281,7 @@ def curve(work: str, sets: dict, last: bool = True, seed: Optional[dict] = None)
     cache = json.load(open(cache_file)) if os.path.isfile(cache_file) else {}
     for stage, points in (seed or {}).items():
         # not run in WORK (no points of its own, no checkpoints): the last report's
-        if not cache.get(stage) and not os.path.isdir(os.path.join(work, stage, "checkpoints")):
+        if not cache.get(stage) and not _ran(work, stage):
             cache[stage] = points
     for stage, every, tokens in (("stage0", 1000, False), ("stage0_high", 500, False), ("stage1f_low", 250, True),
                                  ("stage1f_high", 250, True)):
@@ -284,7 +290,7 @@ def curve(work: str, sets: dict, last: bool = True, seed: Optional[dict] = None)
         fitted = os.path.join(work, "fit_" + stage.split("_")[-1])    # stage 1f's starting point
         if stage.startswith("stage1f") and os.path.isfile(os.path.join(fitted, "config.json")):
             todo.append((0, fitted))
-        if os.path.isdir(os.path.join(work, stage, "checkpoints")):
+        if _ran(work, stage):
             todo += _checkpoints(work, stage, every, last)
         for step, path in todo:
             if str(step) in points:
@@ -367,7 +373,9 @@ def report(work: str, dest: str, result: str, start: str) -> None:
     from pyratok.utils import atomic_write
 
     prev = _previous(result)
-    elsewhere = [rate for rate in RATES if not os.path.isfile(os.path.join(work, f"stage1f_{rate}", "log.jsonl"))]
+    here = [s for s in STAGES if _ran(work, s)]
+    trained_here = [rate for rate in RATES if f"stage1f_{rate}" in here]
+    elsewhere = [rate for rate in RATES if rate not in trained_here]
     if elsewhere and not prev:
         raise SystemExit(f"report: {work} holds no training of {elsewhere} and {result} no earlier records of it: "
                          f"train every point (POINTS unset) or keep the last report's RESULT")
@@ -379,7 +387,7 @@ def report(work: str, dest: str, result: str, start: str) -> None:
     # the ceilings: each stage-0 backbone (encoder and decoder) on the continuous latents
     backbone = {}
     for rate in RATES:
-        if os.path.isdir(os.path.join(work, STAGE0[rate], "checkpoints")):
+        if STAGE0[rate] in here:
             stage0 = _checkpoints(work, STAGE0[rate], 1)[-1][1]
             backbone[rate] = _evaluate(PyraTok.from_pretrained(stage0).eval(), sets, tokens=False)
         else:
@@ -392,7 +400,6 @@ def report(work: str, dest: str, result: str, start: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(result)), exist_ok=True)
     # the demo's frames (original / low / high rows) for the README
     shutil.copyfile(os.path.join(work, "demo", "frames.png"), os.path.splitext(result)[0] + "_frames.png")
-    here = [s for s in STAGES if os.path.isfile(os.path.join(work, s, "log.jsonl"))]
     logs = {s: _log(work, s) for s in here}
     fits = {}
     for rate in RATES:
@@ -426,7 +433,6 @@ def report(work: str, dest: str, result: str, start: str) -> None:
     ids = {rate: model.model_id for rate, model in models.items()}
     compute.update({f"fit_{rate}": fits[rate]["seconds"] for rate in RATES})
     threads = {rate: prev.get("train", {}).get("stage1f_threads", {}).get(rate, 1) for rate in RATES}
-    trained_here = [rate for rate in RATES if f"stage1f_{rate}" in logs]
     threads.update({rate: 1 if len(trained_here) > 1 else int(os.environ.get("OMP_NUM_THREADS", 2))
                     for rate in trained_here})
     out = {"points": final, "points_model_id": ids, "backbone_alone": backbone, "demo": demo, "curve": curves,
