@@ -36,6 +36,10 @@ BACKBONE = WanVAEConfig(base_dim=40, z_dim=Z, dim_mult=(1, 2, 2), num_res_blocks
 FINE_BACKBONE = dataclasses.replace(BACKBONE, dim_mult=(2, 2), temperal_downsample=(True,),
                                     scale_factor_temporal=2, scale_factor_spatial=4)
 RATES = {"low": 16, "high": 48}          # K, bits per token at every level
+# LaPQ substeps: the high point picks each level's 48 bits in 3 groups of 16, each from the residual
+# the groups before it left (benchmarks/results/lapq_capacity.csv: latent error 0.134 against 0.168
+# for one group after an 800-step fit, at +0.3 M parameters; hidden 128 gave 0.141 at +0.9 M)
+SUBSTEPS = {"low": 1, "high": 3}
 BACKBONES = {"low": BACKBONE, "high": FINE_BACKBONE}
 STAGE0 = {"low": "stage0", "high": "stage0_high"}   # each backbone's stage-0 run
 STAGES = (*STAGE0.values(), *(f"stage1f_{rate}" for rate in RATES))   # scripts/train_default.sh (besides the fits)
@@ -64,13 +68,15 @@ ABLATIONS = {
                       "stage 1f with the entropy term, as low)", "stage0", 0),
     "stage1f3500_high": ("high after 3,500 steps of its backbone's stage 0 and a 1,500-step fit (shipped until "
                          "2026-12-06 evening)", "stage0_high", -3000),   # from step 3,500 of the 6,500
+    "stage1fs1_high": ("high with one group of 48 bits per level (LaPQ substeps 1; shipped until 2026-12-06 late)",
+                       "stage0_high", 0),
 }
 SEEDS = {"low": 1, "high": 2}            # a fresh LaPQ per operating point
 
 
 def config(rate: str) -> PyraTokConfig:
     base = PyraTokConfig.tiny(text_encoder=None)
-    lapq = dataclasses.replace(base.lapq, latent_dim=Z, num_bits=RATES[rate], hidden=64)
+    lapq = dataclasses.replace(base.lapq, latent_dim=Z, num_bits=RATES[rate], hidden=64, substeps=SUBSTEPS[rate])
     prior = dataclasses.replace(base.prior, num_bits=RATES[rate])
     return dataclasses.replace(base, backbone=BACKBONES[rate], lapq=lapq, prior=prior)
 
@@ -95,12 +101,81 @@ def branch(stage0: str, rate: str, out: str) -> None:
     model = PyraTok(config(rate))
     model.vae.load_backbone_state_dict(PyraTok.from_pretrained(stage0).vae.backbone_state_dict())
     model.save_pretrained(out)
-    print(f"branch: {stage0} -> {out} (K = {RATES[rate]})")
+    print(f"branch: {stage0} -> {out} (K = {RATES[rate]}, {SUBSTEPS[rate]} substeps)")
 
 
 # stage 1a (fit): FIT_CROPS / FIT_STEPS in the environment shorten it for a smoke run
 FIT = {"crops": int(os.environ.get("FIT_CROPS", 2000)), "steps": int(os.environ.get("FIT_STEPS", 1500)),
        "held_back": 100, "batch": 32, "lr": 3e-4, "warmup": 200, "commitment": 0.25}
+
+
+def encode_crops(model: PyraTok, manifest: str, n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The frozen backbone's latents of ``n`` random 9x64x64 crops of ``manifest`` and the encoder
+    taps the LaPQ reads (seed 0: the same crops every time)."""
+    import random
+
+    from pyratok.data.dataset import ClipConfig, VideoClipDataset
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    data = VideoClipDataset(manifest, ClipConfig(num_frames=9, height=64, width=64, resize=144, seed=0))
+    rng = random.Random(0)
+    latents, taps = [], []
+    with torch.no_grad():
+        for _ in range(n):
+            latent, features = model._encode_latent(data[rng.randrange(len(data))]["video"][None])
+            latents.append(latent)
+            taps.append(features)
+    return torch.cat(latents), [torch.cat([t[j] for t in taps]) for j in range(len(taps[0]))]
+
+
+def fit_lapq(model: PyraTok, lapq, latents: torch.Tensor, taps: list[torch.Tensor], steps: int,
+             every: int = 250) -> list[tuple[int, float]]:
+    """Trains ``lapq`` (model's or a fresh one) to rebuild ``latents`` (the recipe in ``fit``); the
+    last ``FIT["held_back"]`` crops (at most a fifth) are not trained on.  Returns their latent
+    error (of the latent's mean square) every ``every`` steps and at the end."""
+    import math
+
+    import torch.nn.functional as F
+
+    from pyratok.models.losses import LossConfig, codebook_terms, codebook_total
+
+    train = latents.shape[0] - min(FIT["held_back"], latents.shape[0] // 5)
+    print(f"fit: {latents.shape[0]} crops encoded ({train} to train on), latent {tuple(latents.shape[1:])}", flush=True)
+    for p in lapq.parameters():
+        p.requires_grad_(True)
+    lapq.train()
+    optimizer = torch.optim.AdamW(lapq.parameters(), lr=FIT["lr"], weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / FIT["warmup"]) * (
+        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    generator = torch.Generator().manual_seed(0)
+    # the commitment term alone of the training losses (every other codebook term off)
+    commitment_only = LossConfig(commitment=FIT["commitment"], entropy=0.0, hierarchy=0.0, text_token=0.0,
+                                 text_code=0.0)
+
+    def loss_of(rows):
+        out_ = lapq(latents[rows], [t[rows] for t in taps], model._text(None, len(rows)))
+        latent_error = F.mse_loss(out_.quantized, latents[rows])
+        return latent_error, latent_error + codebook_total(codebook_terms(out_, commitment_only), commitment_only)
+
+    held_back = torch.arange(train, latents.shape[0])
+    scale = latents[held_back].pow(2).mean()
+    errors = []
+    for step in range(steps + 1):
+        if step % every == 0 or step == steps:
+            with torch.no_grad():
+                errors.append((step, float(loss_of(held_back)[0] / scale)))
+            print(f"fit: step {step}: latent error of the held-back training crops {errors[-1][1]:.3f} "
+                  f"(of the latent's mean square)", flush=True)
+        if step == steps:
+            break
+        _, loss = loss_of(torch.randint(0, train, (FIT["batch"],), generator=generator))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    lapq.eval()
+    return errors
 
 
 def fit(model_dir: str, manifest: str, out: str) -> None:
@@ -118,14 +193,8 @@ def fit(model_dir: str, manifest: str, out: str) -> None:
     ceiling is 22.9 dB).  The last ``FIT["held_back"]`` crops are not trained on: their latent
     error is printed to follow the fit without looking at the held-out set."""
     import json
-    import math
-    import random
     import time
 
-    import torch.nn.functional as F
-
-    from pyratok.data.dataset import ClipConfig, VideoClipDataset
-    from pyratok.models.losses import LossConfig, codebook_terms, codebook_total
     from pyratok.utils import atomic_write
 
     if os.path.isfile(os.path.join(out, "config.json")):
@@ -134,55 +203,8 @@ def fit(model_dir: str, manifest: str, out: str) -> None:
     start = time.time()
     torch.manual_seed(0)
     model = PyraTok.from_pretrained(model_dir).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    lapq = model.lapq
-    data = VideoClipDataset(manifest, ClipConfig(num_frames=9, height=64, width=64, resize=144, seed=0))
-    rng = random.Random(0)
-    latents, taps = [], []
-    with torch.no_grad():
-        for i in range(FIT["crops"]):
-            latent, features = model._encode_latent(data[rng.randrange(len(data))]["video"][None])
-            latents.append(latent)
-            taps.append(features)
-    latents = torch.cat(latents)
-    taps = [torch.cat([t[j] for t in taps]) for j in range(len(taps[0]))]
-    train = latents.shape[0] - min(FIT["held_back"], latents.shape[0] // 5)
-    print(f"fit: {latents.shape[0]} crops encoded ({train} to train on), latent {tuple(latents.shape[1:])}", flush=True)
-
-    for p in lapq.parameters():
-        p.requires_grad_(True)
-    lapq.train()
-    steps = FIT["steps"]
-    optimizer = torch.optim.AdamW(lapq.parameters(), lr=FIT["lr"], weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / FIT["warmup"]) * (
-        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    generator = torch.Generator().manual_seed(0)
-    # the commitment term alone of the training losses (every other codebook term off)
-    commitment_only = LossConfig(commitment=FIT["commitment"], entropy=0.0, hierarchy=0.0, text_token=0.0,
-                                 text_code=0.0)
-
-    def loss_of(rows):
-        out_ = lapq(latents[rows], [t[rows] for t in taps], model._text(None, len(rows)))
-        latent_error = F.mse_loss(out_.quantized, latents[rows])
-        return latent_error, latent_error + codebook_total(codebook_terms(out_, commitment_only), commitment_only)
-
-    held_back = torch.arange(train, latents.shape[0])
-    scale = latents[held_back].pow(2).mean()
-    for step in range(steps + 1):
-        if step % 250 == 0 or step == steps:
-            with torch.no_grad():
-                error = loss_of(held_back)[0] / scale
-            print(f"fit: step {step}: latent error of the held-back training crops {float(error):.3f} "
-                  f"(of the latent's mean square)", flush=True)
-        if step == steps:
-            break
-        _, loss = loss_of(torch.randint(0, train, (FIT["batch"],), generator=generator))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    lapq.eval()
+    latents, taps = encode_crops(model, manifest, FIT["crops"])
+    fit_lapq(model, model.lapq, latents, taps, FIT["steps"])
     os.makedirs(out, exist_ok=True)
     with atomic_write(os.path.join(out, "fit.json"), "w") as f:   # the fit's settings and time, for the model card
         json.dump({**FIT, "seconds": round(time.time() - start)}, f)

@@ -35,10 +35,10 @@ def test_latent_grid_is_integers_and_names_what_is_wrong():
             latent_grid(5, h, w)
 
 
-def tiny(text=True, feature_dims=(), K=8, levels=3, backend=None):
+def tiny(text=True, feature_dims=(), K=8, levels=3, backend=None, substeps=1):
     torch.manual_seed(0)
     return LaPQ(LaPQConfig(latent_dim=4, num_bits=K, levels=levels, hidden=16, heads=2, text_dim=12,
-                           feature_dims=feature_dims, text_conditioning=text), backend=backend)
+                           feature_dims=feature_dims, text_conditioning=text, substeps=substeps), backend=backend)
 
 
 def text(B=2, seed=0):
@@ -46,9 +46,10 @@ def text(B=2, seed=0):
     return TextEmbedding(torch.randn(B, 3, 12, generator=g), torch.tensor([[True, True, False], [True, True, True]][:B]))
 
 
+@pytest.mark.parametrize("substeps", [1, 2])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_decode_from_tokens_is_exact(backend):
-    lapq = tiny(feature_dims=(6, 6, 5))
+def test_decode_from_tokens_is_exact(backend, substeps):
+    lapq = tiny(feature_dims=(6, 6, 5), substeps=substeps)
     lapq.backend = backend
     latent = torch.randn(2, 4, 3, 8, 12)
     feats = [torch.randn(2, 6, 9, 16, 24), torch.randn(2, 6, 5, 8, 12), torch.randn(2, 5, 3, 8, 12)]  # 1 + r(t-1) frames
@@ -176,6 +177,50 @@ def test_block_logits_follow_the_formula_with_lateral_taps():
             h = block.in_proj(F.adaptive_avg_pool3d(out.residuals[l], grid)) + block.lateral(causal_pool(feats[l], grid))
             h = h + block.conv(h)
             torch.testing.assert_close(out.logits[l], block.to_bits(h), msg=f"level {l}")
+
+
+def test_substeps_pick_each_group_of_bits_from_the_residual_the_groups_before_left():
+    """substeps = S: a level's K bits in S groups; group 0 as without substeps, group s from
+    h + in_proj_s(area_down(r - lift of groups < s)), through its own conv and to_bits; the
+    level's contribution is still phi(upsample(all K codes)), so tokens decode as before."""
+    lapq = tiny(text=False, feature_dims=(6, 6, 5), substeps=2)
+    assert [b.to_bits.out_channels for b in lapq.blocks] == [4] * 3
+    assert all(len(b.substeps) == 1 and b.substeps[0].to_bits.out_channels == 4 for b in lapq.blocks)
+    latent = torch.randn(2, 4, 3, 8, 12)
+    feats = [torch.randn(2, 6, 9, 16, 24), torch.randn(2, 6, 5, 8, 12), torch.randn(2, 5, 3, 8, 12)]
+    with torch.no_grad():
+        out = lapq(latent, feats)
+        for l, (block, grid) in enumerate(zip(lapq.blocks, out.grids)):
+            r = out.residuals[l]
+            h = block.in_proj(F.adaptive_avg_pool3d(r, grid)) + block.lateral(causal_pool(feats[l], grid))
+            first = block.to_bits(h + block.conv(h))
+            c0 = torch.where(first > 0, 1.0, -1.0)
+            up = F.interpolate(c0, size=(3, 8, 12), mode="nearest")
+            r1 = r - F.conv3d(up, block.phi.weight[:, :4], block.phi.bias, padding=(0, 1, 1))
+            step = block.substeps[0]
+            h1 = h + step.in_proj(F.adaptive_avg_pool3d(r1, grid))
+            second = step.to_bits(h1 + step.conv(h1))
+            torch.testing.assert_close(out.logits[l], torch.cat([first, second], 1), msg=f"level {l}")
+            assert torch.equal(out.codes[l], torch.where(out.logits[l] > 0, 1.0, -1.0))
+        # group 1 follows group 0's codes: flipping them (through phi's group-0 slice) moves its logits
+        lapq.blocks[2].phi.weight[:, :4].mul_(-3)
+        moved = lapq(latent, feats)
+        assert not torch.allclose(moved.logits[2][:, 4:], out.logits[2][:, 4:])
+        torch.testing.assert_close(moved.logits[2][:, :4], out.logits[2][:, :4])
+    # every substep's layers train
+    lapq = tiny(text=False, substeps=2)
+    x = torch.randn(2, 4, 2, 8, 8)
+    (lapq(x).quantized - x).pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lapq.named_parameters() if "substeps" in n)
+
+
+def test_substeps_config_errors():
+    for bad in (0, 3, 2.0):
+        with pytest.raises(ValueError, match=rf"^substeps={bad!r}: expected an int >= 1 that divides num_bits=8$"):
+            tiny(text=False, substeps=bad)
+    with pytest.raises(ValueError, match=r"^substeps > 1 needs spherical=False"):
+        LaPQ(LaPQConfig(num_bits=8, substeps=2, spherical=True))
+    assert tiny(text=False, substeps=8).config.substeps == 8
 
 
 def test_padded_caption_tokens_do_not_change_the_codes():

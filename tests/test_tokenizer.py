@@ -32,10 +32,11 @@ def tiny_model(**overrides):
     return PyraTok(PyraTokConfig.tiny(**overrides)).eval()
 
 
-def amplified_model():
+def amplified_model(substeps=1):
     """Random weights whose lateral taps dominate the token choice (x20), so that any temporal
     mixing in the taps' pooling would show in the tokens."""
-    model = tiny_model()
+    base = PyraTokConfig.tiny(text_encoder=None)
+    model = tiny_model(lapq=dataclasses.replace(base.lapq, substeps=substeps))
     with torch.no_grad():
         for block in model.lapq.blocks:
             block.lateral.weight.mul_(20)
@@ -64,10 +65,10 @@ def same(a, b):
 
 # -- causality -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("which", ["amplified", "bundled"])
+@pytest.mark.parametrize("which", ["amplified", "substeps", "bundled"])
 def test_editing_later_frames_leaves_earlier_tokens_unchanged(which):
-    model = amplified_model() if which == "amplified" else bundled()
-    video = random_clip() if which == "amplified" else real_clip()
+    model = bundled() if which == "bundled" else amplified_model(substeps=2 if which == "substeps" else 1)
+    video = real_clip() if which == "bundled" else random_clip()
     base = model.encode(video)                      # 13 frames -> latent frames {0}, {1-4}, {5-8}, {9-12}
     for t in range(3):
         edited = video.clone()
@@ -80,19 +81,19 @@ def test_editing_later_frames_leaves_earlier_tokens_unchanged(which):
         assert any(not torch.equal(a[:, t + 1:], b[:, t + 1:]) for a, b in zip(base.ids, got.ids)), (which, t)
 
 
-@pytest.mark.parametrize("which", ["amplified", "bundled"])
+@pytest.mark.parametrize("which", ["amplified", "substeps", "bundled"])
 def test_an_image_gets_the_first_frame_tokens_of_a_clip(which):
-    model = amplified_model() if which == "amplified" else bundled()
-    video = random_clip(9) if which == "amplified" else real_clip(9)
+    model = bundled() if which == "bundled" else amplified_model(substeps=2 if which == "substeps" else 1)
+    video = real_clip(9) if which == "bundled" else random_clip(9)
     clip_tokens, image_tokens = model.encode(video), model.encode(video[:, :, :1])
     assert image_tokens.grids[0][0] == 1
     assert same([i[:, :1] for i in clip_tokens.ids], image_tokens.ids)
 
 
-@pytest.mark.parametrize("which", ["amplified", "bundled"])
+@pytest.mark.parametrize("which", ["amplified", "substeps", "bundled"])
 def test_streamed_encoding_equals_the_whole_clip_for_every_chunk_plan(which):
-    model = amplified_model() if which == "amplified" else bundled()
-    video = random_clip(17) if which == "amplified" else real_clip(17)
+    model = bundled() if which == "bundled" else amplified_model(substeps=2 if which == "substeps" else 1)
+    video = real_clip(17) if which == "bundled" else random_clip(17)
     whole = model.encode(video)
     for plan in ([1, 4, 4, 4, 4], [5, 12], [1, 16], [9, 8], [13, 4], [17]):
         state, parts = None, []

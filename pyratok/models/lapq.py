@@ -16,6 +16,13 @@ grid):
         text_l = text_head_l(sg(pool(e_t)))                        # (B, K) bit logits from the caption
     decoder input: q_L
 
+Substeps (``substeps`` = S > 1, a capacity option of ours, not the paper's): a level picks its K
+bits in S groups of K/S, like a residual quantizer inside the level.  Group 0 is z_l above; group s
+comes from h + in_proj_s(area_down(r_(l-1) - phi_<s(upsample(c_<s)))) through a conv and to_bits of
+its own, phi_<s being phi's slice over the earlier groups' input channels.  The level still adds
+phi(upsample(c_l)) over all K bits, so token ids, ``dequantize`` and token files do not change, and
+every operation stays per latent frame.
+
 The lateral and text paths only choose the codes: ``codes_from_tokens`` + ``dequantize``
 rebuild q_L exactly from the token ids alone, and ``dequantize(..., levels=l)`` from the first
 l levels (coarse-to-fine, progressive decoding).
@@ -64,6 +71,8 @@ class LaPQConfig:
     text_conditioning: bool = True
     spherical: bool = False                    # BSQ codes (+-1/sqrt(K)) instead of +-1
     level_scales: Optional[tuple[int, ...]] = None  # spatial down-factor per level; default 2^(L-1-l)
+    substeps: int = 1                          # S: each level picks its K bits in S groups of K/S, each
+                                               # group from the residual the groups before it left
 
     def scales(self) -> tuple[int, ...]:
         if self.level_scales is not None:
@@ -138,10 +147,26 @@ class LaPQOutput(NamedTuple):
     grids: list[Grid]
 
 
+class _Substep(nn.Module):
+    """Picks one later group of a level's bits from what the groups before it left (substeps > 1)."""
+
+    def __init__(self, cfg: LaPQConfig):
+        super().__init__()
+        d = cfg.hidden
+        self.in_proj = nn.Conv3d(cfg.latent_dim, d, 1)
+        self.conv = nn.Sequential(FrameGroupNorm(1, d), nn.SiLU(), nn.Conv3d(d, d, (1, 3, 3), padding=(0, 1, 1)))
+        self.to_bits = nn.Conv3d(d, cfg.num_bits // cfg.substeps, 1)
+
+    def forward(self, context, residual, grid):
+        h = context + self.in_proj(F.adaptive_avg_pool3d(residual, grid))
+        return self.to_bits(h + self.conv(h))
+
+
 class _QuantizationBlock(nn.Module):
     def __init__(self, cfg: LaPQConfig, feature_dim: Optional[int]):
         super().__init__()
         d = cfg.hidden
+        self.group = cfg.num_bits // cfg.substeps
         self.in_proj = nn.Conv3d(cfg.latent_dim, d, 1)
         self.lateral = nn.Conv3d(feature_dim, d, 1) if feature_dim else None
         self.text_conditioning = cfg.text_conditioning
@@ -151,10 +176,14 @@ class _QuantizationBlock(nn.Module):
             self.attn = nn.MultiheadAttention(d, cfg.heads, batch_first=True)
             self.text_head = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.SiLU(), nn.Linear(d, cfg.num_bits))
         self.conv = nn.Sequential(FrameGroupNorm(1, d), nn.SiLU(), nn.Conv3d(d, d, (1, 3, 3), padding=(0, 1, 1)))
-        self.to_bits = nn.Conv3d(d, cfg.num_bits, 1)
+        self.to_bits = nn.Conv3d(d, self.group, 1)
         self.phi = nn.Conv3d(cfg.num_bits, cfg.latent_dim, (1, 3, 3), padding=(0, 1, 1))
+        self.substeps = nn.ModuleList(_Substep(cfg) for _ in range(cfg.substeps - 1))
 
-    def forward(self, residual, grid, feature, text, first: bool = True):
+    def forward(self, residual, grid, feature, text, first: bool = True, quantize=None):
+        """-> (bit logits z (B, K, t, h, w), text logits or None, codes or None).  With substeps
+        the block quantizes itself (``quantize``: logits -> +-1 codes, straight-through): each
+        later group of K/S bits is chosen from the latent residual after the groups before it."""
         h = self.in_proj(F.adaptive_avg_pool3d(residual, grid))             # (B, d, t, h, w); t = T: per frame
         if self.lateral is not None:                                        # pooling and a 1x1x1 conv commute
             h = h + self.lateral(causal_pool(feature, grid, first))
@@ -166,8 +195,22 @@ class _QuantizationBlock(nn.Module):
             h = h + rearrange(ctx, "b (t y x) d -> b d t y x", t=grid[0], y=grid[1], x=grid[2])
             # stop-gradient on the caption embedding only: the head itself trains
             text_logits = self.text_head(pooled_text(text).detach())[:, :, None, None, None]   # (B, K, 1, 1, 1)
-        h = h + self.conv(h)
-        return self.to_bits(h), text_logits
+        if not self.substeps:
+            return self.to_bits(h + self.conv(h)), text_logits, None
+        logits = [self.to_bits(h + self.conv(h))]
+        codes = [quantize(logits[0])]
+        latent = tuple(residual.shape[2:])
+        for s, step in enumerate(self.substeps):
+            residual = residual - self._lift_group(codes[s], s, latent)
+            logits.append(step(h, residual, grid))
+            codes.append(quantize(logits[-1]))
+        return torch.cat(logits, 1), text_logits, torch.cat(codes, 1)
+
+    def _lift_group(self, codes, s: int, latent: Grid):
+        """Group s's part of phi(upsample(codes)): its slice of phi's input channels."""
+        w = self.phi.weight[:, s * self.group:(s + 1) * self.group]
+        return F.conv3d(F.interpolate(codes, size=latent, mode="nearest"), w, self.phi.bias if s == 0 else None,
+                        padding=(0, 1, 1))
 
     def lift(self, codes, latent: Grid):
         """phi(upsample(codes)) on the latent grid."""
@@ -183,6 +226,10 @@ class LaPQ(nn.Module):
             raise ValueError(f"num_bits={config.num_bits}: expected 1..64")
         if config.num_bits == 64:
             raise ValueError("num_bits=64: token ids hold at most 63 bits")
+        if not isinstance(config.substeps, int) or config.substeps < 1 or config.num_bits % config.substeps:
+            raise ValueError(f"substeps={config.substeps!r}: expected an int >= 1 that divides num_bits={config.num_bits}")
+        if config.substeps > 1 and config.spherical:
+            raise ValueError("substeps > 1 needs spherical=False (BSQ normalises all K bits of a token together)")
         if config.feature_dims and len(config.feature_dims) != config.levels:
             raise ValueError(f"feature_dims: {len(config.feature_dims)} taps for {config.levels} levels")
         self.config = config
@@ -219,17 +266,21 @@ class LaPQ(nn.Module):
         codes, indices, logits, text_logits, residuals = [], [], [], [], []
         for l, (block, grid) in enumerate(zip(self.blocks, grids)):
             residuals.append(residual)
-            z, tl = block(residual, grid, None if features is None else features[l], text, first)
-            q = ops.binary_quantize(z, spherical=self.config.spherical, backend=self.backend)
-            lifted = block.lift(q.codes, grid_latent)
+            z, tl, c = block(residual, grid, None if features is None else features[l], text, first, self._codes)
+            q = ops.binary_quantize(z, spherical=self.config.spherical, return_codes=c is None, backend=self.backend)
+            c = q.codes if c is None else c
+            lifted = block.lift(c, grid_latent)
             residual = residual - lifted
             quantized = quantized + lifted
-            codes.append(q.codes)
+            codes.append(c)
             indices.append(q.indices)
             logits.append(z)
             text_logits.append(tl)
         return LaPQOutput(quantized, codes, indices, logits,
                           text_logits if self.config.text_conditioning else None, residuals, grids)
+
+    def _codes(self, z: torch.Tensor) -> torch.Tensor:
+        return ops.binary_quantize(z, return_indices=False, backend=self.backend).codes
 
     def codes_from_tokens(self, indices: Sequence[torch.Tensor], dtype=torch.float32) -> list[torch.Tensor]:
         """Per-level token ids (B, t, h, w) -> per-level codes (B, K, t, h, w)."""
