@@ -334,7 +334,8 @@ def curve(work: str, sets: dict, last: bool = True, seed: Optional[dict] = None)
             if str(step) in points and points[str(step)].get("model_id", model_id) == model_id:
                 continue
             r = _evaluate(PyraTok.from_pretrained(path).eval(), sets, tokens)
-            points[str(step)] = {"real_psnr": r["real"]["psnr"], "photos_psnr": r["photos"]["psnr"], "model_id": model_id}
+            points[str(step)] = {"real_psnr": r["real"]["psnr"], "photos_psnr": r["photos"]["psnr"],
+                                 "model_id": model_id}
             print(f"curve: {stage} step {step}: real {r['real']['psnr']:.2f} dB, photos {r['photos']['psnr']:.2f} dB")
             with atomic_write(cache_file, "w") as f:
                 json.dump(cache, f, indent=1)
@@ -358,7 +359,8 @@ def _plot(curves: dict, steps: dict, path: str) -> None:
     lines = [("stage0", "k", "4x8x8 backbone alone (stage 0)", 0, 1.4),
              ("stage0_high", "tab:brown", "2x4x4 backbone alone (stage 0 of the high point)", 0, 1.4),
              ("stage1f_low", "tab:blue", "low, K=16 on 4x8x8 (fit at step 0, then stage 1f)", steps["stage0"], 1.4),
-             ("stage1f_high", "tab:red", f"high, K=48 on 2x4x4, {SUBSTEPS['high']} groups per level (the same)", steps["stage0_high"], 1.4)]
+             ("stage1f_high", "tab:red", f"high, K=48 on 2x4x4, {SUBSTEPS['high']} groups per level (the same)",
+              steps["stage0_high"], 1.4)]
     lines += [(st, shades.get(st) or next(greys), f"not shipped: {label}", steps[after] + start, 0.8)
               for st, (label, after, start) in ABLATIONS.items() if curves.get(st)]
     for stage, colour, label, offset, width in lines:

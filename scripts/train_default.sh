@@ -12,8 +12,8 @@
 # blocks, base width 40, z = 16) with LaPQ quantizers of L = 4 levels on top: "low" (K = 16 bits per
 # token on a 4x8x8 backbone, 4.2 M parameters: ~0.1 bits/pixel, the paper's operating point) and
 # "high" (K = 48 on a finer 2x4x4 backbone of its own, one downsampling stage fewer, 3.8 M
-# parameters: ~2.1 bits/pixel; its LaPQ picks each level's bits in 3 groups of 16: LaPQConfig.substeps).  POINTS="high" (or "low") trains and exports one point only; the
-# other stays as it is in DEST and the report takes its training records from RESULT.
+# parameters: ~2.1 bits/pixel; its LaPQ picks each level's bits in 3 groups of 16: LaPQConfig.substeps).
+# POINTS="high" (or "low") trains and exports one point only; the other stays as it is in DEST and the report takes its training records from RESULT.
 #   stage0 / stage0_high
 #                trains each backbone VAE itself (L1 + SSIM + a small KL) on 9-frame 64x64 crops:
 #                no pretrained backbone exists at this size (6,000 and 6,500 steps; the shipped

@@ -59,6 +59,14 @@ def bundled():
     return load_default_model()
 
 
+def model_and_clip(which, frames):
+    """The causality tests' subjects: the bundled model on a real clip, or a random-weight amplified
+    model (``substeps``: its LaPQ picks each level's bits in 2 groups) on a random clip."""
+    if which == "bundled":
+        return bundled(), real_clip(frames)
+    return amplified_model(substeps=2 if which == "substeps" else 1), random_clip(frames)
+
+
 def same(a, b):
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -67,8 +75,7 @@ def same(a, b):
 
 @pytest.mark.parametrize("which", ["amplified", "substeps", "bundled"])
 def test_editing_later_frames_leaves_earlier_tokens_unchanged(which):
-    model = bundled() if which == "bundled" else amplified_model(substeps=2 if which == "substeps" else 1)
-    video = real_clip() if which == "bundled" else random_clip()
+    model, video = model_and_clip(which, 13)
     base = model.encode(video)                      # 13 frames -> latent frames {0}, {1-4}, {5-8}, {9-12}
     for t in range(3):
         edited = video.clone()
@@ -83,8 +90,7 @@ def test_editing_later_frames_leaves_earlier_tokens_unchanged(which):
 
 @pytest.mark.parametrize("which", ["amplified", "substeps", "bundled"])
 def test_an_image_gets_the_first_frame_tokens_of_a_clip(which):
-    model = bundled() if which == "bundled" else amplified_model(substeps=2 if which == "substeps" else 1)
-    video = real_clip(9) if which == "bundled" else random_clip(9)
+    model, video = model_and_clip(which, 9)
     clip_tokens, image_tokens = model.encode(video), model.encode(video[:, :, :1])
     assert image_tokens.grids[0][0] == 1
     assert same([i[:, :1] for i in clip_tokens.ids], image_tokens.ids)
@@ -92,8 +98,7 @@ def test_an_image_gets_the_first_frame_tokens_of_a_clip(which):
 
 @pytest.mark.parametrize("which", ["amplified", "substeps", "bundled"])
 def test_streamed_encoding_equals_the_whole_clip_for_every_chunk_plan(which):
-    model = bundled() if which == "bundled" else amplified_model(substeps=2 if which == "substeps" else 1)
-    video = real_clip(17) if which == "bundled" else random_clip(17)
+    model, video = model_and_clip(which, 17)
     whole = model.encode(video)
     for plan in ([1, 4, 4, 4, 4], [5, 12], [1, 16], [9, 8], [13, 4], [17]):
         state, parts = None, []

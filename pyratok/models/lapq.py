@@ -201,20 +201,19 @@ class _QuantizationBlock(nn.Module):
         codes = [quantize(logits[0])]
         latent = tuple(residual.shape[2:])
         for s, step in enumerate(self.substeps):
-            residual = residual - self._lift_group(codes[s], s, latent)
+            residual = residual - self.lift(codes[s], latent, group=s)
             logits.append(step(h, residual, grid))
             codes.append(quantize(logits[-1]))
         return torch.cat(logits, 1), text_logits, torch.cat(codes, 1)
 
-    def _lift_group(self, codes, s: int, latent: Grid):
-        """Group s's part of phi(upsample(codes)): its slice of phi's input channels."""
-        w = self.phi.weight[:, s * self.group:(s + 1) * self.group]
-        return F.conv3d(F.interpolate(codes, size=latent, mode="nearest"), w, self.phi.bias if s == 0 else None,
-                        padding=(0, 1, 1))
-
-    def lift(self, codes, latent: Grid):
-        """phi(upsample(codes)) on the latent grid."""
-        return self.phi(F.interpolate(codes, size=latent, mode="nearest"))
+    def lift(self, codes, latent: Grid, group: Optional[int] = None):
+        """phi(upsample(codes)) on the latent grid; ``group`` = s: group s's part alone (its K/S
+        codes through phi's slice of input channels; phi's bias goes with group 0)."""
+        up = F.interpolate(codes, size=latent, mode="nearest")
+        if group is None:
+            return self.phi(up)
+        w = self.phi.weight[:, group * self.group:(group + 1) * self.group]
+        return F.conv3d(up, w, self.phi.bias if group == 0 else None, padding=self.phi.padding)
 
 
 class LaPQ(nn.Module):
