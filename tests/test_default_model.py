@@ -128,11 +128,11 @@ def test_demo_bad_arguments():
         demo_main(["--model", "a", "--bundle", "b"])
 
 
-def _training_script():
+def _training_script(name="default_model"):
     import importlib.util
 
-    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "default_model.py")
-    spec = importlib.util.spec_from_file_location("default_model_script", path)
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -178,3 +178,53 @@ def test_the_curve_takes_the_last_reports_points_only_for_stages_not_run_in_work
     (tmp_path / "stage1f_high" / "checkpoints" / "step-00000300" / "config.json").write_text('{"model_id": "b"}')
     assert script.curve(str(tmp_path), {})["stage1f_high"]["300"] == {**new, "model_id": "b"}
     assert evaluated == ["stage1f_high/checkpoints/step-00000300"]
+
+
+def test_the_stage1f_validation_split_holds_out_whole_windows_and_photographs(tmp_path):
+    # scripts/stage1f_validation.py: the validation clips are the last training window of each real
+    # clip and three training photographs, and none of their rows stays in the training manifest
+    script = _training_script("stage1f_validation")
+    from pyratok.study import PHOTOS as EVALUATION_PHOTOS
+
+    stems = {script._stem(*p) for p in script.VALIDATION_PHOTOS}
+    assert stems == {"camera", "rocket", "grace_hopper"}
+    assert set(script.VALIDATION_PHOTOS) <= set(_training_script("make_default_data").PHOTOS)   # training photographs
+    assert not stems & set(EVALUATION_PHOTOS)
+    clips = [{"path": f"clips/{c}.mp4", "start": float(s), "end": float(s + 1)} for c in ("a", "b", "c")
+             for s in range(3)]
+    photos = [{"path": f"photos/{p}-{m}.mp4"} for p in ("camera", "rocket", "grace_hopper", "brick")
+              for m in range(4)]
+    rows = [r for r in clips for _ in range(4)] + photos
+    manifest, out = tmp_path / "train.jsonl", tmp_path / "split.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    windows = script.split(str(manifest), str(out))
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((w["path"], w["start"]) for w in windows) == [(f"clips/{c}.mp4", 2.0) for c in "abc"]
+    assert len(kept) == len(rows) - 24 and not any(r in windows for r in kept)
+    assert [r["path"] for r in kept if r["path"].startswith("photos/")] == [f"photos/brick-{m}.mp4" for m in range(4)]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows[:-16]))   # no validation photographs
+    with pytest.raises(SystemExit, match="not the full run's manifest"):
+        script.split(str(manifest), str(out))
+
+
+def test_the_stage1f_validation_runs_take_the_shipped_settings(tmp_path, monkeypatch):
+    # each arm's TOML is the shipped stage 1f's with only the named keys changed; a TOML without
+    # one of them is refused rather than run with the shipped value
+    script = _training_script("stage1f_validation")
+    started = []
+    monkeypatch.setattr(script.subprocess, "Popen", lambda cmd, **kw: started.append(cmd) or "proc")
+    shipped = tmp_path / "stage1f_high.toml"
+    shipped.write_text('[model]\npretrained = "/a/fit_high"\n\n[data]\nsource = "data/train.jsonl"\n\n[train]\n'
+                       'out_dir = "stage1f_high"\nsteps = 300\nseed = 12\n\n[loss]\nhierarchy = 0.0\nentropy = 0.1\n')
+    changes = {"pretrained": '"/b/fit"', "source": '"../data/split.jsonl"', "entropy": "0.0"}
+    assert script.stage1f(str(tmp_path), "arm", str(shipped), changes, threads=1) == "proc"
+    written = (tmp_path / "arm.toml").read_text()
+    assert written == shipped.read_text().replace('"/a/fit_high"', '"/b/fit"').replace(
+        '"data/train.jsonl"', '"../data/split.jsonl"').replace('"stage1f_high"', '"arm"').replace(
+        "steps = 300", f"steps = {script.STEPS_1F}").replace("entropy = 0.1", "entropy = 0.0")
+    assert started[0][-2:] == ["train", str(tmp_path / "arm.toml")]          # a fresh run: no --resume
+    shipped.write_text(shipped.read_text().replace("entropy = 0.1\n", ""))
+    with pytest.raises(SystemExit, match="no \\['entropy'\\] to change"):
+        script.stage1f(str(tmp_path), "arm2", str(shipped), changes, threads=1)
+    (tmp_path / "arm" / "checkpoints" / f"step-{script.STEPS_1F:08d}").mkdir(parents=True)
+    assert script.stage1f(str(tmp_path), "arm", str(shipped), changes, threads=1) is None   # done: skipped
