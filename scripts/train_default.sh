@@ -30,7 +30,9 @@
 #   stage1f_low / stage1f_high
 #                the paper's stage 1 losses without the hierarchy term (it pulled the fitted codes
 #                away from the latent: the hierarchy KL started at 67 and dominated the total), with
-#                the entropy term (weight 0.1, chosen on a validation split of the training data),
+#                the entropy term for low (weight 0.1, chosen on a 300-step validation split of the
+#                training data) and without it for high (scripts/stage1f_validation.py: the same split
+#                at the high point's full length, 300 steps),
 #                and without masking (these points are for reconstruction), LaPQ + LoRA
 #                + the decoder (train.train_decoder), lr 1e-4, 1,500 steps (low) and 300 (high).
 #                Each point ships as its own model
@@ -62,6 +64,9 @@ RESULT=${RESULT:-benchmarks/results/default_model.json}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export PYRATOK_BACKEND=${PYRATOK_BACKEND:-reference}
 declare -A stage0=([low]=stage0 [high]=stage0_high) init=([low]=init [high]=init_fine) seed=([low]=11 [high]=12)
+# stage 1f's entropy weight: low from the 300-step validation split (README), high from the full-length one
+# (scripts/stage1f_validation.py, benchmarks/results/stage1f_validation.csv)
+declare -A entropy=([low]=0.1 [high]=0.0)
 for rate in $POINTS; do
   [[ -v "stage0[$rate]" ]] || { echo "POINTS: unknown point '$rate' (expected low and/or high)" >&2; exit 2; }
 done
@@ -130,7 +135,7 @@ local pids=() points=($POINTS)
 local threads=$(( ${#points[@]} > 1 ? 1 : OMP_NUM_THREADS ))
 for rate in $POINTS; do
   OMP_NUM_THREADS=$threads stage "stage1f_$rate" 1 "${steps1f[$rate]}" 1e-4 "pretrained = \"$(cd "$WORK" && pwd)/fit_$rate\"" 2 \
-    "${seed[$rate]}" $'train_decoder = true\nmasking = false\n\n[loss]\nhierarchy = 0.0\nentropy = 0.1' \
+    "${seed[$rate]}" $'train_decoder = true\nmasking = false\n\n[loss]\nhierarchy = 0.0\nentropy = '"${entropy[$rate]}" \
     > "$WORK/stage1f_$rate.out" 2>&1 &
   pids+=($!)
 done
