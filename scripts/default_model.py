@@ -616,7 +616,7 @@ def _model_card(out: dict, dest: str) -> None:
               "the 112 rows, then 300 steps of stage 1f with the entropy term at 0.1 and at 0) and measured 9 "
               "validation clips (the 3 windows; pan and zoom over the 3 photographs, made as the evaluation's): "
               "after the fit 26.64 dB, after stage 1f with the entropy term 26.34, without it 27.22 "
-              "(benchmarks/results/stage1f_validation.csv).  The rule was fixed before those figures existed: the "
+              "(benchmarks/results/stage1f_validation_high.csv).  The rule was fixed before those figures existed: the "
               "best arm ships unless it beats the shipped one by less than 0.05 dB.  So the high point's stage 1f "
               "runs without the entropy term (the run with it: `stage1fe_high` in the curve); the low point keeps "
               "the 300-step split's choice (not re-run at its 1500-step length).",

@@ -1,10 +1,11 @@
-"""Does stage 1f help the high point?  Decided on a validation split of the TRAINING data.
+"""Does stage 1f help an operating point, and with which entropy weight?  Decided on a validation
+split of the TRAINING data.
 
 The high point ships its fitted LaPQ after a 300-step stage 1f (the paper's stage 1 losses, the
 LaPQ, LoRA and decoder trained; scripts/train_default.sh).  With the entropy term at 0.1, as the low
 point runs it, that stage lowered the fit's PSNR on the held-out evaluation set each time it ran,
 but the evaluation set may not choose the recipe.  This study splits the training manifest instead
-(its result, benchmarks/results/stage1f_validation.csv, is why the high point now runs stage 1f
+(its result, benchmarks/results/stage1f_validation_high.csv, is why the high point now runs stage 1f
 without the entropy term):
 
   validation: the last training window of each real clip (bikes, bigbuckbunny, carphone), 17 frames
@@ -13,19 +14,20 @@ without the entropy term):
               grace_hopper), whose camera-move clips are taken out of the training manifest;
   training:   every other row of the manifest (112 of 136).
 
-On the training rows it fits a fresh LaPQ to the shipped recipe's frozen 2x4x4 backbone
-(default_model fit, the same settings) and runs stage 1f from it twice, with the entropy term at 0.1
-and at 0; then it measures every arm on the validation clips.  The backbone itself
-(stage 0) did see the validation rows: it is the same in every arm, and the question is only what
-stage 1f adds to it.
+On the training rows it fits a fresh LaPQ to the point's frozen stage-0 backbone (default_model
+fit, the point's settings and length) and runs stage 1f from it twice at the point's full length,
+with the entropy term at 0.1 and at 0; then it measures every arm on the validation clips.  The
+backbone itself (stage 0) did see the validation rows: it is the same in every arm, and the
+question is only what stage 1f adds to it.
 
-  .venv/bin/python scripts/stage1f_validation.py [WORK] [RESULT_CSV]
+  .venv/bin/python scripts/stage1f_validation.py [--point high|low] [WORK] [RESULT_CSV]
 
-WORK (default outputs/default_train) must hold the full run's data/, init_high/ (the branch of the
-stage-0 backbone with a fresh LaPQ) and stage1f_high.toml (the shipped stage 1f's settings, which
-every arm takes with only the manifest and the entropy weight changed); the study writes
-WORK/val1f/.  Each step is skipped when its output exists, so an interrupted run continues where
-it stopped.  About an hour on 2 cores.
+WORK (default outputs/default_train) must hold the full run's data/, init_<point>/ (the branch of
+the point's stage-0 backbone with a fresh LaPQ) and stage1f_<point>.toml (the point's stage-1f
+settings, which every arm takes with only the manifest and the entropy weight changed): both are
+written by scripts/train_default.sh.  The study writes WORK/val1f_<point>/ and RESULT_CSV (default
+benchmarks/results/stage1f_validation_<point>.csv).  Each step is skipped when its output exists,
+so an interrupted run continues where it stopped.  About an hour on 2 cores for the high point.
 """
 from __future__ import annotations
 
@@ -42,7 +44,10 @@ from make_default_data import load_photo  # noqa: E402
 
 VALIDATION_PHOTOS = (("skimage", "camera"), ("skimage", "rocket"), ("matplotlib", "grace_hopper.jpg"))
 ARMS = {"entropy": 0.1, "no_entropy": 0.0}     # stage 1f's entropy weight: the low point's, and none
-STEPS_1F, EVERY = int(os.environ.get("STEPS1F", 300)), 250   # STEPS1F / FIT_STEPS_HIGH / FIT_CROPS: a smoke run
+# each point's fit and stage-1f steps, as scripts/train_default.sh runs them (FIT_STEPS / STEPS1F / FIT_CROPS in
+# the environment: a smoke run)
+LENGTHS = {"low": (1500, 1500), "high": (3000, 300)}
+EVERY = 250
 FRAMES, REAL_SIZE, PHOTO_SIZE = 17, (144, 176), 128
 
 
@@ -89,17 +94,17 @@ def validation_sets(data_dir: str, windows: list[dict]) -> dict:
     return {"real": real, "photos": photos}
 
 
-def stage1f(work: str, name: str, shipped: str, changes: dict, threads: int) -> Optional[subprocess.Popen]:
-    """Starts a stage-1f run with the settings of the shipped one (``shipped``: the TOML that
-    scripts/train_default.sh wrote), ``changes`` ({key: TOML value}) replacing some of them; returns
-    the process (None when the run is already complete)."""
+def stage1f(work: str, name: str, shipped: str, changes: dict, steps: int, threads: int) -> Optional[subprocess.Popen]:
+    """Starts a ``steps``-step stage-1f run with the settings of the shipped one (``shipped``: the TOML
+    that scripts/train_default.sh wrote), ``changes`` ({key: TOML value}) replacing some of them;
+    returns the process (None when the run is already complete)."""
     from pyratok.utils import atomic_write
 
     out = os.path.join(work, name)
-    if os.path.isdir(os.path.join(out, "checkpoints", f"step-{STEPS_1F:08d}")):
+    if os.path.isdir(os.path.join(out, "checkpoints", f"step-{steps:08d}")):
         print(f"{name}: already done")
         return None
-    changes = {**changes, "out_dir": json.dumps(name), "steps": str(STEPS_1F)}
+    changes = {**changes, "out_dir": json.dumps(name), "steps": str(steps)}
     with open(shipped) as f:
         lines = f.read().splitlines()
     found = set()
@@ -120,22 +125,32 @@ def stage1f(work: str, name: str, shipped: str, changes: dict, threads: int) -> 
                                 stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
-def main(work: str = "outputs/default_train", result: str = "benchmarks/results/stage1f_validation.csv") -> None:
+def main(argv: Optional[list[str]] = None) -> None:
+    import argparse
+
     from pyratok.models.pyratok import PyraTok
     from pyratok.utils import atomic_write
 
-    study = os.path.join(work, "val1f")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--point", choices=sorted(LENGTHS), default="high")
+    parser.add_argument("work", nargs="?", default="outputs/default_train")
+    parser.add_argument("result", nargs="?", help="default: benchmarks/results/stage1f_validation_<point>.csv")
+    args = parser.parse_args(argv)
+    work, point = args.work, args.point
+    result = args.result or f"benchmarks/results/stage1f_validation_{point}.csv"
+    fit_steps, steps = (int(os.environ.get(k, n)) for k, n in zip(("FIT_STEPS", "STEPS1F"), LENGTHS[point]))
+    study = os.path.join(work, f"val1f_{point}")
     os.makedirs(study, exist_ok=True)
     manifest = os.path.join(work, "data", "train_val1f.jsonl")
     windows = split(os.path.join(work, "data", "train.jsonl"), manifest)
-    fitted = os.path.join(study, "fit_high")
-    default_model.FIT["steps"] = int(os.environ.get("FIT_STEPS_HIGH", 3000))   # the shipped high fit's length
-    default_model.fit(os.path.join(work, "init_high"), manifest, fitted)
+    fitted = os.path.join(study, f"fit_{point}")
+    default_model.FIT["steps"] = fit_steps
+    default_model.fit(os.path.join(work, f"init_{point}"), manifest, fitted)
 
-    shipped = os.path.join(work, "stage1f_high.toml")
+    shipped = os.path.join(work, f"stage1f_{point}.toml")
     runs = {arm: stage1f(study, f"stage1f_{arm}", shipped, {"pretrained": json.dumps(os.path.abspath(fitted)),
                                                             "source": json.dumps(os.path.relpath(manifest, study)),
-                                                            "entropy": str(weight)}, threads=1)
+                                                            "entropy": str(weight)}, steps, threads=1)
             for arm, weight in ARMS.items()}
     for arm, proc in runs.items():
         if proc is not None and proc.wait() != 0:
@@ -165,4 +180,4 @@ def main(work: str = "outputs/default_train", result: str = "benchmarks/results/
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main()

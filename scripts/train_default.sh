@@ -65,7 +65,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export PYRATOK_BACKEND=${PYRATOK_BACKEND:-reference}
 declare -A stage0=([low]=stage0 [high]=stage0_high) init=([low]=init [high]=init_fine) seed=([low]=11 [high]=12)
 # stage 1f's entropy weight: low from the 300-step validation split (README), high from the full-length one
-# (scripts/stage1f_validation.py, benchmarks/results/stage1f_validation.csv)
+# (scripts/stage1f_validation.py, benchmarks/results/stage1f_validation_high.csv)
 declare -A entropy=([low]=0.1 [high]=0.0)
 for rate in $POINTS; do
   [[ -v "stage0[$rate]" ]] || { echo "POINTS: unknown point '$rate' (expected low and/or high)" >&2; exit 2; }
@@ -134,9 +134,9 @@ warmup=50
 local pids=() points=($POINTS)
 local threads=$(( ${#points[@]} > 1 ? 1 : OMP_NUM_THREADS ))
 for rate in $POINTS; do
+  local extra=$'train_decoder = true\nmasking = false\n\n[loss]\nhierarchy = 0.0\nentropy = '"${entropy[$rate]}"
   OMP_NUM_THREADS=$threads stage "stage1f_$rate" 1 "${steps1f[$rate]}" 1e-4 "pretrained = \"$(cd "$WORK" && pwd)/fit_$rate\"" 2 \
-    "${seed[$rate]}" $'train_decoder = true\nmasking = false\n\n[loss]\nhierarchy = 0.0\nentropy = '"${entropy[$rate]}" \
-    > "$WORK/stage1f_$rate.out" 2>&1 &
+    "${seed[$rate]}" "$extra" > "$WORK/stage1f_$rate.out" 2>&1 &
   pids+=($!)
 done
 for pid in "${pids[@]}"; do

@@ -217,14 +217,27 @@ def test_the_stage1f_validation_runs_take_the_shipped_settings(tmp_path, monkeyp
     shipped.write_text('[model]\npretrained = "/a/fit_high"\n\n[data]\nsource = "data/train.jsonl"\n\n[train]\n'
                        'out_dir = "stage1f_high"\nsteps = 300\nseed = 12\n\n[loss]\nhierarchy = 0.0\nentropy = 0.1\n')
     changes = {"pretrained": '"/b/fit"', "source": '"../data/split.jsonl"', "entropy": "0.0"}
-    assert script.stage1f(str(tmp_path), "arm", str(shipped), changes, threads=1) == "proc"
+    assert script.stage1f(str(tmp_path), "arm", str(shipped), changes, 40, threads=1) == "proc"
     written = (tmp_path / "arm.toml").read_text()
     assert written == shipped.read_text().replace('"/a/fit_high"', '"/b/fit"').replace(
         '"data/train.jsonl"', '"../data/split.jsonl"').replace('"stage1f_high"', '"arm"').replace(
-        "steps = 300", f"steps = {script.STEPS_1F}").replace("entropy = 0.1", "entropy = 0.0")
+        "steps = 300", "steps = 40").replace("entropy = 0.1", "entropy = 0.0")
     assert started[0][-2:] == ["train", str(tmp_path / "arm.toml")]          # a fresh run: no --resume
     shipped.write_text(shipped.read_text().replace("entropy = 0.1\n", ""))
     with pytest.raises(SystemExit, match="no \\['entropy'\\] to change"):
-        script.stage1f(str(tmp_path), "arm2", str(shipped), changes, threads=1)
-    (tmp_path / "arm" / "checkpoints" / f"step-{script.STEPS_1F:08d}").mkdir(parents=True)
-    assert script.stage1f(str(tmp_path), "arm", str(shipped), changes, threads=1) is None   # done: skipped
+        script.stage1f(str(tmp_path), "arm2", str(shipped), changes, 40, threads=1)
+    (tmp_path / "arm" / "checkpoints" / "step-00000040").mkdir(parents=True)
+    assert script.stage1f(str(tmp_path), "arm", str(shipped), changes, 40, threads=1) is None   # done: skipped
+    # each point's fit and stage 1f take train_default.sh's lengths (the defaults in its
+    # `declare -A fitsteps=([low]=${FIT_STEPS:-1500} [high]=${FIT_STEPS_HIGH:-${FIT_STEPS:-3000}})`)
+    import re
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "scripts", "train_default.sh")) as f:
+        sh = f.read()
+
+    def defaults(name):
+        entries = re.search(rf"declare -A {name}=\((.*)\)", sh)[1]
+        return {p: int(n) for p, n in re.findall(r"\[(\w+)\]=\S*?(\d+)\}", entries)}
+
+    fit, steps = defaults("fitsteps"), defaults("steps1f")
+    assert {p: (fit[p], steps[p]) for p in fit} == script.LENGTHS
