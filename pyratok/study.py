@@ -159,24 +159,39 @@ class TrainData:
         return torch.stack(videos), captions
 
 
+def protocol_clip(path: str, start: int, frames: int = 17, size: tuple[int, int] = (144, 176)) -> torch.Tensor:
+    """Frames [start, start + frames) of a video as the evaluation protocol measures them: short side
+    144, centre crop -> (1, 3, T, H, W) in [-1, 1]."""
+    from pyratok.data import read_video, resize_and_crop
+
+    return resize_and_crop(read_video(path, frames, start=start), *size, None, short_side=144)[None]
+
+
+def protocol_photo_moves(name: str, image: torch.Tensor, frames: int = 17,
+                         size: int = 128) -> list[tuple[str, torch.Tensor, None]]:
+    """The evaluation protocol's pan and zoom over a photograph (H, W, 3) uint8:
+    [(f"{name}-pan", (1, 3, T, size, size), None), (f"{name}-zoom", ..., None)]."""
+    from pyratok.data.synthetic import photo_pan_zoom
+
+    return [(f"{name}-{mode}", photo_pan_zoom(image, frames, size, size, mode)[None], None) for mode in ("pan", "zoom")]
+
+
 def held_out_sets(quick: bool = False) -> dict[str, list[tuple[str, torch.Tensor, Optional[str]]]]:
     """{"real": [(name, (1, 3, T, H, W), None)], "photos": [...], "captioned": [(name, clip, caption)]}."""
     import skimage.data
 
-    from pyratok.data import VideoInfo, bundled_clip_path, read_video, resize_and_crop
-    from pyratok.data.synthetic import moving_shapes, photo_pan_zoom
+    from pyratok.data import VideoInfo, bundled_clip_path
+    from pyratok.data.synthetic import moving_shapes
     from pyratok.pretrained import held_out_start
 
-    frames, (h, w), size = (5, (64, 64), 64) if quick else (17, (144, 176), 128)
+    frames, real_size, size = (5, (64, 64), 64) if quick else (17, (144, 176), 128)
     real = []
     for name in REAL_CLIPS[:1] if quick else REAL_CLIPS:
         path = bundled_clip_path(name)
-        video = read_video(path, frames, start=held_out_start(VideoInfo(path).frames))
-        clip = resize_and_crop(video, h, w, None, short_side=144)[None]
+        clip = protocol_clip(path, held_out_start(VideoInfo(path).frames), frames, real_size)
         real.append((name.removesuffix(".mp4"), clip, None))
-    photos = [(f"{p}-{mode}", photo_pan_zoom(torch.from_numpy(getattr(skimage.data, p)()), frames, size, size,
-                                            mode)[None], None)
-              for p in (PHOTOS[:1] if quick else PHOTOS) for mode in ("pan", "zoom")]
+    photos = [move for p in (PHOTOS[:1] if quick else PHOTOS)
+              for move in protocol_photo_moves(p, torch.from_numpy(getattr(skimage.data, p)()), frames, size)]
     start, count = SYNTHETIC_HELD_OUT
     videos, captions = moving_shapes(8 if quick else count, TRAIN_FRAMES, TRAIN_SIZE, seed=0, start=start)
     captioned = [(f"shapes-{i}", videos[i:i + 1], c) for i, c in enumerate(captions)]

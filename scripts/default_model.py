@@ -181,11 +181,11 @@ def fit_lapq(model: PyraTok, lapq, latents: torch.Tensor, taps: list[torch.Tenso
     return errors
 
 
-def fit(model_dir: str, manifest: str, out: str) -> None:
+def fit(model_dir: str, manifest: str, out: str, steps: Optional[int] = None) -> None:
     """Stage 1a: fits a fresh LaPQ to the frozen backbone's latents before any pixel loss.
 
     ``FIT["crops"]`` random 9x64x64 training crops are encoded once (the latent and the encoder
-    taps the LaPQ reads); the LaPQ then trains on them alone, for ``FIT["steps"]`` steps, to
+    taps the LaPQ reads); the LaPQ then trains on them alone, for ``steps`` (default ``FIT["steps"]``), to
     rebuild the latent: ||q_L - z||^2 + 0.25 x the commitment ||z_l - sg(c_l)||^2 (the decoder is not run, so a
     step costs milliseconds).  The commitment term keeps the bit logits near +-1, where the
     straight-through gradient is a fair linearisation: without it the logits grew without bound
@@ -207,10 +207,11 @@ def fit(model_dir: str, manifest: str, out: str) -> None:
     torch.manual_seed(0)
     model = PyraTok.from_pretrained(model_dir).eval()
     latents, taps = encode_crops(model, manifest, FIT["crops"])
-    fit_lapq(model, model.lapq, latents, taps, FIT["steps"])
+    steps = FIT["steps"] if steps is None else steps
+    fit_lapq(model, model.lapq, latents, taps, steps)
     os.makedirs(out, exist_ok=True)
     with atomic_write(os.path.join(out, "fit.json"), "w") as f:   # the fit's settings and time, for the model card
-        json.dump({**FIT, "seconds": round(time.time() - start)}, f)
+        json.dump({**FIT, "steps": steps, "seconds": round(time.time() - start)}, f)
     model.save_pretrained(out)                                  # config.json last: the fit is done
     print(f"fit: -> {out}")
 
@@ -288,11 +289,10 @@ def _ran(work: str, stage: str) -> bool:
 
 def _model_id(path: str) -> Optional[str]:
     """The model id in a saved model's config.json (None where it has none)."""
-    import json
+    from pyratok.models.model_files import read_json_object
 
     try:
-        with open(os.path.join(path, "config.json")) as f:
-            return json.load(f).get("model_id")
+        return read_json_object(os.path.join(path, "config.json"), "PyraTok model config").get("model_id")
     except (OSError, ValueError):
         return None
 

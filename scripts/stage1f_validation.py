@@ -48,7 +48,6 @@ ARMS = {"entropy": 0.1, "no_entropy": 0.0}     # stage 1f's entropy weight: the 
 # the environment: a smoke run)
 LENGTHS = {"low": (1500, 1500), "high": (3000, 300)}
 EVERY = 250
-FRAMES, REAL_SIZE, PHOTO_SIZE = 17, (144, 176), 128
 
 
 def _stem(source: str, name: str) -> str:
@@ -79,18 +78,17 @@ def split(manifest: str, out: str) -> list[dict]:
 
 
 def validation_sets(data_dir: str, windows: list[dict]) -> dict:
-    """The validation clips in held_out_sets' form: {"real": [(name, clip, None)], "photos": [...]}."""
-    from pyratok.data import VideoInfo, read_video, resize_and_crop
-    from pyratok.data.synthetic import photo_pan_zoom
+    """The validation clips in held_out_sets' form, made as the evaluation protocol makes its clips:
+    {"real": [(name, clip, None)], "photos": [...]}."""
+    from pyratok.data import VideoInfo
+    from pyratok.study import protocol_clip, protocol_photo_moves
 
     real = []
     for w in windows:
         path = os.path.join(data_dir, w["path"])
-        video = read_video(path, FRAMES, start=round(w["start"] * VideoInfo(path).fps))
         real.append((os.path.basename(path).removesuffix(".mp4"),
-                     resize_and_crop(video, *REAL_SIZE, None, short_side=144)[None], None))
-    photos = [(f"{_stem(*p)}-{mode}", photo_pan_zoom(load_photo(*p), FRAMES, PHOTO_SIZE, PHOTO_SIZE, mode)[None], None)
-              for p in VALIDATION_PHOTOS for mode in ("pan", "zoom")]
+                     protocol_clip(path, round(w["start"] * VideoInfo(path).fps)), None))
+    photos = [move for p in VALIDATION_PHOTOS for move in protocol_photo_moves(_stem(*p), load_photo(*p))]
     return {"real": real, "photos": photos}
 
 
@@ -144,8 +142,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     manifest = os.path.join(work, "data", "train_val1f.jsonl")
     windows = split(os.path.join(work, "data", "train.jsonl"), manifest)
     fitted = os.path.join(study, f"fit_{point}")
-    default_model.FIT["steps"] = fit_steps
-    default_model.fit(os.path.join(work, f"init_{point}"), manifest, fitted)
+    default_model.fit(os.path.join(work, f"init_{point}"), manifest, fitted, steps=fit_steps)
 
     shipped = os.path.join(work, f"stage1f_{point}.toml")
     runs = {arm: stage1f(study, f"stage1f_{arm}", shipped, {"pretrained": json.dumps(os.path.abspath(fitted)),
