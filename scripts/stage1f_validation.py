@@ -1,12 +1,12 @@
 """Does stage 1f help an operating point, and with which entropy weight?  Decided on a validation
 split of the TRAINING data.
 
-The high point ships its fitted LaPQ after a 300-step stage 1f (the paper's stage 1 losses, the
-LaPQ, LoRA and decoder trained; scripts/train_default.sh).  With the entropy term at 0.1, as the low
-point runs it, that stage lowered the fit's PSNR on the held-out evaluation set each time it ran,
-but the evaluation set may not choose the recipe.  This study splits the training manifest instead
-(its result, benchmarks/results/stage1f_validation_high.csv, is why the high point now runs stage 1f
-without the entropy term):
+Each point ships its fitted LaPQ after a stage 1f (the paper's stage 1 losses, the LaPQ, LoRA and
+decoder trained; scripts/train_default.sh: 300 steps at the high point, 1,500 at the low).  With the
+entropy term at 0.1, as the low point ran it until 2026-12-07, that stage lowered the high point's
+PSNR on the held-out evaluation set each time it ran, but the evaluation set may not choose the recipe.  This study splits the training manifest instead
+(its results, benchmarks/results/stage1f_validation_{high,low}.csv, are why both points now run
+stage 1f without the entropy term):
 
   validation: the last training window of each real clip (bikes, bigbuckbunny, carphone), 17 frames
               at 144x176 as in the README's protocol, and pan and zoom moves (17 frames, 128x128, the
@@ -43,7 +43,7 @@ import default_model  # noqa: E402
 from make_default_data import load_photo  # noqa: E402
 
 VALIDATION_PHOTOS = (("skimage", "camera"), ("skimage", "rocket"), ("matplotlib", "grace_hopper.jpg"))
-ARMS = {"entropy": 0.1, "no_entropy": 0.0}     # stage 1f's entropy weight: the low point's, and none
+ARMS = {"entropy": 0.1, "no_entropy": 0.0}     # stage 1f's entropy weight: the one both points ran before, and none
 # each point's fit and stage-1f steps, as scripts/train_default.sh runs them (FIT_STEPS / STEPS1F / FIT_CROPS in
 # the environment: a smoke run)
 LENGTHS = {"low": (1500, 1500), "high": (3000, 300)}

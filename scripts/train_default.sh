@@ -29,10 +29,9 @@
 #                at 21.5 dB;
 #   stage1f_low / stage1f_high
 #                the paper's stage 1 losses without the hierarchy term (it pulled the fitted codes
-#                away from the latent: the hierarchy KL started at 67 and dominated the total), with
-#                the entropy term for low (weight 0.1, chosen on a 300-step validation split of the
-#                training data) and without it for high (scripts/stage1f_validation.py: the same split
-#                at the high point's full length, 300 steps),
+#                away from the latent: the hierarchy KL started at 67 and dominated the total) and
+#                without the entropy term (scripts/stage1f_validation.py: a validation split of the
+#                training data at each point's full length chose no entropy term at both points),
 #                and without masking (these points are for reconstruction), LaPQ + LoRA
 #                + the decoder (train.train_decoder), lr 1e-4, 1,500 steps (low) and 300 (high).
 #                Each point ships as its own model
@@ -64,9 +63,9 @@ RESULT=${RESULT:-benchmarks/results/default_model.json}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export PYRATOK_BACKEND=${PYRATOK_BACKEND:-reference}
 declare -A stage0=([low]=stage0 [high]=stage0_high) init=([low]=init [high]=init_fine) seed=([low]=11 [high]=12)
-# stage 1f's entropy weight: low from the 300-step validation split (README), high from the full-length one
-# (scripts/stage1f_validation.py, benchmarks/results/stage1f_validation_high.csv)
-declare -A entropy=([low]=0.1 [high]=0.0)
+# stage 1f's entropy weight: none at either point, each chosen on a validation split of the training data at the
+# point's full length (scripts/stage1f_validation.py, benchmarks/results/stage1f_validation_{low,high}.csv)
+declare -A entropy=([low]=0.0 [high]=0.0)
 for rate in $POINTS; do
   [[ -v "stage0[$rate]" ]] || { echo "POINTS: unknown point '$rate' (expected low and/or high)" >&2; exit 2; }
 done
@@ -144,6 +143,6 @@ for pid in "${pids[@]}"; do
 done
 
 "$PY" scripts/default_model.py export "$DEST" $(for rate in $POINTS; do echo "$rate=$(latest "stage1f_$rate")"; done)
-"$PY" scripts/default_model.py report "$WORK" "$DEST" "$RESULT" "$start"
+POINTS="$POINTS" "$PY" scripts/default_model.py report "$WORK" "$DEST" "$RESULT" "$start"
 }
 main "$@"; exit   # on one line: bash never reads past it, even if the file changed

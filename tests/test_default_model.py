@@ -241,3 +241,29 @@ def test_the_stage1f_validation_runs_take_the_shipped_settings(tmp_path, monkeyp
 
     fit, steps = defaults("fitsteps"), defaults("steps1f")
     assert {p: (fit[p], steps[p]) for p in fit} == script.LENGTHS
+
+
+def test_the_backbone_length_check_measures_the_clip_parts(tmp_path):
+    # scripts/backbone_length.py: on a causal backbone, frames 0-8 of a 17-frame clip are
+    # reconstructed exactly as when the first 9 frames are encoded alone; frames 8-16 alone are a clip
+    # of their own; the four figures are those of the parts they name
+    script = _training_script("backbone_length")
+    default_model = _training_script("default_model")
+    from pyratok.models.pyratok import PyraTok
+
+    torch.manual_seed(0)
+    model = PyraTok(default_model.config("low")).eval()
+    clip = torch.rand(1, 3, 17, 32, 32) * 2 - 1
+    got = script.measure(model, clip)
+    with torch.no_grad():
+        head = model.vae.decode(model.vae.encode(clip[:, :, :9]).mode())
+        tail = model.vae.decode(model.vae.encode(clip[:, :, 8:]).mode())
+        whole = model.vae.decode(model.vae.encode(clip).mode())
+    assert got["frames_0_8"] == pytest.approx(float(psnr(head, clip[:, :, :9])), abs=1e-3)
+    assert got["frames_8_16_alone"] == pytest.approx(float(psnr(tail, clip[:, :, 8:])), abs=1e-4)
+    assert got["frames_8_16"] == pytest.approx(float(psnr(whole[:, :, 8:], clip[:, :, 8:])), abs=1e-4)
+    assert got["clip_17"] == pytest.approx(float(psnr(whole, clip)), abs=1e-4)
+    with pytest.raises(ValueError, match="expected 17 frames"):
+        script.measure(model, clip[:, :, :13])
+    with pytest.raises(SystemExit, match="NAME=CHECKPOINT"):
+        script.main([str(tmp_path), str(tmp_path / "r.csv"), f"x={tmp_path}"])
