@@ -4,7 +4,7 @@
 #
 #   scripts/train_default.sh              # about 5 h on 2 otherwise idle cores (see the model card)
 #   POINTS=high scripts/train_default.sh  # the high point only (about 3 h)
-#   STEPS0=30 FIT_STEPS=20 FIT_CROPS=120 STEPS1F=20 WORK=/tmp/t DEST=/tmp/t/model RESULT=/tmp/t/r.json \
+#   STEPS0=30 STEPS0L17=10 FIT_STEPS=20 FIT_CROPS=120 STEPS1F=20 WORK=/tmp/t DEST=/tmp/t/model RESULT=/tmp/t/r.json \
 #     scripts/train_default.sh             # a smoke run of the whole pipeline (minutes; RESULT and DEST
 #                                          # must hold a previous run's records when POINTS names one point)
 #
@@ -19,6 +19,9 @@
 #                no pretrained backbone exists at this size (6,000 and 6,500 steps; the shipped
 #                2x4x4 one ran 3,500 steps and was resumed to 6,500 a session later, so its cosine
 #                restarted once: the model card);
+#   stage0l17    the 4x8x8 backbone's stage 0 continued on 17-frame crops (batch 2, lr 2e-4, 1,500 steps:
+#                STEPS0L17): on 9-frame crops it sees 3 latent frames, and on the second half of a 17-frame
+#                validation clip it lost 4.6 dB (scripts/backbone_length.py); the low point branches from it;
 #   fit_low / fit_high
 #                (stage 1a, scripts/default_model.py fit) a fresh LaPQ per point fitted to the frozen
 #                backbone's latents of 2,000 training crops (latent MSE + commitment; no decoder in
@@ -81,7 +84,7 @@ $model
 
 [data]
 source = "data/train.jsonl"
-num_frames = 9
+num_frames = $frames
 height = 64
 width = 64
 resize = 144
@@ -123,13 +126,21 @@ start=$(date +%s)
 # stage 0: one backbone per grid (low: 4x8x8; high: the finer 2x4x4), then a fresh LaPQ per point fitted to it
 for rate in $POINTS; do
   "$PY" scripts/default_model.py init "$WORK/${init[$rate]}" "$rate"
-  warmup=200
+  warmup=200 frames=9
   stage "${stage0[$rate]}" 0 "${steps0[$rate]}" 1e-3 "pretrained = \"$(cd "$WORK" && pwd)/${init[$rate]}\"" 4 0
-  "$PY" scripts/default_model.py branch "$(latest "${stage0[$rate]}")" "$rate" "$WORK/init_$rate"
+  local backbone=${stage0[$rate]}
+  if [[ $rate == low ]]; then
+    # on 9-frame crops the 4x8x8 backbone sees 3 latent frames and drifts past them on 17-frame clips
+    # (scripts/backbone_length.py): its stage 0 continues on 17-frame crops (batch 2: the same pixels a step)
+    warmup=50 frames=17
+    stage stage0l17 0 "${STEPS0L17:-1500}" 2e-4 "pretrained = \"$(latest stage0)\"" 2 0
+    backbone=stage0l17 frames=9
+  fi
+  "$PY" scripts/default_model.py branch "$(latest "$backbone")" "$rate" "$WORK/init_$rate"
   FIT_STEPS=${fitsteps[$rate]} "$PY" scripts/default_model.py fit "$WORK/init_$rate" "$WORK/data/train.jsonl" "$WORK/fit_$rate"
 done
 # stage 1f: the points at once, one thread each (2 threads are only 1.7x one); a single point takes both
-warmup=50
+warmup=50 frames=9
 local pids=() points=($POINTS)
 local threads=$(( ${#points[@]} > 1 ? 1 : OMP_NUM_THREADS ))
 for rate in $POINTS; do
