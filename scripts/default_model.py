@@ -267,7 +267,7 @@ def _evaluate(model: PyraTok, sets: dict, tokens: bool = True) -> dict:
                     t = model.encode(clip)
                     recon, bpp = model.decode(t), t.bits_per_pixel()
                 else:
-                    recon, bpp = model.vae.decode(model.vae.encode(clip).mode()), None
+                    recon, bpp = model.vae(clip), None
                 rows.append({"clip": clip_name, "psnr": round(float(psnr(recon, clip)), 3),
                              "ssim": round(float(ssim(recon, clip)), 4), **({"bits_per_pixel": bpp} if tokens else {})})
             out[name] = {"psnr": round(statistics.fmean(r["psnr"] for r in rows), 3),

@@ -54,9 +54,10 @@ def _stem(source: str, name: str) -> str:
     return os.path.splitext(name)[0]
 
 
-def split(manifest: str, out: str) -> list[dict]:
+def split(manifest: str, out: Optional[str]) -> list[dict]:
     """Writes the training rows without the validation ones to ``out`` (next to ``manifest``, whose
-    relative paths it keeps); returns the real clips' validation windows (the last of each clip)."""
+    relative paths it keeps; None: not written); returns the real clips' validation windows (the last of
+    each clip)."""
     from pyratok.utils import atomic_write
 
     with open(manifest) as f:
@@ -71,9 +72,10 @@ def split(manifest: str, out: str) -> list[dict]:
     if len(last) != 3 or len(rows) - len(keep) != 4 * (len(last) + len(photos)):
         raise SystemExit(f"split: {manifest} is not the full run's manifest (3 clips and 4 rows per window and "
                          f"photograph expected; {len(rows)} rows, {len(rows) - len(keep)} taken out)")
-    with atomic_write(out, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in keep)
-    print(f"split: {len(keep)} training rows -> {out}; validation: {sorted(last)} last windows, {sorted(photos)}")
+    if out is not None:
+        with atomic_write(out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+        print(f"split: {len(keep)} training rows -> {out}; validation: {sorted(last)} last windows, {sorted(photos)}")
     return list(last.values())
 
 
