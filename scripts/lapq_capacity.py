@@ -1,10 +1,11 @@
-"""How well LaPQ variants rebuild a frozen backbone's latents at the same K (the high point's fit).
+"""How well LaPQ variants rebuild a frozen backbone's latents at the same K (an operating point's fit).
 
-    python scripts/lapq_capacity.py MODEL MANIFEST OUT.csv [--crops N] [--steps N] [--variants S:H ...]
+    python scripts/lapq_capacity.py MODEL MANIFEST OUT.csv [--point high|low] [--crops N] [--steps N]
+                                    [--variants S:H ...]
 
 MODEL is a branched model folder (scripts/default_model.py branch: a trained backbone and a fresh
 LaPQ), MANIFEST the training manifest.  The backbone's latents of N training crops are encoded
-once; each variant (``substeps:hidden``) is a fresh LaPQ (seed 2, as the high point's) fitted with
+once; each variant (``substeps:hidden``) is a fresh LaPQ (the seed of ``--point``'s own fit) fitted with
 scripts/default_model.py's recipe (``fit_lapq``) for the same steps.  The figure is the latent
 error of the held-back *training* crops (not trained on; no held-out clip is read), as a fraction
 of the latent's mean square, written to OUT.csv (one row per variant and checkpoint).
@@ -34,6 +35,8 @@ def main(argv=None) -> None:
     ap.add_argument("model")
     ap.add_argument("manifest")
     ap.add_argument("out")
+    ap.add_argument("--point", choices=sorted(default_model.SEEDS), default="high",
+                    help="the operating point whose fit seeds each fresh LaPQ (default: high)")
     ap.add_argument("--crops", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--variants", nargs="+", default=["1:64", "3:64"], help="substeps:hidden")
@@ -45,14 +48,23 @@ def main(argv=None) -> None:
         except ValueError:
             raise SystemExit(f"--variants: expected substeps:hidden (e.g. 3:64), got {v!r}")
         variants.append((s, h))
+    if args.crops < 5 or args.steps < 1:
+        raise SystemExit(f"--crops {args.crops} / --steps {args.steps}: expected >= 5 crops and >= 1 step")
     torch.manual_seed(0)
     model = PyraTok.from_pretrained(args.model).eval()
+    for s, h in variants:          # before the minutes of encoding: every variant must be a valid LaPQ
+        try:
+            dataclasses.replace(model.config.lapq, substeps=s, hidden=h).scales()
+            if s < 1 or h < 1 or model.config.lapq.num_bits % s:
+                raise ValueError(f"substeps {s} must be >= 1 and divide K = {model.config.lapq.num_bits}; hidden {h} >= 1")
+        except ValueError as e:
+            raise SystemExit(f"--variants {s}:{h}: {e}")
     start = time.time()
     latents, taps = default_model.encode_crops(model, args.manifest, args.crops)
     print(f"encoded {args.crops} crops in {time.time() - start:.0f} s", flush=True)
     rows = []
     for s, h in variants:
-        torch.manual_seed(default_model.SEEDS["high"])
+        torch.manual_seed(default_model.SEEDS[args.point])
         lapq = LaPQ(dataclasses.replace(model.config.lapq, substeps=s, hidden=h))
         params = sum(p.numel() for p in lapq.parameters())
         start = time.time()

@@ -267,3 +267,38 @@ def test_the_backbone_length_check_measures_the_clip_parts(tmp_path):
         script.measure(model, clip[:, :, :13])
     with pytest.raises(SystemExit, match="NAME=CHECKPOINT"):
         script.main([str(tmp_path), str(tmp_path / "r.csv"), f"x={tmp_path}"])
+
+
+def test_the_lapq_capacity_study_fits_each_variant_of_a_point(tmp_path, monkeypatch):
+    # scripts/lapq_capacity.py: a variant that is no valid LaPQ for the point's K is refused before the
+    # minutes of encoding; each valid one is fitted from the same latents and gets its rows in the CSV
+    script = _training_script("lapq_capacity")
+    from pyratok.models.pyratok import PyraTok
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    PyraTok(script.default_model.config("low")).save_pretrained(str(model_dir))
+    missing = str(tmp_path / "no_manifest.jsonl")           # never read when a variant is refused
+    for bad, match in (("3:64", "divide K = 16"), ("2", "substeps:hidden"), ("0:64", ">= 1")):
+        with pytest.raises(SystemExit, match=match):
+            script.main([str(model_dir), missing, str(tmp_path / "r.csv"), "--point", "low", "--variants", bad])
+    with pytest.raises(SystemExit, match="--crops"):
+        script.main([str(model_dir), missing, str(tmp_path / "r.csv"), "--crops", "2"])
+
+    def random_crops(model, manifest, n):                   # the real encoder on random clips
+        with torch.no_grad():
+            outs = [model._encode_latent(torch.rand(1, 3, 9, 32, 32) * 2 - 1) for _ in range(n)]
+        return (torch.cat([o[0] for o in outs]),
+                [torch.cat([o[1][j] for o in outs]) for j in range(len(outs[0][1]))])
+
+    monkeypatch.setattr(script.default_model, "encode_crops", random_crops)
+    out = tmp_path / "r.csv"
+    script.main([str(model_dir), missing, str(out), "--point", "low", "--crops", "10", "--steps", "2",
+                 "--variants", "1:16", "4:16"])
+    import csv
+
+    rows = list(csv.DictReader(open(out)))
+    assert [(r["substeps"], r["step"]) for r in rows] == [("1", "0"), ("1", "2"), ("4", "0"), ("4", "2")]
+    assert {r["K"] for r in rows} == {"16"} and {r["crops"] for r in rows} == {"10"}
+    assert int(rows[2]["parameters"]) > int(rows[0]["parameters"])        # 3 substep blocks more
+    assert all(float(r["latent_error"]) > 0 for r in rows)
