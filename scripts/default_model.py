@@ -8,8 +8,8 @@
     python scripts/default_model.py curve WORK                 # held-out PSNR of the checkpoints so far
 
 Two operating points, each on a stage-0 backbone of its own: ``low`` (K = 16 bits per token on a
-4x8x8 backbone, ~0.1 bits/pixel) and ``high`` (K = 48 on a finer 2x4x4 one, ~2.1 bits/pixel, its bits
-picked in 3 groups per level: ``SUBSTEPS``).  Their last stage trains each point's decoder
+4x8x8 backbone, ~0.1 bits/pixel, its bits picked in 4 groups per level) and ``high`` (K = 48 on a finer
+2x4x4 one, ~2.1 bits/pixel, in 3 groups per level: ``SUBSTEPS``).  Their last stage trains each point's decoder
 with its quantizer, so DEST holds two self-contained PyraTok folders, ``low/`` and ``high/``, stored in fp16 (the
 bundle stays under 20 MB; the weights load into fp32).
 Every step is skipped when its output exists, so the script can be re-run after an interruption.
@@ -39,8 +39,12 @@ FINE_BACKBONE = dataclasses.replace(BACKBONE, dim_mult=(2, 2), temperal_downsamp
 RATES = {"low": 16, "high": 48}          # K, bits per token at every level
 # LaPQ substeps: the high point picks each level's 48 bits in 3 groups of 16, each from the residual
 # the groups before it left (benchmarks/results/lapq_capacity.csv: latent error 0.134 against 0.168
-# for one group after an 800-step fit, at +0.3 M parameters; hidden 128 gave 0.141 at +0.9 M)
-SUBSTEPS = {"low": 1, "high": 3}
+# for one group after an 800-step fit, at +0.3 M parameters; hidden 128 gave 0.141 at +0.9 M), the
+# low point its 16 bits in 4 groups of 4 (benchmarks/results/lapq_capacity_low.csv, the low fit's
+# 1,500 steps then: 0.128 against 0.188 with one group, at +0.46 M parameters; 8 groups gave 0.124 and
+# hidden 128 0.175, both over the 20 MiB bundle; a 3,000-step fit then took 4 groups to 0.058:
+# benchmarks/results/lapq_fit_length_low.csv, so the low fit runs 3,000 steps like the high one)
+SUBSTEPS = {"low": 4, "high": 3}
 BACKBONES = {"low": BACKBONE, "high": FINE_BACKBONE}
 STAGE0 = {"low": "stage0", "high": "stage0_high"}   # each backbone's stage-0 run
 # the low point's backbone continues its stage 0 on 17-frame crops (scripts/backbone_length.py: trained on 9
@@ -81,6 +85,8 @@ ABLATIONS = {
                 "were gone and the low point's validation study needs them)", "stage0", -6000),
     "stage1fe_low": ("low with the entropy term (weight 0.1) in stage 1f, on that first backbone run (shipped until "
                      "2026-12-07: scripts/stage1f_validation.py --point low)", "stage0", 0),
+    "stage1fs1_low": ("low with one group of 16 bits per level (LaPQ substeps 1; shipped on 2026-12-07 until the "
+                      "4-group LaPQ: scripts/lapq_capacity.py --point low)", "stage0", 0),
     "stage1f9_low": ("low from the 4x8x8 backbone trained on 9-frame crops only (shipped on 2026-12-07 until the "
                      "17-frame continuation: scripts/backbone_length.py)", "stage0", 0),
 }
@@ -118,7 +124,7 @@ def branch(stage0: str, rate: str, out: str) -> None:
 
 
 # stage 1a (fit): FIT_CROPS / FIT_STEPS in the environment shorten it for a smoke run
-FIT = {"crops": int(os.environ.get("FIT_CROPS", 2000)), "steps": int(os.environ.get("FIT_STEPS", 1500)),
+FIT = {"crops": int(os.environ.get("FIT_CROPS", 2000)), "steps": int(os.environ.get("FIT_STEPS", 3000)),
        "held_back": 100, "batch": 32, "lr": 3e-4, "warmup": 200, "commitment": 0.25}
 
 
@@ -369,11 +375,13 @@ def _plot(curves: dict, steps: dict, path: str) -> None:
     greys = itertools.cycle(("0.45", "0.55", "0.65", "0.75", "0.5", "0.6", "0.7", "0.8", "0.4", "0.85"))
     shades = {"stage1fne_low": "lightsteelblue", "stage1fne_high": "lightsalmon",   # the points shipped before
               "stage1fc_high": "salmon", "stage1f3500_high": "indianred", "stage1fe_high": "lightcoral",
-              "stage0a": "0.6", "stage1fe_low": "lightskyblue", "stage1f9_low": "cornflowerblue"}
+              "stage0a": "0.6", "stage1fe_low": "lightskyblue", "stage1f9_low": "cornflowerblue",
+              "stage1fs1_low": "steelblue"}
     lines = [("stage0", "k", "4x8x8 backbone alone (stage 0)", 0, 1.4),
              ("stage0_high", "tab:brown", "2x4x4 backbone alone (stage 0 of the high point)", 0, 1.4),
              (STAGE0_17, "0.25", "4x8x8 backbone's stage 0 continued on 17-frame crops", steps["stage0"], 1.4),
-             ("stage1f_low", "tab:blue", "low, K=16 on 4x8x8 (fit at step 0, then stage 1f; no entropy term)",
+             ("stage1f_low", "tab:blue", f"low, K=16 on 4x8x8, {SUBSTEPS['low']} groups per level (fit at step 0, "
+              "then stage 1f; no entropy term)",
               steps["stage0"] + steps.get(STAGE0_17, 0), 1.4),
              ("stage1f_high", "tab:red",
               f"high, K=48 on 2x4x4, {SUBSTEPS['high']} groups per level (the same; no entropy term)",
@@ -527,7 +535,9 @@ def _model_card(out: dict, dest: str) -> None:
         f"VAE (2x2 patchify, residual up/down blocks, base width {BACKBONE.base_dim}, z = {Z}) and a LaPQ quantizer "
         f"(L = 4 levels, one shared binary codebook) with the encoder's LoRA.  `low/`: K = {RATES['low']} bits per "
         f"token on a {GRIDS['low']} backbone (two downsampling stages, {n['low'] / 1e6:.2f} M parameters), the "
-        f"paper's ~0.1 bits/pixel.  `high/`: K = {RATES['high']} on a finer {GRIDS['high']} backbone of its own "
+        f"paper's ~0.1 bits/pixel, each level's bits picked in {SUBSTEPS['low']} groups of "
+        f"{RATES['low'] // SUBSTEPS['low']} (`LaPQConfig.substeps`; the high point's in {SUBSTEPS['high']} of "
+        f"{RATES['high'] // SUBSTEPS['high']}).  `high/`: K = {RATES['high']} on a finer {GRIDS['high']} backbone of its own "
         f"(one downsampling stage, {n['high'] / 1e6:.2f} M parameters; 16x the tokens per pixel: the reproduction "
         f"study's sweep and the K = 48 point on the 4x8x8 backbone both sat at that backbone's ceiling, so more bits "
         f"per token could not lift it, and the finer grid is the other route).  The last stage trains each point's "
@@ -628,6 +638,17 @@ def _model_card(out: dict, dest: str) -> None:
               "with +0.9 M) before any held-out figure of it existed; the 3000-step fit then ended at 0.032 against "
               "0.069 with one group.  The backbone, stage 1f and their steps are those of the point before "
               "(`stage1fs1_high` in the curve).",
+              "- the low point's quantizer (2026-12-07): its LaPQ picks each level's 16 bits in "
+              f"{SUBSTEPS['low']} groups of {RATES['low'] // SUBSTEPS['low']}, chosen like the high point's on the "
+              "fit's latent error of 100 held-back *training* crops, with the low fit's own length "
+              "(`scripts/lapq_capacity.py --point low`, benchmarks/results/lapq_capacity_low.csv: 2000 crops, 1500 "
+              "steps, on the shipped backbone): 0.188 with one group, 0.152 with 2, 0.128 with 4 (+0.46 M parameters), "
+              "0.124 with 8 and 0.175 with one group at hidden 128 (both over the 20 MiB bundle).  The rule, fixed "
+              "before the study ran: the best variant ships if it is >= 10% below one group.  Then the fit's length, with "
+              "a rule fixed beforehand as well (>= 10% below): 4 groups fitted for 3000 steps instead of 1500 reach "
+              "0.058 (0.080 at step 1500, 0.067 at 2000, 0.059 at 2750; benchmarks/results/lapq_fit_length_low.csv), "
+              "so the low fit now runs 3000 steps like the high one.  The backbone and stage 1f's settings are those "
+              "of the point before (`stage1fs1_low` in the curve).",
               "- stage 1f's entropy term at the high point (2026-12-06, night): `scripts/stage1f_validation.py` ran "
               "the validation split above at the high point's full length (a fresh 3-group fit of 3000 steps on "
               "the 112 rows, then 300 steps of stage 1f with the entropy term at 0.1 and at 0) and measured 9 "

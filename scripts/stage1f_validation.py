@@ -46,7 +46,7 @@ VALIDATION_PHOTOS = (("skimage", "camera"), ("skimage", "rocket"), ("matplotlib"
 ARMS = {"entropy": 0.1, "no_entropy": 0.0}     # stage 1f's entropy weight: the one both points ran before, and none
 # each point's fit and stage-1f steps, as scripts/train_default.sh runs them (FIT_STEPS / STEPS1F / FIT_CROPS in
 # the environment: a smoke run)
-LENGTHS = {"low": (1500, 1500), "high": (3000, 300)}
+LENGTHS = {"low": (3000, 1500), "high": (3000, 300)}
 EVERY = 250
 
 

@@ -10,9 +10,9 @@
 #
 # Model (scripts/default_model.py): Wan 2.2-layout causal VAEs (2x2 patchify, residual up/down
 # blocks, base width 40, z = 16) with LaPQ quantizers of L = 4 levels on top: "low" (K = 16 bits per
-# token on a 4x8x8 backbone, 4.2 M parameters: ~0.1 bits/pixel, the paper's operating point) and
-# "high" (K = 48 on a finer 2x4x4 backbone of its own, one downsampling stage fewer, 3.8 M
-# parameters: ~2.1 bits/pixel; its LaPQ picks each level's bits in 3 groups of 16: LaPQConfig.substeps).
+# token on a 4x8x8 backbone, 4.2 M parameters: ~0.1 bits/pixel, the paper's operating point; its LaPQ
+# picks each level's bits in 4 groups of 4: LaPQConfig.substeps) and "high" (K = 48 on a finer 2x4x4
+# backbone of its own, one downsampling stage fewer, 3.8 M parameters: ~2.1 bits/pixel; 3 groups of 16).
 # POINTS="high" (or "low") trains and exports one point only; the other stays as it is in DEST and the report takes its training records from RESULT.
 #   stage0 / stage0_high
 #                trains each backbone VAE itself (L1 + SSIM + a small KL) on 9-frame 64x64 crops:
@@ -25,7 +25,7 @@
 #   fit_low / fit_high
 #                (stage 1a, scripts/default_model.py fit) a fresh LaPQ per point fitted to the frozen
 #                backbone's latents of 2,000 training crops (latent MSE + commitment; no decoder in
-#                the loop, minutes; 1,500 steps for low, 3,000 for high: FIT_STEPS, FIT_STEPS_HIGH).
+#                the loop, minutes; 3,000 steps at each point: FIT_STEPS, FIT_STEPS_HIGH).
 #                Trained only through the frozen decoder's pixel loss (the paper's stage 1 with its
 #                codebook terms and masking) the LaPQ reached 16.3 dB held-out, against 22.9 for the
 #                backbone alone on continuous latents; fitted to the latents first it starts stage 1f
@@ -59,7 +59,7 @@ WORK=${WORK:-outputs/default_train}
 POINTS=${POINTS:-low high}           # the operating points to train (and export; the others stay as they are in DEST)
 declare -A steps0=([low]=${STEPS0:-6000} [high]=${STEPS0_HIGH:-${STEPS0:-6500}})
 declare -A steps1f=([low]=${STEPS1F:-1500} [high]=${STEPS1F_HIGH:-${STEPS1F:-300}})
-declare -A fitsteps=([low]=${FIT_STEPS:-1500} [high]=${FIT_STEPS_HIGH:-${FIT_STEPS:-3000}})
+declare -A fitsteps=([low]=${FIT_STEPS:-3000} [high]=${FIT_STEPS_HIGH:-${FIT_STEPS:-3000}})
 export FIT_CROPS=${FIT_CROPS:-2000}
 DEST=${DEST:-pyratok/assets/default}
 RESULT=${RESULT:-benchmarks/results/default_model.json}
