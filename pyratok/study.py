@@ -208,8 +208,9 @@ def _backbone_state(path: Optional[str]) -> tuple[PyraTokConfig, dict[str, torch
 
 
 def build_arm(arm: Arm, base: PyraTokConfig, backbone: dict, text_encoder, seed: int) -> PyraTok:
+    # the paper's LaPQ: each level's K bits in one group (the bundled points' substeps are a capacity option of ours)
     lapq = dataclasses.replace(base.lapq, num_bits=arm.num_bits, levels=arm.levels, level_scales=arm.level_scales,
-                               text_conditioning=arm.text)
+                               text_conditioning=arm.text, substeps=1)
     loss = LossConfig(hierarchy=0.1 if arm.hierarchy else 0.0)
     if arm.baseline:
         loss = dataclasses.replace(loss, hierarchy=0.0, text_token=0.0, text_code=0.0, ar=0.0, drift=0.0)

@@ -11,7 +11,7 @@ Two operating points, each on a stage-0 backbone of its own: ``low`` (K = 16 bit
 4x8x8 backbone, ~0.1 bits/pixel, its bits picked in 4 groups per level) and ``high`` (K = 48 on a finer
 2x4x4 one, ~2.1 bits/pixel, in 3 groups per level: ``SUBSTEPS``).  Their last stage trains each point's decoder
 with its quantizer, so DEST holds two self-contained PyraTok folders, ``low/`` and ``high/``, stored in fp16 (the
-bundle stays under 20 MB; the weights load into fp32).
+bundle stays under 20 MiB; the weights load into fp32).
 Every step is skipped when its output exists, so the script can be re-run after an interruption.
 """
 
@@ -86,7 +86,7 @@ ABLATIONS = {
     "stage1fe_low": ("low with the entropy term (weight 0.1) in stage 1f, on that first backbone run (shipped until "
                      "2026-12-07: scripts/stage1f_validation.py --point low)", "stage0", 0),
     "stage1fs1_low": ("low with one group of 16 bits per level (LaPQ substeps 1; shipped on 2026-12-07 until the "
-                      "4-group LaPQ: scripts/lapq_capacity.py --point low)", "stage0", 0),
+                      "4-group LaPQ: scripts/lapq_capacity.py --point low)", "stage0", 1500),   # after stage0l17's 1,500
     "stage1f9_low": ("low from the 4x8x8 backbone trained on 9-frame crops only (shipped on 2026-12-07 until the "
                      "17-frame continuation: scripts/backbone_length.py)", "stage0", 0),
 }

@@ -52,13 +52,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"--crops {args.crops} / --steps {args.steps}: expected >= 5 crops and >= 1 step")
     torch.manual_seed(0)
     model = PyraTok.from_pretrained(args.model).eval()
-    for s, h in variants:          # before the minutes of encoding: every variant must be a valid LaPQ
-        try:
-            dataclasses.replace(model.config.lapq, substeps=s, hidden=h).scales()
-            if s < 1 or h < 1 or model.config.lapq.num_bits % s:
-                raise ValueError(f"substeps {s} must be >= 1 and divide K = {model.config.lapq.num_bits}; hidden {h} >= 1")
-        except ValueError as e:
-            raise SystemExit(f"--variants {s}:{h}: {e}")
+    K = model.config.lapq.num_bits   # before the minutes of encoding: every variant must be a valid LaPQ
+    bad = [f"{s}:{h}" for s, h in variants if s < 1 or h < 1 or K % s]
+    if bad:
+        raise SystemExit(f"--variants {' '.join(bad)}: substeps must be >= 1 and divide K = {K}, hidden >= 1")
     start = time.time()
     latents, taps = default_model.encode_crops(model, args.manifest, args.crops)
     print(f"encoded {args.crops} crops in {time.time() - start:.0f} s", flush=True)
