@@ -86,7 +86,7 @@ ABLATIONS = {
     "stage1fe_low": ("low with the entropy term (weight 0.1) in stage 1f, on that first backbone run (shipped until "
                      "2026-12-07: scripts/stage1f_validation.py --point low)", "stage0", 0),
     "stage1fs1_low": ("low with one group of 16 bits per level (LaPQ substeps 1; shipped on 2026-12-07 until the "
-                      "4-group LaPQ: scripts/lapq_capacity.py --point low)", "stage0", 1500),   # after stage0l17's 1,500
+                      "4-group LaPQ: scripts/lapq_capacity.py --point low)", STAGE0_17, 0),
     "stage1f9_low": ("low from the 4x8x8 backbone trained on 9-frame crops only (shipped on 2026-12-07 until the "
                      "17-frame continuation: scripts/backbone_length.py)", "stage0", 0),
 }
@@ -372,6 +372,9 @@ def _plot(curves: dict, steps: dict, path: str) -> None:
     from pyratok.utils import atomic_write
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    # where each backbone run ends on the x axis (the 17-frame continuation counted after the stage 0 it continues)
+    ends = {"stage0": steps["stage0"], STAGE0_17: steps["stage0"] + steps.get(STAGE0_17, 0),
+            "stage0_high": steps["stage0_high"]}
     greys = itertools.cycle(("0.45", "0.55", "0.65", "0.75", "0.5", "0.6", "0.7", "0.8", "0.4", "0.85"))
     shades = {"stage1fne_low": "lightsteelblue", "stage1fne_high": "lightsalmon",   # the points shipped before
               "stage1fc_high": "salmon", "stage1f3500_high": "indianred", "stage1fe_high": "lightcoral",
@@ -382,18 +385,18 @@ def _plot(curves: dict, steps: dict, path: str) -> None:
              (STAGE0_17, "0.25", "4x8x8 backbone's stage 0 continued on 17-frame crops", steps["stage0"], 1.4),
              ("stage1f_low", "tab:blue", f"low, K=16 on 4x8x8, {SUBSTEPS['low']} groups per level (fit at step 0, "
               "then stage 1f; no entropy term)",
-              steps["stage0"] + steps.get(STAGE0_17, 0), 1.4),
+              ends[STAGE0_17], 1.4),
              ("stage1f_high", "tab:red",
               f"high, K=48 on 2x4x4, {SUBSTEPS['high']} groups per level (the same; no entropy term)",
               steps["stage0_high"], 1.4)]
-    lines += [(st, shades.get(st) or next(greys), f"not shipped: {label}", steps[after] + start, 0.8)
+    lines += [(st, shades.get(st) or next(greys), f"not shipped: {label}", ends[after] + start, 0.8)
               for st, (label, after, start) in ABLATIONS.items() if curves.get(st)]
     for stage, colour, label, offset, width in lines:
         pts = sorted((int(s), v) for s, v in curves.get(stage, {}).items())
         for key, style in (("real_psnr", "-"), ("photos_psnr", ":")):
             ax.plot([offset + s for s, _ in pts], [v[key] for _, v in pts], style, color=colour, lw=width,
                     label=label if key == "real_psnr" else None)
-    for x in (steps["stage0"], steps["stage0"] + steps.get(STAGE0_17, 0), steps["stage0_high"]):
+    for x in ends.values():
         ax.axvline(x, color="0.7", lw=0.8)
     ax.set_title("held-out PSNR: real clips (solid), photo pans/zooms (dotted)", fontsize=8)
     ax.set_xlabel("training step (each stage counted after the one it starts from)")

@@ -4,9 +4,10 @@ split of the TRAINING data.
 Each point ships its fitted LaPQ after a stage 1f (the paper's stage 1 losses, the LaPQ, LoRA and
 decoder trained; scripts/train_default.sh: 300 steps at the high point, 1,500 at the low).  With the
 entropy term at 0.1, as the low point ran it until 2026-12-07, that stage lowered the high point's
-PSNR on the held-out evaluation set each time it ran, but the evaluation set may not choose the recipe.  This study splits the training manifest instead
-(its results, benchmarks/results/stage1f_validation_{high,low}.csv, are why both points now run
-stage 1f without the entropy term):
+PSNR on the held-out evaluation set each time it ran, but the evaluation set may not choose the
+recipe.  This study splits the training manifest instead (its results,
+benchmarks/results/stage1f_validation_{high,low}.csv, are why both points now run stage 1f without
+the entropy term):
 
   validation: the last training window of each real clip (bikes, bigbuckbunny, carphone), 17 frames
               at 144x176 as in the README's protocol, and pan and zoom moves (17 frames, 128x128, the

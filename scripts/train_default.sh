@@ -134,7 +134,7 @@ for rate in $POINTS; do
     # (scripts/backbone_length.py): its stage 0 continues on 17-frame crops (batch 2: the same pixels a step)
     warmup=50 frames=17
     stage stage0l17 0 "${STEPS0L17:-1500}" 2e-4 "pretrained = \"$(latest stage0)\"" 2 0
-    backbone=stage0l17 frames=9
+    backbone=stage0l17
   fi
   "$PY" scripts/default_model.py branch "$(latest "$backbone")" "$rate" "$WORK/init_$rate"
   FIT_STEPS=${fitsteps[$rate]} "$PY" scripts/default_model.py fit "$WORK/init_$rate" "$WORK/data/train.jsonl" "$WORK/fit_$rate"
