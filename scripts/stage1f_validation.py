@@ -22,6 +22,13 @@ backbone itself (stage 0) did see the validation rows: it is the same in every a
 question is only what stage 1f adds to it.
 
   .venv/bin/python scripts/stage1f_validation.py [--point high|low] [WORK] [RESULT_CSV]
+  .venv/bin/python scripts/stage1f_validation.py --continuation [WORK] [RESULT_CSV]
+
+``--continuation`` measures the low point's stage 1f continued on 17-frame crops (WORK/stage1f17_low,
+trained on the training rows only) on the same validation clips, from its starting point through its
+checkpoints, and applies the rule written before it ran (benchmarks/results/rules/stage1f17_low.md):
+RESULT_CSV (default benchmarks/results/stage1f17_validation_low.csv) marks the checkpoint that ships,
+if one does.
 
 WORK (default outputs/default_train) must hold the full run's data/, init_<point>/ (the branch of
 the point's stage-0 backbone with a fresh LaPQ) and stage1f_<point>.toml (the point's stage-1f
@@ -49,6 +56,9 @@ ARMS = {"entropy": 0.1, "no_entropy": 0.0}     # stage 1f's entropy weight: the 
 # the environment: a smoke run)
 LENGTHS = {"low": (3000, 1500), "high": (3000, 300)}
 EVERY = 250
+# the low point's stage 1f continued on 17-frame crops, measured every 500 steps and chosen by a rule written before
+# it ran (benchmarks/results/rules/stage1f17_low.md): ``--continuation``
+CONTINUATION, CONTINUATION_EVERY, CONTINUATION_MARGIN = "stage1f17_low", 500, 0.10
 
 
 def _stem(source: str, name: str) -> str:
@@ -129,15 +139,18 @@ def stage1f(work: str, name: str, shipped: str, changes: dict, steps: int, threa
 def main(argv: Optional[list[str]] = None) -> None:
     import argparse
 
-    from pyratok.models.pyratok import PyraTok
-    from pyratok.utils import atomic_write
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--point", choices=sorted(LENGTHS), default="high")
     parser.add_argument("work", nargs="?", default="outputs/default_train")
-    parser.add_argument("result", nargs="?", help="default: benchmarks/results/stage1f_validation_<point>.csv")
+    parser.add_argument("result", nargs="?", help="default: benchmarks/results/stage1f_validation_<point>.csv "
+                        "(--continuation: benchmarks/results/stage1f17_validation_low.csv)")
+    parser.add_argument("--continuation", action="store_true",
+                        help=f"measure WORK/{CONTINUATION} (the low point's 17-frame continuation) instead")
     args = parser.parse_args(argv)
     work, point = args.work, args.point
+    if args.continuation:
+        continuation(work, args.result or "benchmarks/results/stage1f17_validation_low.csv")
+        return
     result = args.result or f"benchmarks/results/stage1f_validation_{point}.csv"
     fit_steps, steps = (int(os.environ.get(k, n)) for k, n in zip(("FIT_STEPS", "STEPS1F"), LENGTHS[point]))
     study = os.path.join(work, f"val1f_{point}")
@@ -156,11 +169,18 @@ def main(argv: Optional[list[str]] = None) -> None:
         if proc is not None and proc.wait() != 0:
             raise SystemExit(f"stage1f_{arm} failed: {os.path.join(study, f'stage1f_{arm}.out')}")
 
-    sets = validation_sets(os.path.join(work, "data"), windows)
     todo = [("fit only", 0, fitted)]
     for arm in ARMS:
         todo += [(f"stage 1f, entropy {ARMS[arm]}", s, p)
                  for s, p in default_model._checkpoints(study, f"stage1f_{arm}", EVERY)]
+    write_rows(measure(os.path.join(work, "data"), windows, todo), result)
+
+
+def measure(data_dir: str, windows: list[dict], todo: list[tuple[str, int, str]]) -> list[dict]:
+    """A row of figures for each (arm, step, model folder) of ``todo``, measured on the validation clips."""
+    from pyratok.models.pyratok import PyraTok
+
+    sets = validation_sets(data_dir, windows)
     rows = []
     for arm, step, path in todo:
         r = default_model._evaluate(PyraTok.from_pretrained(path).eval(), sets)
@@ -171,12 +191,57 @@ def main(argv: Optional[list[str]] = None) -> None:
                                        for c in r[part]["clips"])})
         print(f"{arm} @ {step}: real {rows[-1]['real_psnr']:.2f}, photos {rows[-1]['photos_psnr']:.2f}, "
               f"all {rows[-1]['all_clips_psnr']:.2f} dB", flush=True)
+    return rows
+
+
+def write_rows(rows: list[dict], result: str) -> None:
+    from pyratok.utils import atomic_write
+
     os.makedirs(os.path.dirname(os.path.abspath(result)), exist_ok=True)
     with atomic_write(result, "w") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     print(f"-> {result}")
+
+
+def choose(rows: list[dict], margin: float = CONTINUATION_MARGIN) -> Optional[int]:
+    """The rule written before the continuation ran (benchmarks/results/rules/stage1f17_low.md): ``rows[0]`` is
+    its starting point (the shipped point), the others its checkpoints.  The checkpoint with the best mean
+    PSNR over all validation clips is chosen if that mean is >= ``margin`` dB above the starting point's
+    and its real windows' mean no more than ``margin`` below; returns its step, or None (nothing changes)."""
+    start, *checkpoints = rows
+    if not checkpoints:
+        raise SystemExit("choose: no checkpoint of the continuation to compare with its starting point")
+    best = max(checkpoints, key=lambda r: r["all_clips_psnr"])
+    if (best["all_clips_psnr"] >= start["all_clips_psnr"] + margin
+            and best["real_psnr"] >= start["real_psnr"] - margin):
+        return best["stage1f_steps"]
+    return None
+
+
+def continuation(work: str, result: str) -> Optional[int]:
+    """Measures the low point's 17-frame continuation (WORK/stage1f17_low: scripts/train_default.sh) on the
+    validation clips, from its starting point (the ``pretrained`` of WORK/stage1f17_low.toml) through its
+    checkpoints every CONTINUATION_EVERY steps, applies ``choose`` and writes RESULT_CSV with a ``chosen``
+    column; returns the chosen step."""
+    import tomllib
+
+    toml = os.path.join(work, f"{CONTINUATION}.toml")
+    if not os.path.isfile(toml) or not os.path.isdir(os.path.join(work, CONTINUATION, "checkpoints")):
+        raise SystemExit(f"continuation: {work} holds no {CONTINUATION} run ({CONTINUATION}.toml and its checkpoints)")
+    with open(toml, "rb") as f:
+        start = tomllib.load(f)["model"]["pretrained"]
+    windows = split(os.path.join(work, "data", "train.jsonl"), None)
+    todo = [("starting point (shipped)", 0, start)] + [
+        ("17-frame continuation", s, p) for s, p in default_model._checkpoints(work, CONTINUATION, CONTINUATION_EVERY)]
+    rows = measure(os.path.join(work, "data"), windows, todo)
+    chosen = choose(rows)
+    for r in rows:
+        r["chosen"] = "yes" if r["stage1f_steps"] == chosen and r is not rows[0] else ""
+    write_rows(rows, result)
+    print(f"continuation: {'ships step ' + str(chosen) if chosen is not None else 'nothing changes'}")
+    return chosen
 
 
 if __name__ == "__main__":
