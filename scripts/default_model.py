@@ -51,7 +51,11 @@ STAGE0 = {"low": "stage0", "high": "stage0_high"}   # each backbone's stage-0 ru
 # frames, 3 latent frames, it drifted past them); each point's backbone is the last run of its stage 0
 STAGE0_17 = "stage0l17"
 BACKBONE_RUN = {"low": STAGE0_17, "high": STAGE0["high"]}
-STAGES = (*STAGE0.values(), STAGE0_17, *(f"stage1f_{rate}" for rate in RATES))   # train_default.sh (besides the fits)
+# each point's stage 1f continued on 17-frame crops of the training rows without the validation split's
+# (scripts/stage1f_validation.py --continuation chose each on that split, by a rule written before it ran:
+# benchmarks/results/rules/stage1f17_{low,high}.md); each point ships from the last checkpoint of its continuation
+CONTINUED = {rate: f"stage1f17_{rate}" for rate in RATES}
+STAGES = (*STAGE0.values(), STAGE0_17, *(f"stage1f_{rate}" for rate in RATES), *CONTINUED.values())  # train_default.sh
 # each point's backbone compression, time x height x width ("4x8x8", "2x4x4")
 GRIDS = {rate: f"{b.temporal_factor}x{b.spatial_factor}x{b.spatial_factor}" for rate, b in BACKBONES.items()}
 # runs that were tried and not shipped: their held-out points were measured by the same _evaluate
@@ -87,6 +91,12 @@ ABLATIONS = {
                      "2026-12-07: scripts/stage1f_validation.py --point low)", "stage0", 0),
     "stage1fs1_low": ("low with one group of 16 bits per level (LaPQ substeps 1; shipped on 2026-12-07 until the "
                       "4-group LaPQ: scripts/lapq_capacity.py --point low)", STAGE0_17, 0),
+    # the second continuation's two arms (benchmarks/results/rules/stage1f17_low_round2.md: < 0.10 dB on the
+    # validation clips, not shipped), from step 2,500 of stage1f17_low, which starts after stage1f_low's 1,500 steps
+    "stage1f17b_low": ("low, the 17-frame continuation's recipe again for 1,200 steps (2026-12-07: +0.04 dB on the "
+                       "validation clips)", STAGE0_17, 1500 + 2500),
+    "stage1f17e_low": ("low, the same with the encoder trained too (end to end; +0.03 dB on the validation clips)",
+                       STAGE0_17, 1500 + 2500),
     "stage1f9_low": ("low from the 4x8x8 backbone trained on 9-frame crops only (shipped on 2026-12-07 until the "
                      "17-frame continuation: scripts/backbone_length.py)", "stage0", 0),
 }
@@ -321,8 +331,9 @@ def _checkpoints(work: str, stage: str, every: int, last: bool = True) -> list[t
 
 def curve(work: str, sets: dict, last: bool = True, seed: Optional[dict] = None) -> dict:
     """Held-out PSNR over training: each backbone alone through its stage 0, each operating point
-    from its fitted LaPQ (step 0) through stage 1f.  The runs that were tried and not shipped
-    (ABLATIONS) are not scripted: their points are only read from the cache.  Cached in
+    from its fitted LaPQ (step 0) through stage 1f (and the low point through its continuation).  The runs
+    that were tried and not shipped (ABLATIONS) are not scripted: their points are read from the cache, or
+    measured at each checkpoint where WORK holds them.  Cached in
     WORK/curve.json with each checkpoint's model id (a re-run only evaluates new or retrained
     checkpoints); the stages it lacks come from
     ``seed`` (the curve of the last report: the stages not run in this WORK)."""
@@ -336,13 +347,16 @@ def curve(work: str, sets: dict, last: bool = True, seed: Optional[dict] = None)
         # not run in WORK (no points of its own, no checkpoints): the last report's
         if not cache.get(stage) and not _ran(work, stage):
             cache[stage] = points
+    # the tried runs whose checkpoints are in WORK (quantized points) are measured at each of them
+    tried = [(stage, 1, True) for stage in ABLATIONS if _ran(work, stage)]
     for stage, every, tokens in (("stage0", 1000, False), ("stage0_high", 500, False), (STAGE0_17, 250, False),
                                  ("stage1f_low", 250, True),
-                                 ("stage1f_high", 250, True)):
+                                 ("stage1f_high", 250, True),
+                                 *((run, 1, True) for run in CONTINUED.values()), *tried):
         points = cache.setdefault(stage, {})
         todo = []
         fitted = os.path.join(work, "fit_" + stage.split("_")[-1])    # stage 1f's starting point
-        if stage.startswith("stage1f") and os.path.isfile(os.path.join(fitted, "config.json")):
+        if stage.startswith("stage1f_") and os.path.isfile(os.path.join(fitted, "config.json")):
             todo.append((0, fitted))
         if _ran(work, stage):
             todo += _checkpoints(work, stage, every, last)
@@ -389,6 +403,9 @@ def _plot(curves: dict, steps: dict, path: str) -> None:
              ("stage1f_high", "tab:red",
               f"high, K=48 on 2x4x4, {SUBSTEPS['high']} groups per level (the same; no entropy term)",
               steps["stage0_high"], 1.4)]
+    lines += [(CONTINUED[rate], colour, f"{rate}, its stage 1f continued on 17-frame crops (shipped)",
+               start + steps.get(f"stage1f_{rate}", 0), 1.4)
+              for rate, colour, start in (("low", "navy", ends[STAGE0_17]), ("high", "darkred", ends["stage0_high"]))]
     lines += [(st, shades.get(st) or next(greys), f"not shipped: {label}", ends[after] + start, 0.8)
               for st, (label, after, start) in ABLATIONS.items() if curves.get(st)]
     for stage, colour, label, offset, width in lines:
@@ -425,6 +442,19 @@ def _previous(result: str) -> dict:
     return prev
 
 
+def _continued(work: str, prev: dict) -> dict:
+    """How each point's 17-frame continuation (CONTINUED) trains: its batch, crops and rows (the training
+    manifest without the validation split's; counted in WORK, or the last report's where WORK lacks them)."""
+    path = os.path.join(work, "data", "train_val1f.jsonl")
+    if not os.path.isfile(path):
+        return prev["train"]["continued"]
+    with open(path) as f:
+        rows = sum(1 for line in f if line.strip())
+    return {"stages": list(CONTINUED.values()), "batch": 1, "crop": "17 frames x 64 x 64", "rows": rows,
+            "manifest": "data/train_val1f.jsonl: the training rows without the validation split's (the last window "
+                        "of each clip; the moves over camera, rocket and grace_hopper)"}
+
+
 def report(work: str, dest: str, result: str, start: str) -> None:
     """Evaluates the exported points, the curve and the demo; writes RESULT (json), the curve PNG
     next to it and the model card DEST/README.md.  A point whose stages are not in WORK (a run of
@@ -441,7 +471,7 @@ def report(work: str, dest: str, result: str, start: str) -> None:
 
     prev = _previous(result)
     here = [s for s in STAGES if _ran(work, s)]
-    trained_here = [rate for rate in RATES if f"stage1f_{rate}" in here]
+    trained_here = [rate for rate in RATES if f"stage1f_{rate}" in here or CONTINUED[rate] in here]
     elsewhere = [rate for rate in RATES if rate not in trained_here]
     if elsewhere and not prev:
         raise SystemExit(f"report: {work} holds no training of {elsewhere} and {result} no earlier records of it: "
@@ -503,12 +533,14 @@ def report(work: str, dest: str, result: str, start: str) -> None:
     # its stage 1f runs them side by side on one thread each, or one point on all threads
     ran = [rate for rate in os.environ.get("POINTS", " ".join(trained_here)).split() if rate in trained_here]
     threads = {rate: prev.get("train", {}).get("stage1f_threads", {}).get(rate, 1) for rate in RATES}
-    threads.update({rate: 1 if len(ran) > 1 else int(os.environ.get("OMP_NUM_THREADS", 2)) for rate in ran})
+    ran1f = [rate for rate in ran if f"stage1f_{rate}" in here]    # (the continuations run one point at a time)
+    threads.update({rate: 1 if len(ran1f) > 1 else int(os.environ.get("OMP_NUM_THREADS", 2)) for rate in ran1f})
     out = {"points": final, "points_model_id": ids, "backbone_alone": backbone, "demo": demo, "curve": curves,
            "train": {"steps": steps, "fit": fits, "compute_seconds_estimate": compute,
                      "wall_seconds_last_run": int(time.time()) - int(start), "trained_in_last_run": ran,
                      "stage1f_threads": threads, "grids": GRIDS,
                      "batch": {"stage0": 4, "stage1f": 2}, "crop": "9 frames x 64 x 64",
+                     "continued": _continued(work, prev),
                      "manifest": manifest},
            "sizes_bytes": {p: sum(os.path.getsize(os.path.join(dest, p, f)) for f in os.listdir(os.path.join(dest, p)))
                            for p in RATES}}
@@ -606,6 +638,20 @@ def _model_card(out: dict, dest: str) -> None:
               f"decoder train (`train_decoder = true`): {t['steps']['stage1f_low']} (low) and "
               f"{t['steps']['stage1f_high']} (high) steps, batch {t['batch']['stage1f']}, lr 1e-4 ("
               + ", ".join(f"{rate} on {k} thread{'s' * (k > 1)}" for rate, k in t["stage1f_threads"].items()) + ");",
+              f"- each point's stage 1f continued (`{CONTINUED['low']}`, `{CONTINUED['high']}`, 2026-12-07): "
+              f"{t['steps'][CONTINUED['low']]} (low) and {t['steps'][CONTINUED['high']]} (high) steps more from its "
+              f"last checkpoint with the same losses and trainable parts, on {t['continued']['crop']} crops at batch "
+              f"{t['continued']['batch']} (the pixels of stage 1f's batch; the evaluation's clips have 17 frames, and "
+              f"the backbones drift past the length they train on), lr 1e-4, cosine, over the "
+              f"{t['continued']['rows']} training rows without the validation split's (below), on both cores.  Each "
+              f"chosen on that split by a rule written before it ran (benchmarks/results/rules/stage1f17_*.md: ship "
+              f"the best checkpoint if >= 0.10 dB above the point before over the 9 validation clips): low 23.09 -> "
+              f"23.27 dB there (real windows 25.07 -> 25.25), high 27.44 -> 27.60 (29.48 -> 29.74; "
+              f"benchmarks/results/stage1f17_validation_{{low,high}}.csv).  The points before had trained on the "
+              f"validation rows and the continuations did not, so the comparisons leaned against them.  They started "
+              f"from the shipped fp16 weights of `stage1f_low` and `stage1f_high` (those runs' checkpoints were gone); "
+              f"`scripts/train_default.sh` starts them from those runs' last checkpoints.  A second cycle at the low "
+              f"point (1,200 steps more, the same recipe and end to end) gained < 0.10 dB there and did not ship;",
               f"- bf16 autocast on CPU (AMX) with PyTorch's convolution (benchmarks/results/train_step.csv); about "
               f"{hours:.2f} h of compute on 2 cores (" + ", ".join(f"{s} {v / 60:.0f} min" for s, v in
                                                              t["compute_seconds_estimate"].items()) + ").",

