@@ -331,7 +331,7 @@ def _checkpoints(work: str, stage: str, every: int, last: bool = True) -> list[t
 
 def curve(work: str, sets: dict, last: bool = True, seed: Optional[dict] = None) -> dict:
     """Held-out PSNR over training: each backbone alone through its stage 0, each operating point
-    from its fitted LaPQ (step 0) through stage 1f (and the low point through its continuation).  The runs
+    from its fitted LaPQ (step 0) through stage 1f and its continuation on 17-frame crops.  The runs
     that were tried and not shipped (ABLATIONS) are not scripted: their points are read from the cache, or
     measured at each checkpoint where WORK holds them.  Cached in
     WORK/curve.json with each checkpoint's model id (a re-run only evaluates new or retrained

@@ -28,8 +28,9 @@ question is only what stage 1f adds to it.
 ``--continuation`` measures continuations of a point's stage 1f on 17-frame crops (WORK/<run>,
 default stage1f17_low, trained on the training rows only; several runs from one starting point) on the
 same validation clips, from that starting point through their checkpoints, and applies the rule written
-before they ran (benchmarks/results/rules/stage1f17_*.md): RESULT_CSV (default
-benchmarks/results/stage1f17_validation_low.csv) marks the checkpoint that ships, if one does.
+before they ran (benchmarks/results/rules/stage1f17_*.md): RESULT_CSV (for one run stage1f17_<point>
+benchmarks/results/stage1f17_validation_<point>.csv by default; several runs need it named) marks the
+checkpoint that ships, if one does.
 ``--split`` only writes the training rows without the validation ones (WORK/data/train_val1f.jsonl, which
 those runs train on; scripts/train_default.sh).
 
@@ -147,7 +148,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--point", choices=sorted(LENGTHS), default="high")
     parser.add_argument("work", nargs="?", default="outputs/default_train")
     parser.add_argument("result", nargs="?", help="default: benchmarks/results/stage1f_validation_<point>.csv "
-                        "(--continuation: benchmarks/results/stage1f17_validation_low.csv)")
+                        "(--continuation: benchmarks/results/stage1f17_validation_<point>.csv for the run stage1f17_<point>)")
     parser.add_argument("--continuation", action="store_true",
                         help="measure continuations of a point's stage 1f on 17-frame crops instead")
     parser.add_argument("--runs", default=CONTINUATION, help="--continuation: the runs in WORK, comma-separated")
@@ -162,8 +163,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.continuation:
         if args.every < 1:
             raise SystemExit(f"--every: expected a positive number of steps, got {args.every}")
-        continuation(work, args.result or "benchmarks/results/stage1f17_validation_low.csv", tuple(args.runs.split(",")),
-                     args.every)
+        runs = tuple(args.runs.split(","))
+        point = next((p for p in LENGTHS if runs == (f"stage1f17_{p}",)), None)
+        if args.result is None and point is None:
+            raise SystemExit(f"--continuation: name RESULT_CSV for the runs {runs} (no default beside one "
+                             f"stage1f17_<point> run)")
+        continuation(work, args.result or f"benchmarks/results/stage1f17_validation_{point}.csv", runs, args.every)
         return
     result = args.result or f"benchmarks/results/stage1f_validation_{point}.csv"
     fit_steps, steps = (int(os.environ.get(k, n)) for k, n in zip(("FIT_STEPS", "STEPS1F"), LENGTHS[point]))

@@ -91,7 +91,7 @@ stage() {  # stage NAME STAGE STEPS LR MODEL_TOML BATCH SEED [EXTRA_TRAIN_TOML]
 $model
 
 [data]
-source = "$source"
+source = "$manifest"
 num_frames = $frames
 height = 64
 width = 64
@@ -131,7 +131,7 @@ TOML
 latest() { echo "$(cd "$WORK" && pwd)/$1/checkpoints/$(cat "$WORK/$1/checkpoints/latest")"; }
 
 start=$(date +%s)
-source=data/train.jsonl   # each stage's manifest (in WORK), as warmup and frames: set before a stage
+manifest=data/train.jsonl   # each stage's training rows (in WORK), as warmup and frames: set before a stage
 # stage 0: one backbone per grid (low: 4x8x8; high: the finer 2x4x4), then a fresh LaPQ per point fitted to it
 for rate in $POINTS; do
   "$PY" scripts/default_model.py init "$WORK/${init[$rate]}" "$rate"
@@ -165,7 +165,7 @@ done
 # the training rows without the validation split's, which chose it (scripts/stage1f_validation.py --continuation;
 # the rules, written before they ran: benchmarks/results/rules/stage1f17_{low,high}.md); one point at a time
 "$PY" scripts/stage1f_validation.py --split "$WORK"
-warmup=50 frames=17 source=data/train_val1f.jsonl
+warmup=50 frames=17 manifest=data/train_val1f.jsonl
 for rate in $POINTS; do
   stage "stage1f17_$rate" 1 "${steps1f17[$rate]}" 1e-4 "pretrained = \"$(latest "stage1f_$rate")\"" 1 \
     "${seed17[$rate]}" "$(extra1f "$rate")"

@@ -330,5 +330,7 @@ def test_the_continuation_rule_ships_only_a_clear_validation_gain(tmp_path):
         (tmp_path / run / "checkpoints").mkdir(parents=True)
     with pytest.raises(SystemExit, match="different models"):
         script.main(["--continuation", "--runs", "a,b", str(tmp_path), str(tmp_path / "r.csv")])
+    with pytest.raises(SystemExit, match="name RESULT_CSV"):               # no default path for several runs
+        script.main(["--continuation", "--runs", "a,b", str(tmp_path)])
     with pytest.raises(SystemExit, match="--every"):
         script.main(["--continuation", "--every", "0", str(tmp_path), str(tmp_path / "r.csv")])
