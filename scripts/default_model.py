@@ -59,8 +59,9 @@ STAGES = (*STAGE0.values(), STAGE0_17, *(f"stage1f_{rate}" for rate in RATES), *
 # each point's backbone compression, time x height x width ("4x8x8", "2x4x4")
 GRIDS = {rate: f"{b.temporal_factor}x{b.spatial_factor}x{b.spatial_factor}" for rate, b in BACKBONES.items()}
 # runs that were tried and not shipped: their held-out points were measured by the same _evaluate
-# during those runs and are only read from WORK/curve.json.  {name: (label, the stage-0 run it follows on the
-# curve's x axis, its start in steps after that run's end)}
+# during those runs and are read from WORK/curve.json (or measured there while WORK holds their checkpoints).
+# {name: (label, the run it follows on the curve's x axis (a stage-0 run or a point's continuation), its start
+# in steps after that run's end)}
 ABLATIONS = {
     "stage1_low": ("low, the paper's stage 1 from a fresh LaPQ (pixel loss through the frozen decoder, all codebook "
                    "terms, masking), lr 5e-4", "stage0", 0),
@@ -92,11 +93,11 @@ ABLATIONS = {
     "stage1fs1_low": ("low with one group of 16 bits per level (LaPQ substeps 1; shipped on 2026-12-07 until the "
                       "4-group LaPQ: scripts/lapq_capacity.py --point low)", STAGE0_17, 0),
     # the second continuation's two arms (benchmarks/results/rules/stage1f17_low_round2.md: < 0.10 dB on the
-    # validation clips, not shipped), from step 2,500 of stage1f17_low, which starts after stage1f_low's 1,500 steps
+    # validation clips, not shipped), from the last step of the low point's continuation
     "stage1f17b_low": ("low, the 17-frame continuation's recipe again for 1,200 steps (2026-12-07: +0.04 dB on the "
-                       "validation clips)", STAGE0_17, 1500 + 2500),
+                       "validation clips)", CONTINUED["low"], 0),
     "stage1f17e_low": ("low, the same with the encoder trained too (end to end; +0.03 dB on the validation clips)",
-                       STAGE0_17, 1500 + 2500),
+                       CONTINUED["low"], 0),
     "stage1f9_low": ("low from the 4x8x8 backbone trained on 9-frame crops only (shipped on 2026-12-07 until the "
                      "17-frame continuation: scripts/backbone_length.py)", "stage0", 0),
 }
@@ -403,10 +404,12 @@ def _plot(curves: dict, steps: dict, path: str) -> None:
              ("stage1f_high", "tab:red",
               f"high, K=48 on 2x4x4, {SUBSTEPS['high']} groups per level (the same; no entropy term)",
               steps["stage0_high"], 1.4)]
-    lines += [(CONTINUED[rate], colour, f"{rate}, its stage 1f continued on 17-frame crops (shipped)",
-               start + steps.get(f"stage1f_{rate}", 0), 1.4)
-              for rate, colour, start in (("low", "navy", ends[STAGE0_17]), ("high", "darkred", ends["stage0_high"]))]
-    lines += [(st, shades.get(st) or next(greys), f"not shipped: {label}", ends[after] + start, 0.8)
+    # each point's continuation starts where its stage 1f (after the point's backbone) ends
+    start17 = {rate: ends[BACKBONE_RUN[rate]] + steps.get(f"stage1f_{rate}", 0) for rate in RATES}
+    lines += [(CONTINUED[rate], colour, f"{rate}, its stage 1f continued on 17-frame crops (shipped)", start17[rate], 1.4)
+              for rate, colour in (("low", "navy"), ("high", "darkred"))]
+    follows = {**ends, **{CONTINUED[rate]: start17[rate] + steps.get(CONTINUED[rate], 0) for rate in RATES}}
+    lines += [(st, shades.get(st) or next(greys), f"not shipped: {label}", follows[after] + start, 0.8)
               for st, (label, after, start) in ABLATIONS.items() if curves.get(st)]
     for stage, colour, label, offset, width in lines:
         pts = sorted((int(s), v) for s, v in curves.get(stage, {}).items())
