@@ -36,6 +36,10 @@ PHOTOS = [("skimage", n) for n in ("rocket", "colorwheel", "logo", "camera", "mo
 PHOTOS += [("matplotlib", n) for n in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")]
 MOVES_PER_PHOTO = 4
 PHOTO_FRAMES, PHOTO_SIZE, PHOTO_FPS = 33, (144, 192), 24.0
+# fast camera moves (fast_move): each photograph also crossed from side to side in FAST_FRAMES frames, ~6-12 pixels
+# a frame, as fast as the evaluation protocol's pans (5-12); camera_move's drift 0-4.  Their own manifest
+# (fast_moves.jsonl): only the low point's last stage trains on them (scripts/train_default.sh)
+FAST_MOVES_PER_PHOTO, FAST_FRAMES = 2, 17
 
 
 def load_photo(source: str, name: str) -> torch.Tensor:
@@ -77,10 +81,39 @@ def camera_move(photo: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         bw = bh * aspect
         return (H - bh) * torch.rand((), generator=g).item(), (W - bw) * torch.rand((), generator=g).item(), bh
 
-    (y0, x0, h0), (y1, x1, h1) = box(), box()
+    return _slide(img, box(), box(), PHOTO_FRAMES)
+
+
+def fast_move(photo: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A window of 45-75% of the largest one crossing the photo (H, W, 3) uint8 from one edge to the
+    opposite one (left to right, top to bottom or corner to corner, either way) in FAST_FRAMES frames
+    -> (FAST_FRAMES, *PHOTO_SIZE, 3) uint8; a random horizontal flip."""
+    H, W, _ = photo.shape
+    h, w = PHOTO_SIZE
+    aspect = w / h
+    img = photo.permute(2, 0, 1).float()[None]
+    if torch.rand((), generator=g) < 0.5:
+        img = img.flip(-1)
+    bh = min(H, W / aspect) * (0.45 + 0.3 * torch.rand((), generator=g).item())
+    free_y, free_x = H - bh, W - bh * aspect
+    way = int(torch.randint(0, 3, (), generator=g))           # 0: across, 1: down, 2: corner to corner
+    y, x = free_y * torch.rand((), generator=g).item(), free_x * torch.rand((), generator=g).item()
+    ys, xs = ((0.0, free_y) if way else (y, y)), ((0.0, free_x) if way != 1 else (x, x))
+    if torch.rand((), generator=g) < 0.5:
+        ys, xs = ys[::-1], xs[::-1]
+    return _slide(img, (ys[0], xs[0], bh), (ys[1], xs[1], bh), FAST_FRAMES)
+
+
+def _slide(img: torch.Tensor, first: tuple, last: tuple, n: int) -> torch.Tensor:
+    """``n`` frames of PHOTO_SIZE from the image (1, 3, H, W), the window (top, left, height) moving
+    linearly from ``first`` to ``last`` -> (n, *PHOTO_SIZE, 3) uint8."""
+    H, W = img.shape[2:]
+    h, w = PHOTO_SIZE
+    aspect = w / h
+    (y0, x0, h0), (y1, x1, h1) = first, last
     frames = []
-    for t in range(PHOTO_FRAMES):
-        s = t / (PHOTO_FRAMES - 1)
+    for t in range(n):
+        s = t / (n - 1)
         y, x, bh = y0 + s * (y1 - y0), x0 + s * (x1 - x0), h0 + s * (h1 - h0)
         bw = bh * aspect
         # sub-pixel crop by an affine grid (bilinear), antialiased by area when shrinking a lot
@@ -117,6 +150,26 @@ def write_photo_clips(out_dir: str) -> list[dict]:
     return rows
 
 
+def write_fast_moves(out_dir: str) -> list[dict]:
+    """FAST_MOVES_PER_PHOTO fast_move clips of each photograph -> their manifest rows."""
+    photo_dir = os.path.join(out_dir, "photos")
+    os.makedirs(photo_dir, exist_ok=True)
+    rows = []
+    for i, (source, name) in enumerate(PHOTOS):
+        stem = os.path.splitext(name)[0]
+        photo = None
+        for m in range(FAST_MOVES_PER_PHOTO):
+            path = os.path.join(photo_dir, f"{stem}-fast{m}.mp4")
+            if not os.path.isfile(path):
+                photo = load_photo(source, name) if photo is None else photo
+                g = torch.Generator().manual_seed(1000 * i + 500 + m)
+                write_video(path, fast_move(photo, g), fps=PHOTO_FPS, crf=4)
+            rows.append({"path": f"photos/{stem}-fast{m}.mp4"})
+    print(f"photos: {len(PHOTOS)} photographs x {FAST_MOVES_PER_PHOTO} fast moves = {len(rows)} clips "
+          f"({FAST_FRAMES} frames {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]})")
+    return rows
+
+
 def rescaled_copy(src: str, dst: str) -> None:
     frames = read_video(src)                                              # (T, H, W, 3) uint8
     T, H, W, _ = frames.shape
@@ -146,12 +199,15 @@ def main(out_dir: str, photos: bool = True) -> None:
         held.append({"path": f"clips/{name}", "start": round(cut, 3), "end": round(seconds, 3)})
         print(f"{name}: {info.frames} frames {info.height}x{info.width} at {info.fps:.2f} fps; "
               f"train 0-{cut:.2f} s in {windows} windows (x{VIDEO_REPEAT}), held out {cut:.2f}-{seconds:.2f} s")
+    fast = []
     if photos:
         train += write_photo_clips(out_dir)
-    for fname, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
+        fast = write_fast_moves(out_dir)
+    for fname, rows in (("train.jsonl", train), ("heldout.jsonl", held)) + ((("fast_moves.jsonl", fast),) if fast else ()):
         with atomic_write(os.path.join(out_dir, fname), "w") as f:
             f.write("\n".join(json.dumps(r) for r in rows) + "\n")
-    print(f"wrote {out_dir}/train.jsonl ({len(train)} windows) and heldout.jsonl ({len(held)} clips)")
+    print(f"wrote {out_dir}/train.jsonl ({len(train)} windows), heldout.jsonl ({len(held)} clips) and "
+          f"fast_moves.jsonl ({len(fast)} clips)")
 
 
 if __name__ == "__main__":

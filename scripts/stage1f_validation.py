@@ -32,7 +32,8 @@ before they ran (benchmarks/results/rules/stage1f17_*.md): RESULT_CSV (for one r
 benchmarks/results/stage1f17_validation_<point>.csv by default; several runs need it named) marks the
 checkpoint that ships, if one does.
 ``--split`` only writes the training rows without the validation ones (WORK/data/train_val1f.jsonl, which
-those runs train on; scripts/train_default.sh).
+those runs train on; scripts/train_default.sh) and those rows with the other photographs' fast camera moves
+(WORK/data/train_val1f_fast.jsonl).
 
 WORK (default outputs/default_train) must hold the full run's data/, init_<point>/ (the branch of
 the point's stage-0 backbone with a fresh LaPQ) and stage1f_<point>.toml (the point's stage-1f
@@ -64,6 +65,7 @@ EVERY = 250
 # ran (benchmarks/results/rules/stage1f17_*.md): ``--continuation``
 CONTINUATION, CONTINUATION_EVERY, CONTINUATION_MARGIN = "stage1f17_low", 500, 0.10
 SPLIT = "train_val1f.jsonl"   # in WORK/data: the training rows without the validation ones
+FAST_SPLIT = "train_val1f_fast.jsonl"   # and those rows with the training photographs' fast moves (fast_moves.jsonl)
 
 
 def _stem(source: str, name: str) -> str:
@@ -93,6 +95,26 @@ def split(manifest: str, out: Optional[str]) -> list[dict]:
             f.writelines(json.dumps(r) + "\n" for r in keep)
         print(f"split: {len(keep)} training rows -> {out}; validation: {sorted(last)} last windows, {sorted(photos)}")
     return list(last.values())
+
+
+def fast_split(data_dir: str) -> None:
+    """Writes data_dir/FAST_SPLIT: the rows of data_dir/SPLIT and the fast camera moves
+    (data_dir/fast_moves.jsonl, scripts/make_default_data.py) of every photograph but the validation ones."""
+    from pyratok.utils import atomic_write
+
+    rows = []
+    for name in (SPLIT, "fast_moves.jsonl"):
+        with open(os.path.join(data_dir, name)) as f:
+            rows.append([json.loads(line) for line in f if line.strip()])
+    photos = {_stem(*p) for p in VALIDATION_PHOTOS}
+    stems = [os.path.basename(r["path"]).rsplit("-", 1)[0] for r in rows[1]]
+    if not photos <= set(stems) or not set(stems) - photos:
+        raise SystemExit(f"fast_split: {data_dir}/fast_moves.jsonl is not the full run's (the moves of "
+                         f"{sorted(set(stems))}; the validation photographs {sorted(photos)} and others expected)")
+    fast = [r for r, stem in zip(rows[1], stems) if stem not in photos]
+    with atomic_write(os.path.join(data_dir, FAST_SPLIT), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[0] + fast)
+    print(f"split: {len(rows[0])} training rows and {len(fast)} fast moves -> {data_dir}/{FAST_SPLIT}")
 
 
 def validation_sets(data_dir: str, windows: list[dict]) -> dict:
@@ -154,11 +176,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--runs", default=CONTINUATION, help="--continuation: the runs in WORK, comma-separated")
     parser.add_argument("--every", type=int, default=CONTINUATION_EVERY, help="--continuation: checkpoint spacing")
     parser.add_argument("--split", action="store_true",
-                        help=f"only write WORK/data/{SPLIT} (the training rows without the validation ones)")
+                        help=f"only write WORK/data/{SPLIT} (the training rows without the validation ones) and "
+                        f"{FAST_SPLIT} (with the fast moves)")
     args = parser.parse_args(argv)
     work, point = args.work, args.point
     if args.split:
         split(os.path.join(work, "data", "train.jsonl"), os.path.join(work, "data", SPLIT))
+        fast_split(os.path.join(work, "data"))
         return
     if args.continuation:
         if args.every < 1:
