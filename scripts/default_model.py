@@ -124,12 +124,16 @@ def init(out: str, rate: str = "low") -> None:
 
 
 def branch(stage0: str, rate: str, out: str) -> None:
+    """A fresh model of ``rate`` (a new LaPQ, LoRA at zero) on the backbone of ``stage0``: a stage-0
+    checkpoint, or a trained point whose encoder LoRA is merged into the backbone's weights first."""
     if os.path.isfile(os.path.join(out, "config.json")):
         print(f"branch: {out} exists")
         return
     torch.manual_seed(SEEDS[rate])
     model = PyraTok(config(rate))
-    model.vae.load_backbone_state_dict(PyraTok.from_pretrained(stage0).vae.backbone_state_dict())
+    source = PyraTok.from_pretrained(stage0).vae
+    source.merge_lora()                                       # (a stage-0 run's LoRA is zero: nothing changes)
+    model.vae.load_backbone_state_dict(source.backbone_state_dict())
     model.save_pretrained(out)
     print(f"branch: {stage0} -> {out} (K = {RATES[rate]}, {SUBSTEPS[rate]} substeps)")
 
