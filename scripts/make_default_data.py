@@ -36,8 +36,8 @@ PHOTOS = [("skimage", n) for n in ("rocket", "colorwheel", "logo", "camera", "mo
 PHOTOS += [("matplotlib", n) for n in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")]
 MOVES_PER_PHOTO = 4
 PHOTO_FRAMES, PHOTO_SIZE, PHOTO_FPS = 33, (144, 192), 24.0
-# fast camera moves (fast_move): each photograph also crossed from side to side in FAST_FRAMES frames, ~6-12 pixels
-# a frame, as fast as the evaluation protocol's pans (5-12); camera_move's drift 0-4.  Their own manifest
+# fast camera moves (fast_move): each photograph also crossed from edge to edge in FAST_FRAMES frames, 5-12 output
+# pixels a frame, as fast as the protocol's pans (photo_pan_zoom: 5-12); camera_move drifts 0-5.  Their own manifest
 # (fast_moves.jsonl): only the low point's last stage trains on them (scripts/train_default.sh)
 FAST_MOVES_PER_PHOTO, FAST_FRAMES = 2, 17
 

@@ -23,6 +23,7 @@ question is only what stage 1f adds to it.
 
   .venv/bin/python scripts/stage1f_validation.py [--point high|low] [WORK] [RESULT_CSV]
   .venv/bin/python scripts/stage1f_validation.py --continuation [--runs RUN,...] [--every N] [WORK] [RESULT_CSV]
+  .venv/bin/python scripts/stage1f_validation.py --backbone RUN [--every N] WORK RESULT_CSV
   .venv/bin/python scripts/stage1f_validation.py --split [WORK]
 
 ``--continuation`` measures continuations of a point's stage 1f on 17-frame crops (WORK/<run>,
@@ -175,6 +176,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="measure continuations of a point's stage 1f on 17-frame crops instead")
     parser.add_argument("--runs", default=CONTINUATION, help="--continuation: the runs in WORK, comma-separated")
     parser.add_argument("--every", type=int, default=CONTINUATION_EVERY, help="--continuation: checkpoint spacing")
+    parser.add_argument("--backbone", metavar="RUN",
+                        help="measure the backbone alone of the stage-0 run RUN in WORK (its start and checkpoints "
+                        "every --every steps) into RESULT_CSV; chooses nothing")
     parser.add_argument("--split", action="store_true",
                         help=f"only write WORK/data/{SPLIT} (the training rows without the validation ones) and "
                         f"{FAST_SPLIT} (with the fast moves)")
@@ -184,9 +188,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         split(os.path.join(work, "data", "train.jsonl"), os.path.join(work, "data", SPLIT))
         fast_split(os.path.join(work, "data"))
         return
+    if args.every < 1:
+        raise SystemExit(f"--every: expected a positive number of steps, got {args.every}")
+    if args.backbone:
+        if args.result is None:
+            raise SystemExit("--backbone: name RESULT_CSV")
+        backbone(work, args.backbone, args.result, args.every)
+        return
     if args.continuation:
-        if args.every < 1:
-            raise SystemExit(f"--every: expected a positive number of steps, got {args.every}")
         runs = tuple(args.runs.split(","))
         point = next((p for p in LENGTHS if runs == (f"stage1f17_{p}",)), None)
         if args.result is None and point is None:
@@ -219,14 +228,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     write_rows(measure(os.path.join(work, "data"), windows, todo), result)
 
 
-def measure(data_dir: str, windows: list[dict], todo: list[tuple[str, int, str]]) -> list[dict]:
-    """A row of figures for each (arm, step, model folder) of ``todo``, measured on the validation clips."""
+def measure(data_dir: str, windows: list[dict], todo: list[tuple[str, int, str]], tokens: bool = True) -> list[dict]:
+    """A row of figures for each (arm, step, model folder) of ``todo``, measured on the validation clips
+    (``tokens``: through the quantizer; else the backbone alone on its continuous latents)."""
     from pyratok.models.pyratok import PyraTok
 
     sets = validation_sets(data_dir, windows)
     rows = []
     for arm, step, path in todo:
-        r = default_model._evaluate(PyraTok.from_pretrained(path).eval(), sets)
+        r = default_model._evaluate(PyraTok.from_pretrained(path).eval(), sets, tokens)
         rows.append({"arm": arm, "stage1f_steps": step, "real_psnr": r["real"]["psnr"], "real_ssim": r["real"]["ssim"],
                      "photos_psnr": r["photos"]["psnr"], "photos_ssim": r["photos"]["ssim"],
                      "all_clips_psnr": round(default_model._all_clips(r), 3),
@@ -246,6 +256,24 @@ def write_rows(rows: list[dict], result: str) -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(f"-> {result}")
+
+
+def backbone(work: str, run: str, result: str, every: int = 250) -> list[dict]:
+    """The backbone alone (continuous latents) of a stage-0 run in WORK on the validation clips: its starting
+    point (the ``pretrained`` of WORK/<run>.toml) and its checkpoints every ``every`` steps -> RESULT_CSV.
+    Chooses nothing (benchmarks/results/rules/backbone_fast_low.md)."""
+    import tomllib
+
+    toml = os.path.join(work, f"{run}.toml")
+    if not os.path.isfile(toml) or not os.path.isdir(os.path.join(work, run, "checkpoints")):
+        raise SystemExit(f"backbone: {work} holds no {run} run ({run}.toml and its checkpoints)")
+    with open(toml, "rb") as f:
+        start = os.path.abspath(os.path.join(work, tomllib.load(f)["model"]["pretrained"]))
+    windows = split(os.path.join(work, "data", "train.jsonl"), None)
+    todo = [("starting point", 0, start)] + [(run, s, p) for s, p in default_model._checkpoints(work, run, every)]
+    rows = measure(os.path.join(work, "data"), windows, todo, tokens=False)
+    write_rows(rows, result)
+    return rows
 
 
 def choose(rows: list[dict], margin: float = CONTINUATION_MARGIN) -> Optional[dict]:

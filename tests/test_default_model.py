@@ -207,6 +207,47 @@ def test_the_stage1f_validation_split_holds_out_whole_windows_and_photographs(tm
         script.split(str(manifest), str(out))
 
 
+def test_fast_camera_moves_cross_the_photograph_as_fast_as_the_protocols_pans():
+    # scripts/make_default_data.py fast_move: on a photograph whose red and green channels are its x and y
+    # coordinates, a frame's mean red / green is its window's centre and their spread its width, so
+    # the window's speed in output pixels a frame can be read off the frames
+    script = _training_script("make_default_data")
+    H, W = 300, 400
+    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    photo = torch.stack([xs / W * 255, ys / H * 255, torch.zeros(H, W)], -1).round().to(torch.uint8)
+    ways = set()
+    for seed in range(12):
+        video = script.fast_move(photo, torch.Generator().manual_seed(seed))
+        assert video.shape == (script.FAST_FRAMES, *script.PHOTO_SIZE, 3) and video.dtype == torch.uint8
+        assert torch.equal(video, script.fast_move(photo, torch.Generator().manual_seed(seed)))
+        rg = video[..., :2].float()
+        centre = rg.mean((1, 2)) / 255 * torch.tensor([W, H])                     # (T, 2) source pixels
+        width = (rg[:, :, -1, 0] - rg[:, :, 0, 0]).mean() / 255 * W * script.PHOTO_SIZE[1] / (script.PHOTO_SIZE[1] - 1)
+        steps = (centre[1:] - centre[:-1]) * script.PHOTO_SIZE[1] / width          # output pixels a frame
+        speed = steps.norm(dim=1)
+        assert speed.min() > 0.9 * speed.max() and speed.mean() >= 4, (seed, speed)  # steady, and fast
+        moved = (centre[-1] - centre[0]).abs() > 10
+        ways.add((bool(moved[0]), bool(moved[1])))
+    assert ways == {(True, False), (False, True), (True, True)}                      # across, down, corner to corner
+    slow = script.camera_move(photo, torch.Generator().manual_seed(0))
+    assert slow.shape == (script.PHOTO_FRAMES, *script.PHOTO_SIZE, 3)
+
+
+def test_the_fast_split_adds_the_other_photographs_fast_moves(tmp_path):
+    script = _training_script("stage1f_validation")
+    kept = [{"path": "clips/a.mp4", "start": 0.0, "end": 1.0}, {"path": "photos/brick-0.mp4"}]
+    fast = [{"path": f"photos/{p}-fast{m}.mp4"} for p in ("camera", "rocket", "grace_hopper", "brick", "cell")
+            for m in range(2)]
+    (tmp_path / script.SPLIT).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    (tmp_path / "fast_moves.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fast))
+    script.fast_split(str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / script.FAST_SPLIT).read_text().splitlines()]
+    assert rows == kept + fast[6:]
+    (tmp_path / "fast_moves.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fast[2:]))   # camera's gone
+    with pytest.raises(SystemExit, match="not the full run's"):
+        script.fast_split(str(tmp_path))
+
+
 def test_the_stage1f_validation_runs_take_the_shipped_settings(tmp_path, monkeypatch):
     # each arm's TOML is the shipped stage 1f's with only the named keys changed; a TOML without
     # one of them is refused rather than run with the shipped value
@@ -334,3 +375,31 @@ def test_the_continuation_rule_ships_only_a_clear_validation_gain(tmp_path):
         script.main(["--continuation", "--runs", "a,b", str(tmp_path)])
     with pytest.raises(SystemExit, match="--every"):
         script.main(["--continuation", "--every", "0", str(tmp_path), str(tmp_path / "r.csv")])
+
+
+def test_the_backbone_check_measures_a_stage0_run_on_continuous_latents(tmp_path, monkeypatch):
+    # scripts/stage1f_validation.py --backbone: the run's starting point (its TOML's pretrained, relative to WORK)
+    # and its checkpoints every --every steps, the backbone alone (no quantizer); it chooses nothing
+    script = _training_script("stage1f_validation")
+    for step in (250, 500, 750):
+        (tmp_path / "b0" / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+    (tmp_path / "b0.toml").write_text('[model]\npretrained = "start"\n')
+    seen = {}
+
+    def measure(data_dir, windows, todo, tokens=True):
+        seen.update(data_dir=data_dir, todo=todo, tokens=tokens)
+        return [{"arm": arm, "stage1f_steps": step} for arm, step, _ in todo]
+
+    monkeypatch.setattr(script, "split", lambda manifest, out: ["windows"])
+    monkeypatch.setattr(script, "measure", measure)
+    out = tmp_path / "b.csv"
+    script.main(["--backbone", "b0", "--every", "500", str(tmp_path), str(out)])
+    assert seen["tokens"] is False and seen["data_dir"] == os.path.join(str(tmp_path), "data")
+    assert [(arm, step, os.path.basename(path)) for arm, step, path in seen["todo"]] == [
+        ("starting point", 0, "start"), ("b0", 500, "step-00000500"), ("b0", 750, "step-00000750")]
+    assert seen["todo"][0][2] == os.path.abspath(tmp_path / "start")
+    assert out.read_text().splitlines()[0] == "arm,stage1f_steps"
+    with pytest.raises(SystemExit, match="name RESULT_CSV"):
+        script.main(["--backbone", "b0", str(tmp_path)])
+    with pytest.raises(SystemExit, match="holds no b1 run"):
+        script.main(["--backbone", "b1", str(tmp_path), str(out)])
