@@ -98,6 +98,12 @@ ABLATIONS = {
                        "validation clips)", CONTINUED["low"], 0),
     "stage1f17e_low": ("low, the same with the encoder trained too (end to end; +0.03 dB on the validation clips)",
                        CONTINUED["low"], 0),
+    # the same two arms on the training rows with the other photographs' fast camera moves
+    # (benchmarks/results/rules/stage1f17_low_fast.md: +0.03 dB on the validation clips, not shipped)
+    "stage1f17m_low": ("low, the second cycle on rows with fast camera moves too (1,200 steps; +0.03 dB on the "
+                       "validation clips)", CONTINUED["low"], 0),
+    "stage1f17me_low": ("low, the same with the encoder trained too (+0.03 dB on the validation clips)",
+                        CONTINUED["low"], 0),
     "stage1f9_low": ("low from the 4x8x8 backbone trained on 9-frame crops only (shipped on 2026-12-07 until the "
                      "17-frame continuation: scripts/backbone_length.py)", "stage0", 0),
 }
