@@ -65,16 +65,22 @@ def load_photo(source: str, name: str) -> torch.Tensor:
     return torch.from_numpy(np.array(img[..., :3]))
 
 
+def _flipped(photo: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, float]:
+    """The photo (H, W, 3) uint8 as a (1, 3, H, W) float image, flipped left to right at random (the first draw
+    from ``g``), and the height of the largest window of PHOTO_SIZE's aspect in it."""
+    H, W, _ = photo.shape
+    img = photo.permute(2, 0, 1).float()[None]
+    if torch.rand((), generator=g) < 0.5:
+        img = img.flip(-1)
+    return img, min(H, W / (PHOTO_SIZE[1] / PHOTO_SIZE[0]))
+
+
 def camera_move(photo: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """A window sliding and zooming linearly between two random boxes of the photo (H, W, 3) uint8
     -> (PHOTO_FRAMES, *PHOTO_SIZE, 3) uint8; a random horizontal flip."""
     H, W, _ = photo.shape
-    h, w = PHOTO_SIZE
-    aspect = w / h
-    img = photo.permute(2, 0, 1).float()[None]
-    if torch.rand((), generator=g) < 0.5:
-        img = img.flip(-1)
-    max_h = min(H, W / aspect)
+    aspect = PHOTO_SIZE[1] / PHOTO_SIZE[0]
+    img, max_h = _flipped(photo, g)
 
     def box():
         bh = max_h * (0.35 + 0.65 * torch.rand((), generator=g).item())
@@ -89,13 +95,9 @@ def fast_move(photo: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     opposite one (left to right, top to bottom or corner to corner, either way) in FAST_FRAMES frames
     -> (FAST_FRAMES, *PHOTO_SIZE, 3) uint8; a random horizontal flip."""
     H, W, _ = photo.shape
-    h, w = PHOTO_SIZE
-    aspect = w / h
-    img = photo.permute(2, 0, 1).float()[None]
-    if torch.rand((), generator=g) < 0.5:
-        img = img.flip(-1)
-    bh = min(H, W / aspect) * (0.45 + 0.3 * torch.rand((), generator=g).item())
-    free_y, free_x = H - bh, W - bh * aspect
+    img, max_h = _flipped(photo, g)
+    bh = max_h * (0.45 + 0.3 * torch.rand((), generator=g).item())
+    free_y, free_x = H - bh, W - bh * PHOTO_SIZE[1] / PHOTO_SIZE[0]
     way = int(torch.randint(0, 3, (), generator=g))           # 0: across, 1: down, 2: corner to corner
     y, x = free_y * torch.rand((), generator=g).item(), free_x * torch.rand((), generator=g).item()
     ys, xs = ((0.0, free_y) if way else (y, y)), ((0.0, free_x) if way != 1 else (x, x))
@@ -129,6 +131,18 @@ def _slide(img: torch.Tensor, first: tuple, last: tuple, n: int) -> torch.Tensor
 
 
 def write_photo_clips(out_dir: str) -> list[dict]:
+    """MOVES_PER_PHOTO camera_move clips of each photograph -> their manifest rows."""
+    return _write_moves(out_dir, "camera moves", MOVES_PER_PHOTO, camera_move, "", 0, PHOTO_FRAMES)
+
+
+def write_fast_moves(out_dir: str) -> list[dict]:
+    """FAST_MOVES_PER_PHOTO fast_move clips of each photograph -> their manifest rows."""
+    return _write_moves(out_dir, "fast moves", FAST_MOVES_PER_PHOTO, fast_move, "fast", 500, FAST_FRAMES)
+
+
+def _write_moves(out_dir: str, kind: str, n: int, move, tag: str, seed: int, frames: int) -> list[dict]:
+    """OUT_DIR/photos/<photo>-<tag><m>.mp4 for m < n: ``move(photo, generator)`` of every photograph, the
+    generator seeded 1000 x its index + ``seed`` + m (clips already written are kept) -> their manifest rows."""
     from pyratok.study import PHOTOS as EVALUATION_PHOTOS
 
     photo_dir = os.path.join(out_dir, "photos")
@@ -138,35 +152,15 @@ def write_photo_clips(out_dir: str) -> list[dict]:
         stem = os.path.splitext(name)[0]
         assert stem not in EVALUATION_PHOTOS and stem != "cat", f"{name} is an evaluation photograph"
         photo = None
-        for m in range(MOVES_PER_PHOTO):
-            path = os.path.join(photo_dir, f"{stem}-{m}.mp4")
+        for m in range(n):
+            path = os.path.join(photo_dir, f"{stem}-{tag}{m}.mp4")
             if not os.path.isfile(path):
                 photo = load_photo(source, name) if photo is None else photo
-                g = torch.Generator().manual_seed(1000 * i + m)
-                write_video(path, camera_move(photo, g), fps=PHOTO_FPS, crf=4)
-            rows.append({"path": f"photos/{stem}-{m}.mp4"})
-    print(f"photos: {len(PHOTOS)} photographs x {MOVES_PER_PHOTO} camera moves = {len(rows)} clips "
-          f"({PHOTO_FRAMES} frames {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]})")
-    return rows
-
-
-def write_fast_moves(out_dir: str) -> list[dict]:
-    """FAST_MOVES_PER_PHOTO fast_move clips of each photograph -> their manifest rows."""
-    photo_dir = os.path.join(out_dir, "photos")
-    os.makedirs(photo_dir, exist_ok=True)
-    rows = []
-    for i, (source, name) in enumerate(PHOTOS):
-        stem = os.path.splitext(name)[0]
-        photo = None
-        for m in range(FAST_MOVES_PER_PHOTO):
-            path = os.path.join(photo_dir, f"{stem}-fast{m}.mp4")
-            if not os.path.isfile(path):
-                photo = load_photo(source, name) if photo is None else photo
-                g = torch.Generator().manual_seed(1000 * i + 500 + m)
-                write_video(path, fast_move(photo, g), fps=PHOTO_FPS, crf=4)
-            rows.append({"path": f"photos/{stem}-fast{m}.mp4"})
-    print(f"photos: {len(PHOTOS)} photographs x {FAST_MOVES_PER_PHOTO} fast moves = {len(rows)} clips "
-          f"({FAST_FRAMES} frames {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]})")
+                g = torch.Generator().manual_seed(1000 * i + seed + m)
+                write_video(path, move(photo, g), fps=PHOTO_FPS, crf=4)
+            rows.append({"path": f"photos/{stem}-{tag}{m}.mp4"})
+    print(f"photos: {len(PHOTOS)} photographs x {n} {kind} = {len(rows)} clips "
+          f"({frames} frames {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]})")
     return rows
 
 
