@@ -4,7 +4,7 @@
     python scripts/default_model.py branch STAGE0_CKPT RATE OUT # stage 0's backbone + a fresh LaPQ for RATE
     python scripts/default_model.py fit BRANCHED MANIFEST OUT    # the LaPQ fitted to the backbone's latents
     python scripts/default_model.py export DEST RATE=CKPT...       # e.g. low=.../step-1500 high=...
-    python scripts/default_model.py report WORK DEST RESULT START_TIME
+    python scripts/default_model.py report WORK DEST RESULT START_TIME   # START_TIME "-": no training ran
     python scripts/default_model.py curve WORK                 # held-out PSNR of the checkpoints so far
 
 Two operating points, each on a stage-0 backbone of its own: ``low`` (K = 16 bits per token on a
@@ -472,7 +472,8 @@ def report(work: str, dest: str, result: str, start: str) -> None:
     """Evaluates the exported points, the curve and the demo; writes RESULT (json), the curve PNG
     next to it and the model card DEST/README.md.  A point whose stages are not in WORK (a run of
     some POINTS only) keeps its training records from the previous RESULT; every held-out figure
-    is measured again on the weights in DEST."""
+    is measured again on the weights in DEST.  ``start`` is the training run's start (seconds since the
+    epoch), or "-" when no training ran (a report of new tried runs): the last run's wall time is kept."""
     import json
     import shutil
     import subprocess
@@ -483,6 +484,8 @@ def report(work: str, dest: str, result: str, start: str) -> None:
     from pyratok.utils import atomic_write
 
     prev = _previous(result)
+    if start == "-" and not prev:
+        raise SystemExit(f"report: START_TIME '-' (no training ran) needs the last report's records in {result}")
     here = [s for s in STAGES if _ran(work, s)]
     trained_here = [rate for rate in RATES if f"stage1f_{rate}" in here or CONTINUED[rate] in here]
     elsewhere = [rate for rate in RATES if rate not in trained_here]
@@ -550,7 +553,9 @@ def report(work: str, dest: str, result: str, start: str) -> None:
     threads.update({rate: 1 if len(ran1f) > 1 else int(os.environ.get("OMP_NUM_THREADS", 2)) for rate in ran1f})
     out = {"points": final, "points_model_id": ids, "backbone_alone": backbone, "demo": demo, "curve": curves,
            "train": {"steps": steps, "fit": fits, "compute_seconds_estimate": compute,
-                     "wall_seconds_last_run": int(time.time()) - int(start), "trained_in_last_run": ran,
+                     "wall_seconds_last_run": (prev["train"]["wall_seconds_last_run"] if start == "-"
+                                               else int(time.time()) - int(start)),
+                     "trained_in_last_run": prev["train"]["trained_in_last_run"] if start == "-" else ran,
                      "stage1f_threads": threads, "grids": GRIDS,
                      "batch": {"stage0": 4, "stage1f": 2}, "crop": "9 frames x 64 x 64",
                      "continued": _continued(work, prev),
