@@ -175,7 +175,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--continuation", action="store_true",
                         help="measure continuations of a point's stage 1f on 17-frame crops instead")
     parser.add_argument("--runs", default=CONTINUATION, help="--continuation: the runs in WORK, comma-separated")
-    parser.add_argument("--every", type=int, default=CONTINUATION_EVERY, help="--continuation: checkpoint spacing")
+    parser.add_argument("--every", type=int, default=CONTINUATION_EVERY, help="--continuation, --backbone: checkpoint spacing")
     parser.add_argument("--backbone", metavar="RUN",
                         help="measure the backbone alone of the stage-0 run RUN in WORK (its start and checkpoints "
                         "every --every steps) into RESULT_CSV; chooses nothing")

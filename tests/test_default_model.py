@@ -403,3 +403,11 @@ def test_the_backbone_check_measures_a_stage0_run_on_continuous_latents(tmp_path
         script.main(["--backbone", "b0", str(tmp_path)])
     with pytest.raises(SystemExit, match="holds no b1 run"):
         script.main(["--backbone", "b1", str(tmp_path), str(out)])
+
+
+def test_a_report_without_training_needs_the_last_reports_records(tmp_path):
+    # scripts/default_model.py report WORK DEST RESULT -: no training ran, so the last run's wall time and points
+    # come from RESULT; without one it is refused before anything is measured
+    script = _training_script()
+    with pytest.raises(SystemExit, match="START_TIME '-'"):
+        script.report(str(tmp_path), str(tmp_path / "model"), str(tmp_path / "none.json"), "-")
