@@ -22,7 +22,7 @@ backbone itself (stage 0) did see the validation rows: it is the same in every a
 question is only what stage 1f adds to it.
 
   .venv/bin/python scripts/stage1f_validation.py [--point high|low] [WORK] [RESULT_CSV]
-  .venv/bin/python scripts/stage1f_validation.py --continuation [--runs RUN,...] [--every N] [WORK] [RESULT_CSV]
+  .venv/bin/python scripts/stage1f_validation.py --continuation [--runs RUN,...] [--every N] [--baseline MODEL] [WORK] [RESULT_CSV]
   .venv/bin/python scripts/stage1f_validation.py --backbone RUN [--every N] WORK RESULT_CSV
   .venv/bin/python scripts/stage1f_validation.py --split [WORK]
 
@@ -175,6 +175,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--continuation", action="store_true",
                         help="measure continuations of a point's stage 1f on 17-frame crops instead")
     parser.add_argument("--runs", default=CONTINUATION, help="--continuation: the runs in WORK, comma-separated")
+    parser.add_argument("--baseline", metavar="MODEL",
+                        help="--continuation: compare the checkpoints with MODEL instead of their starting point")
     parser.add_argument("--every", type=int, default=CONTINUATION_EVERY, help="--continuation, --backbone: checkpoint spacing")
     parser.add_argument("--backbone", metavar="RUN",
                         help="measure the backbone alone of the stage-0 run RUN in WORK (its start and checkpoints "
@@ -201,7 +203,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.result is None and point is None:
             raise SystemExit(f"--continuation: name RESULT_CSV for the runs {runs} (no default beside one "
                              f"stage1f17_<point> run)")
-        continuation(work, args.result or f"benchmarks/results/stage1f17_validation_{point}.csv", runs, args.every)
+        continuation(work, args.result or f"benchmarks/results/stage1f17_validation_{point}.csv", runs, args.every,
+                     args.baseline)
         return
     result = args.result or f"benchmarks/results/stage1f_validation_{point}.csv"
     fit_steps, steps = (int(os.environ.get(k, n)) for k, n in zip(("FIT_STEPS", "STEPS1F"), LENGTHS[point]))
@@ -292,11 +295,13 @@ def choose(rows: list[dict], margin: float = CONTINUATION_MARGIN) -> Optional[di
 
 
 def continuation(work: str, result: str, runs: tuple[str, ...] = (CONTINUATION,),
-                 every: int = CONTINUATION_EVERY) -> Optional[dict]:
+                 every: int = CONTINUATION_EVERY, baseline: Optional[str] = None) -> Optional[dict]:
     """Measures continuations of a point's stage 1f (WORK/<run> for each of ``runs``, all from one
     starting point: the ``pretrained`` of their WORK/<run>.toml) on the validation clips, the starting point
     and each run's checkpoints every ``every`` steps; applies ``choose`` and writes RESULT_CSV with a
-    ``chosen`` column; returns the chosen row (None: the starting point stays)."""
+    ``chosen`` column; returns the chosen row (None: the starting point stays).  ``baseline``: the model
+    the checkpoints are compared with instead of their starting point (a run that starts from a fit
+    competes with the shipped point: benchmarks/results/rules/backbone_fast_low.md)."""
     import tomllib
 
     starts, todo = {}, []
@@ -310,13 +315,14 @@ def continuation(work: str, result: str, runs: tuple[str, ...] = (CONTINUATION,)
     if len(set(starts.values())) != 1:
         raise SystemExit(f"continuation: the runs start from different models ({starts}): no common baseline")
     windows = split(os.path.join(work, "data", "train.jsonl"), None)
-    rows = measure(os.path.join(work, "data"), windows, [("starting point", 0, next(iter(starts.values())))] + todo)
+    first = ("baseline", 0, os.path.abspath(baseline)) if baseline else ("starting point", 0, next(iter(starts.values())))
+    rows = measure(os.path.join(work, "data"), windows, [first] + todo)
     chosen = choose(rows)
     for r in rows:
         r["chosen"] = "yes" if r is chosen else ""
     write_rows(rows, result)
     print("continuation: " + (f"{chosen['arm']} step {chosen['stage1f_steps']} ships" if chosen
-                              else "the starting point stays"))
+                              else f"the {rows[0]['arm']} stays"))
     return chosen
 
 

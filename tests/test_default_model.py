@@ -411,3 +411,31 @@ def test_a_report_without_training_needs_the_last_reports_records(tmp_path):
     script = _training_script()
     with pytest.raises(SystemExit, match="START_TIME '-'"):
         script.report(str(tmp_path), str(tmp_path / "model"), str(tmp_path / "none.json"), "-")
+
+
+def test_the_continuation_rule_can_compare_with_a_baseline_other_than_the_start(tmp_path, monkeypatch):
+    # scripts/stage1f_validation.py --continuation --baseline MODEL: a run that starts from a fit competes with the
+    # shipped point (rules/backbone_fast_low.md): MODEL's row comes first and is what the rule compares with
+    script = _training_script("stage1f_validation")
+    for step in (500, 1000):
+        (tmp_path / "r" / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+    (tmp_path / "r.toml").write_text(f'[model]\npretrained = "{tmp_path / "fit"}"\n')
+    figures = {"shipped": (23.27, 25.25), "step-00000500": (23.30, 25.30), "step-00001000": (23.40, 25.20)}
+    seen = []
+
+    def measure(data_dir, windows, todo, tokens=True):
+        seen.extend(todo)
+        return [{"arm": arm, "stage1f_steps": step, "all_clips_psnr": figures[os.path.basename(path)][0],
+                 "real_psnr": figures[os.path.basename(path)][1]} for arm, step, path in todo]
+
+    monkeypatch.setattr(script, "split", lambda manifest, out: ["windows"])
+    monkeypatch.setattr(script, "measure", measure)
+    out = tmp_path / "v.csv"
+    script.main(["--continuation", "--runs", "r", "--baseline", str(tmp_path / "shipped"), str(tmp_path), str(out)])
+    assert seen[0] == ("baseline", 0, str(tmp_path / "shipped")) and len(seen) == 3     # the fit is not measured
+    rows = out.read_text().splitlines()
+    assert rows[0].endswith(",chosen") and rows[3].endswith(",yes")                      # step 1000: +0.13, real -0.05
+    figures["step-00001000"] = (23.40, 25.10)                                           # real -0.15: the baseline stays
+    seen.clear()
+    script.main(["--continuation", "--runs", "r", "--baseline", str(tmp_path / "shipped"), str(tmp_path), str(out)])
+    assert not any(line.endswith(",yes") for line in out.read_text().splitlines())
