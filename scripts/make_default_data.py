@@ -193,15 +193,15 @@ def main(out_dir: str, photos: bool = True) -> None:
         held.append({"path": f"clips/{name}", "start": round(cut, 3), "end": round(seconds, 3)})
         print(f"{name}: {info.frames} frames {info.height}x{info.width} at {info.fps:.2f} fps; "
               f"train 0-{cut:.2f} s in {windows} windows (x{VIDEO_REPEAT}), held out {cut:.2f}-{seconds:.2f} s")
-    fast = []
+    outputs = {"train.jsonl": train, "heldout.jsonl": held}
     if photos:
         train += write_photo_clips(out_dir)
-        fast = write_fast_moves(out_dir)
-    for fname, rows in (("train.jsonl", train), ("heldout.jsonl", held)) + ((("fast_moves.jsonl", fast),) if fast else ()):
+        outputs["fast_moves.jsonl"] = write_fast_moves(out_dir)
+    for fname, rows in outputs.items():
         with atomic_write(os.path.join(out_dir, fname), "w") as f:
             f.write("\n".join(json.dumps(r) for r in rows) + "\n")
     print(f"wrote {out_dir}/train.jsonl ({len(train)} windows), heldout.jsonl ({len(held)} clips) and "
-          f"fast_moves.jsonl ({len(fast)} clips)")
+          f"fast_moves.jsonl ({len(outputs.get('fast_moves.jsonl', []))} clips)")
 
 
 if __name__ == "__main__":

@@ -261,17 +261,23 @@ def write_rows(rows: list[dict], result: str) -> None:
     print(f"-> {result}")
 
 
-def backbone(work: str, run: str, result: str, every: int = 250) -> list[dict]:
-    """The backbone alone (continuous latents) of a stage-0 run in WORK on the validation clips: its starting
-    point (the ``pretrained`` of WORK/<run>.toml) and its checkpoints every ``every`` steps -> RESULT_CSV.
-    Chooses nothing (benchmarks/results/rules/backbone_fast_low.md)."""
+def _run_start(work: str, run: str, caller: str) -> str:
+    """The model a training run in WORK started from: the ``pretrained`` of WORK/<run>.toml, resolved as the
+    trainer resolves it (relative to the TOML's folder); the run and its checkpoints must exist."""
     import tomllib
 
     toml = os.path.join(work, f"{run}.toml")
     if not os.path.isfile(toml) or not os.path.isdir(os.path.join(work, run, "checkpoints")):
-        raise SystemExit(f"backbone: {work} holds no {run} run ({run}.toml and its checkpoints)")
+        raise SystemExit(f"{caller}: {work} holds no {run} run ({run}.toml and its checkpoints)")
     with open(toml, "rb") as f:
-        start = os.path.abspath(os.path.join(work, tomllib.load(f)["model"]["pretrained"]))
+        return os.path.abspath(os.path.join(work, tomllib.load(f)["model"]["pretrained"]))
+
+
+def backbone(work: str, run: str, result: str, every: int = 250) -> list[dict]:
+    """The backbone alone (continuous latents) of a stage-0 run in WORK on the validation clips: its starting
+    point (the ``pretrained`` of WORK/<run>.toml) and its checkpoints every ``every`` steps -> RESULT_CSV.
+    Chooses nothing (benchmarks/results/rules/backbone_fast_low.md)."""
+    start = _run_start(work, run, "backbone")
     windows = split(os.path.join(work, "data", "train.jsonl"), None)
     todo = [("starting point", 0, start)] + [(run, s, p) for s, p in default_model._checkpoints(work, run, every)]
     rows = measure(os.path.join(work, "data"), windows, todo, tokens=False)
@@ -302,15 +308,9 @@ def continuation(work: str, result: str, runs: tuple[str, ...] = (CONTINUATION,)
     ``chosen`` column; returns the chosen row (None: the starting point stays).  ``baseline``: the model
     the checkpoints are compared with instead of their starting point (a run that starts from a fit
     competes with the shipped point: benchmarks/results/rules/backbone_fast_low.md)."""
-    import tomllib
-
     starts, todo = {}, []
     for run in runs:
-        toml = os.path.join(work, f"{run}.toml")
-        if not os.path.isfile(toml) or not os.path.isdir(os.path.join(work, run, "checkpoints")):
-            raise SystemExit(f"continuation: {work} holds no {run} run ({run}.toml and its checkpoints)")
-        with open(toml, "rb") as f:
-            starts[run] = os.path.abspath(tomllib.load(f)["model"]["pretrained"])
+        starts[run] = _run_start(work, run, "continuation")
         todo += [(run, s, p) for s, p in default_model._checkpoints(work, run, every)]
     if len(set(starts.values())) != 1:
         raise SystemExit(f"continuation: the runs start from different models ({starts}): no common baseline")
