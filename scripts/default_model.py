@@ -2,6 +2,7 @@
 
     python scripts/default_model.py init OUT [RATE]            # the untrained model RATE's stage 0 starts from
     python scripts/default_model.py branch STAGE0_CKPT RATE OUT # stage 0's backbone + a fresh LaPQ for RATE
+    python scripts/default_model.py widen MODEL BASE OUT       # MODEL with a wider decoder, same function
     python scripts/default_model.py fit BRANCHED MANIFEST OUT    # the LaPQ fitted to the backbone's latents
     python scripts/default_model.py export DEST RATE=CKPT...       # e.g. low=.../step-1500 high=...
     python scripts/default_model.py report WORK DEST RESULT START_TIME   # START_TIME "-": no training ran
@@ -142,6 +143,89 @@ def branch(stage0: str, rate: str, out: str) -> None:
     model.vae.load_backbone_state_dict(source.backbone_state_dict())
     model.save_pretrained(out)
     print(f"branch: {stage0} -> {out} (K = {RATES[rate]}, {SUBSTEPS[rate]} substeps)")
+
+
+def widen_decoder(model: PyraTok, base: int, seed: int = 0) -> PyraTok:
+    """A copy of ``model`` whose decoder has base width ``base`` (wider than its own) and decodes every
+    latent to the same pixels (up to rounding), so that training can go on from where it stands with more
+    decoder capacity.
+
+    The old channels keep their places (the first ones of each channel space; the Resample time conv's two
+    frame blocks and the attention's q / k / v blocks each in their own block).  The new channels are made
+    but start at zero: the weights that produce them are zero and their biases too, while the weights that
+    read them start from the wide model's fresh initialisation, so their gradient is not zero and they learn
+    from the first step.  Two scales change with the width and are compensated: the RMS norms' sqrt(C)
+    (their old gains times sqrt(C_old / C_new)) and the attention's 1 / sqrt(C) (q times sqrt(C_new / C_old);
+    the new q channels start random and the new k channels at zero, so the scores are unchanged and k's new
+    weights get a gradient).  Everything outside the decoder is copied as it is.
+    """
+    b = model.config.backbone
+    old = b.decoder_base_dim or b.base_dim
+    if not isinstance(base, int) or base <= old:
+        raise ValueError(f"widen_decoder: base={base!r}: expected an int above the decoder's width {old}")
+    wide_config = dataclasses.replace(model.config, backbone=dataclasses.replace(b, decoder_base_dim=base))
+    torch.manual_seed(seed)
+    wide = PyraTok(wide_config)
+    source = model.state_dict()
+    target = wide.state_dict()
+    unknown = set(source) ^ set(target)
+    if unknown:
+        raise ValueError(f"widen_decoder: the models' parameters differ beyond their widths: {sorted(unknown)[:4]}")
+
+    def places(name: str, n_old: int, n_new: int, dim: int) -> torch.Tensor:
+        blocks = 1
+        if dim == 0 and name.endswith(("upsampler.time_conv.weight", "upsampler.time_conv.bias")):
+            blocks = 2                                            # (2 frames, C) of the temporal upsampler
+        elif dim == 0 and ".to_qkv." in name:
+            blocks = 3                                            # q, k, v
+        c_old, c_new = n_old // blocks, n_new // blocks
+        if c_old * blocks != n_old or c_new * blocks != n_new:
+            raise ValueError(f"widen_decoder: {name}: {n_old} -> {n_new} channels in {blocks} blocks")
+        i = torch.arange(n_old)
+        return (i // c_old) * c_new + i % c_old
+
+    with torch.no_grad():
+        for name, new in target.items():
+            old_t = source[name]
+            if not name.startswith("vae.decoder.") or old_t.shape == new.shape:
+                new.copy_(old_t)
+                continue
+            out = places(name, old_t.shape[0], new.shape[0], 0)
+            fresh = new.clone()
+            new.zero_()
+            if name.endswith(".gamma"):                           # RMSNorm: F.normalize * sqrt(C) * gamma
+                ratio = (old_t.shape[0] / new.shape[0]) ** 0.5
+                new.fill_(ratio)
+                new[out] = old_t * ratio
+                continue
+            qkv = ".to_qkv." in name
+            if qkv:                                               # the new q channels start random
+                c_new = new.shape[0] // 3
+                new[:c_new] = fresh[:c_new]
+            if new.dim() == 1:                                    # a bias: the new channels' stays zero
+                new[out] = old_t
+            else:
+                n_in_old, n_in_new = old_t.shape[1], new.shape[1]
+                inp = places(name, n_in_old, n_in_new, 1) if n_in_old != n_in_new else torch.arange(n_in_old)
+                new[out] = fresh[out]                             # the old outputs read the new inputs: fresh init
+                new[out.unsqueeze(1), inp.unsqueeze(0)] = old_t   # and the old inputs as before
+            if qkv:                                               # the attention's 1 / sqrt(C)
+                c_old, c_new = old_t.shape[0] // 3, new.shape[0] // 3
+                new[out[:c_old]] *= (c_new / c_old) ** 0.5
+    wide.load_state_dict(target)
+    return wide
+
+
+def widen(src: str, base: str, out: str) -> None:
+    """OUT: the model of SRC with its decoder widened to base width BASE (``widen_decoder``)."""
+    if os.path.isfile(os.path.join(out, "config.json")):
+        print(f"widen: {out} exists")
+        return
+    model = PyraTok.from_pretrained(src)
+    wide = widen_decoder(model, int(base))
+    wide.save_pretrained(out)
+    n_old, n_new = (sum(p.numel() for p in m.vae.decoder.parameters()) for m in (model, wide))
+    print(f"widen: {src} -> {out} (decoder {n_old / 1e6:.2f} M -> {n_new / 1e6:.2f} M parameters)")
 
 
 # stage 1a (fit): FIT_CROPS / FIT_STEPS in the environment shorten it for a smoke run
@@ -756,4 +840,4 @@ def curve_only(work: str) -> None:
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"init": init, "branch": branch, "fit": fit, "export": export, "report": report, "curve": curve_only}[cmd](*args)
+    {"init": init, "branch": branch, "widen": widen, "fit": fit, "export": export, "report": report, "curve": curve_only}[cmd](*args)
