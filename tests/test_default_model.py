@@ -439,3 +439,34 @@ def test_the_continuation_rule_can_compare_with_a_baseline_other_than_the_start(
     seen.clear()
     script.main(["--continuation", "--runs", "r", "--baseline", str(tmp_path / "shipped"), str(tmp_path), str(out)])
     assert not any(line.endswith(",yes") for line in out.read_text().splitlines())
+
+
+@pytest.mark.parametrize("rate", ["low", "high"])
+def test_a_widened_decoder_decodes_as_before_and_its_new_channels_learn(rate):
+    dm = _training_script()
+    torch.manual_seed(0)
+    model = dm.PyraTok(dm.config(rate)).eval()
+    with torch.no_grad():                                  # norm gains and biases away from their initial values
+        for name, p in model.vae.decoder.named_parameters():
+            p.add_(0.1 * torch.randn_like(p) * (1 if name.endswith(("gamma", "bias")) else p.std()))
+    old = model.config.backbone.decoder_base_dim or model.config.backbone.base_dim
+    wide = dm.widen_decoder(model, old + 8).eval()
+    assert wide.config.backbone.decoder_base_dim == old + 8
+    z = torch.randn(1, dm.Z, 3, 4, 4)
+    with torch.no_grad():
+        want = model.vae.decode(z)
+    for p in wide.vae.decoder.parameters():               # (the backbone is frozen in a PyraTok)
+        p.requires_grad_(True)
+    got = wide.vae.decode(z)
+    assert got.shape == want.shape and float((got - want).abs().max()) < 1e-4
+    for mine, theirs in ((wide.vae.encoder, model.vae.encoder), (wide.lapq, model.lapq)):
+        assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
+    # the new channels start at zero but learn: the weights producing them get a gradient
+    (got - torch.rand_like(got)).pow(2).mean().backward()
+    dec = wide.vae.decoder
+    assert float(dec.conv_in.weight.grad[-8:].abs().sum()) > 0
+    qkv = dec.mid_block.attentions[0].to_qkv.weight
+    width = qkv.shape[0] // 3
+    assert float(qkv.grad[2 * width - 8:2 * width].abs().sum()) > 0      # k's new channels (q's start random)
+    with pytest.raises(ValueError, match="expected an int above the decoder's width"):
+        dm.widen_decoder(model, old)

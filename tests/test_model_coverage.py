@@ -145,8 +145,80 @@ def test_a_model_saved_with_its_own_decoder_over_a_shared_backbone(tmp_path):
     for k, v in half.items():
         if k in state:
             assert state[k].dtype == torch.float32 and torch.equal(state[k], v.float()), k
-    with pytest.raises(ValueError, match="dtype=torch.int8: expected a floating-point"):
-        source.save_pretrained(str(bundle / "bad"), include_backbone=False, dtype=torch.int8)
+    with pytest.raises(ValueError, match="dtype=torch.int32: expected a floating-point"):
+        source.save_pretrained(str(bundle / "bad"), include_backbone=False, dtype=torch.int32)
+
+
+def test_a_model_saved_in_8_bits_loads_each_weight_within_half_a_step_of_its_channel(tmp_path):
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    from pyratok.models.model_files import INT8_SCALE_SUFFIX
+
+    torch.manual_seed(0)
+    source = PyraTok(PyraTokConfig.tiny(text_encoder=None)).eval()
+    source.save_pretrained(str(tmp_path / "half"), dtype=torch.float16)
+    source.save_pretrained(str(tmp_path / "int8"), dtype=torch.int8)
+    stored = load_file(str(tmp_path / "int8" / "model.safetensors"))
+    assert json.loads((tmp_path / "int8" / "config.json").read_text())["format_version"] == 2
+    weights = {k: v for k, v in source.state_dict().items() if k in stored}
+    eight = {k for k, v in stored.items() if v.dtype == torch.int8}
+    # every weight with more than one value per output channel is 8-bit, with a float32 scale per channel
+    assert eight == {k for k, v in weights.items() if v.is_floating_point() and v.dim() >= 2 and v[0].numel() > 1}
+    assert "vae.decoder.conv_in.weight" in eight and "vae.decoder.conv_in.bias" not in eight
+    for k in eight:
+        assert stored[k + INT8_SCALE_SUFFIX].dtype == torch.float32
+        assert stored[k + INT8_SCALE_SUFFIX].shape == (weights[k].shape[0],)
+        # each channel's largest |w| uses the whole range (an all-zero channel, like a fresh LoRA's, stays zero)
+        peak = stored[k].reshape(len(stored[k]), -1).abs().amax(1).int()
+        assert torch.equal(peak, torch.where(weights[k].reshape(len(peak), -1).abs().amax(1) > 0, 127, 0).int()), k
+    assert {v.dtype for k, v in stored.items() if k not in eight and not k.endswith(INT8_SCALE_SUFFIX)
+            and v.is_floating_point()} == {torch.float16}
+    size = {n: (tmp_path / n / "model.safetensors").stat().st_size for n in ("half", "int8")}
+    assert size["int8"] < 0.6 * size["half"]
+    again = PyraTok.from_pretrained(str(tmp_path / "int8")).eval()
+    loaded = again.state_dict()
+    for k in eight:
+        step = stored[k + INT8_SCALE_SUFFIX].view(-1, *([1] * (weights[k].dim() - 1)))
+        error = (loaded[k] - weights[k]).abs()
+        assert loaded[k].dtype == torch.float32 and bool((error <= step / 2 + 1e-6).all()), k
+    video = clip()
+    with torch.no_grad():
+        want, got = source.decode(source.encode(video)), again.decode(again.encode(video))
+    assert float((got - want).pow(2).mean()) < 1e-3 * float(want.pow(2).mean())
+
+    def damaged(name, change):
+        import hashlib
+        import shutil
+
+        path = tmp_path / name
+        shutil.copytree(tmp_path / "int8", path)
+        state = dict(stored)
+        change(state)
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pyratok-model",
+                                                                    "model_id": again.model_id})
+        meta = json.loads((path / "config.json").read_text())
+        meta["weights_sha256"] = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+        (path / "config.json").write_text(json.dumps(meta))
+        return str(path / "model.safetensors")
+
+    key = "vae.decoder.conv_in.weight"
+    where = damaged("noscale", lambda s: s.pop(key + INT8_SCALE_SUFFIX))
+    with pytest.raises(ValueError, match=re.escape(f"{where}: 8-bit weights without a scale")):
+        PyraTok.from_pretrained(str(tmp_path / "noscale"))
+    where = damaged("shape", lambda s: s.update({key + INT8_SCALE_SUFFIX: torch.ones(3)}))
+    with pytest.raises(ValueError, match=re.escape(f"{where}: {key}{INT8_SCALE_SUFFIX}: expected finite float32")):
+        PyraTok.from_pretrained(str(tmp_path / "shape"))
+    where = damaged("float", lambda s: s.update({key: s[key].float()}))
+    with pytest.raises(ValueError, match=re.escape(f"{where}: {key}{INT8_SCALE_SUFFIX} is the scale of an 8-bit")):
+        PyraTok.from_pretrained(str(tmp_path / "float"))
+    # a version-1 folder with 8-bit weights is not read as floats
+    meta = json.loads((tmp_path / "int8" / "config.json").read_text())
+    meta["format_version"] = 1
+    (tmp_path / "int8" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="weights do not fit config.json"):
+        PyraTok.from_pretrained(str(tmp_path / "int8"))
 
 
 def test_a_model_file_without_its_declared_decoder_is_rejected(tmp_path):

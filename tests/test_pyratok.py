@@ -496,7 +496,7 @@ def test_from_pretrained_refuses_each_kind_of_broken_folder_with_its_message(tmp
             PyraTok.from_pretrained(str(path))
 
     path, cfg, _ = folder("version", lambda m: m.update(format_version=99))
-    refused(path, f"{cfg}: model format version 99, this pyratok reads 1")
+    refused(path, f"{cfg}: model format version 99, this pyratok reads 1 and 2")
     path, cfg, _ = folder("id", lambda m: m.update(model_id=5))
     refused(path, f"{cfg}: 'config' (an object) and 'model_id' (a string) are required")
     path, cfg, _ = folder("field", lambda m: m["config"].update(no_such_field=1))

@@ -136,3 +136,52 @@ def verify_weights(weights_file: str, meta: dict, cfg_file: str) -> None:
         raise ValueError(f"{weights_file}: sha256 {actual[:16]}... does not match weights_sha256 "
                          f"{recorded[:16]}... in {os.path.basename(cfg_file)}: the weights are corrupted or "
                          "belong to another model")
+
+
+# -- 8-bit weight storage (format version 2) ------------------------------------------------------
+# A weight with more than one value per output channel is stored as int8 with one float32 scale per
+# output channel (symmetric: scale = max |w| / 127 over the channel); the rest (biases, norm gains)
+# keeps its dtype.  The scale of weight "a.b.weight" is stored as "a.b.weight" + INT8_SCALE_SUFFIX.
+INT8_SCALE_SUFFIX = ".int8_scale"
+
+
+def quantize_int8(state: dict) -> dict:
+    """``state`` with every floating weight of >= 2 dims and > 1 value per output channel stored as
+    int8 plus a per-output-channel float32 scale (see above)."""
+    import torch
+
+    out = {}
+    for name, value in state.items():
+        if not value.is_floating_point() or value.dim() < 2 or value[0].numel() < 2:
+            out[name] = value
+            continue
+        rows = value.detach().float().reshape(value.shape[0], -1)
+        scale = rows.abs().amax(dim=1) / 127.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))   # an all-zero channel stays zero
+        out[name] = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8).reshape(value.shape)
+        out[name + INT8_SCALE_SUFFIX] = scale.contiguous()
+    return out
+
+
+def dequantize_int8(state: dict, where: str) -> dict:
+    """The float32 weights of a ``quantize_int8`` state (checked: every int8 tensor has its scale, every
+    scale a float32 vector with one value per output channel of its int8 weight)."""
+    import torch
+
+    out = {k: v for k, v in state.items() if not k.endswith(INT8_SCALE_SUFFIX)}
+    for key, scale in state.items():
+        if not key.endswith(INT8_SCALE_SUFFIX):
+            continue
+        name = key[: -len(INT8_SCALE_SUFFIX)]
+        q = state.get(name)
+        if q is None or q.dtype != torch.int8 or q.dim() < 2:
+            raise ValueError(f"{where}: {key} is the scale of an 8-bit weight {name}, but the file has "
+                             f"{'no such weight' if q is None else f'a {q.dtype} tensor of {q.dim()} dims'}")
+        if scale.dtype != torch.float32 or tuple(scale.shape) != (q.shape[0],) or not bool(torch.isfinite(scale).all()):
+            raise ValueError(f"{where}: {key}: expected finite float32 scales of shape ({q.shape[0]},), "
+                             f"got {scale.dtype} {tuple(scale.shape)}")
+        out[name] = q.float() * scale.view(-1, *([1] * (q.dim() - 1)))
+    stray = sorted(k for k, v in out.items() if v.dtype == torch.int8)
+    if stray:
+        raise ValueError(f"{where}: 8-bit weights without a scale ({INT8_SCALE_SUFFIX}): {stray[:4]}")
+    return out

@@ -44,6 +44,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "pyratok-model"
 FORMAT_VERSION = 1
+# version 2: the same, with weights stored in 8 bits (save_pretrained(dtype=torch.int8); model_files.quantize_int8)
+FORMAT_VERSION_INT8 = 2
 # the backbone decoder's weights (what train.train_decoder trains; save_pretrained(include_decoder=True))
 DECODER_PREFIXES = ("vae.decoder.", "vae.post_quant_conv.")
 
@@ -412,17 +414,26 @@ class PyraTok(nn.Module):
         folder: a decoder adapted to this model's quantizer (``train.train_decoder``) over a
         shared backbone; loading reads the backbone from ``backbone_path``, then this decoder.
         ``dtype`` stores the floating-point weights in that type (torch.float16 halves the file;
-        they load back into the model's float32).
+        they load back into the model's float32); torch.int8 stores every weight with more than one
+        value per output channel in 8 bits with a float32 scale per output channel (a quarter of the
+        file; the other tensors, biases and norm gains, in float16; format version 2).
         ``state_dict`` replaces this module's own (a full state dict gathered from FSDP shards)."""
         from safetensors.torch import save
 
         if not include_backbone and not self.config.backbone_path:
             raise ValueError("include_backbone=False needs config.backbone_path (where the backbone weights live)")
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise ValueError(f"dtype={dtype!r}: expected a floating-point torch.dtype (e.g. torch.float16) or None")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point
+                                                                            or dtype == torch.int8)):
+            raise ValueError(f"dtype={dtype!r}: expected a floating-point torch.dtype (e.g. torch.float16), "
+                             "torch.int8 or None")
         include_decoder = bool(include_decoder or include_backbone)
         state = self._saved_state(include_backbone, state_dict, include_decoder)
-        if dtype is not None:
+        if dtype == torch.int8:
+            from pyratok.models.model_files import INT8_SCALE_SUFFIX, quantize_int8
+
+            state = {k: v.to(torch.float16) if v.is_floating_point() and not k.endswith(INT8_SCALE_SUFFIX) else v
+                     for k, v in quantize_int8(state).items()}
+        elif dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
         for k in sorted(state):
@@ -433,7 +444,8 @@ class PyraTok(nn.Module):
         blob = save(state, metadata={"format": FORMAT, "model_id": self._model_id})
         with atomic_write(os.path.join(path, WEIGHTS_FILE)) as f:
             f.write(blob)
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_id": self._model_id,
+        version = FORMAT_VERSION_INT8 if dtype == torch.int8 else FORMAT_VERSION
+        meta = {"format": FORMAT, "format_version": version, "model_id": self._model_id,
                 "weights_sha256": hashlib.sha256(blob).hexdigest(),  # verified by from_pretrained
                 "includes_backbone": include_backbone, "includes_decoder": include_decoder,
                 "config": self.config.to_dict()}
@@ -457,9 +469,9 @@ class PyraTok(nn.Module):
         meta = model_files.read_json_object(cfg_file, "PyraTok model config")
         if meta.get("format") != FORMAT:
             raise ValueError(f"{cfg_file}: not a PyraTok model folder (format={meta.get('format')!r})")
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in (FORMAT_VERSION, FORMAT_VERSION_INT8):
             raise ValueError(f"{cfg_file}: model format version {meta.get('format_version')}, this pyratok reads "
-                             f"{FORMAT_VERSION}")
+                             f"{FORMAT_VERSION} and {FORMAT_VERSION_INT8}")
         if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("model_id"), str):
             raise ValueError(f"{cfg_file}: 'config' (an object) and 'model_id' (a string) are required")
         try:
@@ -486,6 +498,8 @@ class PyraTok(nn.Module):
         if file_id is not None and file_id != meta["model_id"]:
             raise ValueError(f"{weights_file}: weights of model {file_id}, but {CONFIG_FILE} says model "
                              f"{meta['model_id']}: the files come from different models")
+        if meta["format_version"] == FORMAT_VERSION_INT8:
+            state = model_files.dequantize_int8(state, weights_file)
         if includes_backbone:  # the file has the weights: do not read them from elsewhere first
             config = dataclasses.replace(config, backbone_path=None)
         elif not os.path.isabs(config.backbone_path):
