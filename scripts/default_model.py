@@ -4,7 +4,7 @@
     python scripts/default_model.py branch STAGE0_CKPT RATE OUT # stage 0's backbone + a fresh LaPQ for RATE
     python scripts/default_model.py widen MODEL BASE OUT       # MODEL with a wider decoder, same function
     python scripts/default_model.py fit BRANCHED MANIFEST OUT    # the LaPQ fitted to the backbone's latents
-    python scripts/default_model.py export DEST RATE=CKPT...       # e.g. low=.../step-1500 high=...
+    python scripts/default_model.py export DEST RATE=CKPT... [--int8]  # e.g. low=.../step-1500 high=...
     python scripts/default_model.py report WORK DEST RESULT START_TIME   # START_TIME "-": no training ran
     python scripts/default_model.py curve WORK                 # held-out PSNR of the checkpoints so far
 
@@ -340,12 +340,14 @@ def fit(model_dir: str, manifest: str, out: str, steps: Optional[int] = None) ->
 def export(dest: str, *points: str) -> None:
     """DEST/<rate> for each ``RATE=CHECKPOINT`` given: each operating point a self-contained PyraTok
     folder (its own backbone: stage 1f trains each point's decoder with its quantizer), stored in
-    fp16.  Points not given stay as they are in DEST."""
+    fp16 (``--int8``: its weights in 8 bits, PyraTok.save_pretrained(dtype=torch.int8)).  Points not given stay as they are in DEST."""
     import shutil
 
+    int8 = "--int8" in points
+    points = tuple(p for p in points if p != "--int8")
     pairs = dict(p.split("=", 1) for p in points if "=" in p)
     if not points or len(pairs) != len(points) or set(pairs) - set(RATES):
-        raise SystemExit(f"export: expected DEST RATE=CHECKPOINT... with RATE in {list(RATES)}, got {points}")
+        raise SystemExit(f"export: expected DEST RATE=CHECKPOINT... [--int8] with RATE in {list(RATES)}, got {points}")
     for stale in ("config.json", "model.safetensors", "backbone"):   # the layouts before 2026-12-05
         path = os.path.join(dest, stale)
         if os.path.isdir(path):
@@ -356,7 +358,7 @@ def export(dest: str, *points: str) -> None:
     # the figures in the model card are measured on these shipped weights
     for rate, src in pairs.items():
         model = PyraTok.from_pretrained(src)
-        model.save_pretrained(os.path.join(dest, rate), dtype=torch.float16)
+        model.save_pretrained(os.path.join(dest, rate), dtype=torch.int8 if int8 else torch.float16)
         print(f"export: {rate} -> {os.path.join(dest, rate)} (model id {model.model_id})")
 
 

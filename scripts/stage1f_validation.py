@@ -25,6 +25,7 @@ question is only what stage 1f adds to it.
   .venv/bin/python scripts/stage1f_validation.py --continuation [--runs RUN,...] [--every N] [--baseline MODEL] [WORK] [RESULT_CSV]
   .venv/bin/python scripts/stage1f_validation.py --backbone RUN [--every N] WORK RESULT_CSV
   .venv/bin/python scripts/stage1f_validation.py --split [WORK]
+  .venv/bin/python scripts/stage1f_validation.py --models NAME=MODEL,... WORK RESULT_CSV
 
 ``--continuation`` measures continuations of a point's stage 1f on 17-frame crops (WORK/<run>,
 default stage1f17_low, trained on the training rows only; several runs from one starting point) on the
@@ -181,6 +182,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--backbone", metavar="RUN",
                         help="measure the backbone alone of the stage-0 run RUN in WORK (its start and checkpoints "
                         "every --every steps) into RESULT_CSV; chooses nothing")
+    parser.add_argument("--models", metavar="NAME=MODEL,...",
+                        help="measure these model folders (e.g. a point as stored in 8 bits beside its checkpoint) into "
+                        "RESULT_CSV; chooses nothing")
     parser.add_argument("--split", action="store_true",
                         help=f"only write WORK/data/{SPLIT} (the training rows without the validation ones) and "
                         f"{FAST_SPLIT} (with the fast moves)")
@@ -192,6 +196,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     if args.every < 1:
         raise SystemExit(f"--every: expected a positive number of steps, got {args.every}")
+    if args.models:
+        pairs = [m.split("=", 1) for m in args.models.split(",")]
+        if args.result is None or any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+            raise SystemExit(f"--models: expected NAME=MODEL,... and RESULT_CSV, got {args.models!r} and {args.result!r}")
+        windows = split(os.path.join(work, "data", "train.jsonl"), None)
+        write_rows(measure(os.path.join(work, "data"), windows, [(name, 0, path) for name, path in pairs]), args.result)
+        return
     if args.backbone:
         if args.result is None:
             raise SystemExit("--backbone: name RESULT_CSV")

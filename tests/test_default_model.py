@@ -470,3 +470,23 @@ def test_a_widened_decoder_decodes_as_before_and_its_new_channels_learn(rate):
     assert float(qkv.grad[2 * width - 8:2 * width].abs().sum()) > 0      # k's new channels (q's start random)
     with pytest.raises(ValueError, match="expected an int above the decoder's width"):
         dm.widen_decoder(model, old)
+
+
+def test_the_validation_measures_named_model_folders(tmp_path, monkeypatch):
+    # scripts/stage1f_validation.py --models: e.g. a point stored in 8 bits beside its checkpoint
+    script = _training_script("stage1f_validation")
+    seen = []
+
+    def measure(data_dir, windows, todo, tokens=True):
+        seen.extend(todo)
+        return [{"arm": arm, "all_clips_psnr": 23.0} for arm, _, _ in todo]
+
+    monkeypatch.setattr(script, "split", lambda manifest, out: ["windows"])
+    monkeypatch.setattr(script, "measure", measure)
+    out = tmp_path / "m.csv"
+    script.main(["--models", "a=/x/a,b 8-bit=/x/b", str(tmp_path), str(out)])
+    assert seen == [("a", 0, "/x/a"), ("b 8-bit", 0, "/x/b")]
+    assert out.read_text().splitlines() == ["arm,all_clips_psnr", "a,23.0", "b 8-bit,23.0"]
+    for bad in (["--models", "a", str(tmp_path), str(out)], ["--models", "a=/x/a", str(tmp_path)]):
+        with pytest.raises(SystemExit, match="--models: expected NAME=MODEL"):
+            script.main(bad)
