@@ -105,6 +105,12 @@ ABLATIONS = {
                        "validation clips)", CONTINUED["low"], 0),
     "stage1f17me_low": ("low, the same with the encoder trained too (+0.03 dB on the validation clips)",
                         CONTINUED["low"], 0),
+    # the longer backbone's chain (benchmarks/results/rules/backbone_fast_low.md: 23.25 dB on the validation clips at
+    # its best checkpoint against the shipped point's 23.27, not shipped): its stage 1f from a fresh fit, drawn after
+    # the 1,500 backbone steps it adds to stage0l17
+    "stage1f17f_low": ("low from a longer 4x8x8 backbone (1,500 steps more on 17-frame crops with fast camera moves), "
+                       "a fresh fit and 4,000 steps of stage 1f on 17-frame crops (23.25 dB on the validation clips "
+                       "against the shipped point's 23.27)", STAGE0_17, 1500),
     "stage1f9_low": ("low from the 4x8x8 backbone trained on 9-frame crops only (shipped on 2026-12-07 until the "
                      "17-frame continuation: scripts/backbone_length.py)", "stage0", 0),
 }
