@@ -26,6 +26,7 @@ question is only what stage 1f adds to it.
   .venv/bin/python scripts/stage1f_validation.py --backbone RUN [--every N] WORK RESULT_CSV
   .venv/bin/python scripts/stage1f_validation.py --split [WORK]
   .venv/bin/python scripts/stage1f_validation.py --models NAME=MODEL,... WORK RESULT_CSV
+  .venv/bin/python scripts/stage1f_validation.py --frames MODEL [--backbone-only] WORK RESULT_CSV
 
 ``--continuation`` measures continuations of a point's stage 1f on 17-frame crops (WORK/<run>,
 default stage1f17_low, trained on the training rows only; several runs from one starting point) on the
@@ -185,6 +186,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--models", metavar="NAME=MODEL,...",
                         help="measure these model folders (e.g. a point as stored in 8 bits beside its checkpoint) into "
                         "RESULT_CSV; chooses nothing")
+    parser.add_argument("--frames", metavar="MODEL",
+                        help="per-frame PSNR of MODEL on the validation clips by the frame's place in its latent "
+                        "group into RESULT_CSV (--backbone-only: the backbone alone); chooses nothing")
+    parser.add_argument("--backbone-only", action="store_true", help="--frames: the continuous latents, no quantizer")
     parser.add_argument("--split", action="store_true",
                         help=f"only write WORK/data/{SPLIT} (the training rows without the validation ones) and "
                         f"{FAST_SPLIT} (with the fast moves)")
@@ -196,6 +201,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     if args.every < 1:
         raise SystemExit(f"--every: expected a positive number of steps, got {args.every}")
+    if args.frames:
+        if args.result is None:
+            raise SystemExit("--frames: name RESULT_CSV")
+        windows = split(os.path.join(work, "data", "train.jsonl"), None)
+        write_rows(frames(os.path.join(work, "data"), windows, args.frames, not args.backbone_only), args.result)
+        return
     if args.models:
         pairs = [m.split("=", 1) for m in args.models.split(",")]
         if args.result is None or any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
@@ -258,6 +269,37 @@ def measure(data_dir: str, windows: list[dict], todo: list[tuple[str, int, str]]
                                        for c in r[part]["clips"])})
         print(f"{arm} @ {step}: real {rows[-1]['real_psnr']:.2f}, photos {rows[-1]['photos_psnr']:.2f}, "
               f"all {rows[-1]['all_clips_psnr']:.2f} dB", flush=True)
+    return rows
+
+
+def frames(data_dir: str, windows: list[dict], model_dir: str, tokens: bool = True) -> list[dict]:
+    """Per-frame PSNR of a model on the validation clips, with each frame's place in its latent frame's group:
+    frame 0 is coded alone (place 0), the others in groups of the backbone's temporal factor (places 1..t).
+    A row per clip and frame, and the mean per part (real windows, photo moves) and place."""
+    import statistics
+
+    import torch
+
+    from pyratok.metrics import psnr
+    from pyratok.models.pyratok import PyraTok
+
+    model = PyraTok.from_pretrained(model_dir).eval()
+    factor = model.vae.temporal_factor
+    sets = validation_sets(data_dir, windows)
+    rows = []
+    with torch.no_grad():
+        for part in ("real", "photos"):
+            for name, clip, _ in sets[part]:
+                recon = model.decode(model.encode(clip)) if tokens else model.vae(clip)
+                for t in range(clip.shape[2]):
+                    rows.append({"part": part, "clip": name, "frame": t, "place": 0 if t == 0 else (t - 1) % factor + 1,
+                                 "psnr": round(float(psnr(recon[:, :, t:t + 1], clip[:, :, t:t + 1])), 3)})
+    for part in ("real", "photos"):
+        means = {place: statistics.fmean(r["psnr"] for r in rows if r["part"] == part and r["place"] == place)
+                 for place in range(factor + 1)}
+        print(f"{part}: mean PSNR by place in the group (0 = frame 0): "
+              + ", ".join(f"{k}: {v:.2f}" for k, v in means.items()), flush=True)
+        rows += [{"part": part, "clip": "mean", "frame": "", "place": k, "psnr": round(v, 3)} for k, v in means.items()]
     return rows
 
 

@@ -490,3 +490,26 @@ def test_the_validation_measures_named_model_folders(tmp_path, monkeypatch):
     for bad in (["--models", "a", str(tmp_path), str(out)], ["--models", "a=/x/a", str(tmp_path)]):
         with pytest.raises(SystemExit, match="--models: expected NAME=MODEL"):
             script.main(bad)
+
+
+def test_the_frame_place_check_groups_frames_as_the_backbone_codes_them(tmp_path, monkeypatch):
+    # scripts/stage1f_validation.py --frames: frame 0 alone, then groups of the temporal factor (4 on the low grid)
+    script = _training_script("stage1f_validation")
+    dm = _training_script()
+    torch.manual_seed(0)
+    dm.PyraTok(dm.config("low")).save_pretrained(str(tmp_path / "m"))
+    clip = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    monkeypatch.setattr(script, "split", lambda manifest, out: ["windows"])
+    monkeypatch.setattr(script, "validation_sets", lambda data_dir, windows: {"real": [("r", clip, None)],
+                                                                             "photos": [("p", clip, None)]})
+    out = tmp_path / "f.csv"
+    script.main(["--frames", str(tmp_path / "m"), "--backbone-only", str(tmp_path), str(out)])
+    rows = [line.split(",") for line in out.read_text().splitlines()]
+    assert rows[0] == ["part", "clip", "frame", "place", "psnr"]
+    assert [r[3] for r in rows[1:10]] == ["0", "1", "2", "3", "4", "1", "2", "3", "4"]
+    means = {(r[0], r[3]): float(r[4]) for r in rows if r[1] == "mean"}
+    assert len(means) == 10
+    frames = {int(r[2]): float(r[4]) for r in rows[1:10]}
+    assert means[("real", "1")] == pytest.approx((frames[1] + frames[5]) / 2, abs=1e-3)
+    with pytest.raises(SystemExit, match="--frames: name RESULT_CSV"):
+        script.main(["--frames", str(tmp_path / "m"), str(tmp_path)])
