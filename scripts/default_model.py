@@ -121,11 +121,25 @@ ABLATIONS = {
 SEEDS = {"low": 1, "high": 2}            # a fresh LaPQ per operating point
 
 
+# studies of other designs for a point, built like it (``init`` / ``branch`` take their names as RATE):
+# {name: (backbone, bits per token, groups per level, LaPQ seed)}.  "low_t2": the low point on a 2x8x8 grid, one
+# temporal downsampling fewer (on the validation pans the 4x time compression costs ~2 dB:
+# benchmarks/results/frame_place_validation_low.csv), with 9 bits per token in 3 groups of 3, the same ~0.1
+# bits/pixel over twice the latent frames (benchmarks/results/rules/grid2_low.md)
+VARIANTS = {"low_t2": (dataclasses.replace(BACKBONE, temperal_downsample=(False, True), scale_factor_temporal=2),
+                       9, 3, 3)}
+
+
 def config(rate: str) -> PyraTokConfig:
+    """A point's architecture (RATES, or a study's VARIANTS)."""
+    if rate not in RATES and rate not in VARIANTS:
+        raise SystemExit(f"RATE={rate!r}: expected one of {[*RATES, *VARIANTS]}")
+    backbone, bits, substeps = (VARIANTS[rate][:3] if rate in VARIANTS
+                                else (BACKBONES[rate], RATES[rate], SUBSTEPS[rate]))
     base = PyraTokConfig.tiny(text_encoder=None)
-    lapq = dataclasses.replace(base.lapq, latent_dim=Z, num_bits=RATES[rate], hidden=64, substeps=SUBSTEPS[rate])
-    prior = dataclasses.replace(base.prior, num_bits=RATES[rate])
-    return dataclasses.replace(base, backbone=BACKBONES[rate], lapq=lapq, prior=prior)
+    lapq = dataclasses.replace(base.lapq, latent_dim=Z, num_bits=bits, hidden=64, substeps=substeps)
+    prior = dataclasses.replace(base.prior, num_bits=bits)
+    return dataclasses.replace(base, backbone=backbone, lapq=lapq, prior=prior)
 
 
 def init(out: str, rate: str = "low") -> None:
@@ -146,13 +160,13 @@ def branch(stage0: str, rate: str, out: str) -> None:
     if os.path.isfile(os.path.join(out, "config.json")):
         print(f"branch: {out} exists")
         return
-    torch.manual_seed(SEEDS[rate])
+    torch.manual_seed(VARIANTS[rate][3] if rate in VARIANTS else SEEDS[rate])
     model = PyraTok(config(rate))
     source = PyraTok.from_pretrained(stage0).vae
     source.merge_lora()                                       # (a stage-0 run's LoRA is zero: nothing changes)
     model.vae.load_backbone_state_dict(source.backbone_state_dict())
     model.save_pretrained(out)
-    print(f"branch: {stage0} -> {out} (K = {RATES[rate]}, {SUBSTEPS[rate]} substeps)")
+    print(f"branch: {stage0} -> {out} (K = {model.config.lapq.num_bits}, {model.config.lapq.substeps} substeps)")
 
 
 def widen_decoder(model: PyraTok, base: int, seed: int = 0) -> PyraTok:
