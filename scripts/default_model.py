@@ -111,10 +111,12 @@ ABLATIONS = {
     "stage1f17f_low": ("low from a longer 4x8x8 backbone (1,500 steps more on 17-frame crops with fast camera moves), "
                        "a fresh fit and 4,000 steps of stage 1f on 17-frame crops (23.25 dB on the validation clips "
                        "against the shipped point's 23.27)", STAGE0_17, 1500),
-    # the first arm of the wider decoder (benchmarks/results/rules/wide_decoder_low.md), from the last step of the low
-    # point's continuation: 23.33 dB on the validation clips at its best checkpoint (< 0.10 dB above 23.27)
+    # the wider decoder's two arms (benchmarks/results/rules/wide_decoder_low.md: 23.33 and 23.36 dB on the validation
+    # clips at their best checkpoints, < 0.10 dB above the shipped 23.27; not shipped), from the last step of the low
+    # point's continuation
     "stage1f17w_low": ("low, its decoder widened to base width 56 (the same function) and trained on for 2,000 steps "
                        "(23.33 dB on the validation clips)", CONTINUED["low"], 0),
+    "stage1f17wl_low": ("low, the same for 3,000 steps (23.36 dB on the validation clips)", CONTINUED["low"], 0),
     "stage1f9_low": ("low from the 4x8x8 backbone trained on 9-frame crops only (shipped on 2026-12-07 until the "
                      "17-frame continuation: scripts/backbone_length.py)", "stage0", 0),
 }
