@@ -366,7 +366,8 @@ def fit(model_dir: str, manifest: str, out: str, steps: Optional[int] = None) ->
 def export(dest: str, *points: str) -> None:
     """DEST/<rate> for each ``RATE=CHECKPOINT`` given: each operating point a self-contained PyraTok
     folder (its own backbone: stage 1f trains each point's decoder with its quantizer), stored in
-    fp16 (``--int8``: its weights in 8 bits, PyraTok.save_pretrained(dtype=torch.int8)).  Points not given stay as they are in DEST."""
+    fp16 (``--int8``: its weights in 8 bits, PyraTok.save_pretrained(dtype=torch.int8)).  Points not
+    given stay as they are in DEST."""
     import shutil
 
     int8 = "--int8" in points
@@ -868,4 +869,5 @@ def curve_only(work: str) -> None:
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"init": init, "branch": branch, "widen": widen, "fit": fit, "export": export, "report": report, "curve": curve_only}[cmd](*args)
+    {"init": init, "branch": branch, "widen": widen, "fit": fit, "export": export, "report": report,
+     "curve": curve_only}[cmd](*args)

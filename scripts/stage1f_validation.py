@@ -184,8 +184,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="measure the backbone alone of the stage-0 run RUN in WORK (its start and checkpoints "
                         "every --every steps) into RESULT_CSV; chooses nothing")
     parser.add_argument("--models", metavar="NAME=MODEL,...",
-                        help="measure these model folders (e.g. a point as stored in 8 bits beside its checkpoint) into "
-                        "RESULT_CSV; chooses nothing")
+                        help="measure these model folders (e.g. a point as stored in 8 bits beside its checkpoint) "
+                        "into RESULT_CSV; chooses nothing")
     parser.add_argument("--frames", metavar="MODEL",
                         help="per-frame PSNR of MODEL on the validation clips by the frame's place in its latent "
                         "group into RESULT_CSV (--backbone-only: the backbone alone); chooses nothing")
@@ -210,7 +210,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.models:
         pairs = [m.split("=", 1) for m in args.models.split(",")]
         if args.result is None or any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
-            raise SystemExit(f"--models: expected NAME=MODEL,... and RESULT_CSV, got {args.models!r} and {args.result!r}")
+            raise SystemExit(f"--models: expected NAME=MODEL,... and RESULT_CSV, got {args.models!r} and "
+                             f"{args.result!r}")
         windows = split(os.path.join(work, "data", "train.jsonl"), None)
         write_rows(measure(os.path.join(work, "data"), windows, [(name, 0, path) for name, path in pairs]), args.result)
         return

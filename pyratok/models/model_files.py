@@ -141,7 +141,7 @@ def verify_weights(weights_file: str, meta: dict, cfg_file: str) -> None:
 # -- 8-bit weight storage (format version 2) ------------------------------------------------------
 # A weight with more than one value per output channel is stored as int8 with one float32 scale per
 # output channel (symmetric: scale = max |w| / 127 over the channel); the rest (biases, norm gains)
-# keeps its dtype.  The scale of weight "a.b.weight" is stored as "a.b.weight" + INT8_SCALE_SUFFIX.
+# keeps its dtype here (save_pretrained stores it in float16).  The scale of weight "a.b.weight" is stored as "a.b.weight" + INT8_SCALE_SUFFIX.
 INT8_SCALE_SUFFIX = ".int8_scale"
 
 
@@ -152,7 +152,7 @@ def quantize_int8(state: dict) -> dict:
 
     out = {}
     for name, value in state.items():
-        if not value.is_floating_point() or value.dim() < 2 or value[0].numel() < 2:
+        if not value.is_floating_point() or value.dim() < 2 or value.numel() == 0 or value[0].numel() < 2:
             out[name] = value
             continue
         rows = value.detach().float().reshape(value.shape[0], -1)
