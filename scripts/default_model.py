@@ -132,12 +132,18 @@ VARIANTS = {"low_t2": (dataclasses.replace(BACKBONE, temperal_downsample=(False,
                        9, 3, 3)}
 
 
+def _design(rate: str) -> tuple:
+    """(backbone, bits per token, groups per level, LaPQ seed) of a point (RATES) or a study's VARIANTS."""
+    if rate in VARIANTS:
+        return VARIANTS[rate]
+    if rate in RATES:
+        return BACKBONES[rate], RATES[rate], SUBSTEPS[rate], SEEDS[rate]
+    raise SystemExit(f"RATE={rate!r}: expected one of {[*RATES, *VARIANTS]}")
+
+
 def config(rate: str) -> PyraTokConfig:
     """A point's architecture (RATES, or a study's VARIANTS)."""
-    if rate not in RATES and rate not in VARIANTS:
-        raise SystemExit(f"RATE={rate!r}: expected one of {[*RATES, *VARIANTS]}")
-    backbone, bits, substeps = (VARIANTS[rate][:3] if rate in VARIANTS
-                                else (BACKBONES[rate], RATES[rate], SUBSTEPS[rate]))
+    backbone, bits, substeps, _ = _design(rate)
     base = PyraTokConfig.tiny(text_encoder=None)
     lapq = dataclasses.replace(base.lapq, latent_dim=Z, num_bits=bits, hidden=64, substeps=substeps)
     prior = dataclasses.replace(base.prior, num_bits=bits)
@@ -162,7 +168,7 @@ def branch(stage0: str, rate: str, out: str) -> None:
     if os.path.isfile(os.path.join(out, "config.json")):
         print(f"branch: {out} exists")
         return
-    torch.manual_seed(VARIANTS[rate][3] if rate in VARIANTS else SEEDS[rate])
+    torch.manual_seed(_design(rate)[3])
     model = PyraTok(config(rate))
     source = PyraTok.from_pretrained(stage0).vae
     source.merge_lora()                                       # (a stage-0 run's LoRA is zero: nothing changes)

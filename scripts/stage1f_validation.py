@@ -204,16 +204,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.frames:
         if args.result is None:
             raise SystemExit("--frames: name RESULT_CSV")
-        windows = split(os.path.join(work, "data", "train.jsonl"), None)
-        write_rows(frames(os.path.join(work, "data"), windows, args.frames, not args.backbone_only), args.result)
+        write_rows(frames(*_validation_windows(work), args.frames, not args.backbone_only), args.result)
         return
     if args.models:
         pairs = [m.split("=", 1) for m in args.models.split(",")]
         if args.result is None or any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
             raise SystemExit(f"--models: expected NAME=MODEL,... and RESULT_CSV, got {args.models!r} and "
                              f"{args.result!r}")
-        windows = split(os.path.join(work, "data", "train.jsonl"), None)
-        write_rows(measure(os.path.join(work, "data"), windows, [(name, 0, path) for name, path in pairs]), args.result)
+        write_rows(measure(*_validation_windows(work), [(name, 0, path) for name, path in pairs]), args.result)
         return
     if args.backbone:
         if args.result is None:
@@ -315,6 +313,11 @@ def write_rows(rows: list[dict], result: str) -> None:
     print(f"-> {result}")
 
 
+def _validation_windows(work: str) -> tuple[str, list[dict]]:
+    """WORK's data folder and the validation windows of its training manifest (``split``, writing nothing)."""
+    return os.path.join(work, "data"), split(os.path.join(work, "data", "train.jsonl"), None)
+
+
 def _run_start(work: str, run: str, caller: str) -> str:
     """The model a training run in WORK started from: the ``pretrained`` of WORK/<run>.toml, resolved as the
     trainer resolves it (relative to the TOML's folder); the run and its checkpoints must exist."""
@@ -332,9 +335,8 @@ def backbone(work: str, run: str, result: str, every: int = 250) -> list[dict]:
     point (the ``pretrained`` of WORK/<run>.toml) and its checkpoints every ``every`` steps -> RESULT_CSV.
     Chooses nothing (benchmarks/results/rules/backbone_fast_low.md)."""
     start = _run_start(work, run, "backbone")
-    windows = split(os.path.join(work, "data", "train.jsonl"), None)
     todo = [("starting point", 0, start)] + [(run, s, p) for s, p in default_model._checkpoints(work, run, every)]
-    rows = measure(os.path.join(work, "data"), windows, todo, tokens=False)
+    rows = measure(*_validation_windows(work), todo, tokens=False)
     write_rows(rows, result)
     return rows
 
@@ -368,9 +370,8 @@ def continuation(work: str, result: str, runs: tuple[str, ...] = (CONTINUATION,)
         todo += [(run, s, p) for s, p in default_model._checkpoints(work, run, every)]
     if len(set(starts.values())) != 1:
         raise SystemExit(f"continuation: the runs start from different models ({starts}): no common baseline")
-    windows = split(os.path.join(work, "data", "train.jsonl"), None)
     first = ("baseline", 0, os.path.abspath(baseline)) if baseline else ("starting point", 0, next(iter(starts.values())))
-    rows = measure(os.path.join(work, "data"), windows, [first] + todo)
+    rows = measure(*_validation_windows(work), [first] + todo)
     chosen = choose(rows)
     for r in rows:
         r["chosen"] = "yes" if r is chosen else ""
