@@ -177,6 +177,25 @@ def branch(stage0: str, rate: str, out: str) -> None:
     print(f"branch: {stage0} -> {out} (K = {model.config.lapq.num_bits}, {model.config.lapq.substeps} substeps)")
 
 
+def regrid(src: str, rate: str, out: str) -> None:
+    """OUT: a model of ``rate``'s design whose backbone is SRC's (its encoder LoRA merged) on a grid with fewer
+    temporal resamplings: the time convolutions that ``rate``'s grid drops are left out, every other weight is
+    SRC's (any other difference is an error).  The start of a stage-0 run that adapts a trained backbone to the
+    finer time grid (benchmarks/results/rules/grid2w_low.md); its LaPQ is fresh and unused there."""
+    if os.path.isfile(os.path.join(out, "config.json")):
+        print(f"regrid: {out} exists")
+        return
+    torch.manual_seed(_design(rate)[3])
+    model = PyraTok(config(rate))
+    source = PyraTok.from_pretrained(src).vae
+    source.merge_lora()
+    weights, own = source.backbone_state_dict(), model.vae.backbone_state_dict()
+    dropped = sorted(k for k in set(weights) - set(own) if ".time_conv." in k)
+    model.vae.load_backbone_state_dict({k: v for k, v in weights.items() if k not in dropped})
+    model.save_pretrained(out)
+    print(f"regrid: {src} -> {out} (dropped {len(dropped)} time-convolution weights: {dropped})")
+
+
 def widen_decoder(model: PyraTok, base: int, seed: int = 0) -> PyraTok:
     """A copy of ``model`` whose decoder has base width ``base`` (wider than its own) and decodes every
     latent to the same pixels (up to rounding), so that training can go on from where it stands with more
@@ -875,5 +894,5 @@ def curve_only(work: str) -> None:
 
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"init": init, "branch": branch, "widen": widen, "fit": fit, "export": export, "report": report,
+    {"init": init, "branch": branch, "regrid": regrid, "widen": widen, "fit": fit, "export": export, "report": report,
      "curve": curve_only}[cmd](*args)
