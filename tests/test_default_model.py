@@ -513,3 +513,28 @@ def test_the_frame_place_check_groups_frames_as_the_backbone_codes_them(tmp_path
     assert means[("real", "1")] == pytest.approx((frames[1] + frames[5]) / 2, abs=1e-3)
     with pytest.raises(SystemExit, match="--frames: name RESULT_CSV"):
         script.main(["--frames", str(tmp_path / "m"), str(tmp_path)])
+
+
+def test_regrid_keeps_every_weight_but_the_dropped_time_convolutions(tmp_path):
+    dm = _training_script()
+    torch.manual_seed(0)
+    src = dm.PyraTok(dm.config("low"))
+    with torch.no_grad():                                  # a trained-looking backbone, its encoder LoRA non-zero
+        for name, p in src.vae.named_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    src.save_pretrained(tmp_path / "src")
+    dm.regrid(str(tmp_path / "src"), "low_t2", str(tmp_path / "out"))
+    out = dm.PyraTok.from_pretrained(str(tmp_path / "out"))
+    assert out.config.backbone.temperal_downsample == (False, True)
+    merged = dm.PyraTok.from_pretrained(str(tmp_path / "src")).vae
+    merged.merge_lora()
+    theirs, mine = merged.backbone_state_dict(), out.vae.backbone_state_dict()
+    dropped = set(theirs) - set(mine)
+    assert dropped and all(".time_conv." in k for k in dropped) and not set(mine) - set(theirs)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    # the merged LoRA is in the weights: not the source's base weights alone
+    assert any(not torch.equal(theirs[k], v) for k, v in src.vae.backbone_state_dict().items() if k in theirs)
+    with torch.no_grad():                                   # 17 frames -> 9 latent frames on the finer grid
+        assert out.vae.encode(torch.rand(1, 3, 17, 32, 32)).mean.shape[2] == 9
+    with pytest.raises(ValueError, match="weights do not fit the config"):
+        dm.regrid(str(tmp_path / "src"), "high", str(tmp_path / "other"))    # another width layout: refused
