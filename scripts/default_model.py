@@ -162,19 +162,33 @@ def init(out: str, rate: str = "low") -> None:
     print(f"init: {out} ({n / 1e6:.2f} M backbone parameters)")
 
 
+def _on_backbone(src: str, rate: str, out: str, drop_time_convs: bool) -> Optional[tuple[PyraTok, list[str]]]:
+    """Saves to OUT a fresh model of ``rate`` (a new LaPQ, LoRA at zero) on SRC's backbone, SRC's encoder LoRA
+    merged into its weights first (a stage-0 run's LoRA is zero: nothing changes); with ``drop_time_convs`` the
+    time convolutions ``rate``'s grid has no place for are left out.  Any other difference is an error.  None
+    (nothing written) when OUT exists; else the model and the dropped weights' names."""
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return None
+    torch.manual_seed(_design(rate)[3])
+    model = PyraTok(config(rate))
+    source = PyraTok.from_pretrained(src).vae
+    source.merge_lora()
+    weights = source.backbone_state_dict()
+    dropped = sorted(k for k in set(weights) - set(model.vae.backbone_state_dict()) if ".time_conv." in k
+                     ) if drop_time_convs else []
+    model.vae.load_backbone_state_dict({k: v for k, v in weights.items() if k not in dropped})
+    model.save_pretrained(out)
+    return model, dropped
+
+
 def branch(stage0: str, rate: str, out: str) -> None:
     """A fresh model of ``rate`` (a new LaPQ, LoRA at zero) on the backbone of ``stage0``: a stage-0
     checkpoint, or a trained point whose encoder LoRA is merged into the backbone's weights first."""
-    if os.path.isfile(os.path.join(out, "config.json")):
+    if (made := _on_backbone(stage0, rate, out, drop_time_convs=False)) is None:
         print(f"branch: {out} exists")
         return
-    torch.manual_seed(_design(rate)[3])
-    model = PyraTok(config(rate))
-    source = PyraTok.from_pretrained(stage0).vae
-    source.merge_lora()                                       # (a stage-0 run's LoRA is zero: nothing changes)
-    model.vae.load_backbone_state_dict(source.backbone_state_dict())
-    model.save_pretrained(out)
-    print(f"branch: {stage0} -> {out} (K = {model.config.lapq.num_bits}, {model.config.lapq.substeps} substeps)")
+    lapq = made[0].config.lapq
+    print(f"branch: {stage0} -> {out} (K = {lapq.num_bits}, {lapq.substeps} substeps)")
 
 
 def regrid(src: str, rate: str, out: str) -> None:
@@ -182,18 +196,10 @@ def regrid(src: str, rate: str, out: str) -> None:
     temporal resamplings: the time convolutions that ``rate``'s grid drops are left out, every other weight is
     SRC's (any other difference is an error).  The start of a stage-0 run that adapts a trained backbone to the
     finer time grid (benchmarks/results/rules/grid2w_low.md); its LaPQ is fresh and unused there."""
-    if os.path.isfile(os.path.join(out, "config.json")):
+    if (made := _on_backbone(src, rate, out, drop_time_convs=True)) is None:
         print(f"regrid: {out} exists")
         return
-    torch.manual_seed(_design(rate)[3])
-    model = PyraTok(config(rate))
-    source = PyraTok.from_pretrained(src).vae
-    source.merge_lora()
-    weights, own = source.backbone_state_dict(), model.vae.backbone_state_dict()
-    dropped = sorted(k for k in set(weights) - set(own) if ".time_conv." in k)
-    model.vae.load_backbone_state_dict({k: v for k, v in weights.items() if k not in dropped})
-    model.save_pretrained(out)
-    print(f"regrid: {src} -> {out} (dropped {len(dropped)} time-convolution weights: {dropped})")
+    print(f"regrid: {src} -> {out} (dropped {len(made[1])} time-convolution weights: {made[1]})")
 
 
 def widen_decoder(model: PyraTok, base: int, seed: int = 0) -> PyraTok:
