@@ -117,6 +117,12 @@ ABLATIONS = {
     "stage1f17w_low": ("low, its decoder widened to base width 56 (the same function) and trained on for 2,000 steps "
                        "(23.33 dB on the validation clips)", CONTINUED["low"], 0),
     "stage1f17wl_low": ("low, the same for 3,000 steps (23.36 dB on the validation clips)", CONTINUED["low"], 0),
+    # the 2x8x8 grid at the low point's rate (benchmarks/results/rules/grid2w_low.md: 23.23 dB on the validation clips
+    # at its best checkpoint against the shipped 23.27, its real windows 0.53 dB lower; not shipped), from the shipped
+    # point's backbone adapted to the finer grid by 1,500 stage-0 steps (regrid), a fresh K = 9 fit and stage 1f
+    "stage1f_t2w": ("low on a 2x8x8 grid, K = 9 in 3 groups (0.100 bits/px), from the shipped backbone regridded and "
+                    "adapted for 1,500 steps, a fresh fit and 2,500 steps of stage 1f on 17-frame crops (23.23 dB on "
+                    "the validation clips)", CONTINUED["low"], 1500),
     "stage1f9_low": ("low from the 4x8x8 backbone trained on 9-frame crops only (shipped on 2026-12-07 until the "
                      "17-frame continuation: scripts/backbone_length.py)", "stage0", 0),
 }
