@@ -180,8 +180,9 @@ def _on_backbone(src: str, rate: str, out: str, drop_time_convs: bool) -> Option
     source = PyraTok.from_pretrained(src).vae
     source.merge_lora()
     weights = source.backbone_state_dict()
-    dropped = sorted(k for k in set(weights) - set(model.vae.backbone_state_dict()) if ".time_conv." in k
-                     ) if drop_time_convs else []
+    dropped = []
+    if drop_time_convs:
+        dropped = sorted(k for k in weights.keys() - model.vae.backbone_state_dict().keys() if ".time_conv." in k)
     model.vae.load_backbone_state_dict({k: v for k, v in weights.items() if k not in dropped})
     model.save_pretrained(out)
     return model, dropped

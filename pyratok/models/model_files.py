@@ -141,7 +141,8 @@ def verify_weights(weights_file: str, meta: dict, cfg_file: str) -> None:
 # -- 8-bit weight storage (format version 2) ------------------------------------------------------
 # A weight with more than one value per output channel is stored as int8 with one float32 scale per
 # output channel (symmetric: scale = max |w| / 127 over the channel); the rest (biases, norm gains)
-# keeps its dtype here (save_pretrained stores it in float16).  The scale of weight "a.b.weight" is stored as "a.b.weight" + INT8_SCALE_SUFFIX.
+# keeps its dtype here (save_pretrained stores it in float16).  The scale of weight "a.b.weight" is
+# stored as "a.b.weight" + INT8_SCALE_SUFFIX.
 INT8_SCALE_SUFFIX = ".int8_scale"
 
 
